@@ -1,0 +1,78 @@
+package blobstore
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/opencontainers/go-digest"
+)
+
+func (s *Store) manifestPath(d digest.Digest) string {
+	return filepath.Join(s.root, "manifests", string(d.Algorithm()), d.Encoded())
+}
+
+// PutManifest stores a manifest by digest with its media type. The content
+// must match the digest.
+func (s *Store) PutManifest(d digest.Digest, mediaType string, content []byte) error {
+	if d.Algorithm().FromBytes(content) != d {
+		return fmt.Errorf("blobstore: put manifest %s: %w", d, ErrDigestMismatch)
+	}
+	path := s.manifestPath(d)
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("blobstore: put manifest: %w", err)
+	}
+	// The type goes first: a manifest file present means its type is too.
+	if err := writeAtomic(path+".type", []byte(mediaType)); err != nil {
+		return fmt.Errorf("blobstore: put manifest %s: %w", d, err)
+	}
+	if err := writeAtomic(path, content); err != nil {
+		return fmt.Errorf("blobstore: put manifest %s: %w", d, err)
+	}
+	return nil
+}
+
+// GetManifest returns a stored manifest and its media type. Content that no
+// longer matches its digest is reported as not found and removed.
+func (s *Store) GetManifest(d digest.Digest) (mediaType string, content []byte, err error) {
+	path := s.manifestPath(d)
+	content, err = os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil, ErrNotFound
+	}
+	if err != nil {
+		return "", nil, fmt.Errorf("blobstore: get manifest %s: %w", d, err)
+	}
+	mt, err := os.ReadFile(path + ".type")
+	if err != nil || d.Algorithm().FromBytes(content) != d {
+		s.log.Warn("dropping damaged cached manifest", "digest", d)
+		os.Remove(path)
+		return "", nil, ErrNotFound
+	}
+	return string(mt), content, nil
+}
+
+func writeAtomic(path string, b []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(f.Name(), path); err != nil {
+		return err
+	}
+	return syncDir(filepath.Dir(path))
+}

@@ -1,0 +1,280 @@
+// Package blobstore keeps blobs on disk by digest: complete blobs, verified and
+// read-only, and partial blobs that are filled piece by piece.
+//
+// Layout under the root:
+//
+//	blobs/<alg>/<2 hex>/<hex>   complete, verified blobs
+//	ingest/<alg>-<hex>/         partial blobs: data, pieces, meta.json
+//	manifests/<alg>/<hex>       manifests by digest, with <hex>.type beside
+//
+// A blob becomes complete only through Partial.Commit, which takes the digest
+// the caller computed over the bytes: fsync, rename, directory fsync. A crash
+// never leaves a half-written file under blobs/.
+package blobstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"math"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/golang-lru/v2/simplelru"
+	"github.com/opencontainers/go-digest"
+)
+
+var (
+	// ErrNotFound means the store has no complete blob (or manifest) by that digest.
+	ErrNotFound = errors.New("blobstore: not found")
+	// ErrBusy means another writer holds the partial blob.
+	ErrBusy = errors.New("blobstore: partial blob already open")
+	// ErrDigestMismatch means Commit was given a digest other than the blob's.
+	ErrDigestMismatch = errors.New("blobstore: digest mismatch")
+)
+
+// Options tune a Store. The zero value keeps everything forever.
+type Options struct {
+	// HighWater starts eviction when complete blobs take more bytes than this.
+	// Zero disables size-based eviction.
+	HighWater int64
+	// LowWater is where eviction stops.
+	LowWater int64
+	// MaxAge evicts blobs not read for this long. Zero disables it.
+	MaxAge time.Duration
+	// Now is the clock; time.Now when nil.
+	Now    func() time.Time
+	Logger *slog.Logger
+}
+
+type entry struct {
+	size       int64
+	lastAccess time.Time
+	persisted  time.Time // last access time written to the file's mtime
+}
+
+// Store is a content-addressed blob store on a local disk.
+type Store struct {
+	root string
+	opts Options
+	log  *slog.Logger
+
+	mu       sync.Mutex
+	lru      *simplelru.LRU[digest.Digest, *entry] // complete blobs, least recently used first
+	total    int64                                  // bytes of complete blobs
+	inUse    map[digest.Digest]int                  // open readers per complete blob
+	partials map[digest.Digest]*Partial             // partial blobs open for writing
+}
+
+// Open opens (creating if needed) the store at root and loads the index of
+// complete blobs. Partial blobs stay on disk until Ingest resumes them or GC
+// removes them.
+func Open(ctx context.Context, root string, opts Options) (*Store, error) {
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.HighWater > 0 && (opts.LowWater <= 0 || opts.LowWater > opts.HighWater) {
+		opts.LowWater = opts.HighWater * 9 / 10
+	}
+	for _, d := range []string{"blobs", "ingest", "manifests"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			return nil, fmt.Errorf("blobstore: create %s: %w", d, err)
+		}
+	}
+	l, err := simplelru.NewLRU[digest.Digest, *entry](math.MaxInt32, nil)
+	if err != nil {
+		return nil, fmt.Errorf("blobstore: %w", err)
+	}
+	s := &Store{
+		root:     root,
+		opts:     opts,
+		log:      opts.Logger.With("component", "blobstore"),
+		lru:      l,
+		inUse:    map[digest.Digest]int{},
+		partials: map[digest.Digest]*Partial{},
+	}
+	if err := s.load(ctx); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// load indexes blobs/ in order of last access (kept as the file's mtime).
+func (s *Store) load(ctx context.Context) error {
+	type found struct {
+		dgst  digest.Digest
+		size  int64
+		mtime time.Time
+	}
+	var all []found
+	base := filepath.Join(s.root, "blobs")
+	err := filepath.WalkDir(base, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if d.IsDir() {
+			return nil
+		}
+		rel, _ := filepath.Rel(base, path)
+		parts := strings.Split(rel, string(filepath.Separator))
+		var dg digest.Digest
+		if len(parts) == 3 {
+			dg = digest.NewDigestFromEncoded(digest.Algorithm(parts[0]), parts[2])
+		}
+		if len(parts) != 3 || dg.Validate() != nil || !strings.HasPrefix(parts[2], parts[1]) {
+			s.log.Warn("ignoring stray file in blob store", "path", path)
+			return nil
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		all = append(all, found{dg, info.Size(), info.ModTime()})
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("blobstore: load index: %w", err)
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].mtime.Before(all[j].mtime) })
+	for _, f := range all {
+		s.lru.Add(f.dgst, &entry{size: f.size, lastAccess: f.mtime, persisted: f.mtime})
+		s.total += f.size
+	}
+	s.log.Info("blob store opened", "root", s.root, "blobs", len(all), "bytes", s.total)
+	return nil
+}
+
+func (s *Store) blobPath(d digest.Digest) string {
+	enc := d.Encoded()
+	return filepath.Join(s.root, "blobs", string(d.Algorithm()), enc[:2], enc)
+}
+
+// Blob is an open complete blob. Close it when done; GC never removes a blob
+// that is open.
+type Blob struct {
+	*os.File
+	Size    int64
+	ModTime time.Time
+	release func()
+	once    sync.Once
+}
+
+// Close closes the file and lets GC consider the blob again.
+func (b *Blob) Close() error {
+	err := b.File.Close()
+	b.once.Do(b.release)
+	return err
+}
+
+// Get opens a complete blob for reading.
+func (s *Store) Get(d digest.Digest) (*Blob, error) {
+	s.mu.Lock()
+	e, ok := s.lru.Get(d)
+	if !ok {
+		s.mu.Unlock()
+		return nil, ErrNotFound
+	}
+	s.inUse[d]++
+	now := s.opts.Now()
+	e.lastAccess = now
+	persist := now.Sub(e.persisted) > time.Hour
+	if persist {
+		e.persisted = now
+	}
+	s.mu.Unlock()
+
+	release := func() { s.release(d) }
+	f, err := os.Open(s.blobPath(d))
+	if err != nil {
+		release()
+		if errors.Is(err, fs.ErrNotExist) {
+			s.forget(d)
+			return nil, ErrNotFound
+		}
+		return nil, fmt.Errorf("blobstore: open %s: %w", d, err)
+	}
+	if persist {
+		// mtime carries the access order across restarts; written at most hourly.
+		_ = os.Chtimes(f.Name(), now, now)
+	}
+	return &Blob{File: f, Size: e.size, ModTime: now, release: release}, nil
+}
+
+// Stat returns the size of a complete blob.
+func (s *Store) Stat(d digest.Digest) (int64, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.lru.Peek(d)
+	if !ok {
+		return 0, ErrNotFound
+	}
+	return e.size, nil
+}
+
+// Usage returns the number and total bytes of complete blobs.
+func (s *Store) Usage() (blobs int, bytes int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lru.Len(), s.total
+}
+
+func (s *Store) release(d digest.Digest) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.inUse[d]--; s.inUse[d] <= 0 {
+		delete(s.inUse, d)
+	}
+}
+
+func (s *Store) forget(d digest.Digest) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e, ok := s.lru.Peek(d); ok {
+		s.total -= e.size
+		s.lru.Remove(d)
+	}
+}
+
+// Delete removes a complete blob unless it is being read.
+func (s *Store) Delete(d digest.Digest) error {
+	s.mu.Lock()
+	if s.inUse[d] > 0 {
+		s.mu.Unlock()
+		return fmt.Errorf("blobstore: delete %s: %w", d, ErrBusy)
+	}
+	e, ok := s.lru.Peek(d)
+	if ok {
+		s.total -= e.size
+		s.lru.Remove(d)
+	}
+	s.mu.Unlock()
+	if !ok {
+		return ErrNotFound
+	}
+	if err := os.Remove(s.blobPath(d)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("blobstore: delete %s: %w", d, err)
+	}
+	return nil
+}
+
+// syncDir makes a rename or create in dir durable.
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}

@@ -1,0 +1,288 @@
+package blobstore
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/piece"
+)
+
+type clock struct{ t time.Time }
+
+func (c *clock) now() time.Time { return c.t }
+
+func newStore(t *testing.T, root string, opts Options) *Store {
+	t.Helper()
+	s, err := Open(context.Background(), root, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func randBlob(t *testing.T, n int) ([]byte, digest.Digest) {
+	t.Helper()
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return b, digest.FromBytes(b)
+}
+
+// fill writes every piece of b into p and marks it done.
+func fill(t *testing.T, p *Partial, b []byte) {
+	t.Helper()
+	plan := p.Plan()
+	for i := 0; i < plan.Count(); i++ {
+		off, n := plan.Range(i)
+		crc, err := p.WritePiece(i, bytes.NewReader(b[off:off+n]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if crc != piece.Checksum(b[off:off+n]) {
+			t.Fatalf("piece %d checksum", i)
+		}
+		if _, err := p.MarkDone(i, crc); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestCommitAndGet(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	s := newStore(t, root, Options{})
+	b, d := randBlob(t, int(piece.MinSize)*2+123)
+	p, err := s.Ingest(ctx, d, piece.PlanFor(int64(len(b))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Ingest(ctx, d, piece.PlanFor(int64(len(b)))); !errors.Is(err, ErrBusy) {
+		t.Fatalf("second Ingest: %v, want ErrBusy", err)
+	}
+	if _, err := s.Get(d); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Get before commit: %v", err)
+	}
+	if err := p.Commit(d); err == nil {
+		t.Fatal("Commit with missing pieces succeeded")
+	}
+	fill(t, p, b)
+	if err := p.Commit(digest.FromString("other")); !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("Commit with wrong digest: %v", err)
+	}
+	if _, err := s.Get(d); !errors.Is(err, ErrNotFound) {
+		t.Fatal("blob visible after refused commit")
+	}
+	if err := p.Commit(d); err != nil {
+		t.Fatal(err)
+	}
+	p.Close()
+	if _, err := os.Stat(s.ingestDir(d)); !os.IsNotExist(err) {
+		t.Fatalf("ingest dir left after commit: %v", err)
+	}
+
+	// Reopen: the blob survives a restart.
+	s2 := newStore(t, root, Options{})
+	blob, err := s2.Get(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer blob.Close()
+	got, _ := io.ReadAll(blob)
+	if !bytes.Equal(got, b) || blob.Size != int64(len(b)) {
+		t.Fatal("blob content differs after reopen")
+	}
+	if n, total := s2.Usage(); n != 1 || total != int64(len(b)) {
+		t.Fatalf("Usage = %d, %d", n, total)
+	}
+}
+
+func TestPieceLength(t *testing.T) {
+	s := newStore(t, t.TempDir(), Options{})
+	b, d := randBlob(t, 1000)
+	p, err := s.Ingest(context.Background(), d, piece.PlanFor(1000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Discard()
+	for _, in := range [][]byte{b[:999], append(b, 1)} {
+		if _, err := p.WritePiece(0, bytes.NewReader(in)); !errors.Is(err, ErrPieceLength) {
+			t.Errorf("WritePiece(%d bytes) = %v, want ErrPieceLength", len(in), err)
+		}
+	}
+}
+
+func TestResumeRechecksPieces(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	s := newStore(t, root, Options{})
+	b, d := randBlob(t, int(piece.MinSize)*3)
+	plan := piece.PlanFor(int64(len(b)))
+	p, err := s.Ingest(ctx, d, plan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fill(t, p, b)
+	p.Close() // crash before commit
+
+	// Corrupt piece 1 on disk.
+	f, err := os.OpenFile(filepath.Join(s.ingestDir(d), "data"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	off, _ := plan.Range(1)
+	f.WriteAt([]byte("garbage"), off+10)
+	f.Close()
+
+	s2 := newStore(t, root, Options{})
+	p2, err := s2.Ingest(ctx, d, plan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p2.Discard()
+	want := []bool{true, false, true}
+	if got := p2.Bitmap(); !equalBools(got, want) {
+		t.Fatalf("resumed bitmap %v, want %v", got, want)
+	}
+}
+
+func equalBools(a, b []bool) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func TestGC(t *testing.T) {
+	ctx := context.Background()
+	const size = 1000
+	tests := []struct {
+		name     string
+		opts     Options
+		advance  time.Duration
+		hold     int // index of a blob kept open during GC, -1 for none
+		wantLeft []int
+	}{
+		{"under high water", Options{HighWater: 5 * size}, 0, -1, []int{0, 1, 2, 3}},
+		{"evict oldest to low water", Options{HighWater: 3 * size, LowWater: 2 * size}, 0, -1, []int{2, 3}},
+		{"never evict a blob in use", Options{HighWater: 3 * size, LowWater: 2 * size}, 0, 0, []int{0, 3}},
+		{"max age", Options{MaxAge: time.Hour}, 90 * time.Minute, -1, []int{3}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clk := &clock{t: time.Unix(1e9, 0)}
+			tt.opts.Now = clk.now
+			s := newStore(t, t.TempDir(), tt.opts)
+			var ds []digest.Digest
+			for i := 0; i < 4; i++ {
+				b, d := randBlob(t, size)
+				p, err := s.Ingest(ctx, d, piece.PlanFor(size))
+				if err != nil {
+					t.Fatal(err)
+				}
+				fill(t, p, b)
+				if err := p.Commit(d); err != nil {
+					t.Fatal(err)
+				}
+				p.Close()
+				ds = append(ds, d)
+				if i == 2 {
+					clk.t = clk.t.Add(tt.advance)
+				}
+				clk.t = clk.t.Add(time.Second)
+			}
+			if tt.hold >= 0 {
+				b, err := s.Get(ds[tt.hold])
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer b.Close()
+			}
+			if _, err := s.GC(ctx); err != nil {
+				t.Fatal(err)
+			}
+			var left []int
+			for i, d := range ds {
+				if _, err := s.Stat(d); err == nil {
+					left = append(left, i)
+					if _, err := os.Stat(s.blobPath(d)); err != nil {
+						t.Errorf("blob %d indexed but file gone: %v", i, err)
+					}
+				} else if _, err := os.Stat(s.blobPath(d)); err == nil {
+					t.Errorf("blob %d evicted but file remains", i)
+				}
+			}
+			if !equalInts(left, tt.wantLeft) {
+				t.Fatalf("left %v, want %v", left, tt.wantLeft)
+			}
+		})
+	}
+}
+
+func equalInts(a, b []int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func TestGCAbandonedPartials(t *testing.T) {
+	ctx := context.Background()
+	clk := &clock{t: time.Now().Add(2 * time.Hour)}
+	s := newStore(t, t.TempDir(), Options{MaxAge: time.Hour, Now: clk.now})
+	_, d1 := randBlob(t, 10)
+	_, d2 := randBlob(t, 10)
+	p1, _ := s.Ingest(ctx, d1, piece.PlanFor(10))
+	p1.Close() // abandoned
+	p2, _ := s.Ingest(ctx, d2, piece.PlanFor(10))
+	defer p2.Discard()
+	res, err := s.GC(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Partials != 1 {
+		t.Fatalf("removed %d partials, want 1", res.Partials)
+	}
+	if _, err := os.Stat(s.ingestDir(d2)); err != nil {
+		t.Fatal("open partial removed")
+	}
+}
+
+func TestManifest(t *testing.T) {
+	s := newStore(t, t.TempDir(), Options{})
+	m := []byte(`{"schemaVersion":2}`)
+	d := digest.FromBytes(m)
+	if err := s.PutManifest(digest.FromString("x"), "t", m); !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("PutManifest with wrong digest: %v", err)
+	}
+	if err := s.PutManifest(d, "application/vnd.oci.image.manifest.v1+json", m); err != nil {
+		t.Fatal(err)
+	}
+	mt, got, err := s.GetManifest(d)
+	if err != nil || mt != "application/vnd.oci.image.manifest.v1+json" || !bytes.Equal(got, m) {
+		t.Fatalf("GetManifest = %q %q %v", mt, got, err)
+	}
+	os.WriteFile(s.manifestPath(d), []byte("tampered"), 0o644)
+	if _, _, err := s.GetManifest(d); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("tampered manifest: %v", err)
+	}
+}

@@ -1,0 +1,148 @@
+// Command registry-proxy is a node-local OCI registry mirror.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/registry-proxy/registry-proxy/config"
+	"github.com/registry-proxy/registry-proxy/node"
+)
+
+const usage = `usage: registry-proxy <command> [flags]
+
+commands:
+  serve     run the mirror (registry-proxy serve --help for flags)
+  version   print the version
+`
+
+// errUsage marks errors that exit with status 2.
+var errUsage = errors.New("usage")
+
+func main() {
+	err := run(os.Args[1:], os.Stdout, os.Stderr)
+	switch {
+	case err == nil:
+	case errors.Is(err, errUsage):
+		fmt.Fprintln(os.Stderr, "registry-proxy:", strings.TrimSuffix(err.Error(), ": usage"))
+		os.Exit(2)
+	default:
+		fmt.Fprintln(os.Stderr, "registry-proxy:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return fmt.Errorf("no command: %w", errUsage)
+	}
+	switch args[0] {
+	case "serve":
+		return serve(args[1:], stderr)
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, "registry-proxy", node.Version)
+		return nil
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	return fmt.Errorf("unknown command %q: %w", args[0], errUsage)
+}
+
+// loadConfig reads --config (or the defaults) and applies the flags over it.
+func loadConfig(args []string, stderr io.Writer) (config.Config, error) {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(io.Discard) // errors are reported in one line by main
+	fs.Usage = func() {}
+	path := fs.String("config", "", "configuration file (TOML); defaults as in config.toml when unset")
+	listen := fs.String("listen", "", "mirror HTTP address (listen)")
+	dataDir := fs.String("data-dir", "", "blob store directory (data_dir)")
+	defReg := fs.String("default-registry", "", "registry for requests without ns=, as dockerd sends them (default_registry)")
+	level := fs.String("log-level", "", "debug, info, warn or error (log.level)")
+	format := fs.String("log-format", "", "text or json (log.format)")
+	var upstreams []string
+	fs.Func("upstream", "NAME=URL: fetch registry NAME from URL (repeatable; upstream.registries)", func(v string) error {
+		upstreams = append(upstreams, v)
+		return nil
+	})
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(stderr, "usage: registry-proxy serve [flags]")
+			fs.SetOutput(stderr)
+			fs.PrintDefaults()
+			return config.Config{}, err
+		}
+		return config.Config{}, fmt.Errorf("%w: %w", err, errUsage)
+	}
+	if fs.NArg() > 0 {
+		return config.Config{}, fmt.Errorf("unexpected argument %q: %w", fs.Arg(0), errUsage)
+	}
+	cfg := config.Default()
+	if *path != "" {
+		var err error
+		if cfg, err = config.Load(*path); err != nil {
+			return cfg, fmt.Errorf("%w: %w", err, errUsage)
+		}
+	}
+	for dst, v := range map[*string]string{&cfg.Listen: *listen, &cfg.DataDir: *dataDir, &cfg.DefaultRegistry: *defReg, &cfg.Log.Level: *level, &cfg.Log.Format: *format} {
+		if v != "" {
+			*dst = v
+		}
+	}
+	for _, u := range upstreams {
+		if err := cfg.SetUpstream(u); err != nil {
+			return cfg, fmt.Errorf("%w: %w", err, errUsage)
+		}
+	}
+	if err := cfg.Validate(); err != nil {
+		return cfg, fmt.Errorf("config: %s: %w", strings.ReplaceAll(err.Error(), "\n", "; "), errUsage)
+	}
+	return cfg, nil
+}
+
+func newLogger(c config.Log, w io.Writer) *slog.Logger {
+	var lvl slog.Level
+	lvl.UnmarshalText([]byte(c.Level)) // validated already
+	opts := &slog.HandlerOptions{Level: lvl}
+	if c.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+func serve(args []string, stderr io.Writer) error {
+	cfg, err := loadConfig(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	log := newLogger(cfg.Log, stderr)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	n, err := node.Start(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	var serveErr error
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down")
+	case serveErr = <-n.Err():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return errors.Join(serveErr, n.Shutdown(sctx))
+}

@@ -1,0 +1,179 @@
+// Package config loads and checks registry-proxy's configuration. The keys
+// are documented once, in config.toml at the repository root.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+	"github.com/docker/go-units"
+
+	"github.com/registry-proxy/registry-proxy/proxy/upstream"
+)
+
+// Config is the whole configuration.
+type Config struct {
+	Listen          string   `toml:"listen"`
+	DataDir         string   `toml:"data_dir"`
+	DefaultRegistry string   `toml:"default_registry"`
+	Log             Log      `toml:"log"`
+	Upstream        Upstream `toml:"upstream"`
+	Pieces          Pieces   `toml:"pieces"`
+	Store           Store    `toml:"store"`
+}
+
+// Log is the [log] table.
+type Log struct {
+	Level  string `toml:"level"`
+	Format string `toml:"format"`
+}
+
+// Upstream is the [upstream] table.
+type Upstream struct {
+	Registries            map[string]string `toml:"registries"`
+	Timeout               time.Duration     `toml:"timeout"`
+	ResponseHeaderTimeout time.Duration     `toml:"response_header_timeout"`
+	Attempts              int               `toml:"attempts"`
+	Backoff               time.Duration     `toml:"backoff"`
+	RedirectTTL           time.Duration     `toml:"redirect_ttl"`
+	MaxManifestSize       Size              `toml:"max_manifest_size"`
+}
+
+// Pieces is the [pieces] table.
+type Pieces struct {
+	Concurrency int           `toml:"concurrency"`
+	Timeout     time.Duration `toml:"timeout"`
+	Attempts    int           `toml:"attempts"`
+}
+
+// Store is the [store] table.
+type Store struct {
+	HighWater   Size          `toml:"high_water"`
+	LowWater    Size          `toml:"low_water"`
+	MaxAge      time.Duration `toml:"max_age"`
+	GCInterval  time.Duration `toml:"gc_interval"`
+	MaxBlobSize Size          `toml:"max_blob_size"`
+}
+
+// Size is a byte count written as "4MiB", "10GB" or a plain number.
+type Size int64
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (s *Size) UnmarshalText(b []byte) error {
+	v, err := units.RAMInBytes(string(b))
+	if err != nil || v < 0 {
+		return fmt.Errorf("size %q: want a byte count such as 512MiB or 20GiB", b)
+	}
+	*s = Size(v)
+	return nil
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (s Size) MarshalText() ([]byte, error) { return []byte(units.BytesSize(float64(s))), nil }
+
+// Default returns the built-in configuration, the same as config.toml.
+func Default() Config {
+	return Config{
+		Listen:          "127.0.0.1:5000",
+		DataDir:         "/var/lib/registry-proxy",
+		DefaultRegistry: "docker.io",
+		Log:             Log{Level: "info", Format: "text"},
+		Upstream: Upstream{
+			Registries:            map[string]string{},
+			Timeout:               time.Minute,
+			ResponseHeaderTimeout: 30 * time.Second,
+			Attempts:              3,
+			Backoff:               200 * time.Millisecond,
+			RedirectTTL:           time.Minute,
+			MaxManifestSize:       4 << 20,
+		},
+		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3},
+		Store:  Store{GCInterval: 5 * time.Minute},
+	}
+}
+
+// Load reads a TOML file over the defaults. Unknown keys are errors, so a
+// typo does not silently leave a default in force.
+func Load(path string) (Config, error) {
+	c := Default()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return c, fmt.Errorf("config: %w", err)
+	}
+	md, err := toml.Decode(string(b), &c)
+	if err != nil {
+		return c, fmt.Errorf("config %s: %w", path, err)
+	}
+	if und := md.Undecoded(); len(und) > 0 {
+		keys := make([]string, len(und))
+		for i, k := range und {
+			keys[i] = k.String()
+		}
+		sort.Strings(keys)
+		return c, fmt.Errorf("config %s: unknown keys: %s", path, strings.Join(keys, ", "))
+	}
+	return c, nil
+}
+
+// Validate checks values that would only fail later.
+func (c Config) Validate() error {
+	var errs []error
+	if c.Listen == "" {
+		errs = append(errs, errors.New("listen: empty"))
+	}
+	if c.DataDir == "" {
+		errs = append(errs, errors.New("data_dir: empty"))
+	}
+	if c.DefaultRegistry == "" {
+		errs = append(errs, errors.New("default_registry: empty"))
+	}
+	switch strings.ToLower(c.Log.Level) {
+	case "debug", "info", "warn", "error":
+	default:
+		errs = append(errs, fmt.Errorf("log.level %q: want debug, info, warn or error", c.Log.Level))
+	}
+	if c.Log.Format != "text" && c.Log.Format != "json" {
+		errs = append(errs, fmt.Errorf("log.format %q: want text or json", c.Log.Format))
+	}
+	for name, u := range c.Upstream.Registries {
+		if _, err := upstream.ParseBaseURL(u); err != nil {
+			errs = append(errs, fmt.Errorf("upstream.registries.%s: %w", name, err))
+		}
+	}
+	if c.Upstream.Attempts < 1 || c.Pieces.Attempts < 1 {
+		errs = append(errs, errors.New("attempts: at least 1"))
+	}
+	if c.Pieces.Concurrency < 1 || c.Pieces.Concurrency > 256 {
+		errs = append(errs, fmt.Errorf("pieces.concurrency %d: want 1 to 256", c.Pieces.Concurrency))
+	}
+	for k, d := range map[string]time.Duration{"upstream.timeout": c.Upstream.Timeout, "pieces.timeout": c.Pieces.Timeout, "store.gc_interval": c.Store.GCInterval} {
+		if d <= 0 {
+			errs = append(errs, fmt.Errorf("%s: must be positive", k))
+		}
+	}
+	if c.Store.LowWater > c.Store.HighWater && c.Store.HighWater > 0 {
+		errs = append(errs, errors.New("store.low_water: above high_water"))
+	}
+	return errors.Join(errs...)
+}
+
+// SetUpstream applies a NAME=URL flag value.
+func (c *Config) SetUpstream(v string) error {
+	name, u, ok := strings.Cut(v, "=")
+	if !ok || name == "" {
+		return fmt.Errorf("--upstream %q: want NAME=URL", v)
+	}
+	if _, err := upstream.ParseBaseURL(u); err != nil {
+		return fmt.Errorf("--upstream %s: %w", name, err)
+	}
+	if c.Upstream.Registries == nil {
+		c.Upstream.Registries = map[string]string{}
+	}
+	c.Upstream.Registries[name] = u
+	return nil
+}

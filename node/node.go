@@ -1,0 +1,151 @@
+// Package node assembles one registry-proxy from its configuration: the blob
+// store, the upstream client, the piece collector, the task manager and the
+// mirror's HTTP server.
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/config"
+	"github.com/registry-proxy/registry-proxy/p2p/collector"
+	"github.com/registry-proxy/registry-proxy/proxy"
+	"github.com/registry-proxy/registry-proxy/proxy/upstream"
+	"github.com/registry-proxy/registry-proxy/task"
+)
+
+// Version is set by the build.
+var Version = "dev"
+
+// Node is a running registry-proxy.
+type Node struct {
+	cfg    config.Config
+	log    *slog.Logger
+	ln     net.Listener
+	srv    *http.Server
+	store  *blobstore.Store
+	tasks  *task.Manager
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	errc   chan error
+}
+
+// Start opens the store, binds the listener and starts serving.
+func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	store, err := blobstore.Open(ctx, cfg.DataDir, blobstore.Options{
+		HighWater: int64(cfg.Store.HighWater),
+		LowWater:  int64(cfg.Store.LowWater),
+		MaxAge:    cfg.Store.MaxAge,
+		Logger:    log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	up, err := upstream.New(upstream.Options{
+		Registries:            cfg.Upstream.Registries,
+		ResponseHeaderTimeout: cfg.Upstream.ResponseHeaderTimeout,
+		Attempts:              cfg.Upstream.Attempts,
+		Backoff:               cfg.Upstream.Backoff,
+		RedirectTTL:           cfg.Upstream.RedirectTTL,
+		UserAgent:             "registry-proxy/" + Version,
+		Logger:                log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	coll := collector.New(collector.Options{
+		Concurrency:  cfg.Pieces.Concurrency,
+		PieceTimeout: cfg.Pieces.Timeout,
+		Attempts:     cfg.Pieces.Attempts,
+		Logger:       log,
+	})
+	tasks := task.NewManager(task.Options{
+		Store: store,
+		Size: func(ctx context.Context, r task.Request) (int64, error) {
+			return up.BlobSize(ctx, r.Registry, r.Repo, r.Digest, r.Header)
+		},
+		Fill: func(ctx context.Context, job collector.Job, r task.Request) error {
+			return coll.Collect(ctx, job, collector.NewUpstreamParent(up, r.Registry, r.Repo, r.Digest, r.Header))
+		},
+		OpenTimeout: cfg.Upstream.Timeout,
+		MaxBlobSize: int64(cfg.Store.MaxBlobSize),
+		Logger:      log,
+	})
+	srv := proxy.New(proxy.Options{
+		Upstream:        up,
+		Store:           store,
+		Tasks:           tasks,
+		DefaultRegistry: cfg.DefaultRegistry,
+		MaxManifestSize: int64(cfg.Upstream.MaxManifestSize),
+		UpstreamTimeout: cfg.Upstream.Timeout,
+		Logger:          log,
+	})
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		tasks.Close()
+		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
+	}
+	n := &Node{
+		cfg:   cfg,
+		log:   log,
+		ln:    ln,
+		store: store,
+		tasks: tasks,
+		errc:  make(chan error, 1),
+		srv: &http.Server{
+			Handler:           srv.Handler(),
+			ReadHeaderTimeout: 10 * time.Second,
+			IdleTimeout:       2 * time.Minute,
+			MaxHeaderBytes:    64 << 10,
+			ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		},
+	}
+	gcCtx, cancel := context.WithCancel(context.Background())
+	n.cancel = cancel
+	n.wg.Add(2)
+	go func() {
+		defer n.wg.Done()
+		store.RunGC(gcCtx, cfg.Store.GCInterval)
+	}()
+	go func() {
+		defer n.wg.Done()
+		if err := n.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			n.errc <- err
+		}
+		close(n.errc)
+	}()
+	log.Info("registry-proxy serving", "version", Version, "listen", ln.Addr().String(), "data_dir", cfg.DataDir, "default_registry", cfg.DefaultRegistry)
+	return n, nil
+}
+
+// Addr is the mirror's listening address.
+func (n *Node) Addr() string { return n.ln.Addr().String() }
+
+// Store returns the node's blob store.
+func (n *Node) Store() *blobstore.Store { return n.store }
+
+// Err reports a serving failure; it is closed when serving stops.
+func (n *Node) Err() <-chan error { return n.errc }
+
+// Shutdown stops accepting requests, lets running ones finish until ctx ends,
+// then stops the downloads (their pieces stay on disk to resume).
+func (n *Node) Shutdown(ctx context.Context) error {
+	err := n.srv.Shutdown(ctx)
+	if err != nil {
+		n.srv.Close()
+	}
+	n.tasks.Close()
+	n.cancel()
+	n.wg.Wait()
+	return err
+}

@@ -1,0 +1,142 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"time"
+
+	"github.com/gorilla/mux"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/task"
+)
+
+func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		s.unsupported(w, r)
+		return
+	}
+	name, ok := repo(w, r)
+	if !ok {
+		return
+	}
+	d, err := digest.Parse(mux.Vars(r)["digest"])
+	if err != nil {
+		writeError(w, http.StatusBadRequest, codeDigestInvalid, "invalid digest: "+err.Error())
+		return
+	}
+	h := w.Header()
+	h.Set("Docker-Content-Digest", d.String())
+	h.Set("Etag", `"`+d.String()+`"`)
+	h.Set("Accept-Ranges", "bytes")
+	h.Set("Cache-Control", "max-age=31536000, immutable")
+	h.Set("Content-Type", "application/octet-stream")
+
+	if r.Method == http.MethodHead {
+		s.headBlob(w, r, name, d)
+		return
+	}
+	if s.serveStored(w, r, d) {
+		return
+	}
+	req := task.Request{Digest: d, Registry: s.registry(r), Repo: name, Header: forwardHeaders(r)}
+	t, err := s.opts.Tasks.Open(r.Context(), req)
+	if errors.Is(err, task.ErrComplete) && s.serveStored(w, r, d) {
+		return
+	}
+	if err != nil {
+		s.writeUpstreamError(w, r, err, codeBlobUnknown)
+		return
+	}
+	s.serveTask(w, r, t)
+}
+
+// serveStored serves a complete blob (ranges, sendfile) if the store has it.
+func (s *Server) serveStored(w http.ResponseWriter, r *http.Request, d digest.Digest) bool {
+	b, err := s.opts.Store.Get(d)
+	if err != nil {
+		if !errors.Is(err, blobstore.ErrNotFound) {
+			s.log.Error("reading stored blob", "digest", d, "err", err)
+		}
+		return false
+	}
+	defer b.Close()
+	w.Header().Set("X-Registry-Proxy-Source", "cache")
+	http.ServeContent(w, r, "", time.Time{}, b.File)
+	return true
+}
+
+// serveTask streams a blob that is still arriving. If the task fails, the
+// response is aborted so the client can't take it as a whole blob.
+func (s *Server) serveTask(w http.ResponseWriter, r *http.Request, t *task.Task) {
+	w.Header().Set("X-Registry-Proxy-Source", "fetch")
+	if t.Size() == 0 {
+		// Nothing to hold back: answer only once the digest is checked.
+		if err := t.Wait(r.Context()); err != nil {
+			s.writeTaskError(w, r, t, err)
+			return
+		}
+	}
+	rd, err := t.NewReader(r.Context())
+	if err != nil {
+		s.writeTaskError(w, r, t, err)
+		return
+	}
+	defer rd.Close()
+	er := &errReader{r: rd}
+	http.ServeContent(w, r, "", time.Time{}, er)
+	if er.err != nil && !errors.Is(er.err, io.EOF) {
+		if r.Context().Err() == nil {
+			s.log.Error("aborting blob response", "digest", t.Digest(), "err", er.err)
+		}
+		panic(http.ErrAbortHandler)
+	}
+}
+
+func (s *Server) writeTaskError(w http.ResponseWriter, r *http.Request, t *task.Task, err error) {
+	if errors.Is(err, task.ErrDigestMismatch) {
+		s.log.Error("blob failed verification", "digest", t.Digest(), "err", err)
+		writeError(w, http.StatusBadGateway, codeBlobUnknown, "blob failed digest verification")
+		return
+	}
+	s.writeUpstreamError(w, r, err, codeBlobUnknown)
+}
+
+// errReader remembers the error that ended a read, which ServeContent drops.
+type errReader struct {
+	r   io.ReadSeeker
+	err error
+}
+
+func (e *errReader) Read(p []byte) (int, error) {
+	n, err := e.r.Read(p)
+	if err != nil {
+		e.err = err
+	}
+	return n, err
+}
+
+func (e *errReader) Seek(off int64, whence int) (int64, error) { return e.r.Seek(off, whence) }
+
+func (s *Server) headBlob(w http.ResponseWriter, r *http.Request, name string, d digest.Digest) {
+	size, err := s.opts.Store.Stat(d)
+	if err != nil {
+		if t, ok := s.opts.Tasks.Lookup(d); ok {
+			size, err = t.Size(), nil
+		}
+	}
+	if err != nil {
+		ctx, cancel := context.WithTimeout(r.Context(), s.opts.UpstreamTimeout)
+		defer cancel()
+		size, err = s.opts.Upstream.BlobSize(ctx, s.registry(r), name, d, forwardHeaders(r))
+		if err != nil {
+			s.writeUpstreamError(w, r, err, codeBlobUnknown)
+			return
+		}
+	}
+	w.Header().Set("Content-Length", contentLength(size))
+	w.WriteHeader(http.StatusOK)
+}

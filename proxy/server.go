@@ -1,0 +1,237 @@
+// Package proxy is the pull side of the OCI distribution API that containerd,
+// crictl and dockerd use as their registry mirror.
+package proxy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/gorilla/mux"
+	"github.com/opencontainers/go-digest"
+
+	// Registered for digest verification.
+	_ "crypto/sha256"
+	_ "crypto/sha512"
+
+	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/proxy/upstream"
+	"github.com/registry-proxy/registry-proxy/task"
+)
+
+// Options configure a Server.
+type Options struct {
+	Upstream *upstream.Client
+	Store    *blobstore.Store
+	Tasks    *task.Manager
+	// DefaultRegistry serves requests without ns= (dockerd's).
+	DefaultRegistry string
+	// MaxManifestSize refuses larger manifests from the upstream.
+	MaxManifestSize int64
+	// UpstreamTimeout bounds a manifest or HEAD request upstream.
+	UpstreamTimeout time.Duration
+	Logger          *slog.Logger
+}
+
+// Server serves the mirror API.
+type Server struct {
+	opts Options
+	log  *slog.Logger
+}
+
+// New returns a server.
+func New(opts Options) *Server {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.DefaultRegistry == "" {
+		opts.DefaultRegistry = "docker.io"
+	}
+	if opts.MaxManifestSize <= 0 {
+		opts.MaxManifestSize = 4 << 20
+	}
+	if opts.UpstreamTimeout <= 0 {
+		opts.UpstreamTimeout = time.Minute
+	}
+	return &Server{opts: opts, log: opts.Logger.With("component", "proxy")}
+}
+
+// repoPattern is the OCI distribution spec's repository name.
+var (
+	repoPattern = regexp.MustCompile(`^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$`)
+	tagPattern  = regexp.MustCompile(`^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$`)
+)
+
+const maxRepoLen = 255
+
+// Handler returns the HTTP handler.
+func (s *Server) Handler() http.Handler {
+	r := mux.NewRouter()
+	r.UseEncodedPath()
+	r.HandleFunc("/v2", s.base)
+	r.HandleFunc("/v2/", s.base)
+	r.HandleFunc("/v2/{name:.+}/manifests/{reference}", s.manifest)
+	r.HandleFunc("/v2/{name:.+}/blobs/uploads/{rest:.*}", s.unsupported)
+	r.HandleFunc("/v2/{name:.+}/blobs/{digest}", s.blob)
+	r.HandleFunc("/debug/blobs/{digest}", s.blobStats).Methods(http.MethodGet)
+	r.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	r.PathPrefix("/v2/").HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, codeUnsupported, "not served by this mirror")
+	})
+	r.NotFoundHandler = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		writeError(w, http.StatusNotFound, codeUnsupported, "not found")
+	})
+	return s.logRequests(r)
+}
+
+// registry is the upstream a request is for: ns= as containerd sends it, else
+// the default (dockerd sends no ns).
+func (s *Server) registry(r *http.Request) string {
+	if ns := r.URL.Query().Get("ns"); ns != "" {
+		return ns
+	}
+	return s.opts.DefaultRegistry
+}
+
+// forwardHeaders is what goes upstream from the client's request.
+func forwardHeaders(r *http.Request, names ...string) http.Header {
+	h := http.Header{}
+	for _, k := range append(names, "Authorization") {
+		if v := r.Header.Values(k); len(v) > 0 {
+			h[http.CanonicalHeaderKey(k)] = v
+		}
+	}
+	return h
+}
+
+func (s *Server) base(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		s.unsupported(w, r)
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), s.opts.UpstreamTimeout)
+	defer cancel()
+	// The upstream's challenge is what dockerd authenticates with.
+	resp, err := s.opts.Upstream.Ping(ctx, s.registry(r), forwardHeaders(r))
+	if err == nil {
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusUnauthorized {
+			s.writeUpstreamError(w, r, &upstream.StatusError{Code: resp.StatusCode, Header: resp.Header}, codeUnauthorized)
+			return
+		}
+	} else {
+		// Cached content can still be served; the pull decides.
+		s.log.Warn("upstream ping failed", "registry", s.registry(r), "err", err)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", "2")
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodGet {
+		io.WriteString(w, "{}")
+	}
+}
+
+func (s *Server) unsupported(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Allow", "GET, HEAD")
+	writeError(w, http.StatusMethodNotAllowed, codeUnsupported, "this mirror is read-only")
+}
+
+// repo validates the name in the path.
+func repo(w http.ResponseWriter, r *http.Request) (string, bool) {
+	name := mux.Vars(r)["name"]
+	if len(name) > maxRepoLen || !repoPattern.MatchString(name) {
+		writeError(w, http.StatusBadRequest, codeNameInvalid, "invalid repository name")
+		return "", false
+	}
+	return name, true
+}
+
+func (s *Server) blobStats(w http.ResponseWriter, r *http.Request) {
+	d, err := digest.Parse(mux.Vars(r)["digest"])
+	if err != nil {
+		writeError(w, http.StatusBadRequest, codeDigestInvalid, err.Error())
+		return
+	}
+	st, ok := s.opts.Tasks.Stats(d)
+	if !ok {
+		size, err := s.opts.Store.Stat(d)
+		if err != nil {
+			writeError(w, http.StatusNotFound, codeBlobUnknown, "no record of this blob")
+			return
+		}
+		st = task.Stats{Digest: d, Size: size, State: "cached", Sources: map[string]int64{}}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(st)
+}
+
+// statusRecorder remembers the status and byte count for the access log.
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+	bytes  int64
+}
+
+func (sr *statusRecorder) WriteHeader(code int) {
+	if sr.status == 0 {
+		sr.status = code
+	}
+	sr.ResponseWriter.WriteHeader(code)
+}
+
+func (sr *statusRecorder) Write(b []byte) (int, error) {
+	if sr.status == 0 {
+		sr.status = http.StatusOK
+	}
+	n, err := sr.ResponseWriter.Write(b)
+	sr.bytes += int64(n)
+	return n, err
+}
+
+// ReadFrom keeps sendfile working through the recorder.
+func (sr *statusRecorder) ReadFrom(r io.Reader) (int64, error) {
+	if sr.status == 0 {
+		sr.status = http.StatusOK
+	}
+	n, err := io.Copy(sr.ResponseWriter, r)
+	sr.bytes += n
+	return n, err
+}
+
+func (sr *statusRecorder) Unwrap() http.ResponseWriter { return sr.ResponseWriter }
+
+func (s *Server) logRequests(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+		sr := &statusRecorder{ResponseWriter: w}
+		defer func() {
+			p := recover()
+			status := sr.status
+			if p != nil {
+				status = -1 // aborted
+			}
+			s.log.Log(r.Context(), logLevel(status), "request",
+				"method", r.Method, "path", r.URL.Path, "ns", r.URL.Query().Get("ns"),
+				"range", r.Header.Get("Range"), "status", status, "bytes", sr.bytes,
+				"duration", time.Since(start).Round(time.Microsecond), "remote", r.RemoteAddr)
+			if p != nil {
+				panic(p)
+			}
+		}()
+		next.ServeHTTP(sr, r)
+	})
+}
+
+func isDigestRef(ref string) bool { return strings.Contains(ref, ":") }
+
+func contentLength(n int64) string { return strconv.FormatInt(n, 10) }
+
+var errAborted = errors.New("response aborted")

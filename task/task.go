@@ -1,0 +1,530 @@
+// Package task turns requests for a blob into one download per digest per node,
+// however many clients ask: the blob's pieces are collected into a partial
+// file, readers stream the verified-so-far prefix as it grows, and the blob is
+// committed only when its digest matches.
+package task
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"sort"
+	"sync"
+	"time"
+
+	lru "github.com/hashicorp/golang-lru/v2"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/p2p/collector"
+	"github.com/registry-proxy/registry-proxy/piece"
+)
+
+var (
+	// ErrComplete means the blob is complete in the store: read it there.
+	ErrComplete = errors.New("task: blob already complete")
+	// ErrDigestMismatch means the collected bytes do not hash to the digest.
+	ErrDigestMismatch = errors.New("task: blob does not match its digest")
+	// ErrTooLarge means the blob is larger than the configured limit.
+	ErrTooLarge = errors.New("task: blob too large")
+)
+
+// Request says which blob to fetch and where from.
+type Request struct {
+	Digest   digest.Digest
+	Registry string
+	Repo     string
+	// Header carries the client's credentials to the upstream.
+	Header http.Header
+}
+
+// Options configure a Manager.
+type Options struct {
+	Store *blobstore.Store
+	// Size learns a blob's size (a HEAD upstream).
+	Size func(ctx context.Context, req Request) (int64, error)
+	// Fill collects the missing pieces of job.
+	Fill func(ctx context.Context, job collector.Job, req Request) error
+	// OpenTimeout bounds learning the size of a new blob.
+	OpenTimeout time.Duration
+	// MaxBlobSize refuses larger blobs; zero means no limit.
+	MaxBlobSize int64
+	Logger      *slog.Logger
+}
+
+// Manager runs at most one task per digest.
+type Manager struct {
+	opts   Options
+	log    *slog.Logger
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu     sync.Mutex
+	tasks  map[digest.Digest]*Task
+	recent *lru.Cache[digest.Digest, Stats]
+}
+
+// NewManager returns a manager; Close stops its tasks.
+func NewManager(opts Options) *Manager {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.OpenTimeout <= 0 {
+		opts.OpenTimeout = time.Minute
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	recent, _ := lru.New[digest.Digest, Stats](1024)
+	return &Manager{
+		opts:   opts,
+		log:    opts.Logger.With("component", "task"),
+		ctx:    ctx,
+		cancel: cancel,
+		tasks:  map[digest.Digest]*Task{},
+		recent: recent,
+	}
+}
+
+// Close cancels every task and waits for them. Partial blobs stay on disk to
+// resume after a restart.
+func (m *Manager) Close() {
+	m.cancel()
+	m.wg.Wait()
+}
+
+// Lookup returns the running task for d.
+func (m *Manager) Lookup(d digest.Digest) (*Task, bool) {
+	m.mu.Lock()
+	t, ok := m.tasks[d]
+	m.mu.Unlock()
+	if !ok {
+		return nil, false
+	}
+	select {
+	case <-t.ready:
+		return t, t.openErr == nil
+	default:
+		return nil, false
+	}
+}
+
+// Open returns the task for req.Digest, starting it if none runs. Concurrent
+// callers share one task. It returns ErrComplete when the blob is in the store.
+func (m *Manager) Open(ctx context.Context, req Request) (*Task, error) {
+	m.mu.Lock()
+	if t, ok := m.tasks[req.Digest]; ok {
+		m.mu.Unlock()
+		select {
+		case <-t.ready:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		if t.openErr != nil {
+			return nil, t.openErr
+		}
+		return t, nil
+	}
+	if _, err := m.opts.Store.Stat(req.Digest); err == nil {
+		m.mu.Unlock()
+		return nil, ErrComplete
+	}
+	if m.ctx.Err() != nil {
+		m.mu.Unlock()
+		return nil, fmt.Errorf("task: %w", m.ctx.Err())
+	}
+	t := &Task{
+		m:        m,
+		req:      req,
+		ready:    make(chan struct{}),
+		changed:  make(chan struct{}),
+		finished: make(chan struct{}),
+		readers:  map[*Reader]struct{}{},
+		sources:  map[string]int64{},
+		started:  time.Now(),
+	}
+	m.tasks[req.Digest] = t
+	m.wg.Add(1) // held until run ends, or open fails
+	m.mu.Unlock()
+
+	if err := t.open(); err != nil {
+		t.openErr = err
+		m.remove(t)
+		close(t.ready)
+		m.wg.Done()
+		return nil, err
+	}
+	go t.run()
+	close(t.ready)
+	return t, nil
+}
+
+func (m *Manager) remove(t *Task) {
+	m.mu.Lock()
+	if m.tasks[t.req.Digest] == t {
+		delete(m.tasks, t.req.Digest)
+	}
+	m.mu.Unlock()
+}
+
+// Stats returns the accounting of the running or a recent task for d.
+func (m *Manager) Stats(d digest.Digest) (Stats, bool) {
+	if t, ok := m.Lookup(d); ok {
+		return t.Stats(), true
+	}
+	return m.recent.Get(d)
+}
+
+// Stats is where a blob's bytes came from.
+type Stats struct {
+	Digest   digest.Digest    `json:"digest"`
+	Size     int64            `json:"size"`
+	State    string           `json:"state"` // downloading, complete, failed
+	Sources  map[string]int64 `json:"sources"`
+	Started  time.Time        `json:"started"`
+	Duration time.Duration    `json:"duration"`
+	Error    string           `json:"error,omitempty"`
+}
+
+// Task is the download of one blob.
+type Task struct {
+	m       *Manager
+	req     Request
+	ready   chan struct{} // closed once open has finished
+	openErr error
+	plan    piece.Plan
+	partial *blobstore.Partial
+	started time.Time
+
+	mu       sync.Mutex
+	changed  chan struct{} // closed and replaced on every change
+	done     []bool
+	verified bool
+	err      error
+	finished chan struct{}
+	elapsed  time.Duration
+	readers  map[*Reader]struct{}
+	sources  map[string]int64
+}
+
+func (t *Task) open() error {
+	ctx, cancel := context.WithTimeout(t.m.ctx, t.m.opts.OpenTimeout)
+	defer cancel()
+	size, err := t.m.opts.Size(ctx, t.req)
+	if err != nil {
+		return err
+	}
+	if max := t.m.opts.MaxBlobSize; max > 0 && size > max {
+		return fmt.Errorf("%w: %s is %d bytes, limit %d", ErrTooLarge, t.req.Digest, size, max)
+	}
+	t.plan = piece.PlanFor(size)
+	p, err := t.m.opts.Store.Ingest(ctx, t.req.Digest, t.plan)
+	if err != nil {
+		return fmt.Errorf("task: %w", err)
+	}
+	t.partial = p
+	t.done = p.Bitmap()
+	return nil
+}
+
+// Digest implements collector.Job.
+func (t *Task) Digest() digest.Digest { return t.req.Digest }
+
+// Plan implements collector.Job.
+func (t *Task) Plan() piece.Plan { return t.plan }
+
+// Size is the blob size.
+func (t *Task) Size() int64 { return t.plan.Size }
+
+// Has implements collector.Job.
+func (t *Task) Has(i int) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.done[i]
+}
+
+// Put implements collector.Job.
+func (t *Task) Put(i int, r io.Reader, source string) error {
+	crc, err := t.partial.WritePiece(i, r)
+	if err != nil {
+		return err
+	}
+	fresh, err := t.partial.MarkDone(i, crc)
+	if err != nil || !fresh {
+		return err
+	}
+	_, n := t.plan.Range(i)
+	t.mu.Lock()
+	t.done[i] = true
+	t.sources[source] += n
+	t.broadcastLocked()
+	t.mu.Unlock()
+	return nil
+}
+
+// Next implements collector.Job: the lowest missing piece a reader is at.
+func (t *Task) Next() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	next := -1
+	for r := range t.readers {
+		i := t.plan.Index(r.off)
+		if i < len(t.done) && !t.done[i] && (next < 0 || i < next) {
+			next = i
+		}
+	}
+	return next
+}
+
+func (t *Task) broadcastLocked() {
+	close(t.changed)
+	t.changed = make(chan struct{})
+}
+
+// Done is closed when the task has finished; Err then says how.
+func (t *Task) Done() <-chan struct{} { return t.finished }
+
+// Err is nil while running and after success.
+func (t *Task) Err() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.err
+}
+
+// Stats returns the task's accounting so far.
+func (t *Task) Stats() Stats {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	st := Stats{Digest: t.req.Digest, Size: t.plan.Size, State: "downloading", Sources: map[string]int64{}, Started: t.started, Duration: time.Since(t.started)}
+	for k, v := range t.sources {
+		st.Sources[k] = v
+	}
+	select {
+	case <-t.finished:
+		st.Duration = t.elapsed
+		st.State = "complete"
+		if t.err != nil {
+			st.State, st.Error = "failed", t.err.Error()
+		}
+	default:
+	}
+	return st
+}
+
+func (t *Task) run() {
+	defer t.m.wg.Done()
+	ctx, cancel := context.WithCancel(t.m.ctx)
+	fillDone := make(chan error, 1)
+	go func() { fillDone <- t.m.opts.Fill(ctx, t, t.req) }()
+	err := t.verify(ctx, fillDone)
+	cancel()
+	if ferr := <-fillDone; err == nil && ferr != nil && !errors.Is(ferr, context.Canceled) {
+		err = ferr
+	}
+	t.finish(err)
+}
+
+// verify hashes the blob in order as its pieces land and commits it on a match.
+func (t *Task) verify(ctx context.Context, fillDone chan error) error {
+	h := t.req.Digest.Algorithm().Hash()
+	bp := make([]byte, 1<<20)
+	for i := 0; i < t.plan.Count(); i++ {
+		for {
+			t.mu.Lock()
+			ok, ch := t.done[i], t.changed
+			t.mu.Unlock()
+			if ok {
+				break
+			}
+			select {
+			case <-ch:
+			case err := <-fillDone:
+				fillDone <- err // run reads it again
+				if err != nil {
+					return err
+				}
+				if !t.Has(i) {
+					return fmt.Errorf("task: collector finished without piece %d", i)
+				}
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		off, n := t.plan.Range(i)
+		if _, err := io.CopyBuffer(h, io.NewSectionReader(t.partial, off, n), bp); err != nil {
+			return fmt.Errorf("task: hash piece %d: %w", i, err)
+		}
+	}
+	got := digest.NewDigest(t.req.Digest.Algorithm(), h)
+	if got != t.req.Digest {
+		return fmt.Errorf("%w: %s hashed to %s", ErrDigestMismatch, t.req.Digest, got)
+	}
+	return t.partial.Commit(got)
+}
+
+func (t *Task) finish(err error) {
+	switch {
+	case err == nil:
+		t.partial.Close()
+	case errors.Is(err, ErrDigestMismatch):
+		if derr := t.partial.Discard(); derr != nil {
+			t.m.log.Warn("discarding mismatched blob", "digest", t.req.Digest, "err", derr)
+		}
+	default:
+		t.partial.Close() // pieces stay to resume
+	}
+	t.mu.Lock()
+	t.err = err
+	t.verified = err == nil
+	t.elapsed = time.Since(t.started)
+	close(t.finished)
+	t.broadcastLocked()
+	t.mu.Unlock()
+	t.m.remove(t)
+	st := t.Stats()
+	t.m.recent.Add(t.req.Digest, st)
+
+	attrs := []any{"digest", t.req.Digest, "repo", t.req.Repo, "registry", t.req.Registry, "size", t.plan.Size, "duration", st.Duration.Round(time.Millisecond)}
+	for _, k := range sortedKeys(st.Sources) {
+		attrs = append(attrs, "from_"+k, st.Sources[k])
+	}
+	switch {
+	case err == nil:
+		t.m.log.Info("blob complete", attrs...)
+	case errors.Is(err, context.Canceled):
+		t.m.log.Info("blob download stopped", attrs...)
+	default:
+		t.m.log.Error("blob download failed", append(attrs, "err", err)...)
+	}
+}
+
+func sortedKeys(m map[string]int64) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+// available is how many bytes from off can be read now: the run of done
+// pieces from off, less the blob's last byte until the digest has matched,
+// so no reader ever receives a whole blob that is not verified.
+func (t *Task) availableLocked(off int64) int64 {
+	if off >= t.plan.Size {
+		return 0
+	}
+	j := t.plan.Index(off)
+	for j < len(t.done) && t.done[j] {
+		j++
+	}
+	end, _ := t.plan.Range(j)
+	if j >= len(t.done) {
+		end = t.plan.Size
+	}
+	if !t.verified && end >= t.plan.Size {
+		end = t.plan.Size - 1
+	}
+	return max(end-off, 0)
+}
+
+// Reader reads the blob as it arrives. It is an io.ReadSeeker, so
+// http.ServeContent can serve it with ranges.
+type Reader struct {
+	t   *Task
+	ctx context.Context
+	f   *os.File
+	off int64
+}
+
+// NewReader returns a reader of the blob; reads block until the bytes have
+// arrived, ctx ends or the task fails. Close it when done.
+func (t *Task) NewReader(ctx context.Context) (*Reader, error) {
+	f, err := t.partial.OpenData()
+	if err != nil {
+		if e := t.Err(); e != nil {
+			return nil, e
+		}
+		return nil, fmt.Errorf("task: open %s: %w", t.req.Digest, err)
+	}
+	r := &Reader{t: t, ctx: ctx, f: f}
+	t.mu.Lock()
+	t.readers[r] = struct{}{}
+	t.mu.Unlock()
+	return r, nil
+}
+
+// Read implements io.Reader.
+func (r *Reader) Read(p []byte) (int, error) {
+	t := r.t
+	for {
+		t.mu.Lock()
+		n, verified, err, ch := t.availableLocked(r.off), t.verified, t.err, t.changed
+		t.mu.Unlock()
+		if n > 0 {
+			if int64(len(p)) > n {
+				p = p[:n]
+			}
+			m, rerr := r.f.ReadAt(p, r.off)
+			t.mu.Lock() // Next reads off
+			r.off += int64(m)
+			t.mu.Unlock()
+			if rerr == io.EOF && m > 0 {
+				rerr = nil
+			}
+			return m, rerr
+		}
+		if err != nil {
+			return 0, err
+		}
+		if verified && r.off >= t.plan.Size {
+			return 0, io.EOF
+		}
+		select {
+		case <-ch:
+		case <-r.ctx.Done():
+			return 0, r.ctx.Err()
+		}
+	}
+}
+
+// Seek implements io.Seeker.
+func (r *Reader) Seek(offset int64, whence int) (int64, error) {
+	switch whence {
+	case io.SeekStart:
+	case io.SeekCurrent:
+		offset += r.off
+	case io.SeekEnd:
+		offset += r.t.plan.Size
+	default:
+		return 0, fmt.Errorf("task: bad whence %d", whence)
+	}
+	if offset < 0 {
+		return 0, fmt.Errorf("task: negative offset")
+	}
+	r.t.mu.Lock()
+	r.off = offset
+	r.t.mu.Unlock()
+	return offset, nil
+}
+
+// Wait blocks until the task finishes and returns its error.
+func (t *Task) Wait(ctx context.Context) error {
+	select {
+	case <-t.finished:
+		return t.Err()
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Close releases the reader.
+func (r *Reader) Close() error {
+	r.t.mu.Lock()
+	delete(r.t.readers, r)
+	r.t.mu.Unlock()
+	return r.f.Close()
+}

@@ -1,0 +1,279 @@
+package task
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/p2p/collector"
+	"github.com/registry-proxy/registry-proxy/piece"
+)
+
+// fakeSource serves ranges of one blob, counting the pieces it sends.
+type fakeSource struct {
+	data    []byte
+	corrupt bool          // flip a byte of every range
+	gate    chan struct{} // when set, each range waits for a token
+	whole   bool          // ignore Range, send everything
+	ranges  atomic.Int64
+	bytes   atomic.Int64
+}
+
+func (f *fakeSource) Blob(ctx context.Context, _, _ string, _ digest.Digest, off, n int64, _ http.Header) (io.ReadCloser, bool, error) {
+	if f.gate != nil {
+		select {
+		case <-f.gate:
+		case <-ctx.Done():
+			return nil, false, ctx.Err()
+		}
+	}
+	f.ranges.Add(1)
+	if f.whole {
+		f.bytes.Add(int64(len(f.data)))
+		return io.NopCloser(bytes.NewReader(f.data)), true, nil
+	}
+	b := append([]byte(nil), f.data[off:off+n]...)
+	if f.corrupt && len(b) > 0 {
+		b[0] ^= 0xff
+	}
+	f.bytes.Add(n)
+	return io.NopCloser(bytes.NewReader(b)), false, nil
+}
+
+func newManager(t *testing.T, src *fakeSource) (*Manager, *blobstore.Store) {
+	t.Helper()
+	st, err := blobstore.Open(context.Background(), t.TempDir(), blobstore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := collector.New(collector.Options{Concurrency: 4, Attempts: 2})
+	m := NewManager(Options{
+		Store: st,
+		Size:  func(context.Context, Request) (int64, error) { return int64(len(src.data)), nil },
+		Fill: func(ctx context.Context, job collector.Job, req Request) error {
+			return c.Collect(ctx, job, collector.NewUpstreamParent(src, req.Registry, req.Repo, req.Digest, req.Header))
+		},
+	})
+	t.Cleanup(m.Close)
+	return m, st
+}
+
+func blob(t *testing.T, n int) ([]byte, digest.Digest) {
+	b := make([]byte, n)
+	rand.Read(b)
+	return b, digest.FromBytes(b)
+}
+
+func TestConcurrentReadersShareOneDownload(t *testing.T) {
+	data, d := blob(t, int(piece.MinSize)*3+7)
+	src := &fakeSource{data: data}
+	m, st := newManager(t, src)
+	ctx := context.Background()
+
+	const clients = 50
+	var wg sync.WaitGroup
+	errs := make(chan error, clients)
+	for i := 0; i < clients; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tk, err := m.Open(ctx, Request{Digest: d})
+			if errors.Is(err, ErrComplete) {
+				b, err := st.Get(d)
+				if err != nil {
+					errs <- err
+					return
+				}
+				defer b.Close()
+				v := d.Verifier()
+				io.Copy(v, b)
+				if !v.Verified() {
+					errs <- errors.New("stored blob differs")
+				}
+				return
+			}
+			if err != nil {
+				errs <- err
+				return
+			}
+			r, err := tk.NewReader(ctx)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer r.Close()
+			v := d.Verifier()
+			n, err := io.CopyBuffer(v, r, make([]byte, 1<<20))
+			if err != nil {
+				errs <- err
+				return
+			}
+			if n != int64(len(data)) || !v.Verified() {
+				errs <- errors.New("streamed blob differs")
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if got, want := src.ranges.Load(), int64(piece.PlanFor(int64(len(data))).Count()); got != want {
+		t.Errorf("upstream served %d ranges, want exactly %d", got, want)
+	}
+	if _, err := st.Stat(d); err != nil {
+		t.Errorf("blob not committed: %v", err)
+	}
+}
+
+func TestMismatchIsNeverServedOrStored(t *testing.T) {
+	tests := []struct {
+		name string
+		src  func(data []byte) *fakeSource
+	}{
+		{"corrupt ranges", func(data []byte) *fakeSource { return &fakeSource{data: data, corrupt: true} }},
+		{"whole blob of other bytes", func(data []byte) *fakeSource {
+			other := append([]byte(nil), data...)
+			other[len(other)-1] ^= 1
+			return &fakeSource{data: other, whole: true}
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			data, d := blob(t, int(piece.MinSize)+100)
+			m, st := newManager(t, tt.src(data))
+			tk, err := m.Open(context.Background(), Request{Digest: d})
+			if err != nil {
+				t.Fatal(err)
+			}
+			r, err := tk.NewReader(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer r.Close()
+			got, err := io.ReadAll(r)
+			if !errors.Is(err, ErrDigestMismatch) {
+				t.Fatalf("read error %v, want ErrDigestMismatch", err)
+			}
+			if len(got) >= len(data) {
+				t.Fatalf("reader got all %d bytes of a bad blob", len(got))
+			}
+			if _, err := st.Stat(d); !errors.Is(err, blobstore.ErrNotFound) {
+				t.Fatalf("bad blob stored: %v", err)
+			}
+			if s, ok := m.Stats(d); !ok || s.State != "failed" {
+				t.Fatalf("stats %+v", s)
+			}
+		})
+	}
+}
+
+func TestWholeBlobFallback(t *testing.T) {
+	data, d := blob(t, int(piece.MinSize)*3)
+	src := &fakeSource{data: data, whole: true}
+	m, st := newManager(t, src)
+	tk, err := m.Open(context.Background(), Request{Digest: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tk.Wait(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Stat(d); err != nil {
+		t.Fatal(err)
+	}
+	// Workers that raced the first whole response may each have opened one,
+	// but no more than the collector's concurrency.
+	if n := src.ranges.Load(); n > 4 {
+		t.Fatalf("%d whole-blob requests", n)
+	}
+}
+
+func TestReaderGetsPrefixBeforeCompletion(t *testing.T) {
+	data, d := blob(t, int(piece.MinSize)*4)
+	src := &fakeSource{data: data, gate: make(chan struct{})}
+	m, _ := newManager(t, src)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	tk, err := m.Open(ctx, Request{Digest: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := tk.NewReader(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	src.gate <- struct{}{} // exactly one piece may arrive
+	buf := make([]byte, 1000)
+	if _, err := io.ReadFull(r, buf); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(buf, data[:1000]) {
+		t.Fatal("prefix differs")
+	}
+	select {
+	case <-tk.Done():
+		t.Fatal("task finished with one piece")
+	default:
+	}
+	close(src.gate)
+	rest, err := io.ReadAll(r)
+	if err != nil || !bytes.Equal(rest, data[1000:]) {
+		t.Fatalf("rest: %v", err)
+	}
+}
+
+func TestRangeReadPrioritised(t *testing.T) {
+	data, d := blob(t, int(piece.MinSize)*8)
+	src := &fakeSource{data: data, gate: make(chan struct{})}
+	m, _ := newManager(t, src)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	tk, err := m.Open(ctx, Request{Digest: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := tk.NewReader(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	off := 6 * piece.MinSize
+	r.Seek(off, io.SeekStart)
+	got := make(chan []byte, 1)
+	go func() {
+		b := make([]byte, 10)
+		io.ReadFull(r, b)
+		got <- b
+	}()
+	// Four workers took pieces 0-3 before the reader arrived; the first
+	// piece picked after the reader's seek must be piece 6.
+	deadline := time.After(5 * time.Second)
+	for {
+		select {
+		case b := <-got:
+			if !bytes.Equal(b, data[off:off+10]) {
+				t.Fatal("range bytes differ")
+			}
+			if src.ranges.Load() > 6 {
+				t.Fatalf("reader waited for %d ranges; piece 6 was not prioritised", src.ranges.Load())
+			}
+			close(src.gate)
+			return
+		case src.gate <- struct{}{}:
+		case <-deadline:
+			t.Fatal("timeout")
+		}
+	}
+}
