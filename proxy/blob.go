@@ -19,7 +19,7 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
 		s.unsupported(w, r)
 		return
 	}
-	name, ok := repo(w, r)
+	name, ok := s.repo(w, r)
 	if !ok {
 		return
 	}

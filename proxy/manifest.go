@@ -15,7 +15,7 @@ func (s *Server) manifest(w http.ResponseWriter, r *http.Request) {
 		s.unsupported(w, r)
 		return
 	}
-	name, ok := repo(w, r)
+	name, ok := s.repo(w, r)
 	if !ok {
 		return
 	}

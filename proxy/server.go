@@ -143,11 +143,15 @@ func (s *Server) unsupported(w http.ResponseWriter, _ *http.Request) {
 	writeError(w, http.StatusMethodNotAllowed, codeUnsupported, "this mirror is read-only")
 }
 
-// repo validates the name in the path.
-func repo(w http.ResponseWriter, r *http.Request) (string, bool) {
+// repo validates the repository name in the path and the registry in ns=.
+func (s *Server) repo(w http.ResponseWriter, r *http.Request) (string, bool) {
 	name := mux.Vars(r)["name"]
 	if len(name) > maxRepoLen || !repoPattern.MatchString(name) {
 		writeError(w, http.StatusBadRequest, codeNameInvalid, "invalid repository name")
+		return "", false
+	}
+	if _, err := s.opts.Upstream.BaseURL(s.registry(r)); err != nil {
+		writeError(w, http.StatusBadRequest, codeNameInvalid, err.Error())
 		return "", false
 	}
 	return name, true

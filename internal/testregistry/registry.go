@@ -38,6 +38,7 @@ type Registry struct {
 
 	srv   *http.Server
 	ln    net.Listener
+	token atomic.Pointer[string]
 	blobs registry.BlobHandler
 	wg    sync.WaitGroup
 
@@ -102,6 +103,10 @@ func (r *Registry) Close() error {
 // storage behind real registries paces each connection.
 func (r *Registry) SetPace(bytesPerSec int64) { r.pace.Store(bytesPerSec) }
 
+// SetToken makes the registry demand "Authorization: Bearer <token>"
+// (empty: no auth), challenging with a token realm at /token that hands it out.
+func (r *Registry) SetToken(token string) { r.token.Store(&token) }
+
 // SetDown makes every request fail with 503 (true) or work again.
 func (r *Registry) SetDown(v bool) { r.down.Store(v) }
 
@@ -147,6 +152,21 @@ func (r *Registry) wrap(next http.Handler) http.Handler {
 			return
 		}
 		path := req.URL.Path
+		if tp := r.token.Load(); tp != nil && *tp != "" {
+			token := *tp
+			if path == "/token" {
+				w.Header().Set("Content-Type", "application/json")
+				fmt.Fprintf(w, `{"token":%q}`, token)
+				return
+			}
+			if req.Header.Get("Authorization") != "Bearer "+token && !strings.HasPrefix(path, "/_objects/") {
+				w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer realm="%s/token",service="testregistry"`, r.URL))
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusUnauthorized)
+				io.WriteString(w, `{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}`)
+				return
+			}
+		}
 		if obj, ok := strings.CutPrefix(path, "/_objects/"); ok && req.Method == http.MethodGet {
 			// The "object store": same bytes, reached through a signed URL.
 			repo, dgst, _ := strings.Cut(obj, "@")

@@ -191,15 +191,36 @@ func (r *run) pick() (int, bool) {
 }
 
 func (r *run) fetch(ctx context.Context, i int) error {
-	ctx, cancel := context.WithTimeout(ctx, r.c.opts.PieceTimeout)
-	defer cancel()
+	ctx, cancel := context.WithCancel(ctx)
+	timer := time.AfterFunc(r.c.opts.PieceTimeout, cancel)
 	off, n := r.job.Plan().Range(i)
 	body, err := r.parent.Fetch(ctx, i, off, n)
+	var whole *ErrWhole
+	if errors.As(err, &whole) {
+		// The whole blob streams for as long as it takes; its reader
+		// releases the request.
+		timer.Stop()
+		whole.Body = &cancelOnClose{ReadCloser: whole.Body, cancel: cancel}
+		return err
+	}
+	defer cancel()
+	defer timer.Stop()
 	if err != nil {
 		return err
 	}
 	defer body.Close()
 	return r.job.Put(i, io.LimitReader(body, n+1), r.parent.ID())
+}
+
+type cancelOnClose struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (c *cancelOnClose) Close() error {
+	err := c.ReadCloser.Close()
+	c.cancel()
+	return err
 }
 
 // streamWhole fills every missing piece from a body that holds the whole blob.
