@@ -1,0 +1,264 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/registry-proxy/registry-proxy/internal/testregistry"
+)
+
+// The image every client pulls: several layers, one of 256 MiB.
+var layerFiles = []int64{64 << 10, 3 << 20, 256 << 20}
+
+const (
+	imageRepo = "library/app"
+	imageTag  = "v1"
+	// mirroredRegistry is the registry name in image references: nothing
+	// resolves it, so only the mirror can serve it.
+	mirroredRegistry = "registry.test.invalid"
+)
+
+var (
+	imageOnce sync.Once
+	imageReg  *testregistry.Registry
+	image     *testregistry.Image
+	imageErr  error
+)
+
+// sharedImage starts one upstream registry holding the test image for all
+// client tests (generating 256 MiB of layers once).
+func sharedImage(t *testing.T) (*testregistry.Registry, *testregistry.Image) {
+	t.Helper()
+	imageOnce.Do(func() {
+		imageReg, imageErr = testregistry.Start(testregistry.Options{})
+		if imageErr != nil {
+			return
+		}
+		image, imageErr = imageReg.PushImage(context.Background(), imageRepo, imageTag, layerFiles, 7)
+	})
+	if imageErr != nil {
+		t.Fatal(imageErr)
+	}
+	return imageReg, image
+}
+
+func imageBytes(img *testregistry.Image) int64 {
+	var n int64
+	for _, l := range img.Layers {
+		n += l.Size
+	}
+	return n
+}
+
+type containerdVersion struct {
+	name   string
+	daemon func(t *testing.T) string
+	ctr    func(t *testing.T) string
+	config func(dir string) string
+}
+
+var containerds = []containerdVersion{
+	{
+		name:   "containerd-1.x",
+		daemon: func(t *testing.T) string { return tool(t, "containerd", "/usr/bin") },
+		ctr:    func(t *testing.T) string { return tool(t, "ctr", "/usr/bin") },
+		config: func(d string) string {
+			return fmt.Sprintf(`version = 2
+root = "%[1]s/root"
+state = "%[1]s/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+[grpc]
+  address = "%[1]s/c.sock"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "%[1]s/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "%[1]s/certs.d"
+`, d)
+		},
+	},
+	{
+		name:   "containerd-2.x",
+		daemon: func(t *testing.T) string { return tool(t, "containerd") },
+		ctr:    func(t *testing.T) string { return tool(t, "ctr") },
+		config: func(d string) string {
+			return fmt.Sprintf(`version = 3
+root = "%[1]s/root"
+state = "%[1]s/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.erofs"]
+[grpc]
+  address = "%[1]s/c.sock"
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "native"
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "%[1]s/certs.d"
+[plugins."io.containerd.transfer.v1.local"]
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "linux/%[2]s"
+    snapshotter = "native"
+`, d, runtime.GOARCH)
+		},
+	},
+}
+
+// containerdEnv is a containerd daemon of the test's own.
+type containerdEnv struct {
+	dir, sock, hosts, ctr string
+}
+
+func startContainerd(t *testing.T, v containerdVersion, mirror string) *containerdEnv {
+	t.Helper()
+	needRoot(t)
+	daemon, ctr := v.daemon(t), v.ctr(t)
+	if v.name == "containerd-2.x" && (daemon == "/usr/bin/containerd" || ctr == "/usr/bin/ctr") {
+		need(t, false, "containerd 2.x and its ctr in .tools/bin (make tools)")
+	}
+	d := shortTemp(t, "rp-ctd-")
+	env := &containerdEnv{dir: d, sock: d + "/c.sock", hosts: d + "/certs.d", ctr: ctr}
+	writeHostsDir(t, env.hosts, mirroredRegistry, mirror)
+	cfg := filepath.Join(d, "config.toml")
+	if err := os.WriteFile(cfg, []byte(v.config(d)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	start(t, daemon, []string{"--config", cfg, "--log-level", "info"})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := run(t, 5*time.Second, ctr, "--address", env.sock, "version"); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("containerd did not come up")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	return env
+}
+
+func (c *containerdEnv) ctrCmd(t *testing.T, args ...string) string {
+	t.Helper()
+	return mustRun(t, 5*time.Minute, c.ctr, append([]string{"--address", c.sock, "--namespace", "rptest"}, args...)...)
+}
+
+// checkUnpacked finds every layer's file, at its size, in the native
+// snapshotter's directories.
+func checkUnpacked(t *testing.T, root string) {
+	t.Helper()
+	want := map[string]int64{}
+	for i, n := range layerFiles {
+		want[fmt.Sprintf("data-%d", 7*1000+i)] = n
+	}
+	filepath.Walk(root, func(p string, fi os.FileInfo, err error) error {
+		if err == nil && !fi.IsDir() {
+			if n, ok := want[fi.Name()]; ok && n == fi.Size() {
+				delete(want, fi.Name())
+			}
+		}
+		return nil
+	})
+	if len(want) > 0 {
+		t.Fatalf("layers not unpacked: %v missing under %s", want, root)
+	}
+}
+
+func TestContainerdPullThroughMirror(t *testing.T) {
+	reg, img := sharedImage(t)
+	for _, v := range containerds {
+		t.Run(v.name, func(t *testing.T) {
+			px := startProxy(t, "", "--upstream", mirroredRegistry+"="+reg.URL)
+			c := startContainerd(t, v, px.Addr)
+			ref := mirroredRegistry + "/" + imageRepo + ":" + imageTag
+			before := reg.BlobBytes()
+
+			c.ctrCmd(t, "images", "pull", "--hosts-dir", c.hosts, "--snapshotter", "native", ref)
+			checkUnpacked(t, c.dir+"/root")
+			cold := reg.BlobBytes() - before
+			// The blobs (layers and config) came through the mirror once.
+			if cold < imageBytes(img) || cold > imageBytes(img)+1<<20 {
+				t.Errorf("cold pull took %d bytes from upstream, want about %d", cold, imageBytes(img))
+			}
+
+			// Warm: remove the image and its content, pull again.
+			c.ctrCmd(t, "images", "rm", "--sync", ref)
+			c.ctrCmd(t, "content", "prune", "references")
+			before = reg.BlobBytes()
+			c.ctrCmd(t, "images", "pull", "--hosts-dir", c.hosts, "--snapshotter", "native", ref)
+			if warm := reg.BlobBytes() - before; warm != 0 {
+				t.Errorf("warm pull took %d blob bytes from upstream, want 0", warm)
+			}
+			if !strings.Contains(c.ctrCmd(t, "images", "ls"), ref) {
+				t.Errorf("image %s not listed", ref)
+			}
+		})
+	}
+}
+
+func TestCrictlPullThroughMirror(t *testing.T) {
+	reg, _ := sharedImage(t)
+	crictl := tool(t, "crictl")
+	for _, v := range containerds {
+		t.Run(v.name, func(t *testing.T) {
+			px := startProxy(t, "", "--upstream", mirroredRegistry+"="+reg.URL)
+			c := startContainerd(t, v, px.Addr)
+			ref := mirroredRegistry + "/" + imageRepo + ":" + imageTag
+			ep := "unix://" + c.sock
+			out := mustRun(t, 5*time.Minute, crictl, "--runtime-endpoint", ep, "--image-endpoint", ep, "--timeout", "4m", "pull", ref)
+			if !strings.Contains(out, "Image is up to date") {
+				t.Fatalf("crictl pull: %s", out)
+			}
+			out = mustRun(t, time.Minute, crictl, "--runtime-endpoint", ep, "--image-endpoint", ep, "images")
+			if !strings.Contains(out, mirroredRegistry+"/"+imageRepo) {
+				t.Fatalf("crictl images: %s", out)
+			}
+			checkUnpacked(t, c.dir+"/root")
+		})
+	}
+}
+
+func TestDockerdPullThroughMirror(t *testing.T) {
+	needRoot(t)
+	reg, img := sharedImage(t)
+	dockerd := tool(t, "dockerd", "/usr/sbin", "/usr/bin")
+	docker := tool(t, "docker", "/usr/bin")
+	// dockerd sends no ns=: the default registry, docker.io, maps to the test
+	// upstream. Docker Hub itself is unreachable, so success means the mirror.
+	px := startProxy(t, "", "--upstream", "docker.io="+reg.URL, "--default-registry", "docker.io")
+	d := shortTemp(t, "rp-dkd-")
+	cfg := filepath.Join(d, "daemon.json")
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`{"registry-mirrors": ["http://%s"]}`, px.Addr)), 0o644)
+	host := "unix://" + d + "/docker.sock"
+	start(t, dockerd, []string{
+		"--config-file", cfg, "--data-root", d + "/data", "--exec-root", d + "/exec", "--pidfile", d + "/docker.pid",
+		"--host", host, "--iptables=false", "--ip6tables=false", "--bridge=none", "--storage-driver", "vfs",
+	})
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if _, err := run(t, 5*time.Second, docker, "--host", host, "version"); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("dockerd did not come up")
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	before := reg.BlobBytes()
+	out := mustRun(t, 5*time.Minute, docker, "--host", host, "pull", "app:"+imageTag)
+	if !strings.Contains(out, img.Digest) {
+		t.Errorf("docker pull output lacks the manifest digest %s:\n%s", img.Digest, out)
+	}
+	if got := reg.BlobBytes() - before; got < imageBytes(img) {
+		t.Errorf("upstream sent %d blob bytes, want at least %d", got, imageBytes(img))
+	}
+	out = mustRun(t, time.Minute, docker, "--host", host, "image", "inspect", "--format", "{{len .RootFS.Layers}}", "app:"+imageTag)
+	if strings.TrimSpace(out) != fmt.Sprint(len(layerFiles)) {
+		t.Errorf("image has %s layers, want %d", out, len(layerFiles))
+	}
+}
