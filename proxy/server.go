@@ -5,7 +5,6 @@ package proxy
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"io"
 	"log/slog"
 	"net/http"
@@ -237,5 +236,3 @@ func (s *Server) logRequests(next http.Handler) http.Handler {
 func isDigestRef(ref string) bool { return strings.Contains(ref, ":") }
 
 func contentLength(n int64) string { return strconv.FormatInt(n, 10) }
-
-var errAborted = errors.New("response aborted")

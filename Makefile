@@ -1,0 +1,57 @@
+# registry-proxy. `make demo` runs the main job, `make test` all tests; both
+# install what they need on a fresh Debian machine.
+
+SHELL   := /bin/bash
+GO      ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X github.com/registry-proxy/registry-proxy/node.Version=$(VERSION)
+TOOLS   := $(CURDIR)/.tools/bin
+PKGS    := ./...
+# Benchmark knobs: size of the blob, repetitions.
+BENCH_SIZE  ?= 1GiB
+BENCH_COUNT ?= 1
+
+.PHONY: all build deps tools demo test unit integration lint vet staticcheck bench fmt clean
+
+all: build
+
+build:
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/registry-proxy ./cmd/registry-proxy
+
+deps:
+	$(GO) mod download
+
+tools: deps
+	./scripts/install-deps.sh
+
+# The main job: an embedded upstream registry, a proxy, an image pulled
+# through it cold and warm, and where every layer's bytes came from.
+demo: deps
+	$(GO) run ./cmd/demo
+
+test: tools lint unit integration
+
+unit:
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /integration)
+
+# Real daemons (containerd 1.x and 2.x, crictl, dockerd) and the binary.
+integration: tools
+	$(GO) test -race -count=1 -timeout 20m -v ./integration/ -tools-dir $(TOOLS)
+
+lint: vet staticcheck
+
+vet:
+	$(GO) vet $(PKGS)
+
+staticcheck: tools
+	$(TOOLS)/staticcheck $(PKGS)
+
+# Mirror figures, side by side with direct pulls from the same upstream.
+bench: tools
+	$(GO) test -run '^$$' -bench . -benchtime 1x -count $(BENCH_COUNT) -timeout 60m ./integration/ -bench-size $(BENCH_SIZE)
+
+fmt:
+	gofmt -w $$(git ls-files '*.go')
+
+clean:
+	rm -rf bin

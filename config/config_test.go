@@ -1,0 +1,77 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+// The documented config.toml must be exactly the built-in defaults.
+func TestDocumentedDefaults(t *testing.T) {
+	c, err := Load("../config.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := Default(); !reflect.DeepEqual(c, want) {
+		t.Fatalf("config.toml differs from Default():\n got %+v\nwant %+v", c, want)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestLoadErrors(t *testing.T) {
+	tests := []struct {
+		name, body, want string
+	}{
+		{"unknown key", "listn = \"x\"\n", "unknown keys: listn"},
+		{"bad size", "[store]\nhigh_water = \"lots\"\n", "byte count"},
+		{"bad duration", "[pieces]\ntimeout = \"soon\"\n", "timeout"},
+		{"bad syntax", "listen = \n", "config"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "c.toml")
+			os.WriteFile(p, []byte(tt.body), 0o644)
+			_, err := Load(p)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("Load = %v, want error containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestValidate(t *testing.T) {
+	tests := []struct {
+		name string
+		mut  func(*Config)
+		want string
+	}{
+		{"log level", func(c *Config) { c.Log.Level = "loud" }, "log.level"},
+		{"log format", func(c *Config) { c.Log.Format = "xml" }, "log.format"},
+		{"registry url", func(c *Config) { c.Upstream.Registries["x"] = "ftp://x" }, "upstream.registries.x"},
+		{"concurrency", func(c *Config) { c.Pieces.Concurrency = 0 }, "pieces.concurrency"},
+		{"watermarks", func(c *Config) { c.Store.HighWater, c.Store.LowWater = 10, 20 }, "low_water"},
+		{"timeout", func(c *Config) { c.Pieces.Timeout = 0 }, "pieces.timeout"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := Default()
+			tt.mut(&c)
+			if err := c.Validate(); err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("Validate = %v, want %q", err, tt.want)
+			}
+		})
+	}
+	c := Default()
+	if err := c.SetUpstream("a.example=http://127.0.0.1:1"); err != nil || c.Upstream.Registries["a.example"] != "http://127.0.0.1:1" {
+		t.Fatal(err)
+	}
+	for _, bad := range []string{"noequals", "=http://x", "x=notaurl"} {
+		if err := c.SetUpstream(bad); err == nil {
+			t.Errorf("SetUpstream(%q) accepted", bad)
+		}
+	}
+}
