@@ -116,6 +116,9 @@ func (p *Partial) open(ctx context.Context) error {
 	if err := p.data.Truncate(p.plan.Size); err != nil {
 		return fmt.Errorf("blobstore: size partial data: %w", err)
 	}
+	if err := allocate(p.data, p.plan.Size); err != nil {
+		return fmt.Errorf("blobstore: reserve %d bytes for %s: %w", p.plan.Size, p.digest, err)
+	}
 	if err := p.records.Truncate(int64(n * recordSize)); err != nil {
 		return fmt.Errorf("blobstore: size piece records: %w", err)
 	}

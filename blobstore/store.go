@@ -67,9 +67,9 @@ type Store struct {
 
 	mu       sync.Mutex
 	lru      *simplelru.LRU[digest.Digest, *entry] // complete blobs, least recently used first
-	total    int64                                  // bytes of complete blobs
-	inUse    map[digest.Digest]int                  // open readers per complete blob
-	partials map[digest.Digest]*Partial             // partial blobs open for writing
+	total    int64                                 // bytes of complete blobs
+	inUse    map[digest.Digest]int                 // open readers per complete blob
+	partials map[digest.Digest]*Partial            // partial blobs open for writing
 }
 
 // Open opens (creating if needed) the store at root and loads the index of

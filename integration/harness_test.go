@@ -56,7 +56,7 @@ func TestMain(m *testing.M) {
 func inCI() bool { return os.Getenv("CI") == "true" }
 
 // need skips (outside CI) or fails (in CI) when a requirement is missing.
-func need(t *testing.T, ok bool, why string) {
+func need(t testing.TB, ok bool, why string) {
 	t.Helper()
 	if ok {
 		return
@@ -67,10 +67,10 @@ func need(t *testing.T, ok bool, why string) {
 	t.Skipf("skipped: %s (runs under CI=true; `make test` installs it)", why)
 }
 
-func needRoot(t *testing.T) { need(t, os.Geteuid() == 0, "needs root") }
+func needRoot(t testing.TB) { need(t, os.Geteuid() == 0, "needs root") }
 
 // tool finds an executable: the tools dir first, then PATH.
-func tool(t *testing.T, name string, paths ...string) string {
+func tool(t testing.TB, name string, paths ...string) string {
 	t.Helper()
 	dirs := append([]string{}, paths...)
 	if *toolsDir != "" {
@@ -91,7 +91,7 @@ func tool(t *testing.T, name string, paths ...string) string {
 
 // shortTemp returns a fresh directory with a short path: unix sockets must
 // fit in 108 bytes.
-func shortTemp(t *testing.T, prefix string) string {
+func shortTemp(t testing.TB, prefix string) string {
 	t.Helper()
 	d, err := os.MkdirTemp("/tmp", prefix)
 	if err != nil {
@@ -127,7 +127,7 @@ func (p *proc) output() string {
 
 // start runs a daemon; at cleanup it gets SIGTERM, then SIGKILL, and its
 // output goes to the test log if the test failed.
-func start(t *testing.T, name string, args []string, env ...string) *proc {
+func start(t testing.TB, name string, args []string, env ...string) *proc {
 	t.Helper()
 	p := &proc{done: make(chan struct{})}
 	p.cmd = exec.Command(name, args...)
@@ -173,7 +173,7 @@ func tail(s string, n int) string {
 }
 
 // run runs a command to completion with a timeout and returns its output.
-func run(t *testing.T, timeout time.Duration, name string, args ...string) (string, error) {
+func run(t testing.TB, timeout time.Duration, name string, args ...string) (string, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
@@ -181,7 +181,7 @@ func run(t *testing.T, timeout time.Duration, name string, args ...string) (stri
 	return string(out), err
 }
 
-func mustRun(t *testing.T, timeout time.Duration, name string, args ...string) string {
+func mustRun(t testing.TB, timeout time.Duration, name string, args ...string) string {
 	t.Helper()
 	out, err := run(t, timeout, name, args...)
 	if err != nil {
@@ -199,7 +199,7 @@ type proxy struct {
 
 // startProxy runs the binary with --listen 127.0.0.1:0 and waits for the
 // address it logs.
-func startProxy(t *testing.T, dataDir string, args ...string) *proxy {
+func startProxy(t testing.TB, dataDir string, args ...string) *proxy {
 	t.Helper()
 	if dataDir == "" {
 		dataDir = t.TempDir()
@@ -264,7 +264,7 @@ func (p *proxy) stopProxy() {
 }
 
 // startRegistry starts the upstream registry for a test.
-func startRegistry(t *testing.T) *testregistry.Registry {
+func startRegistry(t testing.TB) *testregistry.Registry {
 	t.Helper()
 	reg, err := testregistry.Start(testregistry.Options{})
 	if err != nil {
@@ -277,7 +277,7 @@ func startRegistry(t *testing.T) *testregistry.Registry {
 // writeHostsDir writes a containerd hosts directory for registry whose
 // server nothing listens on and whose only host is the mirror, so a pull can
 // only succeed through it.
-func writeHostsDir(t *testing.T, dir, registry, mirror string) {
+func writeHostsDir(t testing.TB, dir, registry, mirror string) {
 	t.Helper()
 	d := filepath.Join(dir, registry)
 	if err := os.MkdirAll(d, 0o755); err != nil {

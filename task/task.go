@@ -491,6 +491,47 @@ func (r *Reader) Read(p []byte) (int, error) {
 	}
 }
 
+// WriteTo copies the rest of the blob to w as it arrives. Each run of
+// available bytes goes out with one copy from the file, which the kernel does
+// with sendfile when w is a TCP connection (an http.ResponseWriter is).
+func (r *Reader) WriteTo(w io.Writer) (int64, error) {
+	t := r.t
+	var total int64
+	for {
+		t.mu.Lock()
+		n, verified, err, ch := t.availableLocked(r.off), t.verified, t.err, t.changed
+		t.mu.Unlock()
+		if n > 0 {
+			if _, serr := r.f.Seek(r.off, io.SeekStart); serr != nil {
+				return total, serr
+			}
+			m, werr := io.Copy(w, &io.LimitedReader{R: r.f, N: n})
+			total += m
+			t.mu.Lock()
+			r.off += m
+			t.mu.Unlock()
+			if werr != nil {
+				return total, werr
+			}
+			if m < n {
+				return total, io.ErrUnexpectedEOF
+			}
+			continue
+		}
+		if err != nil {
+			return total, err
+		}
+		if verified && r.off >= t.plan.Size {
+			return total, nil
+		}
+		select {
+		case <-ch:
+		case <-r.ctx.Done():
+			return total, r.ctx.Err()
+		}
+	}
+}
+
 // Seek implements io.Seeker.
 func (r *Reader) Seek(offset int64, whence int) (int64, error) {
 	switch whence {
