@@ -4,7 +4,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"strconv"
@@ -15,39 +14,19 @@ import (
 	"github.com/docker/go-units"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/registry-proxy/registry-proxy/internal/fetch"
 	"github.com/registry-proxy/registry-proxy/internal/testregistry"
 )
 
 var benchSize = flag.String("bench-size", "1GiB", "blob size for BenchmarkMirror")
 
-// pull is one timed blob download, verified against its digest as a client
-// such as containerd does.
-type pull struct {
-	total, ttfb time.Duration
-	bytes       int64
-}
-
-func timedPull(tb testing.TB, url string, d digest.Digest) pull {
+func timedPull(tb testing.TB, url string, d digest.Digest) fetch.Result {
 	tb.Helper()
-	start := time.Now()
-	resp, err := http.Get(url)
+	r, err := fetch.Blob(context.Background(), http.DefaultClient, url, d)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		tb.Fatalf("GET %s: %s", url, resp.Status)
-	}
-	v := d.Verifier()
-	buf := make([]byte, 1<<20)
-	n, err := resp.Body.Read(buf)
-	ttfb := time.Since(start)
-	v.Write(buf[:n])
-	rest, err2 := io.CopyBuffer(v, resp.Body, buf)
-	if (err != nil && err != io.EOF) || err2 != nil || !v.Verified() {
-		tb.Fatalf("GET %s: %v %v verified=%v", url, err, err2, v.Verified())
-	}
-	return pull{total: time.Since(start), ttfb: ttfb, bytes: int64(n) + rest}
+	return r
 }
 
 // procStatus reads a field of /proc/<pid>/status in KiB.
@@ -112,18 +91,18 @@ func BenchmarkMirror(b *testing.B) {
 		wFast := timedPull(b, via(px2), d)
 		px2.stopProxy()
 
-		pacedX += dPaced.total.Seconds() / cPaced.total.Seconds()
-		coldX += dFast.total.Seconds() / cFast.total.Seconds()
-		warmX += dFast.total.Seconds() / wFast.total.Seconds()
+		pacedX += dPaced.Total.Seconds() / cPaced.Total.Seconds()
+		coldX += dFast.Total.Seconds() / cFast.Total.Seconds()
+		warmX += dFast.Total.Seconds() / wFast.Total.Seconds()
 		rssMiB += float64(hwm-rss0) / 1024
-		ttfbMs += float64(cPaced.ttfb.Microseconds()) / 1000
-		coldMBps += mbps(size, cFast.total)
-		warmMBps += mbps(size, wFast.total)
-		directMBps += mbps(size, dFast.total)
+		ttfbMs += float64(cPaced.TTFB.Microseconds()) / 1000
+		coldMBps += mbps(size, cFast.Total)
+		warmMBps += mbps(size, wFast.Total)
+		directMBps += mbps(size, dFast.Total)
 		b.Logf("size %s | paced 50MB/s/conn: direct %.2fs, proxy cold %.2fs (ttfb %v) | unpaced: direct %.2fs (%.0f MB/s), proxy cold %.2fs (%.0f MB/s, ttfb %v), proxy warm %.2fs (%.0f MB/s) | proxy RSS %d KiB -> peak %d KiB",
-			units.BytesSize(float64(size)), dPaced.total.Seconds(), cPaced.total.Seconds(), cPaced.ttfb.Round(time.Millisecond),
-			dFast.total.Seconds(), mbps(size, dFast.total), cFast.total.Seconds(), mbps(size, cFast.total), cFast.ttfb.Round(time.Millisecond),
-			wFast.total.Seconds(), mbps(size, wFast.total), rss0, hwm)
+			units.BytesSize(float64(size)), dPaced.Total.Seconds(), cPaced.Total.Seconds(), cPaced.TTFB.Round(time.Millisecond),
+			dFast.Total.Seconds(), mbps(size, dFast.Total), cFast.Total.Seconds(), mbps(size, cFast.Total), cFast.TTFB.Round(time.Millisecond),
+			wFast.Total.Seconds(), mbps(size, wFast.Total), rss0, hwm)
 	}
 	n := float64(b.N)
 	b.ReportMetric(pacedX/n, "paced-cold/direct")

@@ -1,0 +1,186 @@
+// Package demo shows registry-proxy at work on one machine: an embedded
+// upstream registry paced like object storage, a registry-proxy node, and an
+// image pulled through it the way containerd pulls, cold and then warm, with
+// where every layer's bytes came from.
+package demo
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"text/tabwriter"
+	"time"
+
+	"github.com/docker/go-units"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/config"
+	"github.com/registry-proxy/registry-proxy/internal/fetch"
+	"github.com/registry-proxy/registry-proxy/internal/testregistry"
+	"github.com/registry-proxy/registry-proxy/node"
+	"github.com/registry-proxy/registry-proxy/task"
+)
+
+// Options configure a demo run.
+type Options struct {
+	Layers  []int64 // layer file sizes
+	PaceBps int64   // upstream bytes/s per connection, 0 for none
+	Out     io.Writer
+	Logger  *slog.Logger
+}
+
+const registryName = "registry.demo.invalid"
+
+// Run runs the demo.
+func Run(ctx context.Context, o Options) error {
+	out := o.Out
+	reg, err := testregistry.Start(testregistry.Options{})
+	if err != nil {
+		return err
+	}
+	defer reg.Close()
+	fmt.Fprintf(out, "upstream registry  %s (in memory, paced to %s/s per connection)\n", reg.URL, units.HumanSize(float64(o.PaceBps)))
+	img, err := reg.PushImage(ctx, "demo/app", "v1", o.Layers, 42)
+	if err != nil {
+		return err
+	}
+	var total int64
+	for _, l := range img.Layers {
+		total += l.Size
+	}
+	fmt.Fprintf(out, "image              %s/demo/app:v1  %s  %d layers, %s\n", registryName, img.Digest[:19], len(img.Layers), units.HumanSize(float64(total)))
+	reg.SetPace(o.PaceBps)
+
+	dir, err := os.MkdirTemp("", "registry-proxy-demo-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	cfg := config.Default()
+	cfg.Listen = "127.0.0.1:0"
+	cfg.DataDir = dir
+	cfg.Upstream.Registries = map[string]string{registryName: reg.URL}
+	n, err := node.Start(ctx, cfg, o.Logger)
+	if err != nil {
+		return err
+	}
+	defer n.Shutdown(context.Background())
+	fmt.Fprintf(out, "registry-proxy     http://%s  (data in %s)\n\n", n.Addr(), dir)
+
+	mirror := "http://" + n.Addr()
+	for _, round := range []struct{ name, base, ns string }{
+		{"direct from upstream (no mirror)", reg.URL, ""},
+		{"through registry-proxy, cold", mirror, "?ns=" + registryName},
+		{"through registry-proxy, warm", mirror, "?ns=" + registryName},
+	} {
+		reg.ResetCounters()
+		res, took, err := pull(ctx, round.base, round.ns, img)
+		if err != nil {
+			return fmt.Errorf("%s: %w", round.name, err)
+		}
+		fmt.Fprintf(out, "== %s: %s in %v (%.0f MB/s), upstream sent %s of blobs\n", round.name,
+			units.HumanSize(float64(total)), took.Round(time.Millisecond), float64(total)/took.Seconds()/1e6, units.HumanSize(float64(reg.BlobBytes())))
+		tw := tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "layer\tsize\ttime\tMB/s\tfirst byte\tserved from\tbytes by source")
+		for _, r := range res {
+			src, bySource := "upstream", "-"
+			if round.ns != "" {
+				src = r.source
+				bySource = "local disk"
+				if src != "cache" {
+					bySource = sources(ctx, mirror, r.digest)
+				}
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%v\t%.0f\t%v\t%s\t%s\n", r.digest.Encoded()[:12], units.HumanSize(float64(r.size)),
+				r.took.Round(time.Millisecond), float64(r.size)/r.took.Seconds()/1e6, r.ttfb.Round(time.Millisecond), src, bySource)
+		}
+		tw.Flush()
+		fmt.Fprintln(out)
+	}
+	fmt.Fprintln(out, "served from: fetch = downloaded in pieces now and streamed while arriving; cache = complete, verified blob on disk.")
+	return nil
+}
+
+type layerResult struct {
+	digest     digest.Digest
+	size       int64
+	took, ttfb time.Duration
+	source     string
+}
+
+// pull fetches the image as containerd does: resolve the tag with HEAD, the
+// manifest by digest, then config and layers, three at a time, each checked
+// against its digest.
+func pull(ctx context.Context, base, ns string, img *testregistry.Image) ([]layerResult, time.Duration, error) {
+	start := time.Now()
+	accept := "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*"
+	req, _ := http.NewRequestWithContext(ctx, http.MethodHead, base+"/v2/demo/app/manifests/v1"+ns, nil)
+	req.Header.Set("Accept", accept)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, 0, err
+	}
+	resp.Body.Close()
+	if got := resp.Header.Get("Docker-Content-Digest"); got != img.Digest {
+		return nil, 0, fmt.Errorf("resolve: status %s, digest %q", resp.Status, got)
+	}
+	if _, err := fetch.Blob(ctx, http.DefaultClient, base+"/v2/demo/app/manifests/"+img.Digest+ns, digest.Digest(img.Digest)); err != nil {
+		return nil, 0, err
+	}
+	if _, err := fetch.Blob(ctx, http.DefaultClient, base+"/v2/demo/app/blobs/"+img.Config+ns, digest.Digest(img.Config)); err != nil {
+		return nil, 0, err
+	}
+	res := make([]layerResult, len(img.Layers))
+	errs := make([]error, len(img.Layers))
+	sem := make(chan struct{}, 3)
+	var wg sync.WaitGroup
+	for i, l := range img.Layers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			d := digest.Digest(l.Digest)
+			r, err := fetch.Blob(ctx, http.DefaultClient, base+"/v2/demo/app/blobs/"+l.Digest+ns, d)
+			res[i] = layerResult{digest: d, size: l.Size, took: r.Total, ttfb: r.TTFB, source: r.Source}
+			errs[i] = err
+		}()
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return nil, 0, err
+		}
+	}
+	return res, time.Since(start), nil
+}
+
+// sources asks the mirror where a blob's bytes came from.
+func sources(ctx context.Context, mirror string, d digest.Digest) string {
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, mirror+"/debug/blobs/"+d.String(), nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "?"
+	}
+	defer resp.Body.Close()
+	var st task.Stats
+	if json.NewDecoder(resp.Body).Decode(&st) != nil {
+		return "?"
+	}
+	if len(st.Sources) == 0 {
+		return "(" + st.State + ")"
+	}
+	var parts []string
+	for k, v := range st.Sources {
+		parts = append(parts, fmt.Sprintf("%s=%s", k, units.HumanSize(float64(v))))
+	}
+	sort.Strings(parts)
+	return strings.Join(parts, " ")
+}
