@@ -362,6 +362,12 @@ func (t *Task) verify(ctx context.Context, fillDone chan error) error {
 	if got != t.req.Digest {
 		return fmt.Errorf("%w: %s hashed to %s", ErrDigestMismatch, t.req.Digest, got)
 	}
+	// The bytes are verified: readers may finish while the commit syncs
+	// them to disk.
+	t.mu.Lock()
+	t.verified = true
+	t.broadcastLocked()
+	t.mu.Unlock()
 	return t.partial.Commit(got)
 }
 
@@ -378,7 +384,6 @@ func (t *Task) finish(err error) {
 	}
 	t.mu.Lock()
 	t.err = err
-	t.verified = err == nil
 	t.elapsed = time.Since(t.started)
 	close(t.finished)
 	t.broadcastLocked()
@@ -477,11 +482,11 @@ func (r *Reader) Read(p []byte) (int, error) {
 			}
 			return m, rerr
 		}
-		if err != nil {
-			return 0, err
-		}
 		if verified && r.off >= t.plan.Size {
 			return 0, io.EOF
+		}
+		if err != nil {
+			return 0, err
 		}
 		select {
 		case <-ch:
@@ -518,11 +523,11 @@ func (r *Reader) WriteTo(w io.Writer) (int64, error) {
 			}
 			continue
 		}
-		if err != nil {
-			return total, err
-		}
 		if verified && r.off >= t.plan.Size {
 			return total, nil
+		}
+		if err != nil {
+			return total, err
 		}
 		select {
 		case <-ch:

@@ -112,9 +112,11 @@ func New(opts Options) (*Client, error) {
 			dial = (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext
 		}
 		rt = &http.Transport{
-			Proxy:                 http.ProxyFromEnvironment,
-			DialContext:           dial,
-			ForceAttemptHTTP2:     true,
+			Proxy:       http.ProxyFromEnvironment,
+			DialContext: dial,
+			// HTTP/1.1: parallel pieces get connections of their own, as
+			// object storage paces each connection.
+			ForceAttemptHTTP2:     false,
 			MaxIdleConns:          256,
 			MaxIdleConnsPerHost:   64,
 			IdleConnTimeout:       90 * time.Second,
