@@ -2,12 +2,14 @@ package integration
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"net/http"
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -45,6 +47,25 @@ func procStatus(tb testing.TB, pid int, field string) int64 {
 	return 0
 }
 
+// waitComplete waits until the proxy has committed blob d.
+func waitComplete(tb testing.TB, p *proxy, d digest.Digest) {
+	tb.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) {
+		resp, err := http.Get("http://" + p.Addr + "/debug/blobs/" + d.String())
+		if err == nil {
+			var st struct{ State string }
+			json.NewDecoder(resp.Body).Decode(&st)
+			resp.Body.Close()
+			if st.State == "complete" || st.State == "cached" {
+				return
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	tb.Fatalf("blob %s not committed within a minute", d)
+}
+
 func mbps(bytes int64, d time.Duration) float64 { return float64(bytes) / d.Seconds() / 1e6 }
 
 // BenchmarkMirror measures one blob through the proxy binary and straight
@@ -74,20 +95,33 @@ func BenchmarkMirror(b *testing.B) {
 	via := func(p *proxy) string { return "http://" + p.Addr + "/v2/bench/blob/blobs/" + ds + "?ns=bench.invalid" }
 	args := []string{"--upstream", "bench.invalid=" + reg.URL, "--log-level", "info"}
 
+	// Each measurement starts on a quiet disk: the previous one's dirty
+	// pages written back, its commit done.
+	quiesce := func(p *proxy) {
+		if p != nil {
+			waitComplete(b, p, d)
+		}
+		syscall.Sync()
+	}
 	var pacedX, coldX, warmX, rssMiB, ttfbMs, coldMBps, warmMBps, directMBps float64
 	for i := 0; i < b.N; i++ {
 		reg.SetPace(50e6)
+		quiesce(nil)
 		dPaced := timedPull(b, direct, d)
 		px := startProxy(b, b.TempDir(), args...)
 		rss0 := procStatus(b, px.cmd.Process.Pid, "VmRSS")
 		cPaced := timedPull(b, via(px), d)
 		hwm := procStatus(b, px.cmd.Process.Pid, "VmHWM")
+		quiesce(px)
 		px.stopProxy()
 
 		reg.SetPace(0)
+		quiesce(nil)
 		dFast := timedPull(b, direct, d)
 		px2 := startProxy(b, b.TempDir(), args...)
+		quiesce(nil)
 		cFast := timedPull(b, via(px2), d)
+		quiesce(px2)
 		wFast := timedPull(b, via(px2), d)
 		px2.stopProxy()
 

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/gorilla/mux"
@@ -65,7 +67,15 @@ func (s *Server) serveStored(w http.ResponseWriter, r *http.Request, d digest.Di
 	}
 	defer b.Close()
 	w.Header().Set("X-Registry-Proxy-Source", "cache")
-	http.ServeContent(w, r, "", time.Time{}, b.File)
+	if r.Header.Get("Range") != "" || r.Header.Get("If-None-Match") != "" {
+		http.ServeContent(w, r, "", time.Time{}, b.File)
+		return true
+	}
+	w.Header().Set("Content-Length", contentLength(b.Size))
+	w.WriteHeader(http.StatusOK)
+	if _, err := copyOut(w, r, b.File); err != nil && r.Context().Err() == nil {
+		s.log.Warn("sending blob", "digest", d, "err", err)
+	}
 	return true
 }
 
@@ -91,7 +101,7 @@ func (s *Server) serveTask(w http.ResponseWriter, r *http.Request, t *task.Task)
 		// The whole blob, the common case: stream it with sendfile.
 		w.Header().Set("Content-Length", contentLength(t.Size()))
 		w.WriteHeader(http.StatusOK)
-		_, err2 = rd.WriteTo(w)
+		_, err2 = copyOut(w, r, rd)
 	} else {
 		er := &errReader{r: rd}
 		http.ServeContent(w, r, "", time.Time{}, er)
@@ -112,6 +122,22 @@ func (s *Server) writeTaskError(w http.ResponseWriter, r *http.Request, t *task.
 		return
 	}
 	s.writeUpstreamError(w, r, err, codeBlobUnknown)
+}
+
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
+
+// copyOut sends a blob body. To a remote peer the kernel's sendfile sends
+// it; to a client on loopback (the node's own containerd or dockerd) a
+// plain copy through a large buffer is faster, as loopback moves sendfile's
+// page fragments at about half the speed of large writes.
+func copyOut(w http.ResponseWriter, r *http.Request, src io.Reader) (int64, error) {
+	host, _, _ := net.SplitHostPort(r.RemoteAddr)
+	if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
+		return io.Copy(w, src)
+	}
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	return io.CopyBuffer(struct{ io.Writer }{w}, struct{ io.Reader }{src}, *bp)
 }
 
 // errReader remembers the error that ended a read, which ServeContent drops.
