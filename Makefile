@@ -11,7 +11,7 @@ PKGS    := ./...
 BENCH_SIZE  ?= 1GiB
 BENCH_COUNT ?= 1
 
-.PHONY: all build deps tools demo test unit integration lint vet staticcheck bench fmt clean
+.PHONY: all build deps tools demo test unit integration lint vet staticcheck bench fmt clean proto
 
 all: build
 
@@ -49,6 +49,14 @@ staticcheck: tools
 # Mirror figures, side by side with direct pulls from the same upstream.
 bench: tools
 	$(GO) test -run '^$$' -bench . -benchtime 1x -count $(BENCH_COUNT) -timeout 60m ./integration/ -bench-size $(BENCH_SIZE)
+
+# Regenerates p2p/pb from p2p/pb/p2p.proto (the generated code is committed).
+proto:
+	command -v protoc >/dev/null || (apt-get update -qq && apt-get install -y -qq protobuf-compiler)
+	GOBIN=$(TOOLS) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+	GOBIN=$(TOOLS) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.0
+	PATH=$(TOOLS):$$PATH protoc --go_out=. --go_opt=paths=source_relative \
+		--go-grpc_out=. --go-grpc_opt=paths=source_relative p2p/pb/p2p.proto
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')
