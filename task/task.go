@@ -247,10 +247,13 @@ func (t *Task) Has(i int) bool {
 }
 
 // Put implements collector.Job.
-func (t *Task) Put(i int, r io.Reader, source string) error {
+func (t *Task) Put(i int, r io.Reader, source string, want collector.Expect) error {
 	crc, err := t.partial.WritePiece(i, r)
 	if err != nil {
 		return err
+	}
+	if want.Known && crc != want.CRC {
+		return fmt.Errorf("%w: piece %d from %s: got %08x, announced %08x", collector.ErrChecksum, i, source, crc, want.CRC)
 	}
 	fresh, err := t.partial.MarkDone(i, crc)
 	if err != nil || !fresh {

@@ -1,19 +1,34 @@
 // Package collector fetches the pieces of a blob from its parents: the peers
 // that have them and, as the parent of last resort, the upstream registry.
+//
+// Each parent has a queue of the pieces it announced. In "state" mode a
+// parent is chosen by weighted random choice on its host state (spare upload
+// bandwidth with a floor, lowered by uploads in flight and a busy disk), and
+// from its queue the best piece in the window ahead of the readers: one that
+// no other node is fetching, then the rarest. In "fcfs" mode each piece, in
+// order, goes to the first parent that announced it. A parent that fails or
+// sends bad bytes is blocked for a while and the piece is tried elsewhere.
 package collector
 
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"sync"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/piece"
+)
+
+// Selector names.
+const (
+	SelectorState = "state"
+	SelectorFCFS  = "fcfs"
 )
 
 // ErrWhole is returned by a parent that answered a piece request with the
@@ -22,8 +37,21 @@ type ErrWhole struct{ Body io.ReadCloser }
 
 func (e *ErrWhole) Error() string { return "collector: parent sent the whole blob" }
 
-// ErrExhausted means a piece failed on every attempt.
-var ErrExhausted = errors.New("collector: piece failed on every attempt")
+var (
+	// ErrExhausted means a piece failed on every attempt.
+	ErrExhausted = errors.New("collector: piece failed on every attempt")
+	// ErrChecksum means a piece's bytes do not match the checksum its parent
+	// announced.
+	ErrChecksum = errors.New("collector: piece checksum mismatch")
+	// ErrNoParent means pieces are missing and no parent may send them.
+	ErrNoParent = errors.New("collector: no parent for the missing pieces")
+)
+
+// Expect is the checksum a parent announced for a piece, if any.
+type Expect struct {
+	CRC   uint32
+	Known bool
+}
 
 // Job is the blob being filled, as the collector sees it.
 type Job interface {
@@ -31,9 +59,9 @@ type Job interface {
 	Plan() piece.Plan
 	// Has reports whether piece i is done.
 	Has(i int) bool
-	// Put writes piece i from r, checks it and marks it done. source names
-	// the parent, for accounting.
-	Put(i int, r io.Reader, source string) error
+	// Put writes piece i from r, checks it (against want when known) and
+	// marks it done. source names the parent, for accounting.
+	Put(i int, r io.Reader, source string, want Expect) error
 	// Next is the piece a reader waits for, or -1 when no reader waits.
 	Next() int
 }
@@ -51,16 +79,28 @@ type Options struct {
 	Concurrency int
 	// PieceTimeout bounds one piece fetch.
 	PieceTimeout time.Duration
-	// Attempts is how often one piece is tried before the job fails.
+	// Attempts is how often one piece may fail from the upstream before the
+	// job fails. Failures from peers block the peer instead.
 	Attempts int
-	Logger   *slog.Logger
+	// Selector is SelectorState (default) or SelectorFCFS.
+	Selector string
+	// State returns a parent's host state; ok false when unknown.
+	State func(parentID string) (st *pb.HostState, ok bool)
+	// BlockFor is how long a failing parent gets no pieces.
+	BlockFor time.Duration
+	// Window is how many missing pieces ahead of the readers are candidates.
+	Window int
+	// Now is the clock; Rand the random source (tests make both fixed).
+	Now    func() time.Time
+	Rand   *rand.Rand
+	Logger *slog.Logger
 }
 
-// Collector fetches the missing pieces of a job in parallel from a parent,
-// the pieces readers are waiting on first.
+// Collector fetches the missing pieces of jobs.
 type Collector struct {
 	opts Options
 	log  *slog.Logger
+	rmu  sync.Mutex // guards opts.Rand
 }
 
 // New returns a collector.
@@ -74,170 +114,40 @@ func New(opts Options) *Collector {
 	if opts.Attempts <= 0 {
 		opts.Attempts = 3
 	}
+	if opts.Selector == "" {
+		opts.Selector = SelectorState
+	}
+	if opts.BlockFor <= 0 {
+		opts.BlockFor = 30 * time.Second
+	}
+	if opts.Window <= 0 {
+		opts.Window = 4 * opts.Concurrency
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.Rand == nil {
+		opts.Rand = rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
+	}
+	if opts.State == nil {
+		opts.State = func(string) (*pb.HostState, bool) { return nil, false }
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
 	return &Collector{opts: opts, log: opts.Logger.With("component", "collector")}
 }
 
-// run is the state of one Collect call.
-type run struct {
-	c      *Collector
-	job    Job
-	parent Parent
-
-	mu         sync.Mutex
-	inflight   []bool
-	failures   []int
-	sequential bool // a parent sent the whole blob; one stream fills the rest
-}
-
-// Collect fetches every missing piece of job from parent. It returns when all
-// pieces are done, a piece failed every attempt, or ctx ends.
+// Collect fetches every missing piece of job from one parent (the upstream,
+// for a node without peers).
 func (c *Collector) Collect(ctx context.Context, job Job, parent Parent) error {
-	n := job.Plan().Count()
-	r := &run{c: c, job: job, parent: parent, inflight: make([]bool, n), failures: make([]int, n)}
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-
-	var wg sync.WaitGroup
-	for w := 0; w < min(c.opts.Concurrency, n); w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := r.worker(ctx, cancel); err != nil {
-				cancel(err)
-			}
-		}()
-	}
-	wg.Wait()
-	if err := context.Cause(ctx); err != nil && !errors.Is(err, errAllDone) {
-		return err
-	}
-	for i := 0; i < n; i++ {
-		if !job.Has(i) {
-			return fmt.Errorf("collector: piece %d missing after collection", i)
-		}
-	}
-	return nil
+	r := c.NewRun(job)
+	r.SetUpstream(parent, true)
+	return r.Run(ctx)
 }
 
-var errAllDone = errors.New("all pieces done")
-
-func (r *run) worker(ctx context.Context, cancel context.CancelCauseFunc) error {
-	for {
-		i, ok := r.pick()
-		if !ok {
-			return nil
-		}
-		err := r.fetch(ctx, i)
-		var whole *ErrWhole
-		if errors.As(err, &whole) {
-			// The parent can't do ranges: one sequential stream fills
-			// everything, the other workers stop.
-			r.mu.Lock()
-			first := !r.sequential
-			r.sequential = true
-			r.mu.Unlock()
-			if !first {
-				whole.Body.Close()
-				return nil
-			}
-			err = r.streamWhole(whole.Body)
-			if err == nil {
-				cancel(errAllDone)
-			}
-			return err
-		}
-		r.mu.Lock()
-		r.inflight[i] = false
-		if err != nil {
-			r.failures[i]++
-			if ctx.Err() != nil {
-				r.mu.Unlock()
-				return nil
-			}
-			if r.failures[i] >= r.c.opts.Attempts {
-				r.mu.Unlock()
-				return fmt.Errorf("%w: piece %d of %s from %s: %w", ErrExhausted, i, r.job.Digest(), r.parent.ID(), err)
-			}
-			r.c.log.Warn("piece failed, retrying", "digest", r.job.Digest(), "piece", i, "parent", r.parent.ID(), "attempt", r.failures[i], "err", err)
-		}
-		r.mu.Unlock()
-	}
-}
-
-// pick returns the next piece to fetch: the first missing, idle piece at or
-// after the one a reader waits for, wrapping around.
-func (r *run) pick() (int, bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	n := len(r.inflight)
-	if r.sequential {
-		return 0, false
-	}
-	start := r.job.Next()
-	if start < 0 || start >= n {
-		start = 0
-	}
-	for k := 0; k < n; k++ {
-		i := (start + k) % n
-		if !r.inflight[i] && !r.job.Has(i) {
-			r.inflight[i] = true
-			return i, true
-		}
-	}
-	return 0, false
-}
-
-func (r *run) fetch(ctx context.Context, i int) error {
-	ctx, cancel := context.WithCancel(ctx)
-	timer := time.AfterFunc(r.c.opts.PieceTimeout, cancel)
-	off, n := r.job.Plan().Range(i)
-	body, err := r.parent.Fetch(ctx, i, off, n)
-	var whole *ErrWhole
-	if errors.As(err, &whole) {
-		// The whole blob streams for as long as it takes; its reader
-		// releases the request.
-		timer.Stop()
-		whole.Body = &cancelOnClose{ReadCloser: whole.Body, cancel: cancel}
-		return err
-	}
-	defer cancel()
-	defer timer.Stop()
-	if err != nil {
-		return err
-	}
-	defer body.Close()
-	return r.job.Put(i, io.LimitReader(body, n+1), r.parent.ID())
-}
-
-type cancelOnClose struct {
-	io.ReadCloser
-	cancel context.CancelFunc
-}
-
-func (c *cancelOnClose) Close() error {
-	err := c.ReadCloser.Close()
-	c.cancel()
-	return err
-}
-
-// streamWhole fills every missing piece from a body that holds the whole blob.
-func (r *run) streamWhole(body io.ReadCloser) error {
-	defer body.Close()
-	plan := r.job.Plan()
-	for i := 0; i < plan.Count(); i++ {
-		_, n := plan.Range(i)
-		if r.job.Has(i) {
-			if _, err := io.CopyN(io.Discard, body, n); err != nil {
-				return fmt.Errorf("collector: whole blob from %s: %w", r.parent.ID(), err)
-			}
-			continue
-		}
-		if err := r.job.Put(i, io.LimitReader(body, n), r.parent.ID()); err != nil {
-			return fmt.Errorf("collector: whole blob from %s: %w", r.parent.ID(), err)
-		}
-	}
-	return nil
+func (c *Collector) float64() float64 {
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	return c.opts.Rand.Float64()
 }

@@ -1,0 +1,340 @@
+package collector
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/piece"
+)
+
+// fakeJob is a blob in memory.
+type fakeJob struct {
+	plan piece.Plan
+	data []byte
+
+	mu     sync.Mutex
+	done   []bool
+	source []string
+	next   int
+}
+
+func newJob(pieces int) *fakeJob {
+	plan := piece.Plan{Size: int64(pieces) * 1024, PieceSize: 1024} // small: the collector takes any plan
+	data := make([]byte, plan.Size)
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	return &fakeJob{plan: plan, data: data, done: make([]bool, pieces), source: make([]string, pieces), next: -1}
+}
+
+func (j *fakeJob) Digest() digest.Digest { return digest.FromString("job") }
+func (j *fakeJob) Plan() piece.Plan      { return j.plan }
+func (j *fakeJob) Has(i int) bool        { j.mu.Lock(); defer j.mu.Unlock(); return j.done[i] }
+func (j *fakeJob) Next() int             { j.mu.Lock(); defer j.mu.Unlock(); return j.next }
+
+func (j *fakeJob) Put(i int, r io.Reader, source string, want Expect) error {
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	off, n := j.plan.Range(i)
+	if int64(len(b)) != n {
+		return fmt.Errorf("piece %d: %d bytes", i, len(b))
+	}
+	if want.Known && piece.Checksum(b) != want.CRC {
+		return ErrChecksum
+	}
+	if !bytes.Equal(b, j.data[off:off+n]) {
+		return errors.New("wrong bytes")
+	}
+	j.mu.Lock()
+	j.done[i], j.source[i] = true, source
+	j.mu.Unlock()
+	return nil
+}
+
+func (j *fakeJob) from(src string) (n int) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	for _, s := range j.source {
+		if s == src {
+			n++
+		}
+	}
+	return n
+}
+
+func (j *fakeJob) checksums(pieces ...int) map[int]uint32 {
+	m := map[int]uint32{}
+	for _, i := range pieces {
+		off, n := j.plan.Range(i)
+		m[i] = piece.Checksum(j.data[off : off+n])
+	}
+	return m
+}
+
+func (j *fakeJob) all() []int {
+	out := make([]int, len(j.done))
+	for i := range out {
+		out[i] = i
+	}
+	return out
+}
+
+// fakeParent serves the job's bytes.
+type fakeParent struct {
+	id      string
+	job     *fakeJob
+	fail    bool
+	corrupt bool
+
+	mu    sync.Mutex
+	asked []int
+}
+
+func (p *fakeParent) ID() string { return p.id }
+
+func (p *fakeParent) Fetch(_ context.Context, i int, off, n int64) (io.ReadCloser, error) {
+	p.mu.Lock()
+	p.asked = append(p.asked, i)
+	p.mu.Unlock()
+	if p.fail {
+		return nil, errors.New("parent down")
+	}
+	b := append([]byte(nil), p.job.data[off:off+n]...)
+	if p.corrupt {
+		b[0] ^= 1
+	}
+	return io.NopCloser(bytes.NewReader(b)), nil
+}
+
+func (p *fakeParent) count() int { p.mu.Lock(); defer p.mu.Unlock(); return len(p.asked) }
+
+type fixedClock struct{ t time.Time }
+
+func (c *fixedClock) now() time.Time { return c.t }
+
+func newCollector(selector string, states map[string]*pb.HostState) *Collector {
+	clk := &fixedClock{t: time.Unix(1e9, 0)}
+	return New(Options{
+		Concurrency: 1,
+		Selector:    selector,
+		Now:         clk.now,
+		Rand:        rand.New(rand.NewPCG(1, 2)),
+		State: func(id string) (*pb.HostState, bool) {
+			st, ok := states[id]
+			return st, ok
+		},
+	})
+}
+
+func idle() *pb.HostState { return &pb.HostState{MaxTxBandwidth: 100e6, UploadLimit: 16} }
+func loaded() *pb.HostState {
+	return &pb.HostState{MaxTxBandwidth: 100e6, TxBandwidth: 99e6, UploadsInFlight: 16, UploadLimit: 16}
+}
+
+func run(t *testing.T, r *Run) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := r.Run(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestWeight(t *testing.T) {
+	tests := []struct {
+		name string
+		st   *pb.HostState
+		ok   bool
+		want float64
+	}{
+		{"unknown", nil, false, 125e6 / 20},
+		{"idle", idle(), true, 100e6},
+		{"half used", &pb.HostState{MaxTxBandwidth: 100e6, TxBandwidth: 50e6, UploadLimit: 16}, true, 50e6},
+		{"saturated gets the floor", &pb.HostState{MaxTxBandwidth: 100e6, TxBandwidth: 100e6, UploadLimit: 16}, true, 5e6},
+		{"uploads in flight", &pb.HostState{MaxTxBandwidth: 100e6, UploadsInFlight: 4, UploadLimit: 16}, true, 50e6},
+		{"busy disk", &pb.HostState{MaxTxBandwidth: 100e6, DiskReadBandwidth: 90e6, UploadLimit: 16}, true, 50e6},
+		{"no maximum known", &pb.HostState{UploadLimit: 16}, true, 125e6},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := Weight(tt.st, tt.ok); got != tt.want {
+				t.Fatalf("Weight = %g, want %g", got, tt.want)
+			}
+		})
+	}
+	if Weight(loaded(), true) <= 0 {
+		t.Fatal("a loaded parent must keep a positive weight")
+	}
+}
+
+// Parent "busy" announced every piece first and is loaded; "spare" is idle.
+func TestLoadedParentGetsFewerPieces(t *testing.T) {
+	states := map[string]*pb.HostState{"busy": loaded(), "spare": idle()}
+	tests := []struct {
+		selector       string
+		minSpare, maxB int
+	}{
+		{SelectorState, 150, 40}, // weights 100e6 vs 1e6: the loaded parent gets ~1%
+		{SelectorFCFS, 0, 200},   // FCFS: everything from the first announcer
+	}
+	for _, tt := range tests {
+		t.Run(tt.selector, func(t *testing.T) {
+			job := newJob(200)
+			r := newCollector(tt.selector, states).NewRun(job)
+			busy, spare := &fakeParent{id: "busy", job: job}, &fakeParent{id: "spare", job: job}
+			r.AddParent(busy)
+			r.AddParent(spare)
+			r.Announce("busy", job.checksums(job.all()...), nil)
+			r.Announce("spare", job.checksums(job.all()...), nil)
+			run(t, r)
+			if s, b := job.from("spare"), job.from("busy"); s < tt.minSpare || b > tt.maxB || s+b != 200 {
+				t.Fatalf("spare %d, busy %d", s, b)
+			}
+			if tt.selector == SelectorFCFS && job.from("busy") != 200 {
+				t.Fatalf("fcfs: busy %d, want all 200", job.from("busy"))
+			}
+		})
+	}
+}
+
+func TestEmptyQueueFallsThrough(t *testing.T) {
+	job := newJob(20)
+	r := newCollector(SelectorState, map[string]*pb.HostState{"a": idle(), "b": loaded()}).NewRun(job)
+	a, b := &fakeParent{id: "a", job: job}, &fakeParent{id: "b", job: job}
+	r.AddParent(a)
+	r.AddParent(b)
+	r.Announce("a", job.checksums(0, 1), nil) // favoured, but has two pieces
+	r.Announce("b", job.checksums(job.all()...), nil)
+	run(t, r)
+	if job.from("a") > 2 || job.from("b") < 18 {
+		t.Fatalf("a %d, b %d", job.from("a"), job.from("b"))
+	}
+}
+
+func TestFinishedPiecesSkipped(t *testing.T) {
+	job := newJob(10)
+	for i := 0; i < 10; i += 2 {
+		job.done[i] = true
+	}
+	r := newCollector(SelectorState, nil).NewRun(job)
+	p := &fakeParent{id: "p", job: job}
+	r.AddParent(p)
+	r.Announce("p", job.checksums(job.all()...), nil)
+	run(t, r)
+	for _, i := range p.asked {
+		if i%2 == 0 {
+			t.Fatalf("asked for finished piece %d (asked %v)", i, p.asked)
+		}
+	}
+	if len(p.asked) != 5 {
+		t.Fatalf("asked %v", p.asked)
+	}
+}
+
+func TestBlockedParentGetsNone(t *testing.T) {
+	tests := []struct {
+		name string
+		bad  func(*fakeParent)
+	}{
+		{"fails", func(p *fakeParent) { p.fail = true }},
+		{"sends bad bytes", func(p *fakeParent) { p.corrupt = true }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			job := newJob(30)
+			// The bad parent looks far better, so it is chosen first.
+			r := newCollector(SelectorState, map[string]*pb.HostState{"bad": idle(), "good": loaded()}).NewRun(job)
+			bad, good := &fakeParent{id: "bad", job: job}, &fakeParent{id: "good", job: job}
+			tt.bad(bad)
+			r.AddParent(bad)
+			r.AddParent(good)
+			r.Announce("bad", job.checksums(job.all()...), nil)
+			r.Announce("good", job.checksums(job.all()...), nil)
+			run(t, r)
+			if n := bad.count(); n != 1 {
+				t.Fatalf("blocked parent asked %d times, want exactly once", n)
+			}
+			if job.from("good") != 30 {
+				t.Fatalf("good sent %d", job.from("good"))
+			}
+		})
+	}
+}
+
+func TestUpstreamIsLastResort(t *testing.T) {
+	job := newJob(12)
+	c := newCollector(SelectorState, nil)
+	r := c.NewRun(job)
+	up := &fakeParent{id: UpstreamID, job: job}
+	peer := &fakeParent{id: "peer", job: job}
+	r.SetUpstream(up, true)
+	r.AddParent(peer)
+	r.Announce("peer", job.checksums(0, 1, 2, 3, 4, 5), nil)
+	run(t, r)
+	if job.from("peer") != 6 || job.from(UpstreamID) != 6 {
+		t.Fatalf("peer %d, upstream %d: want the peer's six from the peer", job.from("peer"), job.from(UpstreamID))
+	}
+}
+
+func TestUpstreamWaitsUntilAllowed(t *testing.T) {
+	job := newJob(4)
+	r := newCollector(SelectorState, nil).NewRun(job)
+	up := &fakeParent{id: UpstreamID, job: job}
+	r.SetUpstream(up, false)
+	r.AddParent(&fakeParent{id: "empty", job: job})
+	errc := make(chan error, 1)
+	go func() { errc <- r.Run(context.Background()) }()
+	time.Sleep(50 * time.Millisecond)
+	if up.count() != 0 {
+		t.Fatal("upstream used before it was allowed")
+	}
+	r.AllowUpstream(true)
+	if err := <-errc; err != nil || job.from(UpstreamID) != 4 {
+		t.Fatalf("err %v, upstream %d", err, job.from(UpstreamID))
+	}
+}
+
+func TestBestPiecePrefersUnfetchedAndRare(t *testing.T) {
+	job := newJob(4)
+	r := newCollector(SelectorState, nil).NewRun(job)
+	for _, id := range []string{"owner", "b", "c"} {
+		r.AddParent(&fakeParent{id: id, job: job})
+	}
+	r.Announce("owner", job.checksums(0, 1, 2, 3), nil)
+	r.Announce("b", nil, []int{0}) // b is fetching piece 0
+	r.Announce("c", job.checksums(1), []int{2})
+	// 0 and 2 are being fetched by others, 1 is held by c too: 3 is best.
+	win := map[int]bool{0: true, 1: true, 2: true, 3: true}
+	if got := r.bestPiece(r.parents["owner"], win); got != 3 {
+		t.Fatalf("best piece %d, want 3", got)
+	}
+	delete(win, 3)
+	if got := r.bestPiece(r.parents["owner"], win); got != 1 {
+		t.Fatalf("best piece %d, want 1 (nobody fetching it)", got)
+	}
+}
+
+func TestReaderWindowFirst(t *testing.T) {
+	job := newJob(100)
+	job.next = 60
+	r := newCollector(SelectorState, nil).NewRun(job)
+	p := &fakeParent{id: "p", job: job}
+	r.AddParent(p)
+	r.Announce("p", job.checksums(job.all()...), nil)
+	run(t, r)
+	if p.asked[0] < 60 || p.asked[0] >= 60+r.c.opts.Window {
+		t.Fatalf("first piece %d, want within the window from 60", p.asked[0])
+	}
+}

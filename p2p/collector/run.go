@@ -1,0 +1,482 @@
+package collector
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
+)
+
+// parentQueue is what the run knows of one parent.
+type parentQueue struct {
+	p        Parent
+	upstream bool
+	queue    []int          // pieces in the order announced
+	has      map[int]uint32 // piece -> announced checksum
+	fetching map[int]bool   // pieces the parent itself is fetching now
+	blocked  time.Time      // no pieces before this
+	picks    int
+	bytes    int64
+}
+
+// Run is the collection of one blob. Parents and their announcements may be
+// added while it runs.
+type Run struct {
+	c   *Collector
+	job Job
+	n   int
+
+	mu            sync.Mutex
+	changed       chan struct{}
+	parents       map[string]*parentQueue
+	order         []string // parents in the order added
+	upstream      *parentQueue
+	allowUpstream bool
+	firstHolder   []string // per piece: first parent that announced it (FCFS)
+	inflight      []bool
+	failures      []int
+	sequential    bool
+}
+
+// NewRun starts the bookkeeping of a blob; Run fetches.
+func (c *Collector) NewRun(job Job) *Run {
+	n := job.Plan().Count()
+	return &Run{
+		c: c, job: job, n: n,
+		changed:     make(chan struct{}),
+		parents:     map[string]*parentQueue{},
+		firstHolder: make([]string, n),
+		inflight:    make([]bool, n),
+		failures:    make([]int, n),
+	}
+}
+
+func (r *Run) broadcastLocked() {
+	close(r.changed)
+	r.changed = make(chan struct{})
+}
+
+// SetUpstream sets the parent of last resort, and whether it may be used now.
+func (r *Run) SetUpstream(p Parent, allowed bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.upstream = &parentQueue{p: p, upstream: true}
+	r.allowUpstream = allowed
+	r.broadcastLocked()
+}
+
+// AllowUpstream lets pieces no peer has come from the upstream (or stops it).
+func (r *Run) AllowUpstream(allowed bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.allowUpstream = allowed
+	r.broadcastLocked()
+}
+
+// AddParent adds a peer parent with no pieces yet.
+func (r *Run) AddParent(p Parent) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.parents[p.ID()]; ok {
+		return
+	}
+	r.parents[p.ID()] = &parentQueue{p: p, has: map[int]uint32{}, fetching: map[int]bool{}}
+	r.order = append(r.order, p.ID())
+}
+
+// RemoveParent forgets a parent (it left, or its stream ended).
+func (r *Run) RemoveParent(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.parents, id)
+	for i, o := range r.order {
+		if o == id {
+			r.order = append(r.order[:i:i], r.order[i+1:]...)
+			break
+		}
+	}
+	r.broadcastLocked()
+}
+
+// Announce records pieces a parent has (with checksums) and the pieces it is
+// fetching now (replacing its previous list when fetching is not nil).
+func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	pq, ok := r.parents[id]
+	if !ok {
+		return
+	}
+	var fresh []int
+	for i, crc := range has {
+		if i < 0 || i >= r.n {
+			continue
+		}
+		if _, dup := pq.has[i]; !dup {
+			fresh = append(fresh, i)
+		}
+		pq.has[i] = crc
+		delete(pq.fetching, i)
+	}
+	sort.Ints(fresh) // one announcement's pieces queue in index order
+	for _, i := range fresh {
+		pq.queue = append(pq.queue, i)
+		if r.firstHolder[i] == "" {
+			r.firstHolder[i] = id
+		}
+	}
+	if fetching != nil {
+		pq.fetching = map[int]bool{}
+		for _, i := range fetching {
+			if _, done := pq.has[i]; !done && i >= 0 && i < r.n {
+				pq.fetching[i] = true
+			}
+		}
+	}
+	r.broadcastLocked()
+}
+
+// Picks returns how many pieces and bytes came from each parent so far.
+func (r *Run) Picks() map[string]int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := map[string]int{}
+	for id, pq := range r.parents {
+		out[id] = pq.picks
+	}
+	if r.upstream != nil {
+		out[r.upstream.p.ID()] += r.upstream.picks
+	}
+	return out
+}
+
+// InFlight returns the pieces being fetched now, for this node's own
+// announcements.
+func (r *Run) InFlight() []int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []int
+	for i, f := range r.inflight {
+		if f {
+			out = append(out, i)
+		}
+	}
+	return out
+}
+
+var errAllDone = errors.New("all pieces done")
+
+// Run fetches until every piece is done, a piece fails every attempt, or
+// ctx ends.
+func (r *Run) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var wg sync.WaitGroup
+	for w := 0; w < min(r.c.opts.Concurrency, r.n); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := r.worker(ctx, cancel); err != nil {
+				cancel(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil && !errors.Is(err, errAllDone) {
+		return err
+	}
+	for i := 0; i < r.n; i++ {
+		if !r.job.Has(i) {
+			return fmt.Errorf("collector: piece %d missing after collection", i)
+		}
+	}
+	return nil
+}
+
+func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error {
+	for {
+		r.mu.Lock()
+		i, pq, done := r.pickLocked()
+		ch := r.changed
+		r.mu.Unlock()
+		if done {
+			return nil
+		}
+		if pq == nil {
+			// Nothing any parent may send now: wait for an announcement,
+			// a finished piece or a change of policy.
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-ch:
+			case <-time.After(250 * time.Millisecond):
+			}
+			continue
+		}
+		err := r.fetch(ctx, i, pq)
+		var whole *ErrWhole
+		if errors.As(err, &whole) {
+			return r.streamWhole(whole, pq, cancel)
+		}
+		if err := r.finish(ctx, i, pq, err); err != nil {
+			return err
+		}
+	}
+}
+
+// finish books the outcome of one fetch.
+func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.inflight[i] = false
+	defer r.broadcastLocked()
+	if err == nil {
+		pq.picks++
+		_, n := r.job.Plan().Range(i)
+		pq.bytes += n
+		return nil
+	}
+	if ctx.Err() != nil {
+		return nil
+	}
+	if !pq.upstream {
+		pq.blocked = r.c.opts.Now().Add(r.c.opts.BlockFor)
+		r.c.log.Warn("piece failed, blocking parent", "digest", r.job.Digest(), "piece", i, "parent", pq.p.ID(), "for", r.c.opts.BlockFor, "err", err)
+		return nil
+	}
+	r.failures[i]++
+	if r.failures[i] >= r.c.opts.Attempts {
+		return fmt.Errorf("%w: piece %d of %s from %s: %w", ErrExhausted, i, r.job.Digest(), pq.p.ID(), err)
+	}
+	r.c.log.Warn("piece failed, retrying", "digest", r.job.Digest(), "piece", i, "parent", pq.p.ID(), "attempt", r.failures[i], "err", err)
+	return nil
+}
+
+// window returns up to Window missing, idle pieces from the readers' cursor
+// on (wrapping), in order.
+func (r *Run) windowLocked() (win []int, allDone bool) {
+	start := r.job.Next()
+	if start < 0 || start >= r.n {
+		start = 0
+	}
+	allDone = true
+	for k := 0; k < r.n && len(win) < r.c.opts.Window; k++ {
+		i := (start + k) % r.n
+		if r.job.Has(i) {
+			continue
+		}
+		allDone = false
+		if !r.inflight[i] {
+			win = append(win, i)
+		}
+	}
+	return win, allDone
+}
+
+// pickLocked chooses the next piece and parent. done means nothing is left
+// to pick; a nil parent means wait.
+func (r *Run) pickLocked() (int, *parentQueue, bool) {
+	if r.sequential {
+		return 0, nil, true
+	}
+	win, allDone := r.windowLocked()
+	if len(win) == 0 {
+		if allDone {
+			return 0, nil, true
+		}
+		return 0, nil, true // the rest is in flight; its workers finish it
+	}
+	now := r.c.opts.Now()
+	var i int
+	var pq *parentQueue
+	if r.c.opts.Selector == SelectorFCFS {
+		i, pq = r.pickFCFS(win, now)
+	} else {
+		i, pq = r.pickState(win, now)
+	}
+	if pq == nil && r.upstream != nil && (r.allowUpstream || len(r.parents) == 0) {
+		i, pq = win[0], r.upstream
+	}
+	if pq != nil {
+		r.inflight[i] = true
+	}
+	return i, pq, false
+}
+
+func (r *Run) pickFCFS(win []int, now time.Time) (int, *parentQueue) {
+	for _, i := range win {
+		if pq, ok := r.parents[r.firstHolder[i]]; ok && pq.blocked.Before(now) {
+			return i, pq
+		}
+	}
+	return 0, nil
+}
+
+func (r *Run) pickState(win []int, now time.Time) (int, *parentQueue) {
+	inWin := make(map[int]bool, len(win))
+	for _, i := range win {
+		inWin[i] = true
+	}
+	type cand struct {
+		pq     *parentQueue
+		weight float64
+	}
+	var cands []cand
+	var total float64
+	for _, id := range r.order {
+		pq := r.parents[id]
+		if !pq.blocked.Before(now) {
+			continue
+		}
+		useful := false
+		for i := range pq.has {
+			if inWin[i] {
+				useful = true
+				break
+			}
+		}
+		if !useful {
+			continue
+		}
+		st, ok := r.c.opts.State(id)
+		w := Weight(st, ok)
+		cands = append(cands, cand{pq, w})
+		total += w
+	}
+	if len(cands) == 0 {
+		return 0, nil
+	}
+	x := r.c.float64() * total
+	chosen := cands[len(cands)-1].pq
+	for _, c := range cands {
+		if x < c.weight {
+			chosen = c.pq
+			break
+		}
+		x -= c.weight
+	}
+	return r.bestPiece(chosen, inWin), chosen
+}
+
+// bestPiece takes from the parent's queue the window piece that the fewest
+// other nodes are fetching, then the rarest, then the first in the queue:
+// so each piece leaves a parent about once and the swarm spreads it.
+func (r *Run) bestPiece(pq *parentQueue, inWin map[int]bool) int {
+	best, bestFetch, bestHolders := -1, 0, 0
+	for _, i := range pq.queue {
+		if !inWin[i] {
+			continue
+		}
+		fetch, holders := 0, 0
+		for _, o := range r.parents {
+			if o.fetching[i] {
+				fetch++
+			}
+			if _, ok := o.has[i]; ok {
+				holders++
+			}
+		}
+		if best < 0 || fetch < bestFetch || (fetch == bestFetch && holders < bestHolders) {
+			best, bestFetch, bestHolders = i, fetch, holders
+		}
+	}
+	return best
+}
+
+// Weight is a parent's share of the next choice: its spare upload bandwidth
+// (with a floor of 1/20 of the maximum, so a busy parent still gets a
+// little), divided by one plus its uploads in flight per upload slot, halved
+// when its disk reads above 80% of its network maximum. An unknown state
+// counts as an idle 1 Gbit/s host's floor: usable, but below any parent known
+// to have spare bandwidth.
+func Weight(st *pb.HostState, ok bool) float64 {
+	const assumedMax = 125e6 // bytes/s: 1 Gbit/s
+	if !ok || st == nil {
+		return assumedMax / 20
+	}
+	maxTx := float64(st.GetMaxTxBandwidth())
+	if maxTx <= 0 {
+		maxTx = assumedMax
+	}
+	spare := max(maxTx-float64(st.GetTxBandwidth()), maxTx/20)
+	slots := float64(max(st.GetUploadLimit(), 1))
+	w := spare / (1 + 4*float64(st.GetUploadsInFlight())/slots)
+	if float64(st.GetDiskReadBandwidth()) > 0.8*maxTx {
+		w /= 2
+	}
+	return w
+}
+
+func (r *Run) fetch(ctx context.Context, i int, pq *parentQueue) error {
+	ctx, cancel := context.WithCancel(ctx)
+	timer := time.AfterFunc(r.c.opts.PieceTimeout, cancel)
+	off, n := r.job.Plan().Range(i)
+	body, err := pq.p.Fetch(ctx, i, off, n)
+	var whole *ErrWhole
+	if errors.As(err, &whole) {
+		// The whole blob streams for as long as it takes; its reader
+		// releases the request.
+		timer.Stop()
+		whole.Body = &cancelOnClose{ReadCloser: whole.Body, cancel: cancel}
+		return err
+	}
+	defer cancel()
+	defer timer.Stop()
+	if err != nil {
+		return err
+	}
+	defer body.Close()
+	r.mu.Lock()
+	crc, known := pq.has[i]
+	r.mu.Unlock()
+	return r.job.Put(i, io.LimitReader(body, n+1), pq.p.ID(), Expect{CRC: crc, Known: known && !pq.upstream})
+}
+
+type cancelOnClose struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (c *cancelOnClose) Close() error {
+	err := c.ReadCloser.Close()
+	c.cancel()
+	return err
+}
+
+// streamWhole fills every missing piece from a body that holds the whole
+// blob; the other workers stop picking.
+func (r *Run) streamWhole(whole *ErrWhole, pq *parentQueue, cancel context.CancelCauseFunc) error {
+	body := whole.Body
+	defer body.Close()
+	r.mu.Lock()
+	first := !r.sequential
+	r.sequential = true
+	r.mu.Unlock()
+	if !first {
+		return nil
+	}
+	plan := r.job.Plan()
+	for i := 0; i < plan.Count(); i++ {
+		_, n := plan.Range(i)
+		if r.job.Has(i) {
+			if _, err := io.CopyN(io.Discard, body, n); err != nil {
+				return fmt.Errorf("collector: whole blob from %s: %w", pq.p.ID(), err)
+			}
+			continue
+		}
+		if err := r.job.Put(i, io.LimitReader(body, n), pq.p.ID(), Expect{}); err != nil {
+			return fmt.Errorf("collector: whole blob from %s: %w", pq.p.ID(), err)
+		}
+		r.mu.Lock()
+		pq.picks++
+		pq.bytes += n
+		r.mu.Unlock()
+	}
+	cancel(errAllDone)
+	return nil
+}
