@@ -5,6 +5,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"sort"
 	"strings"
@@ -25,6 +26,35 @@ type Config struct {
 	Upstream        Upstream `toml:"upstream"`
 	Pieces          Pieces   `toml:"pieces"`
 	Store           Store    `toml:"store"`
+	P2P             P2P      `toml:"p2p"`
+	Upload          Upload   `toml:"upload"`
+}
+
+// P2P is the [p2p] table.
+type P2P struct {
+	PeerListen string   `toml:"peer_listen"`
+	Advertise  string   `toml:"advertise"`
+	Join       []string `toml:"join"`
+	NodeID     string   `toml:"node_id"`
+	Selector   string   `toml:"selector"`
+	MaxPeers   int      `toml:"max_peers"`
+}
+
+// Upload is the [upload] table.
+type Upload struct {
+	Limit     int    `toml:"limit"`
+	Rate      Size   `toml:"rate"`
+	MaxTx     Size   `toml:"max_tx"`
+	MaxRx     Size   `toml:"max_rx"`
+	Interface string `toml:"interface"`
+	Syncer    Syncer `toml:"syncer"`
+}
+
+// Syncer is the [upload.syncer] table.
+type Syncer struct {
+	Enable   bool          `toml:"enable"`
+	Interval time.Duration `toml:"interval"`
+	Capacity int           `toml:"capacity"`
 }
 
 // Log is the [log] table.
@@ -94,6 +124,8 @@ func Default() Config {
 		},
 		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3},
 		Store:  Store{GCInterval: 5 * time.Minute},
+		P2P:    P2P{Join: []string{}, Selector: "state", MaxPeers: 32},
+		Upload: Upload{Limit: 16, Syncer: Syncer{Enable: true, Interval: 3 * time.Second, Capacity: 50}},
 	}
 }
 
@@ -155,6 +187,23 @@ func (c Config) Validate() error {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("%s: must be positive", k))
 		}
+	}
+	if c.P2P.Selector != "state" && c.P2P.Selector != "fcfs" {
+		errs = append(errs, fmt.Errorf("p2p.selector %q: want state or fcfs", c.P2P.Selector))
+	}
+	if c.P2P.PeerListen != "" {
+		if _, _, err := net.SplitHostPort(c.P2P.PeerListen); err != nil {
+			errs = append(errs, fmt.Errorf("p2p.peer_listen: %w", err))
+		}
+	}
+	for _, j := range c.P2P.Join {
+		addr := strings.TrimPrefix(j, "dns:")
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			errs = append(errs, fmt.Errorf("p2p.join %q: want HOST:PORT or dns:NAME:PORT", j))
+		}
+	}
+	if c.Upload.Limit < 1 || c.Upload.Syncer.Capacity < 1 || c.Upload.Syncer.Interval <= 0 || c.P2P.MaxPeers < 1 {
+		errs = append(errs, errors.New("upload.limit, upload.syncer.capacity, upload.syncer.interval, p2p.max_peers: must be positive"))
 	}
 	if c.Store.LowWater > c.Store.HighWater && c.Store.HighWater > 0 {
 		errs = append(errs, errors.New("store.low_water: above high_water"))

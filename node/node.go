@@ -32,6 +32,7 @@ type Node struct {
 	srv    *http.Server
 	store  *blobstore.Store
 	tasks  *task.Manager
+	p2p    *peers
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	errc   chan error
@@ -63,24 +64,35 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	if err != nil {
 		return nil, err
 	}
-	coll := collector.New(collector.Options{
-		Concurrency:  cfg.Pieces.Concurrency,
-		PieceTimeout: cfg.Pieces.Timeout,
-		Attempts:     cfg.Pieces.Attempts,
-		Logger:       log,
-	})
-	tasks := task.NewManager(task.Options{
+	taskOpts := task.Options{
 		Store: store,
 		Size: func(ctx context.Context, r task.Request) (int64, error) {
 			return up.BlobSize(ctx, r.Registry, r.Repo, r.Digest, r.Header)
 		},
-		Fill: func(ctx context.Context, job collector.Job, r task.Request) error {
-			return coll.Collect(ctx, job, collector.NewUpstreamParent(up, r.Registry, r.Repo, r.Digest, r.Header))
-		},
 		OpenTimeout: cfg.Upstream.Timeout,
 		MaxBlobSize: int64(cfg.Store.MaxBlobSize),
 		Logger:      log,
-	})
+	}
+	collOpts := collector.Options{
+		Concurrency:  cfg.Pieces.Concurrency,
+		PieceTimeout: cfg.Pieces.Timeout,
+		Attempts:     cfg.Pieces.Attempts,
+		Selector:     cfg.P2P.Selector,
+		Logger:       log,
+	}
+	var p2p *peers
+	var tasks *task.Manager
+	if cfg.P2P.PeerListen == "" {
+		coll := collector.New(collOpts)
+		taskOpts.Fill = func(ctx context.Context, job collector.Job, r task.Request) error {
+			return coll.Collect(ctx, job, collector.NewUpstreamParent(up, r.Registry, r.Repo, r.Digest, r.Header))
+		}
+		tasks = task.NewManager(taskOpts)
+	} else {
+		if p2p, tasks, err = startPeers(ctx, cfg, store, up, collOpts, taskOpts, log); err != nil {
+			return nil, err
+		}
+	}
 	srv := proxy.New(proxy.Options{
 		Upstream:        up,
 		Store:           store,
@@ -88,11 +100,13 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		DefaultRegistry: cfg.DefaultRegistry,
 		MaxManifestSize: int64(cfg.Upstream.MaxManifestSize),
 		UpstreamTimeout: cfg.Upstream.Timeout,
+		Members:         p2p.membersFunc(),
 		Logger:          log,
 	})
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		tasks.Close()
+		p2p.close(context.Background())
 		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
 	}
 	n := &Node{
@@ -101,6 +115,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		ln:    ln,
 		store: store,
 		tasks: tasks,
+		p2p:   p2p,
 		errc:  make(chan error, 1),
 		srv: &http.Server{
 			Handler:           srv.Handler(),
@@ -124,7 +139,11 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		}
 		close(n.errc)
 	}()
-	log.Info("registry-proxy serving", "version", Version, "listen", ln.Addr().String(), "data_dir", cfg.DataDir, "default_registry", cfg.DefaultRegistry)
+	attrs := []any{"version", Version, "listen", ln.Addr().String(), "data_dir", cfg.DataDir, "default_registry", cfg.DefaultRegistry}
+	if p2p != nil {
+		attrs = append(attrs, "node_id", p2p.self.ID, "peer_addr", p2p.self.Addr, "selector", cfg.P2P.Selector)
+	}
+	log.Info("registry-proxy serving", attrs...)
 	return n, nil
 }
 
@@ -145,7 +164,16 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		n.srv.Close()
 	}
 	n.tasks.Close()
+	err = errors.Join(err, n.p2p.close(ctx))
 	n.cancel()
 	n.wg.Wait()
 	return err
+}
+
+// PeerAddr is the peer address, empty without peers.
+func (n *Node) PeerAddr() string {
+	if n.p2p == nil {
+		return ""
+	}
+	return n.p2p.self.Addr
 }

@@ -36,7 +36,9 @@ type Options struct {
 	MaxManifestSize int64
 	// UpstreamTimeout bounds a manifest or HEAD request upstream.
 	UpstreamTimeout time.Duration
-	Logger          *slog.Logger
+	// Members lists the cluster's live nodes for /debug/members; may be nil.
+	Members func() any
+	Logger  *slog.Logger
 }
 
 // Server serves the mirror API.
@@ -80,6 +82,14 @@ func (s *Server) Handler() http.Handler {
 	r.HandleFunc("/v2/{name:.+}/blobs/uploads/{rest:.*}", s.unsupported)
 	r.HandleFunc("/v2/{name:.+}/blobs/{digest}", s.blob)
 	r.HandleFunc("/debug/blobs/{digest}", s.blobStats).Methods(http.MethodGet)
+	r.HandleFunc("/debug/members", func(w http.ResponseWriter, _ *http.Request) {
+		var m any = []any{}
+		if s.opts.Members != nil {
+			m = s.opts.Members()
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(m)
+	}).Methods(http.MethodGet)
 	r.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
 	r.PathPrefix("/v2/").HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, codeUnsupported, "not served by this mirror")

@@ -40,6 +40,9 @@ type Request struct {
 	Repo     string
 	// Header carries the client's credentials to the upstream.
 	Header http.Header
+	// UpstreamOnly fetches from the upstream alone: set for the second try
+	// of a blob whose first try, with pieces from peers, failed its digest.
+	UpstreamOnly bool
 }
 
 // Options configure a Manager.
@@ -206,6 +209,7 @@ type Task struct {
 	err      error
 	finished chan struct{}
 	elapsed  time.Duration
+	gen      int // bumped when the pieces are thrown away
 	readers  map[*Reader]struct{}
 	sources  map[string]int64
 }
@@ -287,6 +291,32 @@ func (t *Task) broadcastLocked() {
 	t.changed = make(chan struct{})
 }
 
+// Changed returns a channel closed at the task's next change (a piece
+// done, the task finished).
+func (t *Task) Changed() <-chan struct{} {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.changed
+}
+
+// Pieces returns which pieces are done, with their checksums.
+func (t *Task) Pieces() (done []bool, crc []uint32) {
+	t.mu.Lock()
+	done = append([]bool(nil), t.done...)
+	t.mu.Unlock()
+	crc = make([]uint32, len(done))
+	for i, ok := range done {
+		if ok {
+			crc[i], _ = t.partial.Checksum(i)
+		}
+	}
+	return done, crc
+}
+
+// OpenFile opens the blob's bytes (partial or committed) for reading pieces
+// that are done.
+func (t *Task) OpenFile() (*os.File, error) { return t.partial.OpenData() }
+
 // Done is closed when the task has finished; Err then says how.
 func (t *Task) Done() <-chan struct{} { return t.finished }
 
@@ -319,6 +349,22 @@ func (t *Task) Stats() Stats {
 
 func (t *Task) run() {
 	defer t.m.wg.Done()
+	err := t.collect()
+	if errors.Is(err, ErrDigestMismatch) && !t.req.UpstreamOnly && t.peerBytes() {
+		// Peers are not trusted: drop every piece and take the blob from
+		// the upstream alone.
+		t.m.log.Error("blob with pieces from peers failed its digest; fetching it again from the upstream alone",
+			"digest", t.req.Digest, "sources", t.Stats().Sources, "err", err)
+		if err = t.restart(); err == nil {
+			t.req.UpstreamOnly = true
+			err = t.collect()
+		}
+	}
+	t.finish(err)
+}
+
+// collect runs the collector and the verifier until the blob is verified.
+func (t *Task) collect() error {
 	ctx, cancel := context.WithCancel(t.m.ctx)
 	fillDone := make(chan error, 1)
 	go func() { fillDone <- t.m.opts.Fill(ctx, t, t.req) }()
@@ -327,7 +373,35 @@ func (t *Task) run() {
 	if ferr := <-fillDone; err == nil && ferr != nil && !errors.Is(ferr, context.Canceled) {
 		err = ferr
 	}
-	t.finish(err)
+	return err
+}
+
+func (t *Task) peerBytes() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for src := range t.sources {
+		if src != collector.UpstreamID {
+			return true
+		}
+	}
+	return false
+}
+
+// restart forgets every piece; readers attached so far fail, as the bytes
+// they were sent may not be the blob's.
+func (t *Task) restart() error {
+	if err := t.partial.Reset(); err != nil {
+		return err
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for i := range t.done {
+		t.done[i] = false
+	}
+	t.sources = map[string]int64{}
+	t.gen++
+	t.broadcastLocked()
+	return nil
 }
 
 // verify hashes the blob in order as its pieces land and commits it on a match.
@@ -446,6 +520,7 @@ type Reader struct {
 	ctx context.Context
 	f   *os.File
 	off int64
+	gen int
 }
 
 // NewReader returns a reader of the blob; reads block until the bytes have
@@ -460,6 +535,7 @@ func (t *Task) NewReader(ctx context.Context) (*Reader, error) {
 	}
 	r := &Reader{t: t, ctx: ctx, f: f}
 	t.mu.Lock()
+	r.gen = t.gen
 	t.readers[r] = struct{}{}
 	t.mu.Unlock()
 	return r, nil
@@ -471,7 +547,11 @@ func (r *Reader) Read(p []byte) (int, error) {
 	for {
 		t.mu.Lock()
 		n, verified, err, ch := t.availableLocked(r.off), t.verified, t.err, t.changed
+		stale := r.gen != t.gen
 		t.mu.Unlock()
+		if stale {
+			return 0, ErrDigestMismatch
+		}
 		if n > 0 {
 			if int64(len(p)) > n {
 				p = p[:n]
@@ -508,7 +588,11 @@ func (r *Reader) WriteTo(w io.Writer) (int64, error) {
 	for {
 		t.mu.Lock()
 		n, verified, err, ch := t.availableLocked(r.off), t.verified, t.err, t.changed
+		stale := r.gen != t.gen
 		t.mu.Unlock()
+		if stale {
+			return total, ErrDigestMismatch
+		}
 		if n > 0 {
 			if _, serr := r.f.Seek(r.off, io.SeekStart); serr != nil {
 				return total, serr

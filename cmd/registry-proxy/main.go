@@ -70,6 +70,10 @@ func loadConfig(args []string, stderr io.Writer) (config.Config, error) {
 	defReg := fs.String("default-registry", "", "registry for requests without ns=, as dockerd sends them (default_registry)")
 	level := fs.String("log-level", "", "debug, info, warn or error (log.level)")
 	format := fs.String("log-format", "", "text or json (log.format)")
+	peerListen := fs.String("peer-listen", "", "peer address: pieces and gRPC; gossip on the next port (p2p.peer_listen)")
+	join := fs.String("join", "", "comma-separated seeds: HOST:PORT peer addresses or dns:NAME:PORT (p2p.join)")
+	nodeID := fs.String("node-id", "", "this node's name in the cluster, default the host name (p2p.node_id)")
+	selector := fs.String("selector", "", "parent selection: state or fcfs (p2p.selector)")
 	var upstreams []string
 	fs.Func("upstream", "NAME=URL: fetch registry NAME from URL (repeatable; upstream.registries)", func(v string) error {
 		upstreams = append(upstreams, v)
@@ -94,10 +98,14 @@ func loadConfig(args []string, stderr io.Writer) (config.Config, error) {
 			return cfg, fmt.Errorf("%w: %w", err, errUsage)
 		}
 	}
-	for dst, v := range map[*string]string{&cfg.Listen: *listen, &cfg.DataDir: *dataDir, &cfg.DefaultRegistry: *defReg, &cfg.Log.Level: *level, &cfg.Log.Format: *format} {
+	for dst, v := range map[*string]string{&cfg.Listen: *listen, &cfg.DataDir: *dataDir, &cfg.DefaultRegistry: *defReg, &cfg.Log.Level: *level, &cfg.Log.Format: *format,
+		&cfg.P2P.PeerListen: *peerListen, &cfg.P2P.NodeID: *nodeID, &cfg.P2P.Selector: *selector} {
 		if v != "" {
 			*dst = v
 		}
+	}
+	if *join != "" {
+		cfg.P2P.Join = strings.Split(*join, ",")
 	}
 	for _, u := range upstreams {
 		if err := cfg.SetUpstream(u); err != nil {

@@ -18,6 +18,7 @@ type parentQueue struct {
 	upstream bool
 	queue    []int          // pieces in the order announced
 	has      map[int]uint32 // piece -> announced checksum
+	complete bool           // holds the whole verified blob; no piece checksums
 	fetching map[int]bool   // pieces the parent itself is fetching now
 	blocked  time.Time      // no pieces before this
 	picks    int
@@ -139,6 +140,24 @@ func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
 		}
 	}
 	r.broadcastLocked()
+}
+
+// AnnounceComplete records that a parent holds the whole, verified blob.
+func (r *Run) AnnounceComplete(id string) {
+	r.mu.Lock()
+	pq, ok := r.parents[id]
+	if ok {
+		pq.complete = true
+	}
+	r.mu.Unlock()
+	if !ok {
+		return
+	}
+	all := make(map[int]uint32, r.n)
+	for i := 0; i < r.n; i++ {
+		all[i] = 0
+	}
+	r.Announce(id, all, []int{})
 }
 
 // Picks returns how many pieces and bytes came from each parent so far.
@@ -433,8 +452,9 @@ func (r *Run) fetch(ctx context.Context, i int, pq *parentQueue) error {
 	defer body.Close()
 	r.mu.Lock()
 	crc, known := pq.has[i]
+	complete := pq.complete
 	r.mu.Unlock()
-	return r.job.Put(i, io.LimitReader(body, n+1), pq.p.ID(), Expect{CRC: crc, Known: known && !pq.upstream})
+	return r.job.Put(i, io.LimitReader(body, n+1), pq.p.ID(), Expect{CRC: crc, Known: known && !pq.upstream && !complete})
 }
 
 type cancelOnClose struct {

@@ -455,10 +455,16 @@ func (x *PieceUpdate) GetComplete() bool {
 }
 
 type RegisterRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Digest        string                 `protobuf:"bytes,1,opt,name=digest,proto3" json:"digest,omitempty"`
-	HostId        string                 `protobuf:"bytes,2,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
-	Addr          string                 `protobuf:"bytes,3,opt,name=addr,proto3" json:"addr,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Digest string                 `protobuf:"bytes,1,opt,name=digest,proto3" json:"digest,omitempty"`
+	HostId string                 `protobuf:"bytes,2,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
+	Addr   string                 `protobuf:"bytes,3,opt,name=addr,proto3" json:"addr,omitempty"`
+	// Where the blob comes from, so the owner can fetch it when no node has it:
+	// the registry name (as in ns=), the repository, and the client's
+	// Authorization header for that registry.
+	Registry      string `protobuf:"bytes,4,opt,name=registry,proto3" json:"registry,omitempty"`
+	Repository    string `protobuf:"bytes,5,opt,name=repository,proto3" json:"repository,omitempty"`
+	Authorization string `protobuf:"bytes,6,opt,name=authorization,proto3" json:"authorization,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -510,6 +516,27 @@ func (x *RegisterRequest) GetHostId() string {
 func (x *RegisterRequest) GetAddr() string {
 	if x != nil {
 		return x.Addr
+	}
+	return ""
+}
+
+func (x *RegisterRequest) GetRegistry() string {
+	if x != nil {
+		return x.Registry
+	}
+	return ""
+}
+
+func (x *RegisterRequest) GetRepository() string {
+	if x != nil {
+		return x.Repository
+	}
+	return ""
+}
+
+func (x *RegisterRequest) GetAuthorization() string {
+	if x != nil {
+		return x.Authorization
 	}
 	return ""
 }
@@ -658,11 +685,16 @@ const file_p2p_pb_p2p_proto_rawDesc = "" +
 	"piece_size\x18\x03 \x01(\x03R\tpieceSize\x123\n" +
 	"\x06pieces\x18\x04 \x03(\v2\x1b.registryproxy.p2p.v1.PieceR\x06pieces\x12\x1a\n" +
 	"\bfetching\x18\x05 \x03(\rR\bfetching\x12\x1a\n" +
-	"\bcomplete\x18\x06 \x01(\bR\bcomplete\"V\n" +
+	"\bcomplete\x18\x06 \x01(\bR\bcomplete\"\xb8\x01\n" +
 	"\x0fRegisterRequest\x12\x16\n" +
 	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x17\n" +
 	"\ahost_id\x18\x02 \x01(\tR\x06hostId\x12\x12\n" +
-	"\x04addr\x18\x03 \x01(\tR\x04addr\"-\n" +
+	"\x04addr\x18\x03 \x01(\tR\x04addr\x12\x1a\n" +
+	"\bregistry\x18\x04 \x01(\tR\bregistry\x12\x1e\n" +
+	"\n" +
+	"repository\x18\x05 \x01(\tR\n" +
+	"repository\x12$\n" +
+	"\rauthorization\x18\x06 \x01(\tR\rauthorization\"-\n" +
 	"\aPeerRef\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04addr\x18\x02 \x01(\tR\x04addr\"[\n" +

@@ -1,0 +1,229 @@
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/internal/ports"
+	"github.com/registry-proxy/registry-proxy/internal/testregistry"
+	"github.com/registry-proxy/registry-proxy/task"
+)
+
+const clusterRegistry = "cluster.invalid"
+
+// cluster is n proxies on loopback joined together, one upstream.
+type cluster struct {
+	reg   *testregistry.Registry
+	nodes []*proxy
+	peers []string
+	ids   []string
+}
+
+func startCluster(t *testing.T, n int, extra ...string) *cluster {
+	t.Helper()
+	c := &cluster{reg: startRegistry(t)}
+	for i := 0; i < n; i++ {
+		c.ids = append(c.ids, fmt.Sprintf("node-%c", 'a'+i))
+		pa, err := ports.FreePair("127.0.0.1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.peers = append(c.peers, pa)
+	}
+	for i := 0; i < n; i++ {
+		c.nodes = append(c.nodes, c.startNode(t, i, extra...))
+	}
+	c.waitMembers(t, n)
+	return c
+}
+
+func (c *cluster) startNode(t *testing.T, i int, extra ...string) *proxy {
+	args := []string{"--upstream", clusterRegistry + "=" + c.reg.URL, "--node-id", c.ids[i], "--peer-listen", c.peers[i]}
+	if i > 0 {
+		args = append(args, "--join", c.peers[0])
+	} else if len(c.peers) > 1 {
+		args = append(args, "--join", c.peers[1])
+	}
+	return startProxy(t, "", append(args, extra...)...)
+}
+
+// waitMembers waits until every running node sees n members.
+func (c *cluster) waitMembers(t *testing.T, n int) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for _, p := range c.nodes {
+		for {
+			var members []struct{ ID, Addr string }
+			if resp, err := http.Get("http://" + p.Addr + "/debug/members"); err == nil {
+				json.NewDecoder(resp.Body).Decode(&members)
+				resp.Body.Close()
+			}
+			if len(members) == n {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("node at %s sees %d members, want %d", p.Addr, len(members), n)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+}
+
+func (c *cluster) url(i int, repo, d string) string {
+	return "http://" + c.nodes[i].Addr + "/v2/" + repo + "/blobs/" + d + "?ns=" + clusterRegistry
+}
+
+func stats(t *testing.T, p *proxy, d string) task.Stats {
+	t.Helper()
+	var st task.Stats
+	resp, err := http.Get("http://" + p.Addr + "/debug/blobs/" + d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	json.NewDecoder(resp.Body).Decode(&st)
+	return st
+}
+
+func peerBytes(st task.Stats) (peer int64) {
+	for src, n := range st.Sources {
+		if src != "upstream" {
+			peer += n
+		}
+	}
+	return peer
+}
+
+func pushBlob(t *testing.T, reg *testregistry.Registry, size int64, seed uint64) string {
+	t.Helper()
+	d, err := reg.PushBlob(context.Background(), "cluster/blob", testregistry.RandomBytes(size, seed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg.ResetCounters()
+	return d
+}
+
+func TestClusterSequentialPulls(t *testing.T) {
+	c := startCluster(t, 3)
+	const size = 256 << 20
+	d := pushBlob(t, c.reg, size, 11)
+	for i := range c.nodes {
+		if _, err := fetchVerified(c.url(i, "cluster/blob", d), d); err != nil {
+			t.Fatalf("pull through %s: %v", c.ids[i], err)
+		}
+		t.Logf("after %s: upstream sent %d bytes (%.2f x blob)", c.ids[i], c.reg.BlobBytes(), float64(c.reg.BlobBytes())/size)
+	}
+	if got := c.reg.BlobBytes(); got > size*11/10 {
+		t.Errorf("upstream sent %d bytes for three pulls of a %d byte blob (%.2f x)", got, size, float64(got)/size)
+	}
+	// One node, the digest's owner, fetched from upstream; every other node
+	// got its pieces from peers.
+	owners := 0
+	for i, p := range c.nodes {
+		st := stats(t, p, d)
+		t.Logf("%s: %v", c.ids[i], st.Sources)
+		if st.Sources["upstream"] > 0 {
+			owners++
+			continue
+		}
+		if pb := peerBytes(st); pb != size {
+			t.Errorf("%s: %d of %d bytes from peers (sources %v)", c.ids[i], pb, size, st.Sources)
+		}
+	}
+	if owners != 1 {
+		t.Errorf("%d nodes fetched from upstream, want 1", owners)
+	}
+}
+
+func TestClusterConcurrentColdPull(t *testing.T) {
+	c := startCluster(t, 4)
+	const size = 256 << 20
+	d := pushBlob(t, c.reg, size, 12)
+	var wg sync.WaitGroup
+	errs := make([]error, len(c.nodes))
+	for i := range c.nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, errs[i] = fetchVerified(c.url(i, "cluster/blob", d), d)
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("%s: %v", c.ids[i], err)
+		}
+	}
+	got := c.reg.BlobBytes()
+	t.Logf("4 nodes at once: upstream sent %.3f x the blob", float64(got)/size)
+	if got > size*11/10 {
+		t.Errorf("upstream sent %d bytes (%.2f x blob), want <= 1.1 x", got, float64(got)/size)
+	}
+	for i, p := range c.nodes {
+		st := stats(t, p, d)
+		t.Logf("%s: %v", c.ids[i], st.Sources)
+	}
+}
+
+// A node pulling while its parents die still completes with the right
+// digest: the owner killed mid-transfer, then the rest from whoever is left.
+func TestClusterOwnerKilledMidTransfer(t *testing.T) {
+	c := startCluster(t, 3)
+	const size = 128 << 20
+	d := pushBlob(t, c.reg, size, 13)
+	c.reg.SetPace(32 << 20) // slow enough to kill mid-way
+	// Find the owner: the node that fetches upstream for a pull through another.
+	got := make(chan error, 1)
+	go func() { _, err := fetchVerified(c.url(0, "cluster/blob", d), d); got <- err }()
+	deadline := time.Now().Add(20 * time.Second)
+	for c.reg.BlobBytes() < size/4 {
+		if time.Now().After(deadline) {
+			t.Fatal("no progress upstream")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	ownerIdx := -1
+	for i, p := range c.nodes {
+		if strings.Contains(p.output(), `"from_upstream"`) || stats(t, p, d).Sources["upstream"] > 0 {
+			ownerIdx = i
+		}
+	}
+	if ownerIdx < 0 {
+		t.Fatal("no node is fetching upstream")
+	}
+	t.Logf("owner %s killed at %d upstream bytes", c.ids[ownerIdx], c.reg.BlobBytes())
+	c.nodes[ownerIdx].cmd.Process.Kill()
+	if ownerIdx == 0 {
+		// The client's own node died: pull again through another.
+		<-got
+		go func() { _, err := fetchVerified(c.url(1, "cluster/blob", d), d); got <- err }()
+	}
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatalf("pull after the owner died: %v", err)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatal("pull did not finish after the owner died")
+	}
+}
+
+func fetchVerified(url, d string) (int64, error) {
+	n, got, err := getBlob(context.Background(), url)
+	if err != nil {
+		return n, err
+	}
+	if got != digest.Digest(d) {
+		return n, fmt.Errorf("got digest %s, want %s", got, d)
+	}
+	return n, nil
+}

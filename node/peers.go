@@ -1,0 +1,169 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/config"
+	"github.com/registry-proxy/registry-proxy/p2p/collector"
+	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
+	"github.com/registry-proxy/registry-proxy/p2p/membership"
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/p2p/peer"
+	"github.com/registry-proxy/registry-proxy/p2p/statesync"
+	"github.com/registry-proxy/registry-proxy/p2p/swarm"
+	"github.com/registry-proxy/registry-proxy/p2p/transfer"
+	"github.com/registry-proxy/registry-proxy/proxy/upstream"
+	"github.com/registry-proxy/registry-proxy/task"
+)
+
+// peers is the P2P side of a node.
+type peers struct {
+	self      membership.Member
+	members   *membership.Membership
+	pool      *transfer.Pool
+	syncer    *statesync.Syncer
+	server    *peer.Server
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+}
+
+func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, up *upstream.Client,
+	collOpts collector.Options, taskOpts task.Options, log *slog.Logger) (*peers, *task.Manager, error) {
+	id := cfg.P2P.NodeID
+	if id == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return nil, nil, fmt.Errorf("p2p: node id: %w", err)
+		}
+		id = h
+	}
+	ln, err := net.Listen("tcp", cfg.P2P.PeerListen)
+	if err != nil {
+		return nil, nil, fmt.Errorf("p2p: listen %s: %w", cfg.P2P.PeerListen, err)
+	}
+	addr := cfg.P2P.Advertise
+	if addr == "" {
+		addr = ln.Addr().String()
+		if host, _, _ := net.SplitHostPort(addr); net.ParseIP(host).IsUnspecified() {
+			ln.Close()
+			return nil, nil, fmt.Errorf("p2p: peer_listen %s is a wildcard: set advertise to the address peers reach", cfg.P2P.PeerListen)
+		}
+	}
+	p := &peers{self: membership.Member{ID: id, Addr: addr}, pool: transfer.NewPool(transfer.Options{})}
+	bg, cancel := context.WithCancel(context.Background())
+	p.cancel = cancel
+
+	meter := hoststate.New(hoststate.Options{
+		Counters:    hoststate.SysCounters{Iface: cfg.Upload.Interface, DataDir: cfg.DataDir},
+		MaxTxBps:    uint64(cfg.Upload.MaxTx),
+		MaxRxBps:    uint64(cfg.Upload.MaxRx),
+		UploadLimit: cfg.Upload.Limit,
+		UploadRate:  uint64(cfg.Upload.Rate),
+	})
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		var warned bool
+		meter.Run(bg, time.Second, func(err error) {
+			if !warned {
+				log.Warn("host state: some counters unreadable", "err", err)
+				warned = true
+			}
+		})
+	}()
+
+	if cfg.Upload.Syncer.Enable {
+		p.syncer = statesync.NewSyncer(statesync.SyncerOptions{
+			HostID: id, Dial: p.pool.HostSyncDial, Interval: cfg.Upload.Syncer.Interval,
+			Capacity: cfg.Upload.Syncer.Capacity, Logger: log,
+		})
+		collOpts.State = func(parent string) (*pb.HostState, bool) {
+			st, _, ok := p.syncer.State(parent)
+			return st, ok
+		}
+	}
+	if p.members, err = membership.Start(ctx, membership.Options{NodeID: id, PeerAddr: addr, Join: cfg.P2P.Join, Logger: log}); err != nil {
+		ln.Close()
+		p.close(ctx)
+		return nil, nil, err
+	}
+	swOpts := swarm.Options{
+		Self:      p.self,
+		Members:   p.members.Members,
+		Pool:      p.pool,
+		Collector: collector.New(collOpts),
+		Store:     store,
+		Upstream:  up,
+		MaxPeers:  cfg.P2P.MaxPeers,
+		Logger:    log,
+	}
+	if p.syncer != nil {
+		swOpts.Follow = p.syncer.Follow
+	}
+	sw := swarm.New(swOpts)
+	taskOpts.Fill = sw.Fill
+	tasks := task.NewManager(taskOpts)
+	sw.Bind(tasks)
+
+	hostSync := statesync.NewServer(statesync.ServerOptions{
+		Self: func() *pb.Host {
+			st := meter.State()
+			return &pb.Host{Id: id, Addr: addr, State: &pb.HostState{
+				TxBandwidth: st.TxBps, RxBandwidth: st.RxBps, MaxTxBandwidth: st.MaxTxBps, MaxRxBandwidth: st.MaxRxBps,
+				UploadsInFlight: st.UploadsInFlight, UploadLimit: st.UploadLimit, UploadRateLimit: st.UploadRateLimit,
+				DiskReadBandwidth: st.DiskReadBps, FreeBytes: st.FreeBytes, MeasuredAt: st.MeasuredAt.UnixNano(),
+			}}
+		},
+		Interval: cfg.Upload.Syncer.Interval,
+		Capacity: cfg.Upload.Syncer.Capacity,
+		Logger:   log,
+	})
+	p.server = peer.NewServer(peer.Options{Source: sw, Meter: meter, HostSync: hostSync, Tracker: sw, Logger: log})
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		if err := p.server.Serve(ln); err != nil {
+			log.Error("peer server stopped", "err", err)
+		}
+	}()
+	return p, tasks, nil
+}
+
+func (p *peers) close(ctx context.Context) error {
+	if p == nil {
+		return nil
+	}
+	var errs []error
+	p.closeOnce.Do(func() {
+		if p.server != nil {
+			errs = append(errs, p.server.Shutdown(ctx))
+		}
+		if p.members != nil {
+			errs = append(errs, p.members.Close())
+		}
+		if p.syncer != nil {
+			p.syncer.Close()
+		}
+		p.cancel()
+		p.wg.Wait()
+		p.pool.Close()
+	})
+	return errors.Join(errs...)
+}
+
+// membersFunc lists live members for the debug endpoint; nil without peers.
+func (p *peers) membersFunc() func() any {
+	if p == nil {
+		return nil
+	}
+	return func() any { return p.members.Members() }
+}

@@ -1,0 +1,219 @@
+// Package membership tracks which registry-proxy nodes are alive, with
+// hashicorp/memberlist gossip. Nodes join through static seeds (other nodes'
+// peer addresses) or a DNS name re-resolved now and then (a Kubernetes
+// headless Service). Gossip runs on the peer port plus one.
+package membership
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// Member is a live node.
+type Member struct {
+	ID   string
+	Addr string // peer address: gRPC and piece data
+}
+
+// Options configure membership.
+type Options struct {
+	NodeID string
+	// PeerAddr is this node's peer address as others reach it (host:port).
+	PeerAddr string
+	// Join lists seeds: peer addresses host:port, or dns:NAME:PORT.
+	Join []string
+	// Rejoin is how often seeds are tried again (and DNS re-resolved) while
+	// this node sees no other member, and always for DNS seeds.
+	Rejoin time.Duration
+	// Resolve looks up a DNS name; net.DefaultResolver when nil.
+	Resolve func(ctx context.Context, host string) ([]string, error)
+	Logger  *slog.Logger
+}
+
+// Membership is this node's view of the cluster.
+type Membership struct {
+	opts   Options
+	log    *slog.Logger
+	ml     *memberlist.Memberlist
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// GossipAddr derives the gossip address from a peer address: port + 1.
+func GossipAddr(peerAddr string) (string, error) {
+	host, port, err := net.SplitHostPort(peerAddr)
+	if err != nil {
+		return "", fmt.Errorf("membership: peer address %q: %w", peerAddr, err)
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p <= 0 || p >= 65535 {
+		return "", fmt.Errorf("membership: peer address %q: bad port", peerAddr)
+	}
+	return net.JoinHostPort(host, strconv.Itoa(p+1)), nil
+}
+
+type meta string
+
+func (m meta) NodeMeta(limit int) []byte                { return []byte(m)[:min(len(m), limit)] }
+func (meta) NotifyMsg([]byte)                           {}
+func (meta) GetBroadcasts(overhead, limit int) [][]byte { return nil }
+func (meta) LocalState(join bool) []byte                { return nil }
+func (meta) MergeRemoteState(buf []byte, join bool)     {}
+
+// Start joins the cluster (or starts one alone).
+func Start(ctx context.Context, opts Options) (*Membership, error) {
+	if opts.NodeID == "" {
+		return nil, errors.New("membership: node id required")
+	}
+	if opts.Rejoin <= 0 {
+		opts.Rejoin = 15 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.Resolve == nil {
+		opts.Resolve = net.DefaultResolver.LookupHost
+	}
+	gossip, err := GossipAddr(opts.PeerAddr)
+	if err != nil {
+		return nil, err
+	}
+	host, port, _ := net.SplitHostPort(gossip)
+	p, _ := strconv.Atoi(port)
+	logger := opts.Logger.With("component", "membership")
+
+	cfg := memberlist.DefaultLANConfig()
+	cfg.Name = opts.NodeID
+	cfg.BindAddr, cfg.BindPort = host, p
+	cfg.AdvertiseAddr, cfg.AdvertisePort = host, p
+	cfg.Delegate = meta(opts.PeerAddr)
+	cfg.Logger = log.New(&logWriter{logger}, "", 0)
+	ml, err := memberlist.Create(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("membership: gossip on %s: %w", gossip, err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	m := &Membership{opts: opts, log: logger, ml: ml, cancel: cancel}
+	m.join(ctx)
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		m.rejoin(ctx)
+	}()
+	return m, nil
+}
+
+// seeds resolves the join list into gossip addresses.
+func (m *Membership) seeds(ctx context.Context) []string {
+	var out []string
+	for _, s := range m.opts.Join {
+		if rest, ok := strings.CutPrefix(s, "dns:"); ok {
+			name, port, err := net.SplitHostPort(rest)
+			if err != nil {
+				m.log.Warn("bad DNS seed", "seed", s, "err", err)
+				continue
+			}
+			ips, err := m.opts.Resolve(ctx, name)
+			if err != nil {
+				m.log.Warn("resolving seed", "name", name, "err", err)
+				continue
+			}
+			for _, ip := range ips {
+				if g, err := GossipAddr(net.JoinHostPort(ip, port)); err == nil {
+					out = append(out, g)
+				}
+			}
+			continue
+		}
+		if g, err := GossipAddr(s); err == nil {
+			out = append(out, g)
+		} else {
+			m.log.Warn("bad seed", "seed", s, "err", err)
+		}
+	}
+	return out
+}
+
+func (m *Membership) join(ctx context.Context) {
+	seeds := m.seeds(ctx)
+	if len(seeds) == 0 {
+		return
+	}
+	n, err := m.ml.Join(seeds)
+	if err != nil && n == 0 {
+		m.log.Debug("join found nobody yet", "seeds", seeds, "err", err)
+		return
+	}
+	m.log.Info("joined", "contacted", n, "members", m.ml.NumMembers())
+}
+
+func (m *Membership) rejoin(ctx context.Context) {
+	dns := false
+	for _, s := range m.opts.Join {
+		dns = dns || strings.HasPrefix(s, "dns:")
+	}
+	t := time.NewTicker(m.opts.Rejoin)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if dns || m.ml.NumMembers() <= 1 {
+				m.join(ctx)
+			}
+		}
+	}
+}
+
+// Members returns the live members, this node included, sorted by id.
+func (m *Membership) Members() []Member {
+	var out []Member
+	for _, n := range m.ml.Members() {
+		out = append(out, Member{ID: n.Name, Addr: string(n.Meta)})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// Self is this node's id.
+func (m *Membership) Self() string { return m.opts.NodeID }
+
+// Close leaves the cluster and stops gossip.
+func (m *Membership) Close() error {
+	m.cancel()
+	m.wg.Wait()
+	err := m.ml.Leave(2 * time.Second)
+	return errors.Join(err, m.ml.Shutdown())
+}
+
+// logWriter sends memberlist's log lines to slog at debug level, warnings
+// and errors at their own.
+type logWriter struct{ l *slog.Logger }
+
+func (w *logWriter) Write(b []byte) (int, error) {
+	s := strings.TrimSpace(string(b))
+	switch {
+	case strings.Contains(s, "[ERR]"):
+		w.l.Warn(s)
+	case strings.Contains(s, "[WARN]"):
+		w.l.Debug(s)
+	default:
+		w.l.Debug(s)
+	}
+	return len(b), nil
+}
+
+var _ io.Writer = (*logWriter)(nil)

@@ -1,0 +1,243 @@
+// Package peer serves this node to its peers on the peer address: piece bytes
+// over plain HTTP (GET /pieces/<digest>/<index>, sendfile from the blob or the
+// partial file), and the gRPC services (SyncHost, WatchPieces, Register) on
+// the same port over HTTP/2 without TLS. It serves content by digest only.
+package peer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+
+	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/piece"
+)
+
+// ErrNoPiece means this node does not have the piece (yet).
+var ErrNoPiece = errors.New("peer: piece not here")
+
+// Snapshot is what this node has of one blob now.
+type Snapshot struct {
+	Plan     piece.Plan
+	Done     []bool
+	CRC      []uint32 // valid where Done; zero for a complete blob
+	Fetching []int
+	Complete bool
+}
+
+// Source is the content this node can serve.
+type Source interface {
+	// Snapshot returns what the node has of d and a channel closed at the
+	// next change; ok is false when it has nothing of d.
+	Snapshot(d digest.Digest) (s Snapshot, changed <-chan struct{}, ok bool)
+	// OpenPiece opens the file holding piece i of d; the caller calls
+	// release when done with it.
+	OpenPiece(d digest.Digest, i int) (f *os.File, off, n int64, release func(), err error)
+}
+
+// Options configure a Server.
+type Options struct {
+	Source   Source
+	Meter    *hoststate.Meter
+	HostSync pb.HostSyncServer
+	Tracker  pb.TrackerServer
+	Logger   *slog.Logger
+}
+
+// Server is the peer endpoint.
+type Server struct {
+	pb.UnimplementedPiecesServer
+	opts Options
+	log  *slog.Logger
+	grpc *grpc.Server
+	http *http.Server
+}
+
+// NewServer returns a peer server.
+func NewServer(opts Options) *Server {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	s := &Server{opts: opts, log: opts.Logger.With("component", "peer-server")}
+	s.grpc = grpc.NewServer(grpc.MaxRecvMsgSize(1 << 20))
+	pb.RegisterHostSyncServer(s.grpc, opts.HostSync)
+	pb.RegisterPiecesServer(s.grpc, s)
+	pb.RegisterTrackerServer(s.grpc, opts.Tracker)
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(s.grpc, hs)
+	reflection.Register(s.grpc)
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /pieces/{digest}/{index}", s.servePiece)
+	var protos http.Protocols
+	protos.SetHTTP1(true)
+	protos.SetUnencryptedHTTP2(true)
+	s.http = &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc") {
+				s.grpc.ServeHTTP(w, r)
+				return
+			}
+			mux.ServeHTTP(w, r)
+		}),
+		Protocols:         &protos,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    16 << 10,
+	}
+	return s
+}
+
+// Serve serves on ln until Shutdown.
+func (s *Server) Serve(ln net.Listener) error {
+	err := s.http.Serve(ln)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// Shutdown stops serving; streams are cut.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.grpc.Stop()
+	return s.http.Shutdown(ctx)
+}
+
+func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
+	d, err := digest.Parse(r.PathValue("digest"))
+	if err != nil {
+		http.Error(w, "bad digest", http.StatusBadRequest)
+		return
+	}
+	i, err := strconv.Atoi(r.PathValue("index"))
+	if err != nil || i < 0 {
+		http.Error(w, "bad piece index", http.StatusBadRequest)
+		return
+	}
+	if s.opts.Meter != nil {
+		done, err := s.opts.Meter.BeginUpload()
+		if err != nil {
+			w.Header().Set("Retry-After", "1")
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		defer done()
+	}
+	f, off, n, release, err := s.opts.Source.OpenPiece(d, i)
+	if err != nil {
+		if errors.Is(err, ErrNoPiece) {
+			http.Error(w, "piece not here", http.StatusNotFound)
+			return
+		}
+		s.log.Warn("opening piece", "digest", d, "piece", i, "err", err)
+		http.Error(w, "cannot read piece", http.StatusInternalServerError)
+		return
+	}
+	defer release()
+	if _, err := f.Seek(off, io.SeekStart); err != nil {
+		http.Error(w, "cannot read piece", http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
+	var dst io.Writer = w
+	if s.opts.Meter != nil && s.opts.Meter.Limiter() != nil {
+		dst = &pacedWriter{w: w, ctx: r.Context(), m: s.opts.Meter}
+	}
+	// To an *http.response with an *os.File behind a LimitedReader the
+	// kernel's sendfile does the copy.
+	if _, err := io.Copy(dst, &io.LimitedReader{R: f, N: n}); err != nil && r.Context().Err() == nil {
+		s.log.Debug("sending piece", "digest", d, "piece", i, "err", err)
+	}
+}
+
+// pacedWriter holds uploads to the configured rate.
+type pacedWriter struct {
+	w   io.Writer
+	ctx context.Context
+	m   *hoststate.Meter
+}
+
+func (p *pacedWriter) Write(b []byte) (int, error) {
+	lim := p.m.Limiter()
+	written := 0
+	for len(b) > 0 {
+		chunk := b[:min(len(b), 256<<10)]
+		if err := lim.WaitN(p.ctx, len(chunk)); err != nil {
+			return written, err
+		}
+		n, err := p.w.Write(chunk)
+		written += n
+		if err != nil {
+			return written, err
+		}
+		b = b[len(chunk):]
+	}
+	return written, nil
+}
+
+// WatchPieces implements pb.PiecesServer.
+func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchPiecesServer) error {
+	d, err := digest.Parse(req.GetDigest())
+	if err != nil {
+		return status.Errorf(codes.InvalidArgument, "digest: %v", err)
+	}
+	snap, changed, ok := s.opts.Source.Snapshot(d)
+	if !ok {
+		return status.Errorf(codes.NotFound, "%s: not here", d)
+	}
+	sent := make([]bool, len(snap.Done))
+	var lastFetching string
+	first := true
+	for {
+		up := &pb.PieceUpdate{Digest: d.String(), Size: snap.Plan.Size, PieceSize: snap.Plan.PieceSize, Complete: snap.Complete}
+		for i, done := range snap.Done {
+			if done && !sent[i] && !snap.Complete {
+				up.Pieces = append(up.Pieces, &pb.Piece{Index: uint32(i), Checksum: snap.CRC[i]})
+				sent[i] = true
+			}
+		}
+		fetching := fmt.Sprint(snap.Fetching)
+		if first || len(up.Pieces) > 0 || snap.Complete || fetching != lastFetching {
+			for _, f := range snap.Fetching {
+				up.Fetching = append(up.Fetching, uint32(f))
+			}
+			if err := stream.Send(up); err != nil {
+				return err
+			}
+			lastFetching, first = fetching, false
+		}
+		if snap.Complete {
+			return nil
+		}
+		select {
+		case <-stream.Context().Done():
+			return nil
+		case <-changed:
+		case <-time.After(time.Second): // fetching lists change without a signal
+		}
+		if snap, changed, ok = s.opts.Source.Snapshot(d); !ok {
+			return status.Errorf(codes.Unavailable, "%s: download stopped here", d)
+		}
+		if len(sent) != len(snap.Done) {
+			return status.Errorf(codes.Aborted, "%s: piece plan changed", d)
+		}
+	}
+}

@@ -1,0 +1,358 @@
+// Package swarm runs a blob's download across the cluster: it finds the
+// digest's owner by rendezvous hashing over the live members, registers with
+// it to learn which peers have pieces, follows those peers' piece metadata
+// and host state, and feeds them as parents to the collector. Only the owner
+// (or, when it cannot be reached, the next in rank, and at last anyone) may
+// go to the upstream. It also serves this node's side: the tracker for the
+// digests it owns, and what it has of each blob for its peers.
+package swarm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/p2p/collector"
+	"github.com/registry-proxy/registry-proxy/p2p/membership"
+	"github.com/registry-proxy/registry-proxy/p2p/owner"
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/p2p/peer"
+	"github.com/registry-proxy/registry-proxy/p2p/transfer"
+	"github.com/registry-proxy/registry-proxy/piece"
+	"github.com/registry-proxy/registry-proxy/task"
+)
+
+// Options configure a Swarm.
+type Options struct {
+	Self      membership.Member
+	Members   func() []membership.Member
+	Pool      *transfer.Pool
+	Collector *collector.Collector
+	// Follow registers a parent with the host-state syncer; may be nil.
+	Follow   func(id, addr string)
+	Store    *blobstore.Store
+	Upstream collector.BlobSource
+	// MaxPeers bounds the peer list an owner hands out.
+	MaxPeers int
+	// Refresh is how often a download re-checks its owner and peer list.
+	Refresh time.Duration
+	Logger  *slog.Logger
+}
+
+// Swarm coordinates downloads with the other nodes.
+type Swarm struct {
+	pb.UnimplementedTrackerServer
+	opts  Options
+	log   *slog.Logger
+	tasks *task.Manager
+
+	mu      sync.Mutex
+	runs    map[digest.Digest]*collector.Run
+	tracked map[digest.Digest]map[string]trackedPeer
+}
+
+type trackedPeer struct {
+	addr string
+	seen time.Time
+}
+
+// New returns a swarm; Bind gives it the task manager.
+func New(opts Options) *Swarm {
+	if opts.MaxPeers <= 0 {
+		opts.MaxPeers = 32
+	}
+	if opts.Refresh <= 0 {
+		opts.Refresh = 2 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	return &Swarm{
+		opts:    opts,
+		log:     opts.Logger.With("component", "swarm"),
+		runs:    map[digest.Digest]*collector.Run{},
+		tracked: map[digest.Digest]map[string]trackedPeer{},
+	}
+}
+
+// Bind sets the task manager (which is built with Fill).
+func (s *Swarm) Bind(tasks *task.Manager) { s.tasks = tasks }
+
+// Fill collects job's pieces from the cluster; it is the task manager's Fill.
+func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) error {
+	d := req.Digest
+	run := s.opts.Collector.NewRun(job)
+	run.SetUpstream(collector.NewUpstreamParent(s.opts.Upstream, req.Registry, req.Repo, d, req.Header), req.UpstreamOnly)
+	s.mu.Lock()
+	s.runs[d] = run
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		if s.runs[d] == run {
+			delete(s.runs, d)
+		}
+		s.mu.Unlock()
+	}()
+	if req.UpstreamOnly {
+		return run.Run(ctx)
+	}
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	var wmu sync.Mutex
+	watching := map[string]bool{}
+	plan := job.Plan()
+	addParent := func(id, addr string) {
+		if id == s.opts.Self.ID || addr == "" {
+			return
+		}
+		wmu.Lock()
+		if watching[id] {
+			wmu.Unlock()
+			return
+		}
+		watching[id] = true
+		wmu.Unlock()
+		run.AddParent(s.opts.Pool.Parent(id, addr, d))
+		if s.opts.Follow != nil {
+			s.opts.Follow(id, addr)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := s.opts.Pool.Watch(ctx, addr, d, s.opts.Self.ID, func(up *pb.PieceUpdate) {
+				if up.GetSize() != plan.Size || up.GetPieceSize() != plan.PieceSize {
+					s.log.Warn("peer's piece plan differs; ignoring it", "peer", id, "digest", d, "size", up.GetSize(), "piece_size", up.GetPieceSize())
+					cancel()
+					return
+				}
+				if up.GetComplete() {
+					run.AnnounceComplete(id)
+					return
+				}
+				has := make(map[int]uint32, len(up.GetPieces()))
+				for _, p := range up.GetPieces() {
+					has[int(p.GetIndex())] = p.GetChecksum()
+				}
+				fetching := make([]int, 0, len(up.GetFetching()))
+				for _, f := range up.GetFetching() {
+					fetching = append(fetching, int(f))
+				}
+				run.Announce(id, has, fetching)
+			})
+			if ctx.Err() != nil {
+				return
+			}
+			if err != nil {
+				s.log.Debug("piece stream ended", "peer", id, "digest", d, "err", err)
+				run.RemoveParent(id)
+			}
+			wmu.Lock()
+			delete(watching, id)
+			wmu.Unlock()
+		}()
+	}
+
+	coordinate := func() {
+		members := s.opts.Members()
+		addrs := map[string]string{}
+		ids := make([]string, 0, len(members))
+		for _, m := range members {
+			addrs[m.ID] = m.Addr
+			ids = append(ids, m.ID)
+		}
+		for _, id := range owner.Rank(d.String(), ids) {
+			if id == s.opts.Self.ID {
+				// This node owns the digest now: it goes upstream, and
+				// takes pieces from whoever registered.
+				run.AllowUpstream(true)
+				for _, p := range s.peersOf(d, "") {
+					addParent(p.Id, p.Addr)
+				}
+				return
+			}
+			rctx, rcancel := context.WithTimeout(ctx, 3*time.Second)
+			resp, err := s.opts.Pool.Register(rctx, addrs[id], &pb.RegisterRequest{
+				Digest: d.String(), HostId: s.opts.Self.ID, Addr: s.opts.Self.Addr,
+				Registry: req.Registry, Repository: req.Repo, Authorization: req.Header.Get("Authorization"),
+			})
+			rcancel()
+			if err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				s.log.Warn("owner did not answer; trying the next in rank", "owner", id, "digest", d, "err", err)
+				continue
+			}
+			run.AllowUpstream(false)
+			addParent(id, addrs[id])
+			for _, p := range resp.GetPeers() {
+				addParent(p.GetId(), p.GetAddr())
+			}
+			return
+		}
+		s.log.Warn("no owner answered; fetching from upstream", "digest", d)
+		run.AllowUpstream(true)
+	}
+
+	coordinate()
+	errc := make(chan error, 1)
+	go func() { errc <- run.Run(ctx) }()
+	t := time.NewTicker(s.opts.Refresh)
+	defer t.Stop()
+	for {
+		select {
+		case err := <-errc:
+			s.logPicks(d, run)
+			return err
+		case <-t.C:
+			coordinate()
+		}
+	}
+}
+
+func (s *Swarm) logPicks(d digest.Digest, run *collector.Run) {
+	picks := run.Picks()
+	attrs := []any{"digest", d}
+	keys := make([]string, 0, len(picks))
+	for k := range picks {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		attrs = append(attrs, "pieces_from_"+k, picks[k])
+	}
+	s.log.Info("pieces by parent", attrs...)
+}
+
+// Register implements pb.TrackerServer: a node fetching a digest this node
+// owns. The owner starts fetching the blob itself if no download runs here.
+func (s *Swarm) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
+	d, err := digest.Parse(req.GetDigest())
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "digest: %v", err)
+	}
+	if req.GetHostId() == "" || req.GetAddr() == "" {
+		return nil, status.Error(codes.InvalidArgument, "host_id and addr are required")
+	}
+	peers := s.peersOf(d, req.GetHostId())
+	s.mu.Lock()
+	if s.tracked[d] == nil {
+		s.tracked[d] = map[string]trackedPeer{}
+	}
+	s.tracked[d][req.GetHostId()] = trackedPeer{addr: req.GetAddr(), seen: time.Now()}
+	s.mu.Unlock()
+
+	resp := &pb.RegisterResponse{Peers: peers}
+	if size, err := s.opts.Store.Stat(d); err == nil {
+		resp.Size = size
+		return resp, nil
+	}
+	if s.tasks == nil {
+		return resp, nil
+	}
+	hdr := http.Header{}
+	if a := req.GetAuthorization(); a != "" {
+		hdr.Set("Authorization", a)
+	}
+	t, err := s.tasks.Open(ctx, task.Request{Digest: d, Registry: req.GetRegistry(), Repo: req.GetRepository(), Header: hdr})
+	switch {
+	case errors.Is(err, task.ErrComplete):
+		resp.Size, _ = s.opts.Store.Stat(d)
+	case err != nil:
+		return nil, status.Errorf(codes.Unavailable, "owner cannot fetch %s: %v", d, err)
+	default:
+		resp.Size = t.Size()
+	}
+	return resp, nil
+}
+
+// peersOf lists the most recently registered nodes for d, except one.
+func (s *Swarm) peersOf(d digest.Digest, except string) []*pb.PeerRef {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	type e struct {
+		id string
+		trackedPeer
+	}
+	var all []e
+	for id, tp := range s.tracked[d] {
+		if id != except {
+			all = append(all, e{id, tp})
+		}
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].seen.After(all[j].seen) })
+	var out []*pb.PeerRef
+	for _, p := range all[:min(len(all), s.opts.MaxPeers)] {
+		out = append(out, &pb.PeerRef{Id: p.id, Addr: p.addr})
+	}
+	return out
+}
+
+// Snapshot implements peer.Source.
+func (s *Swarm) Snapshot(d digest.Digest) (peer.Snapshot, <-chan struct{}, bool) {
+	if size, err := s.opts.Store.Stat(d); err == nil {
+		plan := piece.PlanFor(size)
+		done := make([]bool, plan.Count())
+		for i := range done {
+			done[i] = true
+		}
+		return peer.Snapshot{Plan: plan, Done: done, CRC: make([]uint32, len(done)), Complete: true}, nil, true
+	}
+	if s.tasks == nil {
+		return peer.Snapshot{}, nil, false
+	}
+	t, ok := s.tasks.Lookup(d)
+	if !ok {
+		return peer.Snapshot{}, nil, false
+	}
+	ch := t.Changed()
+	done, crc := t.Pieces()
+	snap := peer.Snapshot{Plan: t.Plan(), Done: done, CRC: crc}
+	s.mu.Lock()
+	if run := s.runs[d]; run != nil {
+		snap.Fetching = run.InFlight()
+	}
+	s.mu.Unlock()
+	return snap, ch, true
+}
+
+// OpenPiece implements peer.Source.
+func (s *Swarm) OpenPiece(d digest.Digest, i int) (*os.File, int64, int64, func(), error) {
+	if b, err := s.opts.Store.Get(d); err == nil {
+		plan := piece.PlanFor(b.Size)
+		if i >= plan.Count() {
+			b.Close()
+			return nil, 0, 0, nil, peer.ErrNoPiece
+		}
+		off, n := plan.Range(i)
+		return b.File, off, n, func() { b.Close() }, nil
+	}
+	if s.tasks == nil {
+		return nil, 0, 0, nil, peer.ErrNoPiece
+	}
+	t, ok := s.tasks.Lookup(d)
+	if !ok || i >= t.Plan().Count() || !t.Has(i) {
+		return nil, 0, 0, nil, peer.ErrNoPiece
+	}
+	f, err := t.OpenFile()
+	if err != nil {
+		return nil, 0, 0, nil, fmt.Errorf("swarm: open %s: %w", d, err)
+	}
+	off, n := t.Plan().Range(i)
+	return f, off, n, func() { f.Close() }, nil
+}

@@ -1,0 +1,159 @@
+// Package transfer is the client side of the peer protocol: pooled gRPC
+// connections for control, and pooled keep-alive HTTP connections for piece
+// bytes.
+package transfer
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/registry-proxy/registry-proxy/p2p/collector"
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
+)
+
+// Options configure a Pool.
+type Options struct {
+	// DialContext dials peers; a net.Dialer when nil.
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+}
+
+// Pool holds connections to peers.
+type Pool struct {
+	dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	http *http.Client
+
+	mu    sync.Mutex
+	conns map[string]*grpc.ClientConn
+}
+
+// NewPool returns a pool; Close releases it.
+func NewPool(opts Options) *Pool {
+	dial := opts.DialContext
+	if dial == nil {
+		dial = (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext
+	}
+	return &Pool{
+		dial: dial,
+		http: &http.Client{Transport: &http.Transport{
+			DialContext:           dial,
+			MaxIdleConnsPerHost:   16,
+			IdleConnTimeout:       90 * time.Second,
+			ResponseHeaderTimeout: 10 * time.Second,
+			DisableCompression:    true,
+		}},
+		conns: map[string]*grpc.ClientConn{},
+	}
+}
+
+// Close closes every connection.
+func (p *Pool) Close() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = map[string]*grpc.ClientConn{}
+	p.http.CloseIdleConnections()
+}
+
+// Conn returns the (shared) gRPC connection to a peer address.
+func (p *Pool) Conn(addr string) (*grpc.ClientConn, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if c, ok := p.conns[addr]; ok {
+		return c, nil
+	}
+	c, err := grpc.NewClient("passthrough:///"+addr,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithContextDialer(func(ctx context.Context, a string) (net.Conn, error) { return p.dial(ctx, "tcp", a) }))
+	if err != nil {
+		return nil, fmt.Errorf("transfer: dial %s: %w", addr, err)
+	}
+	p.conns[addr] = c
+	return c, nil
+}
+
+// HostSyncDial is the statesync.Dial over this pool.
+func (p *Pool) HostSyncDial(_ context.Context, addr string) (pb.HostSyncClient, func(), error) {
+	c, err := p.Conn(addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	return pb.NewHostSyncClient(c), func() {}, nil
+}
+
+// Register asks a digest's owner for the nodes that have its pieces.
+func (p *Pool) Register(ctx context.Context, addr string, req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
+	c, err := p.Conn(addr)
+	if err != nil {
+		return nil, err
+	}
+	return pb.NewTrackerClient(c).Register(ctx, req)
+}
+
+// Watch follows a peer's pieces of d, calling fn with each update, until the
+// stream ends; it returns nil when the peer said the blob is complete.
+func (p *Pool) Watch(ctx context.Context, addr string, d digest.Digest, self string, fn func(*pb.PieceUpdate)) error {
+	c, err := p.Conn(addr)
+	if err != nil {
+		return err
+	}
+	st, err := pb.NewPiecesClient(c).WatchPieces(ctx, &pb.WatchPiecesRequest{Digest: d.String(), HostId: self})
+	if err != nil {
+		return err
+	}
+	for {
+		up, err := st.Recv()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		fn(up)
+	}
+}
+
+// Parent returns a peer as a collector parent for blob d.
+func (p *Pool) Parent(id, addr string, d digest.Digest) collector.Parent {
+	return &peerParent{pool: p, id: id, addr: addr, digest: d}
+}
+
+type peerParent struct {
+	pool     *Pool
+	id, addr string
+	digest   digest.Digest
+}
+
+func (pp *peerParent) ID() string { return pp.id }
+
+func (pp *peerParent) Fetch(ctx context.Context, i int, _, n int64) (io.ReadCloser, error) {
+	url := "http://" + pp.addr + "/pieces/" + pp.digest.String() + "/" + strconv.Itoa(i)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := pp.pool.http.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("transfer: piece %d from %s: %w", i, pp.id, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		resp.Body.Close()
+		return nil, fmt.Errorf("transfer: piece %d from %s: %s", i, pp.id, resp.Status)
+	}
+	if resp.ContentLength != n {
+		resp.Body.Close()
+		return nil, fmt.Errorf("transfer: piece %d from %s: %d bytes, want %d", i, pp.id, resp.ContentLength, n)
+	}
+	return resp.Body, nil
+}
