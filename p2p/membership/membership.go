@@ -104,13 +104,13 @@ func Start(ctx context.Context, opts Options) (*Membership, error) {
 	if err != nil {
 		return nil, fmt.Errorf("membership: gossip on %s: %w", gossip, err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
+	bg, cancel := context.WithCancel(context.Background())
 	m := &Membership{opts: opts, log: logger, ml: ml, cancel: cancel}
 	m.join(ctx)
 	m.wg.Add(1)
 	go func() {
 		defer m.wg.Done()
-		m.rejoin(ctx)
+		m.rejoin(bg)
 	}()
 	return m, nil
 }
