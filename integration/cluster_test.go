@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -14,6 +16,7 @@ import (
 
 	"github.com/registry-proxy/registry-proxy/internal/ports"
 	"github.com/registry-proxy/registry-proxy/internal/testregistry"
+	"github.com/registry-proxy/registry-proxy/p2p/owner"
 	"github.com/registry-proxy/registry-proxy/task"
 )
 
@@ -226,4 +229,101 @@ func fetchVerified(url, d string) (int64, error) {
 		return n, fmt.Errorf("got digest %s, want %s", got, d)
 	}
 	return n, nil
+}
+
+// The digest's owner sends corrupt pieces: its children detect them by
+// checksum, block it, and finish from the upstream; nothing bad is served.
+func TestClusterCorruptParent(t *testing.T) {
+	reg := startRegistry(t)
+	const size = 64 << 20
+	d := pushBlob(t, reg, size, 14)
+	ids := []string{"node-a", "node-b", "node-c"}
+	ownerID := owner.Rank(d, ids)[0]
+	c := &cluster{reg: reg, ids: ids}
+	for range ids {
+		pa, err := ports.FreePair("127.0.0.1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.peers = append(c.peers, pa)
+	}
+	child := -1
+	for i, id := range ids {
+		if id == ownerID {
+			t.Setenv("REGISTRY_PROXY_FAULT_CORRUPT_PIECES", "1")
+		} else {
+			t.Setenv("REGISTRY_PROXY_FAULT_CORRUPT_PIECES", "0")
+			child = i
+		}
+		c.nodes = append(c.nodes, c.startNode(t, i))
+	}
+	c.waitMembers(t, len(ids))
+	if _, err := fetchVerified(c.url(child, "cluster/blob", d), d); err != nil {
+		t.Fatalf("pull through %s with a corrupt owner: %v", ids[child], err)
+	}
+	out := c.nodes[child].output()
+	if !strings.Contains(out, "piece checksum mismatch") || !strings.Contains(out, ownerID) {
+		t.Errorf("%s did not report the owner's bad pieces", ids[child])
+	}
+	if st := stats(t, c.nodes[child], d); st.Sources[ownerID] != 0 {
+		t.Errorf("bytes from the corrupt owner were kept: %v", st.Sources)
+	}
+}
+
+// One parent throttled to 4 MB/s among idle ones: with selector=state the
+// child takes few pieces from it; FCFS takes them from whoever announced first.
+func TestClusterThrottledParent(t *testing.T) {
+	const size = 64 << 20
+	for _, sel := range []string{"state", "fcfs"} {
+		t.Run(sel, func(t *testing.T) {
+			reg := startRegistry(t)
+			d := pushBlob(t, reg, size, 15)
+			ids := []string{"node-a", "node-b", "node-c", "node-d"}
+			rank := owner.Rank(d, ids)
+			throttled, puller, other := rank[1], rank[2], rank[3]
+			c := &cluster{reg: reg, ids: ids}
+			for range ids {
+				pa, err := ports.FreePair("127.0.0.1")
+				if err != nil {
+					t.Fatal(err)
+				}
+				c.peers = append(c.peers, pa)
+			}
+			idx := map[string]int{}
+			for i, id := range ids {
+				idx[id] = i
+				args := []string{"--selector", sel, "--config", writeTOML(t, "[upload.syncer]\ninterval = \"500ms\"\n")}
+				if id == throttled {
+					args[3] = writeTOML(t, "[upload]\nrate = \"4MB\"\n[upload.syncer]\ninterval = \"500ms\"\n")
+				}
+				c.nodes = append(c.nodes, c.startNode(t, i, args...))
+			}
+			c.waitMembers(t, len(ids))
+			for _, id := range []string{throttled, other} {
+				if _, err := fetchVerified(c.url(idx[id], "cluster/blob", d), d); err != nil {
+					t.Fatal(err)
+				}
+			}
+			start := time.Now()
+			if _, err := fetchVerified(c.url(idx[puller], "cluster/blob", d), d); err != nil {
+				t.Fatal(err)
+			}
+			took := time.Since(start)
+			st := stats(t, c.nodes[idx[puller]], d)
+			share := float64(st.Sources[throttled]) / size
+			t.Logf("selector=%s: %s pulled 64 MiB in %v; bytes by parent %v; throttled parent %s sent %.0f%%", sel, puller, took.Round(time.Millisecond), st.Sources, throttled, 100*share)
+			if sel == "state" && share > 0.2 {
+				t.Errorf("state selection took %.0f%% from the throttled parent", 100*share)
+			}
+		})
+	}
+}
+
+func writeTOML(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "c.toml")
+	if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

@@ -96,6 +96,30 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		p.close(ctx)
 		return nil, nil, err
 	}
+	if p.syncer != nil {
+		// Follow every member while they fit in the syncer, so a download's
+		// first choices already see its parents' state.
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			t := time.NewTicker(time.Second)
+			defer t.Stop()
+			for {
+				if ms := p.members.Members(); len(ms)-1 <= cfg.Upload.Syncer.Capacity/2 {
+					for _, m := range ms {
+						if m.ID != id {
+							p.syncer.Follow(m.ID, m.Addr)
+						}
+					}
+				}
+				select {
+				case <-bg.Done():
+					return
+				case <-t.C:
+				}
+			}
+		}()
+	}
 	swOpts := swarm.Options{
 		Self:      p.self,
 		Members:   p.members.Members,
@@ -127,7 +151,11 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		Capacity: cfg.Upload.Syncer.Capacity,
 		Logger:   log,
 	})
-	p.server = peer.NewServer(peer.Options{Source: sw, Meter: meter, HostSync: hostSync, Tracker: sw, Logger: log})
+	corrupt := os.Getenv("REGISTRY_PROXY_FAULT_CORRUPT_PIECES") == "1"
+	if corrupt {
+		log.Warn("fault injection: every piece sent to peers is corrupted (REGISTRY_PROXY_FAULT_CORRUPT_PIECES=1)")
+	}
+	p.server = peer.NewServer(peer.Options{Source: sw, Meter: meter, HostSync: hostSync, Tracker: sw, CorruptPieces: corrupt, Logger: log})
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()

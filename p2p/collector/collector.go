@@ -90,6 +90,9 @@ type Options struct {
 	BlockFor time.Duration
 	// Window is how many missing pieces ahead of the readers are candidates.
 	Window int
+	// StallTimeout lets the upstream send pieces that no peer could send
+	// for this long, even where only the owner should go upstream.
+	StallTimeout time.Duration
 	// Now is the clock; Rand the random source (tests make both fixed).
 	Now    func() time.Time
 	Rand   *rand.Rand
@@ -122,6 +125,9 @@ func New(opts Options) *Collector {
 	}
 	if opts.Window <= 0 {
 		opts.Window = 4 * opts.Concurrency
+	}
+	if opts.StallTimeout <= 0 {
+		opts.StallTimeout = 10 * time.Second
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now

@@ -338,3 +338,30 @@ func TestReaderWindowFirst(t *testing.T) {
 		t.Fatalf("first piece %d, want within the window from 60", p.asked[0])
 	}
 }
+
+func TestStalledPeersFallBackToUpstream(t *testing.T) {
+	job := newJob(3)
+	clk := &fixedClock{t: time.Unix(1e9, 0)}
+	c := New(Options{Concurrency: 1, Now: func() time.Time { return clk.t }, Rand: rand.New(rand.NewPCG(1, 2)), StallTimeout: time.Minute, BlockFor: time.Hour})
+	r := c.NewRun(job)
+	up := &fakeParent{id: UpstreamID, job: job}
+	r.SetUpstream(up, false) // not the owner
+	bad := &fakeParent{id: "owner", job: job, corrupt: true}
+	r.AddParent(bad)
+	r.Announce("owner", job.checksums(job.all()...), nil)
+	errc := make(chan error, 1)
+	go func() { errc <- r.Run(context.Background()) }()
+	// The owner's first piece fails its checksum and the owner is blocked;
+	// nothing else may send until the stall timeout passes.
+	time.Sleep(100 * time.Millisecond)
+	if up.count() != 0 || bad.count() != 1 {
+		t.Fatalf("upstream asked %d, owner %d times before the stall timeout", up.count(), bad.count())
+	}
+	r.mu.Lock()
+	clk.t = clk.t.Add(2 * time.Minute)
+	r.broadcastLocked()
+	r.mu.Unlock()
+	if err := <-errc; err != nil || job.from(UpstreamID) != 3 {
+		t.Fatalf("err %v, upstream sent %d", err, job.from(UpstreamID))
+	}
+}

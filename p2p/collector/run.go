@@ -42,6 +42,7 @@ type Run struct {
 	inflight      []bool
 	failures      []int
 	sequential    bool
+	progress      time.Time // last piece done by a peer
 }
 
 // NewRun starts the bookkeeping of a blob; Run fetches.
@@ -49,6 +50,7 @@ func (c *Collector) NewRun(job Job) *Run {
 	n := job.Plan().Count()
 	return &Run{
 		c: c, job: job, n: n,
+		progress:    c.opts.Now(),
 		changed:     make(chan struct{}),
 		parents:     map[string]*parentQueue{},
 		firstHolder: make([]string, n),
@@ -174,6 +176,18 @@ func (r *Run) Picks() map[string]int {
 	return out
 }
 
+// Weights returns each peer parent's current selection weight.
+func (r *Run) Weights() map[string]float64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := map[string]float64{}
+	for id := range r.parents {
+		st, ok := r.c.opts.State(id)
+		out[id] = Weight(st, ok)
+	}
+	return out
+}
+
 // InFlight returns the pieces being fetched now, for this node's own
 // announcements.
 func (r *Run) InFlight() []int {
@@ -255,6 +269,9 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 	r.inflight[i] = false
 	defer r.broadcastLocked()
 	if err == nil {
+		if !pq.upstream {
+			r.progress = r.c.opts.Now()
+		}
 		pq.picks++
 		_, n := r.job.Plan().Range(i)
 		pq.bytes += n
@@ -318,7 +335,11 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 	} else {
 		i, pq = r.pickState(win, now)
 	}
-	if pq == nil && r.upstream != nil && (r.allowUpstream || len(r.parents) == 0) {
+	stalled := now.Sub(r.progress) > r.c.opts.StallTimeout
+	if pq == nil && r.upstream != nil && (r.allowUpstream || len(r.parents) == 0 || stalled) {
+		if stalled && !r.allowUpstream {
+			r.c.log.Warn("no peer sent a piece in time; taking it from the upstream", "digest", r.job.Digest(), "piece", win[0], "stalled", now.Sub(r.progress).Round(time.Millisecond))
+		}
 		i, pq = win[0], r.upstream
 	}
 	if pq != nil {

@@ -58,7 +58,10 @@ type Options struct {
 	Meter    *hoststate.Meter
 	HostSync pb.HostSyncServer
 	Tracker  pb.TrackerServer
-	Logger   *slog.Logger
+	// CorruptPieces flips a byte of every piece sent: fault injection for
+	// tests of what children do with a lying parent. Never set in service.
+	CorruptPieces bool
+	Logger        *slog.Logger
 }
 
 // Server is the peer endpoint.
@@ -158,6 +161,9 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
 	var dst io.Writer = w
+	if s.opts.CorruptPieces {
+		dst = &corruptWriter{w: w}
+	}
 	if s.opts.Meter != nil && s.opts.Meter.Limiter() != nil {
 		dst = &pacedWriter{w: w, ctx: r.Context(), m: s.opts.Meter}
 	}
@@ -166,6 +172,20 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 	if _, err := io.Copy(dst, &io.LimitedReader{R: f, N: n}); err != nil && r.Context().Err() == nil {
 		s.log.Debug("sending piece", "digest", d, "piece", i, "err", err)
 	}
+}
+
+// corruptWriter flips the first byte it writes.
+type corruptWriter struct {
+	w    io.Writer
+	done bool
+}
+
+func (c *corruptWriter) Write(b []byte) (int, error) {
+	if !c.done && len(b) > 0 {
+		c.done = true
+		b = append([]byte{b[0] ^ 0xff}, b[1:]...)
+	}
+	return c.w.Write(b)
 }
 
 // pacedWriter holds uploads to the configured rate.

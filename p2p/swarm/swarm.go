@@ -236,6 +236,9 @@ func (s *Swarm) logPicks(d digest.Digest, run *collector.Run) {
 	for _, k := range keys {
 		attrs = append(attrs, "pieces_from_"+k, picks[k])
 	}
+	for k, w := range run.Weights() {
+		attrs = append(attrs, "weight_"+k, w)
+	}
 	s.log.Info("pieces by parent", attrs...)
 }
 
