@@ -327,3 +327,51 @@ func writeTOML(t *testing.T, body string) string {
 	}
 	return p
 }
+
+// A real containerd pulls, through one node, an image whose layers other
+// nodes already hold: the layers come from peers, not the upstream.
+func TestClusterContainerdPullsFromPeers(t *testing.T) {
+	needRoot(t)
+	_, img := sharedImage(t)
+	c := startCluster(t, 3)
+	// The cluster's upstream is a registry of its own: copy the image there.
+	img2, err := c.reg.PushImage(context.Background(), imageRepo, imageTag, layerFiles, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if img2.Digest != img.Digest {
+		t.Fatalf("image differs: %s vs %s", img2.Digest, img.Digest)
+	}
+	// Nodes 0 and 1 pull the layers first.
+	for _, i := range []int{0, 1} {
+		for _, l := range img2.Layers {
+			if _, err := fetchVerified(c.url(i, imageRepo, l.Digest), l.Digest); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	before := c.reg.BlobBytes()
+	ctd := startContainerd(t, containerds[0], c.nodes[2].Addr)
+	writeHostsDir(t, ctd.hosts, clusterRegistry, c.nodes[2].Addr)
+	ref := clusterRegistry + "/" + imageRepo + ":" + imageTag
+	ctd.ctrCmd(t, "images", "pull", "--hosts-dir", ctd.hosts, "--snapshotter", "native", ref)
+	checkUnpacked(t, ctd.dir+"/root")
+	// Only the image config, which nobody had, may come from upstream now.
+	if extra := c.reg.BlobBytes() - before; extra > 1<<20 {
+		t.Errorf("containerd's pull took %d blob bytes from upstream; the layers should come from peers", extra)
+	}
+	// Layers node 2 owns it fetched from upstream when node 0 asked for
+	// them; every other layer reached it from peers.
+	checked := 0
+	for _, l := range img2.Layers {
+		if owner.Rank(l.Digest, c.ids)[0] == c.ids[2] {
+			continue
+		}
+		checked++
+		st := stats(t, c.nodes[2], l.Digest)
+		if p := peerBytes(st); p != l.Size || st.Sources["upstream"] > 0 {
+			t.Errorf("layer %s on node 2: sources %v, want all %d bytes from peers", l.Digest, st.Sources, l.Size)
+		}
+	}
+	t.Logf("%d of %d layers checked as coming from peers", checked, len(img2.Layers))
+}
