@@ -7,16 +7,22 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 
 	"github.com/registry-proxy/registry-proxy/internal/ports"
 	"github.com/registry-proxy/registry-proxy/internal/testregistry"
 	"github.com/registry-proxy/registry-proxy/p2p/owner"
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/task"
 )
 
@@ -374,4 +380,99 @@ func TestClusterContainerdPullsFromPeers(t *testing.T) {
 		}
 	}
 	t.Logf("%d of %d layers checked as coming from peers", checked, len(img2.Layers))
+}
+
+// The peer port answers gRPC health checks and lists its services by
+// reflection, as grpcurl uses them.
+func TestPeerGRPCHealthAndReflection(t *testing.T) {
+	c := startCluster(t, 1)
+	cc, err := grpc.NewClient("passthrough:///"+c.peers[0], grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	h, err := healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil || h.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health: %v %v", h, err)
+	}
+	st, err := reflectionpb.NewServerReflectionClient(cc).ServerReflectionInfo(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Send(&reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{}}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := st.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, s := range resp.GetListServicesResponse().GetService() {
+		names = append(names, s.GetName())
+	}
+	for _, want := range []string{"registryproxy.p2p.v1.HostSync", "registryproxy.p2p.v1.Pieces", "registryproxy.p2p.v1.Tracker", "grpc.health.v1.Health"} {
+		if !slices.Contains(names, want) {
+			t.Errorf("service %s not listed: %v", want, names)
+		}
+	}
+	// SyncHost answers with this host's state.
+	hs, err := pb.NewHostSyncClient(cc).SyncHost(ctx, &pb.SyncHostRequest{HostId: "test-child"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, err := hs.Recv()
+	if err != nil || host.GetId() != c.ids[0] || host.GetAddr() != c.peers[0] || host.GetState().GetUploadLimit() == 0 {
+		t.Fatalf("SyncHost: %v %v", host, err)
+	}
+}
+
+// A parent that is not the owner dies mid-transfer: its pieces are fetched
+// again from the others and the pull completes with the right digest.
+func TestClusterParentKilledMidTransfer(t *testing.T) {
+	reg := startRegistry(t)
+	const size = 48 << 20
+	d := pushBlob(t, reg, size, 16)
+	ids := []string{"node-a", "node-b", "node-c"}
+	rank := owner.Rank(d, ids)
+	victim, puller := rank[1], rank[2]
+	c := &cluster{reg: reg, ids: ids}
+	for range ids {
+		pa, err := ports.FreePair("127.0.0.1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.peers = append(c.peers, pa)
+	}
+	idx := map[string]int{}
+	// The victim is the better parent (16 MB/s against the owner's 4), so
+	// the puller is taking most pieces from it when it dies.
+	rates := map[string]string{rank[0]: "4MB", victim: "16MB", puller: "0"}
+	for i, id := range ids {
+		idx[id] = i
+		cfg := writeTOML(t, "[upload]\nrate = \""+rates[id]+"\"\n[upload.syncer]\ninterval = \"500ms\"\n")
+		c.nodes = append(c.nodes, c.startNode(t, i, "--config", cfg))
+	}
+	c.waitMembers(t, len(ids))
+	if _, err := fetchVerified(c.url(idx[victim], "cluster/blob", d), d); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan error, 1)
+	go func() { _, err := fetchVerified(c.url(idx[puller], "cluster/blob", d), d); got <- err }()
+	time.Sleep(1500 * time.Millisecond) // the puller is taking pieces from both
+	c.nodes[idx[victim]].cmd.Process.Kill()
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatalf("pull after a parent died: %v", err)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatal("pull did not finish")
+	}
+	st := stats(t, c.nodes[idx[puller]], d)
+	t.Logf("puller's sources after %s died: %v", victim, st.Sources)
+	if st.Sources[victim] == 0 || st.Sources[victim] == size {
+		t.Errorf("the victim sent %d bytes: it should have died mid-transfer", st.Sources[victim])
+	}
 }

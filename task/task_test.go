@@ -287,3 +287,80 @@ func TestRangeReadPrioritised(t *testing.T) {
 		}
 	}
 }
+
+// A peer that lies consistently (bad bytes, matching checksum) passes the
+// piece checks; the whole-blob digest catches it, readers attached so far
+// fail, and the blob is fetched again from the upstream alone.
+func TestMismatchWithPeerPiecesRefetchesFromUpstream(t *testing.T) {
+	data, d := blob(t, int(piece.MinSize)*2)
+	good := &fakeSource{data: data}
+	bad := append([]byte(nil), data...)
+	bad[10] ^= 1
+	liar := &fakeSource{data: bad}
+	st, err := blobstore.Open(context.Background(), t.TempDir(), blobstore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var upstreamOnly []bool
+	var mu sync.Mutex
+	c := collector.New(collector.Options{Concurrency: 2})
+	m := NewManager(Options{
+		Store: st,
+		Size:  func(context.Context, Request) (int64, error) { return int64(len(data)), nil },
+		Fill: func(ctx context.Context, job collector.Job, req Request) error {
+			mu.Lock()
+			upstreamOnly = append(upstreamOnly, req.UpstreamOnly)
+			mu.Unlock()
+			run := c.NewRun(job)
+			if req.UpstreamOnly {
+				run.SetUpstream(collector.NewUpstreamParent(good, "", "", req.Digest, nil), true)
+				return run.Run(ctx)
+			}
+			run.SetUpstream(collector.NewUpstreamParent(good, "", "", req.Digest, nil), false)
+			peer := &liarParent{src: liar}
+			run.AddParent(peer)
+			run.AnnounceComplete(peer.ID())
+			return run.Run(ctx)
+		},
+	})
+	defer m.Close()
+	tk, err := m.Open(context.Background(), Request{Digest: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := tk.NewReader(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if err := tk.Wait(context.Background()); err != nil {
+		t.Fatalf("task: %v", err)
+	}
+	if _, err := io.ReadAll(r); !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("reader attached before the refetch: %v, want ErrDigestMismatch", err)
+	}
+	if len(upstreamOnly) != 2 || upstreamOnly[0] || !upstreamOnly[1] {
+		t.Fatalf("fills %v, want a peer fill then an upstream-only one", upstreamOnly)
+	}
+	b, err := st.Get(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	v := d.Verifier()
+	io.Copy(v, b)
+	if !v.Verified() {
+		t.Fatal("stored blob does not verify")
+	}
+	if s, _ := m.Stats(d); s.Sources["liar"] != 0 || s.Sources[collector.UpstreamID] != int64(len(data)) {
+		t.Fatalf("sources %v", s.Sources)
+	}
+}
+
+type liarParent struct{ src *fakeSource }
+
+func (l *liarParent) ID() string { return "liar" }
+func (l *liarParent) Fetch(ctx context.Context, _ int, off, n int64) (io.ReadCloser, error) {
+	rc, _, err := l.src.Blob(ctx, "", "", "", off, n, nil)
+	return rc, err
+}

@@ -115,6 +115,9 @@ func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) e
 
 	var wmu sync.Mutex
 	watching := map[string]bool{}
+	// pending holds parents whose first update has not arrived yet.
+	pending := map[string]bool{}
+	pendingDone := make(chan struct{}, 1)
 	plan := job.Plan()
 	addParent := func(id, addr string) {
 		if id == s.opts.Self.ID || addr == "" {
@@ -126,7 +129,21 @@ func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) e
 			return
 		}
 		watching[id] = true
+		pending[id] = true
 		wmu.Unlock()
+		arrived := func() {
+			wmu.Lock()
+			if pending[id] {
+				delete(pending, id)
+				if len(pending) == 0 {
+					select {
+					case pendingDone <- struct{}{}:
+					default:
+					}
+				}
+			}
+			wmu.Unlock()
+		}
 		run.AddParent(s.opts.Pool.Parent(id, addr, d))
 		if s.opts.Follow != nil {
 			s.opts.Follow(id, addr)
@@ -134,7 +151,9 @@ func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) e
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			defer arrived()
 			err := s.opts.Pool.Watch(ctx, addr, d, s.opts.Self.ID, func(up *pb.PieceUpdate) {
+				defer arrived()
 				if up.GetSize() != plan.Size || up.GetPieceSize() != plan.PieceSize {
 					s.log.Warn("peer's piece plan differs; ignoring it", "peer", id, "digest", d, "size", up.GetSize(), "piece_size", up.GetPieceSize())
 					cancel()
@@ -210,6 +229,18 @@ func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) e
 	}
 
 	coordinate()
+	// Let the parents found so far announce what they have before the first
+	// pieces are chosen, or the first announcer takes every worker.
+	wmu.Lock()
+	waiting := len(pending) > 0
+	wmu.Unlock()
+	if waiting {
+		select {
+		case <-pendingDone:
+		case <-time.After(500 * time.Millisecond):
+		case <-ctx.Done():
+		}
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- run.Run(ctx) }()
 	t := time.NewTicker(s.opts.Refresh)
