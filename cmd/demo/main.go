@@ -21,6 +21,7 @@ func main() {
 	layers := flag.String("layers", "2MiB,16MiB,64MiB,192MiB", "comma-separated layer sizes")
 	pace := flag.String("pace", "50MB", "upstream bandwidth per connection per second (0: unpaced)")
 	verbose := flag.Bool("v", false, "show the proxy's log")
+	nodes := flag.Int("nodes", 3, "proxies in the cluster")
 	flag.Parse()
 	var sizes []int64
 	for _, s := range strings.Split(*layers, ",") {
@@ -44,6 +45,7 @@ func main() {
 	defer stop()
 	err = demo.Run(ctx, demo.Options{
 		Layers:  sizes,
+		Nodes:   *nodes,
 		PaceBps: bps,
 		Out:     os.Stdout,
 		Logger:  slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl})),

@@ -23,6 +23,7 @@ import (
 
 	"github.com/registry-proxy/registry-proxy/config"
 	"github.com/registry-proxy/registry-proxy/internal/fetch"
+	"github.com/registry-proxy/registry-proxy/internal/ports"
 	"github.com/registry-proxy/registry-proxy/internal/testregistry"
 	"github.com/registry-proxy/registry-proxy/node"
 	"github.com/registry-proxy/registry-proxy/task"
@@ -31,6 +32,7 @@ import (
 // Options configure a demo run.
 type Options struct {
 	Layers  []int64 // layer file sizes
+	Nodes   int     // proxies in the cluster
 	PaceBps int64   // upstream bytes/s per connection, 0 for none
 	Out     io.Writer
 	Logger  *slog.Logger
@@ -41,6 +43,10 @@ const registryName = "registry.demo.invalid"
 // Run runs the demo.
 func Run(ctx context.Context, o Options) error {
 	out := o.Out
+	if o.Nodes < 1 {
+		o.Nodes = 1
+	}
+	var peerAddrs []string
 	reg, err := testregistry.Start(testregistry.Options{})
 	if err != nil {
 		return err
@@ -58,28 +64,51 @@ func Run(ctx context.Context, o Options) error {
 	fmt.Fprintf(out, "image              %s/demo/app:v1  %s  %d layers, %s\n", registryName, img.Digest[:19], len(img.Layers), units.HumanSize(float64(total)))
 	reg.SetPace(o.PaceBps)
 
-	dir, err := os.MkdirTemp("", "registry-proxy-demo-")
-	if err != nil {
+	var mirrors []string
+	for i := 0; i < o.Nodes; i++ {
+		dir, err := os.MkdirTemp("", "registry-proxy-demo-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+		cfg := config.Default()
+		cfg.Listen = "127.0.0.1:0"
+		cfg.DataDir = dir
+		cfg.Upstream.Registries = map[string]string{registryName: reg.URL}
+		if o.Nodes > 1 {
+			peerAddr, err := ports.FreePair("127.0.0.1")
+			if err != nil {
+				return err
+			}
+			cfg.P2P.PeerListen = peerAddr
+			cfg.P2P.NodeID = fmt.Sprintf("node-%d", i+1)
+			if i > 0 {
+				cfg.P2P.Join = []string{peerAddrs[0]}
+			}
+			peerAddrs = append(peerAddrs, peerAddr)
+		}
+		n, err := node.Start(ctx, cfg, o.Logger)
+		if err != nil {
+			return err
+		}
+		defer n.Shutdown(context.Background())
+		mirrors = append(mirrors, "http://"+n.Addr())
+		fmt.Fprintf(out, "registry-proxy     node-%d  mirror http://%s  peer %s\n", i+1, n.Addr(), n.PeerAddr())
+	}
+	if err := waitMembers(ctx, mirrors); err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	cfg := config.Default()
-	cfg.Listen = "127.0.0.1:0"
-	cfg.DataDir = dir
-	cfg.Upstream.Registries = map[string]string{registryName: reg.URL}
-	n, err := node.Start(ctx, cfg, o.Logger)
-	if err != nil {
-		return err
-	}
-	defer n.Shutdown(context.Background())
-	fmt.Fprintf(out, "registry-proxy     http://%s  (data in %s)\n\n", n.Addr(), dir)
+	fmt.Fprintln(out)
 
-	mirror := "http://" + n.Addr()
-	for _, round := range []struct{ name, base, ns string }{
-		{"direct from upstream (no mirror)", reg.URL, ""},
-		{"through registry-proxy, cold", mirror, "?ns=" + registryName},
-		{"through registry-proxy, warm", mirror, "?ns=" + registryName},
-	} {
+	type round struct{ name, base, ns string }
+	rounds := []round{{"direct from upstream (no mirror)", reg.URL, ""}}
+	ns := "?ns=" + registryName
+	rounds = append(rounds, round{"node-1, cold", mirrors[0], ns})
+	for i := 1; i < len(mirrors); i++ {
+		rounds = append(rounds, round{fmt.Sprintf("node-%d, cold (layers already in the cluster)", i+1), mirrors[i], ns})
+	}
+	rounds = append(rounds, round{"node-1, warm", mirrors[0], ns})
+	for _, round := range rounds {
 		reg.ResetCounters()
 		res, took, err := pull(ctx, round.base, round.ns, img)
 		if err != nil {
@@ -95,7 +124,7 @@ func Run(ctx context.Context, o Options) error {
 				src = r.source
 				bySource = "local disk"
 				if src != "cache" {
-					bySource = sources(ctx, mirror, r.digest)
+					bySource = sources(ctx, round.base, r.digest)
 				}
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%v\t%.0f\t%v\t%s\t%s\n", r.digest.Encoded()[:12], units.HumanSize(float64(r.size)),
@@ -105,6 +134,7 @@ func Run(ctx context.Context, o Options) error {
 		fmt.Fprintln(out)
 	}
 	fmt.Fprintln(out, "served from: fetch = downloaded in pieces now and streamed while arriving; cache = complete, verified blob on disk.")
+	fmt.Fprintln(out, "bytes by source: upstream = the registry; node-N = pieces from that peer. Each digest has one owner node that alone goes upstream.")
 	return nil
 }
 
@@ -160,6 +190,31 @@ func pull(ctx context.Context, base, ns string, img *testregistry.Image) ([]laye
 		}
 	}
 	return res, time.Since(start), nil
+}
+
+// waitMembers waits until every mirror sees all the others.
+func waitMembers(ctx context.Context, mirrors []string) error {
+	if len(mirrors) < 2 {
+		return nil
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for _, m := range mirrors {
+		for {
+			var members []any
+			if resp, err := http.Get(m + "/debug/members"); err == nil {
+				json.NewDecoder(resp.Body).Decode(&members)
+				resp.Body.Close()
+			}
+			if len(members) == len(mirrors) {
+				break
+			}
+			if time.Now().After(deadline) || ctx.Err() != nil {
+				return fmt.Errorf("cluster did not form: %s sees %d of %d nodes", m, len(members), len(mirrors))
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	return nil
 }
 
 // sources asks the mirror where a blob's bytes came from.
