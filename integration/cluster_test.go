@@ -38,19 +38,29 @@ type cluster struct {
 
 func startCluster(t *testing.T, n int, extra ...string) *cluster {
 	t.Helper()
-	c := &cluster{reg: startRegistry(t)}
+	var ids []string
 	for i := 0; i < n; i++ {
-		c.ids = append(c.ids, fmt.Sprintf("node-%c", 'a'+i))
+		ids = append(ids, fmt.Sprintf("node-%c", 'a'+i))
+	}
+	c := newCluster(t, startRegistry(t), ids)
+	for i := 0; i < n; i++ {
+		c.nodes = append(c.nodes, c.startNode(t, i, extra...))
+	}
+	c.waitMembers(t, n)
+	return c
+}
+
+// newCluster reserves peer addresses for ids; the test starts the nodes.
+func newCluster(t *testing.T, reg *testregistry.Registry, ids []string) *cluster {
+	t.Helper()
+	c := &cluster{reg: reg, ids: ids}
+	for range ids {
 		pa, err := ports.FreePair("127.0.0.1")
 		if err != nil {
 			t.Fatal(err)
 		}
 		c.peers = append(c.peers, pa)
 	}
-	for i := 0; i < n; i++ {
-		c.nodes = append(c.nodes, c.startNode(t, i, extra...))
-	}
-	c.waitMembers(t, n)
 	return c
 }
 
@@ -245,14 +255,7 @@ func TestClusterCorruptParent(t *testing.T) {
 	d := pushBlob(t, reg, size, 14)
 	ids := []string{"node-a", "node-b", "node-c"}
 	ownerID := owner.Rank(d, ids)[0]
-	c := &cluster{reg: reg, ids: ids}
-	for range ids {
-		pa, err := ports.FreePair("127.0.0.1")
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.peers = append(c.peers, pa)
-	}
+	c := newCluster(t, reg, ids)
 	child := -1
 	for i, id := range ids {
 		if id == ownerID {
@@ -287,14 +290,7 @@ func TestClusterThrottledParent(t *testing.T) {
 			ids := []string{"node-a", "node-b", "node-c", "node-d"}
 			rank := owner.Rank(d, ids)
 			throttled, puller, other := rank[1], rank[2], rank[3]
-			c := &cluster{reg: reg, ids: ids}
-			for range ids {
-				pa, err := ports.FreePair("127.0.0.1")
-				if err != nil {
-					t.Fatal(err)
-				}
-				c.peers = append(c.peers, pa)
-			}
+			c := newCluster(t, reg, ids)
 			idx := map[string]int{}
 			for i, id := range ids {
 				idx[id] = i
@@ -437,14 +433,7 @@ func TestClusterParentKilledMidTransfer(t *testing.T) {
 	ids := []string{"node-a", "node-b", "node-c"}
 	rank := owner.Rank(d, ids)
 	victim, puller := rank[1], rank[2]
-	c := &cluster{reg: reg, ids: ids}
-	for range ids {
-		pa, err := ports.FreePair("127.0.0.1")
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.peers = append(c.peers, pa)
-	}
+	c := newCluster(t, reg, ids)
 	idx := map[string]int{}
 	// The victim is the better parent (16 MB/s against the owner's 4), so
 	// the puller is taking most pieces from it when it dies.

@@ -541,34 +541,23 @@ func (t *Task) NewReader(ctx context.Context) (*Reader, error) {
 	return r, nil
 }
 
-// Read implements io.Reader.
-func (r *Reader) Read(p []byte) (int, error) {
+// available blocks until bytes at the reader's offset can be read and says
+// how many; io.EOF at the end of a verified blob.
+func (r *Reader) available() (int64, error) {
 	t := r.t
 	for {
 		t.mu.Lock()
 		n, verified, err, ch := t.availableLocked(r.off), t.verified, t.err, t.changed
 		stale := r.gen != t.gen
 		t.mu.Unlock()
-		if stale {
+		switch {
+		case stale:
 			return 0, ErrDigestMismatch
-		}
-		if n > 0 {
-			if int64(len(p)) > n {
-				p = p[:n]
-			}
-			m, rerr := r.f.ReadAt(p, r.off)
-			t.mu.Lock() // Next reads off
-			r.off += int64(m)
-			t.mu.Unlock()
-			if rerr == io.EOF && m > 0 {
-				rerr = nil
-			}
-			return m, rerr
-		}
-		if verified && r.off >= t.plan.Size {
+		case n > 0:
+			return n, nil
+		case verified && r.off >= t.plan.Size:
 			return 0, io.EOF
-		}
-		if err != nil {
+		case err != nil:
 			return 0, err
 		}
 		select {
@@ -579,47 +568,54 @@ func (r *Reader) Read(p []byte) (int, error) {
 	}
 }
 
+// advance moves the offset, which Next reads under the task's lock.
+func (r *Reader) advance(n int64) {
+	r.t.mu.Lock()
+	r.off += n
+	r.t.mu.Unlock()
+}
+
+// Read implements io.Reader.
+func (r *Reader) Read(p []byte) (int, error) {
+	n, err := r.available()
+	if err != nil {
+		return 0, err
+	}
+	if int64(len(p)) > n {
+		p = p[:n]
+	}
+	m, err := r.f.ReadAt(p, r.off)
+	r.advance(int64(m))
+	if err == io.EOF && m > 0 {
+		err = nil
+	}
+	return m, err
+}
+
 // WriteTo copies the rest of the blob to w as it arrives. Each run of
 // available bytes goes out with one copy from the file, which the kernel does
 // with sendfile when w is a TCP connection (an http.ResponseWriter is).
 func (r *Reader) WriteTo(w io.Writer) (int64, error) {
-	t := r.t
 	var total int64
 	for {
-		t.mu.Lock()
-		n, verified, err, ch := t.availableLocked(r.off), t.verified, t.err, t.changed
-		stale := r.gen != t.gen
-		t.mu.Unlock()
-		if stale {
-			return total, ErrDigestMismatch
-		}
-		if n > 0 {
-			if _, serr := r.f.Seek(r.off, io.SeekStart); serr != nil {
-				return total, serr
-			}
-			m, werr := io.Copy(w, &io.LimitedReader{R: r.f, N: n})
-			total += m
-			t.mu.Lock()
-			r.off += m
-			t.mu.Unlock()
-			if werr != nil {
-				return total, werr
-			}
-			if m < n {
-				return total, io.ErrUnexpectedEOF
-			}
-			continue
-		}
-		if verified && r.off >= t.plan.Size {
+		n, err := r.available()
+		if err == io.EOF {
 			return total, nil
 		}
 		if err != nil {
 			return total, err
 		}
-		select {
-		case <-ch:
-		case <-r.ctx.Done():
-			return total, r.ctx.Err()
+		if _, err := r.f.Seek(r.off, io.SeekStart); err != nil {
+			return total, err
+		}
+		m, err := io.Copy(w, &io.LimitedReader{R: r.f, N: n})
+		total += m
+		r.advance(m)
+		if err != nil {
+			return total, err
+		}
+		if m < n {
+			return total, io.ErrUnexpectedEOF
 		}
 	}
 }
