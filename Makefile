@@ -11,7 +11,7 @@ PKGS    := ./...
 BENCH_SIZE  ?= 1GiB
 BENCH_COUNT ?= 1
 
-.PHONY: all build deps tools demo test unit integration lint vet staticcheck bench fmt clean proto
+.PHONY: all build deps tools demo test unit integration lint vet staticcheck bench bench-cluster fmt clean proto
 
 all: build
 
@@ -49,6 +49,17 @@ staticcheck: tools
 # Mirror figures, side by side with direct pulls from the same upstream.
 bench: tools
 	$(GO) test -run '^$$' -bench . -benchtime 1x -count $(BENCH_COUNT) -timeout 60m ./integration/ -bench-size $(BENCH_SIZE)
+
+# Cluster scenarios on real processes in network namespaces with tc limits
+# (root). Results: JSON per run and summary.md under results/.
+CLUSTER_NODES  ?= 8
+CLUSTER_SIZE   ?= 128MiB
+CLUSTER_UP     ?= 50MB
+CLUSTER_ORIGIN ?= 50MB
+CLUSTER_RUNS   ?= 3
+bench-cluster: tools
+	$(GO) test -run '^$$' -bench Cluster -benchtime $(CLUSTER_RUNS)x -timeout 120m ./integration/ \
+		-cluster-nodes $(CLUSTER_NODES) -cluster-size $(CLUSTER_SIZE) -cluster-up $(CLUSTER_UP) -cluster-origin $(CLUSTER_ORIGIN)
 
 # Regenerates p2p/pb from p2p/pb/p2p.proto (the generated code is committed).
 proto:

@@ -321,7 +321,7 @@ func TestClusterThrottledParent(t *testing.T) {
 	}
 }
 
-func writeTOML(t *testing.T, body string) string {
+func writeTOML(t testing.TB, body string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "c.toml")
 	if err := os.WriteFile(p, []byte(body), 0o644); err != nil {

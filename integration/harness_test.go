@@ -26,24 +26,31 @@ import (
 
 var (
 	proxyBin = flag.String("proxy-bin", "", "registry-proxy binary (built from ./cmd/registry-proxy when empty)")
+	regBin   = flag.String("registry-bin", "", "testregistry binary (built from ./cmd/testregistry when empty)")
 	toolsDir = flag.String("tools-dir", "", "directory holding containerd 2.x and crictl (default: ../.tools/bin, then PATH)")
 )
 
 func TestMain(m *testing.M) {
 	flag.Parse()
 	code := func() int {
-		if *proxyBin == "" {
-			dir, err := os.MkdirTemp("", "rp-bin-")
-			if err != nil {
-				fmt.Fprintln(os.Stderr, err)
-				return 1
+		dir, err := os.MkdirTemp("", "rp-bin-")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer os.RemoveAll(dir)
+		for _, b := range []struct {
+			path *string
+			pkg  string
+		}{{proxyBin, "registry-proxy"}, {regBin, "testregistry"}} {
+			if *b.path != "" {
+				continue
 			}
-			defer os.RemoveAll(dir)
-			*proxyBin = filepath.Join(dir, "registry-proxy")
-			cmd := exec.Command("go", "build", "-o", *proxyBin, "../cmd/registry-proxy")
+			*b.path = filepath.Join(dir, b.pkg)
+			cmd := exec.Command("go", "build", "-o", *b.path, "../cmd/"+b.pkg)
 			cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 			if err := cmd.Run(); err != nil {
-				fmt.Fprintln(os.Stderr, "building registry-proxy:", err)
+				fmt.Fprintln(os.Stderr, "building", b.pkg+":", err)
 				return 1
 			}
 		}

@@ -43,8 +43,9 @@ var (
 	// ErrChecksum means a piece's bytes do not match the checksum its parent
 	// announced.
 	ErrChecksum = errors.New("collector: piece checksum mismatch")
-	// ErrNoParent means pieces are missing and no parent may send them.
-	ErrNoParent = errors.New("collector: no parent for the missing pieces")
+	// ErrBusy is returned by a parent at its upload limit: back off briefly,
+	// it is not a failure.
+	ErrBusy = errors.New("collector: parent busy")
 )
 
 // Expect is the checksum a parent announced for a piece, if any.
@@ -90,6 +91,9 @@ type Options struct {
 	BlockFor time.Duration
 	// Window is how many missing pieces ahead of the readers are candidates.
 	Window int
+	// PerParent bounds the pieces fetched from one peer at once, so one
+	// child does not take every upload slot of a parent.
+	PerParent int
 	// StallTimeout lets the upstream send pieces that no peer could send
 	// for this long, even where only the owner should go upstream.
 	StallTimeout time.Duration
@@ -125,6 +129,9 @@ func New(opts Options) *Collector {
 	}
 	if opts.Window <= 0 {
 		opts.Window = 4 * opts.Concurrency
+	}
+	if opts.PerParent <= 0 {
+		opts.PerParent = 4
 	}
 	if opts.StallTimeout <= 0 {
 		opts.StallTimeout = 10 * time.Second

@@ -365,3 +365,74 @@ func TestStalledPeersFallBackToUpstream(t *testing.T) {
 		t.Fatalf("err %v, upstream sent %d", err, job.from(UpstreamID))
 	}
 }
+
+// busyParent answers ErrBusy a few times, as a parent at its upload limit.
+type busyParent struct {
+	fakeParent
+	busy int
+}
+
+func (b *busyParent) Fetch(ctx context.Context, i int, off, n int64) (io.ReadCloser, error) {
+	b.mu.Lock()
+	if b.busy > 0 {
+		b.busy--
+		b.mu.Unlock()
+		return nil, ErrBusy
+	}
+	b.mu.Unlock()
+	return b.fakeParent.Fetch(ctx, i, off, n)
+}
+
+func TestBusyParentBacksOffBriefly(t *testing.T) {
+	job := newJob(6)
+	c := New(Options{Concurrency: 4, PerParent: 2, StallTimeout: time.Hour})
+	r := c.NewRun(job)
+	p := &busyParent{fakeParent: fakeParent{id: "owner", job: job}, busy: 3}
+	r.AddParent(p)
+	r.SetUpstream(&fakeParent{id: UpstreamID, job: job}, false)
+	r.Announce("owner", job.checksums(job.all()...), nil)
+	start := time.Now()
+	run(t, r)
+	if job.from("owner") != 6 {
+		t.Fatalf("owner sent %d of 6", job.from("owner"))
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("took %v: a busy parent was blocked like a failed one", d)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.parents["owner"].inflight != 0 {
+		t.Fatalf("in-flight count %d after the run", r.parents["owner"].inflight)
+	}
+}
+
+func TestPerParentLimit(t *testing.T) {
+	job := newJob(20)
+	c := New(Options{Concurrency: 8, PerParent: 2})
+	r := c.NewRun(job)
+	gate := make(chan struct{})
+	p := &gatedParent{fakeParent: fakeParent{id: "p", job: job}, gate: gate}
+	r.AddParent(p)
+	r.Announce("p", job.checksums(job.all()...), nil)
+	errc := make(chan error, 1)
+	go func() { errc <- r.Run(context.Background()) }()
+	time.Sleep(100 * time.Millisecond)
+	if n := p.count(); n != 2 {
+		t.Fatalf("%d pieces asked of one parent at once, want 2", n)
+	}
+	close(gate)
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+}
+
+type gatedParent struct {
+	fakeParent
+	gate chan struct{}
+}
+
+func (g *gatedParent) Fetch(ctx context.Context, i int, off, n int64) (io.ReadCloser, error) {
+	rc, err := g.fakeParent.Fetch(ctx, i, off, n)
+	<-g.gate
+	return rc, err
+}

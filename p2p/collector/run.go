@@ -21,6 +21,7 @@ type parentQueue struct {
 	complete bool           // holds the whole verified blob; no piece checksums
 	fetching map[int]bool   // pieces the parent itself is fetching now
 	blocked  time.Time      // no pieces before this
+	inflight int
 	picks    int
 	bytes    int64
 }
@@ -267,7 +268,13 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.inflight[i] = false
+	pq.inflight--
 	defer r.broadcastLocked()
+	if errors.Is(err, ErrBusy) && !pq.upstream {
+		// Backpressure, not failure: leave the parent alone for a moment.
+		pq.blocked = r.c.opts.Now().Add(250 * time.Millisecond)
+		return nil
+	}
 	if err == nil {
 		if !pq.upstream {
 			r.progress = r.c.opts.Now()
@@ -344,13 +351,19 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 	}
 	if pq != nil {
 		r.inflight[i] = true
+		pq.inflight++
 	}
 	return i, pq, false
 }
 
+// available says whether a peer parent may be given another piece now.
+func (r *Run) available(pq *parentQueue, now time.Time) bool {
+	return pq.blocked.Before(now) && pq.inflight < r.c.opts.PerParent
+}
+
 func (r *Run) pickFCFS(win []int, now time.Time) (int, *parentQueue) {
 	for _, i := range win {
-		if pq, ok := r.parents[r.firstHolder[i]]; ok && pq.blocked.Before(now) {
+		if pq, ok := r.parents[r.firstHolder[i]]; ok && r.available(pq, now) {
 			return i, pq
 		}
 	}
@@ -370,7 +383,7 @@ func (r *Run) pickState(win []int, now time.Time) (int, *parentQueue) {
 	var total float64
 	for _, id := range r.order {
 		pq := r.parents[id]
-		if !pq.blocked.Before(now) {
+		if !r.available(pq, now) {
 			continue
 		}
 		useful := false
