@@ -161,7 +161,9 @@ func runClusterA(tb testing.TB, mode string, nodes int, size, nodeBps, originBps
 	}
 	wg.Wait()
 	if resp, err := http.Get(info.Stats + "/_stats"); err == nil {
-		var st struct{ BlobBytes int64 `json:"blob_bytes"` }
+		var st struct {
+			BlobBytes int64 `json:"blob_bytes"`
+		}
 		json.NewDecoder(resp.Body).Decode(&st)
 		resp.Body.Close()
 		res.Egress = st.BlobBytes
