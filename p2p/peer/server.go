@@ -251,7 +251,7 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 		case <-stream.Context().Done():
 			return nil
 		case <-changed:
-		case <-time.After(time.Second): // fetching lists change without a signal
+		case <-time.After(200 * time.Millisecond): // fetching lists change without a signal
 		}
 		if snap, changed, ok = s.opts.Source.Snapshot(d); !ok {
 			return status.Errorf(codes.Unavailable, "%s: download stopped here", d)

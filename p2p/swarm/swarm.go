@@ -73,7 +73,7 @@ func New(opts Options) *Swarm {
 		opts.MaxPeers = 32
 	}
 	if opts.Refresh <= 0 {
-		opts.Refresh = 2 * time.Second
+		opts.Refresh = time.Second
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
