@@ -11,7 +11,7 @@ PKGS    := ./...
 BENCH_SIZE  ?= 1GiB
 BENCH_COUNT ?= 1
 
-.PHONY: all build deps tools demo test unit integration lint vet staticcheck bench bench-cluster fmt clean proto
+.PHONY: all build deps tools demo test unit integration lint vet staticcheck bench bench-cluster fuzz fmt clean proto
 
 all: build
 
@@ -68,6 +68,13 @@ proto:
 	GOBIN=$(TOOLS) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.0
 	PATH=$(TOOLS):$$PATH protoc --go_out=. --go_opt=paths=source_relative \
 		--go-grpc_out=. --go-grpc_opt=paths=source_relative p2p/pb/p2p.proto
+
+# A while on each fuzz target (their seeds run with the unit tests).
+FUZZTIME ?= 30s
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzParseContentRange -fuzztime $(FUZZTIME) ./proxy/upstream/
+	$(GO) test -run '^$$' -fuzz FuzzBaseURL -fuzztime $(FUZZTIME) ./proxy/upstream/
+	$(GO) test -run '^$$' -fuzz FuzzRequest -fuzztime $(FUZZTIME) ./proxy/
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')

@@ -1,0 +1,92 @@
+package upstream
+
+import (
+	"fmt"
+	"testing"
+)
+
+func TestParseContentRange(t *testing.T) {
+	tests := []struct {
+		in               string
+		start, end, size int64
+		ok               bool
+	}{
+		{"bytes 0-99/100", 0, 99, 100, true},
+		{"bytes 5-5/*", 5, 5, -1, true},
+		{"bytes 4294967296-4294967395/8589934592", 4294967296, 4294967395, 8589934592, true},
+		{"bytes 10-5/100", 0, 0, 0, false},
+		{"bytes 0-100/100", 0, 0, 0, false},
+		{"bytes -1-5/10", 0, 0, 0, false},
+		{"items 0-1/2", 0, 0, 0, false},
+		{"bytes 0-1", 0, 0, 0, false},
+		{"", 0, 0, 0, false},
+	}
+	for _, tt := range tests {
+		s, e, n, err := ParseContentRange(tt.in)
+		if (err == nil) != tt.ok || (tt.ok && (s != tt.start || e != tt.end || n != tt.size)) {
+			t.Errorf("ParseContentRange(%q) = %d %d %d %v", tt.in, s, e, n, err)
+		}
+	}
+}
+
+func FuzzParseContentRange(f *testing.F) {
+	for _, s := range []string{"bytes 0-99/100", "bytes 5-5/*", "bytes 1-0/2", "bytes x-y/z"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		start, end, size, err := ParseContentRange(s)
+		if err != nil {
+			return
+		}
+		if start < 0 || end < start || (size != -1 && size <= end) {
+			t.Fatalf("%q parsed to an impossible range %d-%d/%d", s, start, end, size)
+		}
+		if got := fmt.Sprintf("bytes %d-%d/", start, end); len(s) < len(got) {
+			t.Fatalf("%q shorter than its parse", s)
+		}
+	})
+}
+
+func TestBaseURL(t *testing.T) {
+	c, err := New(Options{Registries: map[string]string{"mirror.test": "http://127.0.0.1:5000/"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct{ name, want string }{
+		{"mirror.test", "http://127.0.0.1:5000"},
+		{"docker.io", DockerHub},
+		{"ghcr.io", "https://ghcr.io"},
+		{"registry.local:5000", "https://registry.local:5000"},
+		{"[::1]:5000", "https://[::1]:5000"},
+	}
+	for _, tt := range tests {
+		u, err := c.BaseURL(tt.name)
+		if err != nil || u.String() != tt.want {
+			t.Errorf("BaseURL(%q) = %v, %v; want %s", tt.name, u, err, tt.want)
+		}
+	}
+	for _, bad := range []string{"", "a/b", "host:0", "host:99999", "a b", "user@host", "host?x"} {
+		if _, err := c.BaseURL(bad); err == nil {
+			t.Errorf("BaseURL(%q) accepted", bad)
+		}
+	}
+	if _, err := New(Options{Registries: map[string]string{"x": "ftp://x"}}); err == nil {
+		t.Error("ftp upstream accepted")
+	}
+}
+
+func FuzzBaseURL(f *testing.F) {
+	c, _ := New(Options{})
+	for _, s := range []string{"docker.io", "ghcr.io", "h:1", "[::1]:5000", "a/b"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, name string) {
+		u, err := c.BaseURL(name)
+		if err != nil {
+			return
+		}
+		if u.Scheme != "https" || u.Host == "" || u.RawQuery != "" || u.User != nil {
+			t.Fatalf("BaseURL(%q) = %v", name, u)
+		}
+	})
+}
