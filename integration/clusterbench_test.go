@@ -67,7 +67,7 @@ func percentile(sorted []float64, p float64) float64 {
 // runClusterA runs scenario (a): every node pulls one blob at once over equal
 // links, through registry-proxy (state or fcfs) or straight from the upstream.
 func runClusterA(tb testing.TB, mode string, nodes int, size, nodeBps, originBps int64) clusterRun {
-	needRoot(tb.(*testing.B))
+	needRoot(tb)
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	lab, err := netlab.New(ctx)
@@ -279,4 +279,18 @@ func summary(runs []clusterRun) string {
 			med(rs, func(r clusterRun) float64 { return r.MaxOverBnd }), med(rs, func(r clusterRun) float64 { return r.EgressRatio }))
 	}
 	return sb.String()
+}
+
+// The small version of scenario (a) that CI runs: 3 nodes in namespaces, all
+// pulling at once through their proxies; one copy leaves the upstream.
+func TestClusterNamespacesSmall(t *testing.T) {
+	const size = 16 << 20
+	r := runClusterA(t, "state", 3, size, 25e6, 25e6)
+	t.Logf("3 nodes, 16 MiB, 25 MB/s: p50 %.2fs max %.2fs, bound %.2fs, upstream egress %.3f x, bytes %v", r.P50, r.Max, r.Bound, r.EgressRatio, r.BySource)
+	if r.EgressRatio > 1.05 {
+		t.Errorf("upstream egress %.3f x the blob, want <= 1.05", r.EgressRatio)
+	}
+	if len(r.Seconds) != 3 {
+		t.Errorf("%d nodes finished, want 3", len(r.Seconds))
+	}
 }
