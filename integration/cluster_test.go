@@ -2,9 +2,7 @@ package integration
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -20,6 +18,7 @@ import (
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 
 	"github.com/registry-proxy/registry-proxy/internal/ports"
+	"github.com/registry-proxy/registry-proxy/internal/probe"
 	"github.com/registry-proxy/registry-proxy/internal/testregistry"
 	"github.com/registry-proxy/registry-proxy/p2p/owner"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
@@ -77,22 +76,12 @@ func (c *cluster) startNode(t *testing.T, i int, extra ...string) *proxy {
 // waitMembers waits until every running node sees n members.
 func (c *cluster) waitMembers(t *testing.T, n int) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
+	var mirrors []string
 	for _, p := range c.nodes {
-		for {
-			var members []struct{ ID, Addr string }
-			if resp, err := http.Get("http://" + p.Addr + "/debug/members"); err == nil {
-				json.NewDecoder(resp.Body).Decode(&members)
-				resp.Body.Close()
-			}
-			if len(members) == n {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("node at %s sees %d members, want %d", p.Addr, len(members), n)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+		mirrors = append(mirrors, "http://"+p.Addr)
+	}
+	if err := probe.WaitMembers(context.Background(), mirrors, n, 20*time.Second); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -102,13 +91,10 @@ func (c *cluster) url(i int, repo, d string) string {
 
 func stats(t *testing.T, p *proxy, d string) task.Stats {
 	t.Helper()
-	var st task.Stats
-	resp, err := http.Get("http://" + p.Addr + "/debug/blobs/" + d)
+	st, err := probe.Blob(context.Background(), "http://"+p.Addr, d)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer resp.Body.Close()
-	json.NewDecoder(resp.Body).Decode(&st)
 	return st
 }
 

@@ -18,7 +18,7 @@ import (
 	"github.com/docker/go-units"
 
 	"github.com/registry-proxy/registry-proxy/internal/netlab"
-	"github.com/registry-proxy/registry-proxy/task"
+	"github.com/registry-proxy/registry-proxy/internal/probe"
 )
 
 var (
@@ -116,22 +116,12 @@ func runClusterA(tb testing.TB, mode string, nodes int, size, nodeBps, originBps
 			}
 			defer func() { p.Process.Kill(); p.Wait() }()
 		}
-		deadline := time.Now().Add(60 * time.Second)
+		var mirrors []string
 		for _, h := range hosts {
-			for {
-				var members []any
-				if resp, err := http.Get("http://" + h.IP + ":5000/debug/members"); err == nil {
-					json.NewDecoder(resp.Body).Decode(&members)
-					resp.Body.Close()
-				}
-				if len(members) == nodes {
-					break
-				}
-				if time.Now().After(deadline) {
-					tb.Fatalf("%s sees %d of %d members", h.Name, len(members), nodes)
-				}
-				time.Sleep(100 * time.Millisecond)
-			}
+			mirrors = append(mirrors, "http://"+h.IP+":5000")
+		}
+		if err := probe.WaitMembers(ctx, mirrors, nodes, 60*time.Second); err != nil {
+			tb.Fatal(err)
 		}
 		time.Sleep(2 * time.Second) // host state reaches every follower
 	}
@@ -170,13 +160,10 @@ func runClusterA(tb testing.TB, mode string, nodes int, size, nodeBps, originBps
 	}
 	if mode != "direct" {
 		for _, h := range hosts {
-			resp, err := http.Get("http://" + h.IP + ":5000/debug/blobs/" + info.Digest)
+			st, err := probe.Blob(ctx, "http://"+h.IP+":5000", info.Digest)
 			if err != nil {
 				continue
 			}
-			var st task.Stats
-			json.NewDecoder(resp.Body).Decode(&st)
-			resp.Body.Close()
 			for src, n := range st.Sources {
 				res.ByParent[src] += n
 				if src == "upstream" {

@@ -6,7 +6,6 @@ package demo
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -24,9 +23,9 @@ import (
 	"github.com/registry-proxy/registry-proxy/config"
 	"github.com/registry-proxy/registry-proxy/internal/fetch"
 	"github.com/registry-proxy/registry-proxy/internal/ports"
+	"github.com/registry-proxy/registry-proxy/internal/probe"
 	"github.com/registry-proxy/registry-proxy/internal/testregistry"
 	"github.com/registry-proxy/registry-proxy/node"
-	"github.com/registry-proxy/registry-proxy/task"
 )
 
 // Options configure a demo run.
@@ -95,7 +94,7 @@ func Run(ctx context.Context, o Options) error {
 		mirrors = append(mirrors, "http://"+n.Addr())
 		fmt.Fprintf(out, "registry-proxy     node-%d  mirror http://%s  peer %s\n", i+1, n.Addr(), n.PeerAddr())
 	}
-	if err := waitMembers(ctx, mirrors); err != nil {
+	if err := probe.WaitMembers(ctx, mirrors, len(mirrors), 20*time.Second); err != nil {
 		return err
 	}
 	fmt.Fprintln(out)
@@ -192,41 +191,10 @@ func pull(ctx context.Context, base, ns string, img *testregistry.Image) ([]laye
 	return res, time.Since(start), nil
 }
 
-// waitMembers waits until every mirror sees all the others.
-func waitMembers(ctx context.Context, mirrors []string) error {
-	if len(mirrors) < 2 {
-		return nil
-	}
-	deadline := time.Now().Add(20 * time.Second)
-	for _, m := range mirrors {
-		for {
-			var members []any
-			if resp, err := http.Get(m + "/debug/members"); err == nil {
-				json.NewDecoder(resp.Body).Decode(&members)
-				resp.Body.Close()
-			}
-			if len(members) == len(mirrors) {
-				break
-			}
-			if time.Now().After(deadline) || ctx.Err() != nil {
-				return fmt.Errorf("cluster did not form: %s sees %d of %d nodes", m, len(members), len(mirrors))
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-	}
-	return nil
-}
-
 // sources asks the mirror where a blob's bytes came from.
 func sources(ctx context.Context, mirror string, d digest.Digest) string {
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, mirror+"/debug/blobs/"+d.String(), nil)
-	resp, err := http.DefaultClient.Do(req)
+	st, err := probe.Blob(ctx, mirror, d.String())
 	if err != nil {
-		return "?"
-	}
-	defer resp.Body.Close()
-	var st task.Stats
-	if json.NewDecoder(resp.Body).Decode(&st) != nil {
 		return "?"
 	}
 	if len(st.Sources) == 0 {
