@@ -22,12 +22,13 @@ import (
 )
 
 var (
-	cbNodes   = flag.Int("cluster-nodes", 8, "BenchmarkCluster: proxies, one per network namespace")
-	cbSize    = flag.String("cluster-size", "128MiB", "BenchmarkCluster: blob size")
-	cbUp      = flag.String("cluster-up", "50MB", "BenchmarkCluster: each node's upload and download, bytes/s")
-	cbOrigin  = flag.String("cluster-origin", "50MB", "BenchmarkCluster: the upstream registry's upload, bytes/s")
-	cbModes   = flag.String("cluster-modes", "state,fcfs,direct", "BenchmarkCluster: modes to run")
-	cbResults = flag.String("cluster-results", "", "BenchmarkCluster: directory for JSON and Markdown results (default results/cluster-<time>)")
+	cbNodes        = flag.Int("cluster-nodes", 8, "BenchmarkCluster: proxies, one per network namespace")
+	cbSize         = flag.String("cluster-size", "128MiB", "BenchmarkCluster: blob size")
+	cbUp           = flag.String("cluster-up", "50MB", "BenchmarkCluster: each node's upload and download, bytes/s")
+	cbOrigin       = flag.String("cluster-origin", "50MB", "BenchmarkCluster: the upstream registry's upload, bytes/s")
+	cbModes        = flag.String("cluster-modes", "state,fcfs,direct", "BenchmarkCluster: modes to run")
+	cbSyncInterval = flag.String("cluster-sync-interval", "3s", "BenchmarkCluster: upload.syncer.interval of the proxies")
+	cbResults      = flag.String("cluster-results", "", "BenchmarkCluster: directory for JSON and Markdown results (default results/cluster-<time>)")
 )
 
 // clusterRun is one scenario run in one mode.
@@ -100,7 +101,7 @@ func runClusterA(tb testing.TB, mode string, nodes int, size, nodeBps, originBps
 	}
 	regURL := "http://" + regHost.IP + ":5000"
 	// Host state from the namespace's own interface, maxima as tc shapes it.
-	cfg := writeTOML(tb, fmt.Sprintf("[upload]\ninterface = \"eth0\"\nmax_tx = \"%d\"\nmax_rx = \"%d\"\n", nodeBps, nodeBps))
+	cfg := writeTOML(tb, fmt.Sprintf("[upload]\ninterface = \"eth0\"\nmax_tx = \"%d\"\nmax_rx = \"%d\"\n[upload.syncer]\ninterval = \"%s\"\n", nodeBps, nodeBps, *cbSyncInterval))
 	if mode != "direct" {
 		for i, h := range hosts {
 			join := hosts[(i+1)%len(hosts)].IP + ":7000"
