@@ -29,6 +29,7 @@ var (
 	cbModes        = flag.String("cluster-modes", "state,fcfs,direct", "BenchmarkCluster: modes to run")
 	cbSyncInterval = flag.String("cluster-sync-interval", "3s", "BenchmarkCluster: upload.syncer.interval of the proxies")
 	cbResults      = flag.String("cluster-results", "", "BenchmarkCluster: directory for JSON and Markdown results (default results/cluster-<time>)")
+	cbLogLevel     = flag.String("cluster-log-level", "warn", "BenchmarkCluster: the proxies' log level")
 )
 
 // clusterRun is one scenario run in one mode.
@@ -110,7 +111,7 @@ func runClusterA(tb testing.TB, mode string, nodes int, size, nodeBps, originBps
 			}
 			p := h.Command(ctx, *proxyBin, "serve", "--config", cfg, "--listen", h.IP+":5000", "--peer-listen", h.IP+":7000", "--join", join,
 				"--node-id", fmt.Sprintf("node-%02d", i+1), "--selector", mode, "--upstream", "bench.invalid="+regURL,
-				"--data-dir", tb.TempDir(), "--log-level", "warn")
+				"--data-dir", tb.TempDir(), "--log-level", *cbLogLevel)
 			p.Stderr = os.Stderr
 			if err := p.Start(); err != nil {
 				tb.Fatal(err)
