@@ -255,8 +255,9 @@ func (c *Client) Blob(ctx context.Context, registry, repo string, d digest.Diges
 		rh.Del("Authorization")
 		resp, err := c.do(ctx, http.MethodGet, target.String(), rh, false)
 		if err == nil {
-			body, whole, err := rangeBody(resp, off, n)
-			if err == nil {
+			var body io.ReadCloser
+			var whole bool
+			if body, whole, err = rangeBody(resp, off, n); err == nil {
 				return body, whole, nil
 			}
 		}
