@@ -192,6 +192,13 @@ func (p *Partial) Checksum(i int) (uint32, bool) {
 	return p.crc[i], true
 }
 
+// Checksums returns a copy of the piece checksums, zero where not done.
+func (p *Partial) Checksums() []uint32 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]uint32(nil), p.crc...)
+}
+
 // Bitmap returns a copy of the done flags.
 func (p *Partial) Bitmap() []bool {
 	p.mu.Lock()

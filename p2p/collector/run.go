@@ -302,23 +302,17 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 
 // window returns up to Window missing, idle pieces from the readers' cursor
 // on (wrapping), in order.
-func (r *Run) windowLocked() (win []int, allDone bool) {
+func (r *Run) windowLocked() (win []int) {
 	start := r.job.Next()
 	if start < 0 || start >= r.n {
 		start = 0
 	}
-	allDone = true
 	for k := 0; k < r.n && len(win) < r.c.opts.Window; k++ {
-		i := (start + k) % r.n
-		if r.job.Has(i) {
-			continue
-		}
-		allDone = false
-		if !r.inflight[i] {
+		if i := (start + k) % r.n; !r.job.Has(i) && !r.inflight[i] {
 			win = append(win, i)
 		}
 	}
-	return win, allDone
+	return win
 }
 
 // pickLocked chooses the next piece and parent. done means nothing is left
@@ -327,12 +321,9 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 	if r.sequential {
 		return 0, nil, true
 	}
-	win, allDone := r.windowLocked()
+	win := r.windowLocked()
 	if len(win) == 0 {
-		if allDone {
-			return 0, nil, true
-		}
-		return 0, nil, true // the rest is in flight; its workers finish it
+		return 0, nil, true // all done, or in flight with workers that finish it
 	}
 	now := r.c.opts.Now()
 	var i int

@@ -199,18 +199,15 @@ func (m *Membership) Close() error {
 	return errors.Join(err, m.ml.Shutdown())
 }
 
-// logWriter sends memberlist's log lines to slog at debug level, warnings
-// and errors at their own.
+// logWriter sends memberlist's log lines to slog: errors as warnings, the
+// rest (its warnings too: a member's routine suspicion) at debug level.
 type logWriter struct{ l *slog.Logger }
 
 func (w *logWriter) Write(b []byte) (int, error) {
 	s := strings.TrimSpace(string(b))
-	switch {
-	case strings.Contains(s, "[ERR]"):
+	if strings.Contains(s, "[ERR]") {
 		w.l.Warn(s)
-	case strings.Contains(s, "[WARN]"):
-		w.l.Debug(s)
-	default:
+	} else {
 		w.l.Debug(s)
 	}
 	return len(b), nil
