@@ -182,16 +182,6 @@ func (p *Partial) Has(i int) bool {
 	return i >= 0 && i < len(p.done) && p.done[i]
 }
 
-// Checksum returns piece i's checksum, if it is done.
-func (p *Partial) Checksum(i int) (uint32, bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if i < 0 || i >= len(p.done) || !p.done[i] {
-		return 0, false
-	}
-	return p.crc[i], true
-}
-
 // Checksums returns a copy of the piece checksums, zero where not done.
 func (p *Partial) Checksums() []uint32 {
 	p.mu.Lock()
