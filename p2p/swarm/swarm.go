@@ -152,11 +152,21 @@ func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) e
 		go func() {
 			defer wg.Done()
 			defer arrived()
-			err := s.opts.Pool.Watch(ctx, addr, d, s.opts.Self.ID, func(up *pb.PieceUpdate) {
+			wctx, wcancel := context.WithCancel(ctx)
+			defer wcancel()
+			ignored := false
+			err := s.opts.Pool.Watch(wctx, addr, d, s.opts.Self.ID, func(up *pb.PieceUpdate) {
 				defer arrived()
+				if ignored {
+					return
+				}
 				if up.GetSize() != plan.Size || up.GetPieceSize() != plan.PieceSize {
+					// This peer alone is ignored for the rest of the download:
+					// it stays in watching, so it is not added again.
 					s.log.Warn("peer's piece plan differs; ignoring it", "peer", id, "digest", d, "size", up.GetSize(), "piece_size", up.GetPieceSize())
-					cancel()
+					ignored = true
+					run.RemoveParent(id)
+					wcancel()
 					return
 				}
 				if up.GetComplete() {
@@ -173,7 +183,7 @@ func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) e
 				}
 				run.Announce(id, has, fetching)
 			})
-			if ctx.Err() != nil {
+			if ctx.Err() != nil || ignored {
 				return
 			}
 			if err != nil {
