@@ -140,12 +140,7 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 
 	hostSync := statesync.NewServer(statesync.ServerOptions{
 		Self: func() *pb.Host {
-			st := meter.State()
-			return &pb.Host{Id: id, Addr: addr, State: &pb.HostState{
-				TxBandwidth: st.TxBps, RxBandwidth: st.RxBps, MaxTxBandwidth: st.MaxTxBps, MaxRxBandwidth: st.MaxRxBps,
-				UploadsInFlight: st.UploadsInFlight, UploadLimit: st.UploadLimit, UploadRateLimit: st.UploadRateLimit,
-				DiskReadBandwidth: st.DiskReadBps, FreeBytes: st.FreeBytes, MeasuredAt: st.MeasuredAt.UnixNano(),
-			}}
+			return &pb.Host{Id: id, Addr: addr, State: meter.State().Proto()}
 		},
 		Interval: cfg.Upload.Syncer.Interval,
 		Capacity: cfg.Upload.Syncer.Capacity,

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
+
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
 )
 
 // Counters reads raw, cumulative counters of the host.
@@ -37,6 +39,15 @@ type State struct {
 	DiskReadBps        uint64
 	FreeBytes          uint64
 	MeasuredAt         time.Time
+}
+
+// Proto is the state as sent to children over SyncHost.
+func (s State) Proto() *pb.HostState {
+	return &pb.HostState{
+		TxBandwidth: s.TxBps, RxBandwidth: s.RxBps, MaxTxBandwidth: s.MaxTxBps, MaxRxBandwidth: s.MaxRxBps,
+		UploadsInFlight: s.UploadsInFlight, UploadLimit: s.UploadLimit, UploadRateLimit: s.UploadRateLimit,
+		DiskReadBandwidth: s.DiskReadBps, FreeBytes: s.FreeBytes, MeasuredAt: s.MeasuredAt.UnixNano(),
+	}
 }
 
 // Options configure a Meter.

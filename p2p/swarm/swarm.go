@@ -28,6 +28,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/p2p/owner"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/p2p/peer"
+	"github.com/registry-proxy/registry-proxy/p2p/tracker"
 	"github.com/registry-proxy/registry-proxy/p2p/transfer"
 	"github.com/registry-proxy/registry-proxy/piece"
 	"github.com/registry-proxy/registry-proxy/task"
@@ -57,14 +58,10 @@ type Swarm struct {
 	log   *slog.Logger
 	tasks *task.Manager
 
-	mu      sync.Mutex
-	runs    map[digest.Digest]*collector.Run
-	tracked map[digest.Digest]map[string]trackedPeer
-}
+	tracker *tracker.Tracker
 
-type trackedPeer struct {
-	addr string
-	seen time.Time
+	mu   sync.Mutex
+	runs map[digest.Digest]*collector.Run
 }
 
 // New returns a swarm; Bind gives it the task manager.
@@ -82,7 +79,7 @@ func New(opts Options) *Swarm {
 		opts:    opts,
 		log:     opts.Logger.With("component", "swarm"),
 		runs:    map[digest.Digest]*collector.Run{},
-		tracked: map[digest.Digest]map[string]trackedPeer{},
+		tracker: tracker.New(),
 	}
 }
 
@@ -209,8 +206,8 @@ func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) e
 				// This node owns the digest now: it goes upstream, and
 				// takes pieces from whoever registered.
 				run.AllowUpstream(true)
-				for _, p := range s.peersOf(d, "") {
-					addParent(p.Id, p.Addr)
+				for _, p := range s.tracker.Peers(d.String(), "", s.opts.MaxPeers) {
+					addParent(p.ID, p.Addr)
 				}
 				return
 			}
@@ -293,15 +290,12 @@ func (s *Swarm) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Regi
 	if req.GetHostId() == "" || req.GetAddr() == "" {
 		return nil, status.Error(codes.InvalidArgument, "host_id and addr are required")
 	}
-	peers := s.peersOf(d, req.GetHostId())
-	s.mu.Lock()
-	if s.tracked[d] == nil {
-		s.tracked[d] = map[string]trackedPeer{}
+	resp := &pb.RegisterResponse{}
+	for _, p := range s.tracker.Peers(d.String(), req.GetHostId(), s.opts.MaxPeers) {
+		resp.Peers = append(resp.Peers, &pb.PeerRef{Id: p.ID, Addr: p.Addr})
 	}
-	s.tracked[d][req.GetHostId()] = trackedPeer{addr: req.GetAddr(), seen: time.Now()}
-	s.mu.Unlock()
+	s.tracker.Add(d.String(), tracker.Peer{ID: req.GetHostId(), Addr: req.GetAddr(), Seen: time.Now()})
 
-	resp := &pb.RegisterResponse{Peers: peers}
 	if size, err := s.opts.Store.Stat(d); err == nil {
 		resp.Size = size
 		return resp, nil
@@ -323,28 +317,6 @@ func (s *Swarm) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Regi
 		resp.Size = t.Size()
 	}
 	return resp, nil
-}
-
-// peersOf lists the most recently registered nodes for d, except one.
-func (s *Swarm) peersOf(d digest.Digest, except string) []*pb.PeerRef {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	type e struct {
-		id string
-		trackedPeer
-	}
-	var all []e
-	for id, tp := range s.tracked[d] {
-		if id != except {
-			all = append(all, e{id, tp})
-		}
-	}
-	sort.Slice(all, func(i, j int) bool { return all[i].seen.After(all[j].seen) })
-	var out []*pb.PeerRef
-	for _, p := range all[:min(len(all), s.opts.MaxPeers)] {
-		out = append(out, &pb.PeerRef{Id: p.id, Addr: p.addr})
-	}
-	return out
 }
 
 // Snapshot implements peer.Source.

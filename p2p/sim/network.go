@@ -1,0 +1,183 @@
+package sim
+
+import (
+	"container/heap"
+	"context"
+	"sync"
+	"time"
+)
+
+// network moves bytes between hosts. Each transfer is a flow whose rate is
+// the smaller of its sender's upload capacity shared equally among the
+// sender's flows and its receiver's download capacity shared among the
+// receiver's flows. That leaves capacity idle where one side is the
+// bottleneck of the other (a fair max-min share would give it away), so the
+// simulated network is never faster than the real one. Rates change only at
+// the two ends of a flow that starts or ends, which keeps an event cheap at
+// thousands of hosts.
+type network struct {
+	mu    sync.Mutex
+	heap  flowHeap
+	kick  chan struct{}
+	total int64 // flows ever started
+}
+
+type host struct {
+	up, down   float64 // bytes/s
+	ups, downs []*flow
+	sent, recv float64 // bytes of finished flows
+}
+
+type flow struct {
+	src, dst     *host
+	remaining    float64
+	rate         float64
+	at           time.Time // remaining is as of at
+	ver          int
+	upIx, downIx int
+	finished     bool
+	done         chan struct{}
+}
+
+func newNetwork() *network { return &network{kick: make(chan struct{}, 1)} }
+
+// transfer moves n bytes from src to dst; it returns when they arrived or
+// ctx ended.
+func (nw *network) transfer(ctx context.Context, src, dst *host, n int64) error {
+	f := &flow{src: src, dst: dst, remaining: float64(n), done: make(chan struct{})}
+	nw.mu.Lock()
+	now := time.Now()
+	nw.total++
+	f.upIx, f.downIx = len(src.ups), len(dst.downs)
+	src.ups = append(src.ups, f)
+	dst.downs = append(dst.downs, f)
+	f.at = now
+	nw.reschedule(now, src, dst)
+	nw.mu.Unlock()
+	select {
+	case nw.kick <- struct{}{}:
+	default:
+	}
+	select {
+	case <-f.done:
+		return nil
+	case <-ctx.Done():
+		nw.mu.Lock()
+		if !f.finished {
+			nw.remove(time.Now(), f)
+		}
+		nw.mu.Unlock()
+		return ctx.Err()
+	}
+}
+
+// counters returns the bytes a host sent and received so far, counting the
+// progress of flows still running.
+func (nw *network) counters(h *host) (rx, tx uint64) {
+	nw.mu.Lock()
+	defer nw.mu.Unlock()
+	now := time.Now()
+	sent, recv := h.sent, h.recv
+	for _, f := range h.ups {
+		sent += f.progressAt(now)
+	}
+	for _, f := range h.downs {
+		recv += f.progressAt(now)
+	}
+	return uint64(recv), uint64(sent)
+}
+
+func (f *flow) progressAt(now time.Time) float64 {
+	return min(f.rate*now.Sub(f.at).Seconds(), f.remaining)
+}
+
+// settle brings f's remaining bytes to now.
+func (f *flow) settle(now time.Time) {
+	p := f.progressAt(now)
+	f.remaining -= p
+	f.src.sent += p
+	f.dst.recv += p
+	f.at = now
+}
+
+func (nw *network) remove(now time.Time, f *flow) {
+	f.settle(now)
+	f.finished = true
+	f.ver++
+	s, d := f.src, f.dst
+	last := s.ups[len(s.ups)-1]
+	s.ups[f.upIx], last.upIx = last, f.upIx
+	s.ups = s.ups[:len(s.ups)-1]
+	last = d.downs[len(d.downs)-1]
+	d.downs[f.downIx], last.downIx = last, f.downIx
+	d.downs = d.downs[:len(d.downs)-1]
+	nw.reschedule(now, s, d)
+}
+
+// reschedule recomputes the rates of every flow at src's uploads and dst's
+// downloads.
+func (nw *network) reschedule(now time.Time, src, dst *host) {
+	for _, set := range [][]*flow{src.ups, dst.downs} {
+		for _, f := range set {
+			f.settle(now)
+			f.rate = min(f.src.up/float64(len(f.src.ups)), f.dst.down/float64(len(f.dst.downs)))
+			f.ver++
+			eta := now.Add(time.Duration(f.remaining/f.rate*1e9) + 1)
+			heap.Push(&nw.heap, heapItem{at: eta, f: f, ver: f.ver})
+		}
+	}
+}
+
+// run completes flows at their time until ctx ends.
+func (nw *network) run(ctx context.Context) {
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		nw.mu.Lock()
+		now := time.Now()
+		for nw.heap.Len() > 0 {
+			top := nw.heap[0]
+			if top.ver != top.f.ver || top.f.finished {
+				heap.Pop(&nw.heap)
+				continue
+			}
+			if top.at.After(now) {
+				break
+			}
+			heap.Pop(&nw.heap)
+			nw.remove(now, top.f)
+			close(top.f.done)
+		}
+		wait := time.Hour
+		if nw.heap.Len() > 0 {
+			wait = nw.heap[0].at.Sub(now)
+		}
+		nw.mu.Unlock()
+		timer.Reset(wait)
+		select {
+		case <-ctx.Done():
+			return
+		case <-nw.kick:
+		case <-timer.C:
+		}
+	}
+}
+
+type heapItem struct {
+	at  time.Time
+	f   *flow
+	ver int
+}
+
+type flowHeap []heapItem
+
+func (h flowHeap) Len() int           { return len(h) }
+func (h flowHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
+func (h flowHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *flowHeap) Push(x any)        { *h = append(*h, x.(heapItem)) }
+func (h *flowHeap) Pop() any {
+	old := *h
+	x := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return x
+}

@@ -1,0 +1,585 @@
+// Package sim is a discrete-event simulation of a registry-proxy cluster
+// pulling one blob. It runs the project's own piece collector, owner ranking,
+// tracker and host-state meter over a simulated network of hosts with upload
+// and download capacities and a one-way latency; only the transport (gRPC
+// streams, HTTP piece requests, disks) is replaced.
+//
+// Run must be called inside a testing/synctest bubble: the bubble's fake
+// clock is the simulation clock, and it advances whenever every simulated
+// goroutine waits, so the collector's own timers, back-offs and timeouts run
+// unchanged at simulated speed.
+package sim
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"math/rand/v2"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/p2p/collector"
+	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
+	"github.com/registry-proxy/registry-proxy/p2p/owner"
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/p2p/tracker"
+	"github.com/registry-proxy/registry-proxy/piece"
+)
+
+// Direct is the mode in which every node pulls from the upstream alone.
+const Direct = "direct"
+
+// Config is one simulated pull.
+type Config struct {
+	Nodes int
+	Size  int64 // blob bytes
+	// Up and Down are each node's capacities, OriginUp the upstream
+	// registry's upload capacity, in bytes/s.
+	Up, Down, OriginUp float64
+	// Latency is one way, between any two hosts.
+	Latency time.Duration
+	// Selector is collector.SelectorState, collector.SelectorFCFS or Direct.
+	Selector string
+	// Throttled nodes upload at a tenth of Up; Loaded nodes run
+	// background uploads (LoadFlows of them) to a host outside the swarm.
+	Throttled, Loaded, LoadFlows int
+	// Spread draws each node's Up uniformly from [Up·(1−Spread), Up·(1+Spread)].
+	Spread float64
+	// Waves start the nodes in that many equal groups, WaveGap apart.
+	Waves   int
+	WaveGap time.Duration
+	// Defaults of the real node when zero.
+	Concurrency, UploadLimit, MaxPeers int
+	SyncInterval, Refresh              time.Duration
+	Seed                               uint64
+}
+
+func (c *Config) defaults() {
+	if c.Concurrency <= 0 {
+		c.Concurrency = 8
+	}
+	if c.UploadLimit <= 0 {
+		c.UploadLimit = 16
+	}
+	if c.MaxPeers <= 0 {
+		c.MaxPeers = 32
+	}
+	if c.SyncInterval <= 0 {
+		c.SyncInterval = 3 * time.Second
+	}
+	if c.Refresh <= 0 {
+		c.Refresh = time.Second
+	}
+	if c.Waves <= 0 {
+		c.Waves = 1
+	}
+	if c.LoadFlows <= 0 {
+		c.LoadFlows = 8
+	}
+}
+
+// Bound is the Kumar–Ross lower bound on the time for every node to hold
+// the blob: max(F/u_origin, F/d_min, N·F/(u_origin + Σu_i)).
+func Bound(size int64, originUp float64, ups, downs []float64) time.Duration {
+	f := float64(size)
+	sum, dmin := originUp, math.Inf(1)
+	for _, u := range ups {
+		sum += u
+	}
+	for _, d := range downs {
+		dmin = min(dmin, d)
+	}
+	t := max(f/originUp, f/dmin, float64(len(ups))*f/sum)
+	return time.Duration(t * 1e9)
+}
+
+// Result is what one simulated pull measured.
+type Result struct {
+	Config     Config
+	Completion []time.Duration // per node, from its own start
+	Bound      time.Duration
+	// UpstreamBytes is what the registry sent; SentBy the bytes each node
+	// uploaded to its peers.
+	UpstreamBytes int64
+	SentBy        []int64
+	Flows         int64
+}
+
+// Run simulates cfg inside the calling synctest bubble.
+func Run(ctx context.Context, cfg Config) (Result, error) {
+	cfg.defaults()
+	if cfg.Nodes < 1 || cfg.Size < 1 || cfg.Up <= 0 || cfg.Down <= 0 || cfg.OriginUp <= 0 {
+		return Result{}, errors.New("sim: nodes, size and capacities must be positive")
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	s := newSim(cfg)
+	s.ctx = ctx
+	var bg sync.WaitGroup
+	defer bg.Wait()
+	defer cancel()
+	bg.Go(func() { s.net.run(ctx) })
+	for _, n := range s.nodes {
+		bg.Go(func() { n.publishState(ctx) })
+	}
+	for _, n := range s.loaded {
+		for range cfg.LoadFlows {
+			bg.Go(func() {
+				for ctx.Err() == nil {
+					_ = s.net.transfer(ctx, n.h, s.sink, 64<<20)
+				}
+			})
+		}
+	}
+
+	per := (cfg.Nodes + cfg.Waves - 1) / cfg.Waves
+	errs := make([]error, cfg.Nodes)
+	res := Result{Config: cfg, Completion: make([]time.Duration, cfg.Nodes), SentBy: make([]int64, cfg.Nodes)}
+	var wg sync.WaitGroup
+	for k, n := range s.nodes {
+		wg.Go(func() {
+			if d := time.Duration(k/per) * cfg.WaveGap; d > 0 {
+				time.Sleep(d)
+			}
+			start := time.Now()
+			errs[k] = n.pull(ctx)
+			res.Completion[k] = time.Since(start)
+		})
+	}
+	wg.Wait()
+	cancel()
+	bg.Wait()
+
+	ups, downs := make([]float64, cfg.Nodes), make([]float64, cfg.Nodes)
+	for k, n := range s.nodes {
+		ups[k], downs[k] = n.h.up, n.h.down
+		res.SentBy[k] = int64(n.h.sent)
+	}
+	res.Bound = Bound(cfg.Size, cfg.OriginUp, ups, downs)
+	res.UpstreamBytes = int64(s.origin.sent)
+	res.Flows = s.net.total
+	return res, errors.Join(errs...)
+}
+
+type simulation struct {
+	ctx    context.Context // the whole run's: downloads outlive the request that started them
+	cfg    Config
+	net    *network
+	digest digest.Digest
+	plan   piece.Plan
+	origin *host
+	sink   *host
+	nodes  []*node
+	byID   map[string]*node
+	ids    []string
+	loaded []*node
+}
+
+func newSim(cfg Config) *simulation {
+	rng := rand.New(rand.NewPCG(cfg.Seed, 0x5eed))
+	s := &simulation{
+		cfg:    cfg,
+		net:    newNetwork(),
+		digest: digest.FromString(fmt.Sprintf("sim blob %d", cfg.Seed)),
+		plan:   piece.PlanFor(cfg.Size),
+		origin: &host{up: cfg.OriginUp, down: cfg.OriginUp},
+		sink:   &host{up: math.MaxFloat64 / 4, down: math.MaxFloat64 / 4},
+		byID:   map[string]*node{},
+	}
+	for k := range cfg.Nodes {
+		up := cfg.Up
+		if cfg.Spread > 0 {
+			up *= 1 - cfg.Spread + 2*cfg.Spread*rng.Float64()
+		}
+		n := &node{s: s, id: fmt.Sprintf("node-%04d", k), h: &host{up: up, down: cfg.Down}}
+		s.nodes = append(s.nodes, n)
+		s.byID[n.id] = n
+		s.ids = append(s.ids, n.id)
+	}
+	// Slow and loaded parents are drawn at random, but never the owner: a
+	// slow owner measures the owner, not the parent selection.
+	own := owner.Rank(s.digest.String(), s.ids)[0]
+	others := make([]*node, 0, len(s.nodes))
+	for _, n := range s.nodes {
+		if n.id != own {
+			others = append(others, n)
+		}
+	}
+	rng.Shuffle(len(others), func(i, j int) { others[i], others[j] = others[j], others[i] })
+	for k, n := range others {
+		switch {
+		case k < cfg.Throttled:
+			n.h.up /= 10
+		case k < cfg.Throttled+cfg.Loaded:
+			s.loaded = append(s.loaded, n)
+		}
+	}
+	for k, n := range s.nodes {
+		n.tracker = tracker.New()
+		n.meter = hoststate.New(hoststate.Options{
+			Counters:    simCounters{n},
+			MaxTxBps:    uint64(n.h.up),
+			MaxRxBps:    uint64(n.h.down),
+			UploadLimit: cfg.UploadLimit,
+		})
+		selector := cfg.Selector
+		if selector == Direct {
+			selector = collector.SelectorState
+		}
+		n.coll = collector.New(collector.Options{
+			Concurrency: cfg.Concurrency,
+			Selector:    selector,
+			State:       s.state,
+			Rand:        rand.New(rand.NewPCG(cfg.Seed, uint64(k))),
+			Logger:      slog.New(slog.DiscardHandler),
+		})
+	}
+	return s
+}
+
+// state is what a child knows of a parent: its last SyncHost message.
+func (s *simulation) state(id string) (*pb.HostState, bool) {
+	n, ok := s.byID[id]
+	if !ok {
+		return nil, false
+	}
+	st := n.published.Load()
+	return st, st != nil
+}
+
+// node is one registry-proxy.
+type node struct {
+	s         *simulation
+	id        string
+	h         *host
+	meter     *hoststate.Meter
+	coll      *collector.Collector
+	tracker   *tracker.Tracker
+	published atomic.Pointer[pb.HostState]
+
+	mu       sync.Mutex
+	job      *job
+	run      *collector.Run
+	watchers []*node
+	following map[string]bool
+	done     chan struct{}
+	err      error
+}
+
+// publishState samples the meter every second and sends the state to
+// children every sync interval, as the node's meter and SyncHost server do.
+func (n *node) publishState(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	last := time.Time{}
+	for {
+		_, _ = n.meter.Sample(ctx)
+		if now := time.Now(); now.Sub(last) >= n.s.cfg.SyncInterval {
+			n.published.Store(n.meter.State().Proto())
+			last = now
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+type simCounters struct{ n *node }
+
+func (c simCounters) Net(context.Context) (uint64, uint64, error) {
+	rx, tx := c.n.s.net.counters(c.n.h)
+	return rx, tx, nil
+}
+func (c simCounters) LinkSpeed(context.Context) (uint64, error) { return 0, nil }
+func (c simCounters) DiskRead(context.Context) (uint64, error)  { return 0, nil }
+func (c simCounters) Free(context.Context) (uint64, error)      { return 1 << 40, nil }
+
+// pull is a client on this node reading the whole blob.
+func (n *node) pull(ctx context.Context) error {
+	t := n.open()
+	t.reading.Store(true)
+	select {
+	case <-n.done:
+		return n.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// open starts the node's download once, as the task manager does for a
+// client or for a registration at the owner.
+func (n *node) open() *job {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.job != nil {
+		return n.job
+	}
+	n.job = newJob(n)
+	n.run = n.coll.NewRun(n.job)
+	n.done = make(chan struct{})
+	n.following = map[string]bool{}
+	go func() {
+		err := n.fill(n.s.ctx)
+		n.mu.Lock()
+		n.err = err
+		n.mu.Unlock()
+		close(n.done)
+	}()
+	return n.job
+}
+
+// fill mirrors swarm.Fill: find the owner, register, follow the peers it
+// names, let them announce, collect, and re-register every refresh.
+func (n *node) fill(ctx context.Context) error {
+	s := n.s
+	n.run.SetUpstream(&upstreamParent{s: s, n: n}, s.cfg.Selector == Direct)
+	if s.cfg.Selector == Direct {
+		return n.run.Run(ctx)
+	}
+	coordinate := func() {
+		own := owner.Rank(s.digest.String(), s.ids)[0]
+		if own == n.id {
+			n.run.AllowUpstream(true)
+			for _, p := range n.tracker.Peers(s.digest.String(), "", s.cfg.MaxPeers) {
+				n.follow(s.byID[p.ID])
+			}
+			return
+		}
+		o := s.byID[own]
+		time.Sleep(s.cfg.Latency)
+		peers := o.register(n)
+		time.Sleep(s.cfg.Latency)
+		n.run.AllowUpstream(false)
+		n.follow(o)
+		for _, p := range peers {
+			n.follow(s.byID[p.ID])
+		}
+	}
+	coordinate()
+	time.Sleep(2 * s.cfg.Latency) // the first announcements
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() { errc <- n.run.Run(ctx) }()
+	t := time.NewTicker(s.cfg.Refresh)
+	defer t.Stop()
+	for {
+		select {
+		case err := <-errc:
+			return err
+		case <-t.C:
+			coordinate()
+		}
+	}
+}
+
+// register is the owner's tracker: record the node, start this node's own
+// download, and name the newest registrants.
+func (n *node) register(from *node) []tracker.Peer {
+	peers := n.tracker.Peers(n.s.digest.String(), from.id, n.s.cfg.MaxPeers)
+	n.tracker.Add(n.s.digest.String(), tracker.Peer{ID: from.id, Addr: from.id, Seen: time.Now()})
+	n.open()
+	return peers
+}
+
+// follow makes n a watcher of p's pieces: p becomes one of n's parents.
+func (n *node) follow(p *node) {
+	if p == nil || p == n {
+		return
+	}
+	n.mu.Lock()
+	if n.following[p.id] {
+		n.mu.Unlock()
+		return
+	}
+	n.following[p.id] = true
+	run := n.run
+	n.mu.Unlock()
+	run.AddParent(&peerParent{s: n.s, from: p, to: n})
+
+	p.mu.Lock()
+	p.watchers = append(p.watchers, n)
+	var have map[int]uint32
+	if p.job != nil {
+		have = p.job.snapshot()
+	}
+	p.mu.Unlock()
+	if len(have) > 0 {
+		time.AfterFunc(n.s.cfg.Latency, func() { run.Announce(p.id, have, nil) })
+	}
+}
+
+// announce tells p's watchers, one latency later, that piece i is done.
+func (n *node) announce(i int) {
+	n.mu.Lock()
+	watchers := append([]*node(nil), n.watchers...)
+	run := n.run
+	n.mu.Unlock()
+	if len(watchers) == 0 {
+		return
+	}
+	has := map[int]uint32{i: 0}
+	fetching := run.InFlight()
+	time.AfterFunc(n.s.cfg.Latency, func() {
+		for _, w := range watchers {
+			w.mu.Lock()
+			r := w.run
+			w.mu.Unlock()
+			r.Announce(n.id, has, fetching)
+		}
+	})
+}
+
+// job is a node's copy of the blob: which pieces it holds.
+type job struct {
+	n       *node
+	reading atomic.Bool
+	mu      sync.Mutex
+	have    []bool
+	next    int // first missing piece
+}
+
+func newJob(n *node) *job { return &job{n: n, have: make([]bool, n.s.plan.Count())} }
+
+func (j *job) Digest() digest.Digest { return j.n.s.digest }
+func (j *job) Plan() piece.Plan      { return j.n.s.plan }
+func (j *job) Has(i int) bool {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.have[i]
+}
+
+func (j *job) Next() int {
+	if !j.reading.Load() {
+		return -1
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.next >= len(j.have) {
+		return -1
+	}
+	return j.next
+}
+
+func (j *job) Put(i int, r io.Reader, _ string, _ collector.Expect) error {
+	if _, ok := unwrap(r).(*body); !ok {
+		return fmt.Errorf("sim: piece %d: unexpected body %T", i, r)
+	}
+	j.mu.Lock()
+	j.have[i] = true
+	for j.next < len(j.have) && j.have[j.next] {
+		j.next++
+	}
+	j.mu.Unlock()
+	j.n.announce(i)
+	return nil
+}
+
+func (j *job) snapshot() map[int]uint32 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	out := map[int]uint32{}
+	for i, ok := range j.have {
+		if ok {
+			out[i] = 0
+		}
+	}
+	return out
+}
+
+// body stands for a piece's bytes: the simulation moves no data.
+type body struct{}
+
+func (*body) Read([]byte) (int, error) { return 0, io.EOF }
+func (*body) Close() error             { return nil }
+
+// The collector hands Put an io.LimitReader around the body.
+func unwrap(r io.Reader) io.Reader {
+	if l, ok := r.(*io.LimitedReader); ok {
+		return l.R
+	}
+	return r
+}
+
+type upstreamParent struct {
+	s *simulation
+	n *node
+}
+
+func (p *upstreamParent) ID() string { return collector.UpstreamID }
+
+func (p *upstreamParent) Fetch(ctx context.Context, _ int, _, size int64) (io.ReadCloser, error) {
+	if err := sleep(ctx, 2*p.s.cfg.Latency); err != nil {
+		return nil, err
+	}
+	if err := p.s.net.transfer(ctx, p.s.origin, p.n.h, size); err != nil {
+		return nil, err
+	}
+	return &body{}, nil
+}
+
+// peerParent is node from as a parent of node to.
+type peerParent struct {
+	s        *simulation
+	from, to *node
+}
+
+func (p *peerParent) ID() string { return p.from.id }
+
+// errNoPiece is a request for a piece the parent does not hold.
+var errNoPiece = errors.New("sim: parent does not hold the piece")
+
+func (p *peerParent) Fetch(ctx context.Context, i int, _, size int64) (io.ReadCloser, error) {
+	p.from.mu.Lock()
+	j := p.from.job
+	p.from.mu.Unlock()
+	if j == nil || !j.Has(i) {
+		return nil, errNoPiece
+	}
+	done, err := p.from.meter.BeginUpload()
+	if err != nil {
+		return nil, collector.ErrBusy
+	}
+	defer done()
+	if err := sleep(ctx, 2*p.s.cfg.Latency); err != nil {
+		return nil, err
+	}
+	if err := p.s.net.transfer(ctx, p.from.h, p.to.h, size); err != nil {
+		return nil, err
+	}
+	return &body{}, nil
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Quantile returns the q-quantile (0..1) of ds, nearest rank.
+func Quantile(ds []time.Duration, q float64) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	k := int(math.Ceil(q*float64(len(s)))) - 1
+	return s[max(0, min(k, len(s)-1))]
+}
