@@ -47,6 +47,7 @@ type Upload struct {
 	MaxTx     Size   `toml:"max_tx"`
 	MaxRx     Size   `toml:"max_rx"`
 	Interface string `toml:"interface"`
+	SuperSeed bool   `toml:"super_seed"`
 	Syncer    Syncer `toml:"syncer"`
 }
 
@@ -79,6 +80,8 @@ type Pieces struct {
 	Concurrency int           `toml:"concurrency"`
 	Timeout     time.Duration `toml:"timeout"`
 	Attempts    int           `toml:"attempts"`
+	PerParent   int           `toml:"per_parent"`
+	Upstream    int           `toml:"upstream"`
 }
 
 // Store is the [store] table.
@@ -122,10 +125,10 @@ func Default() Config {
 			RedirectTTL:           time.Minute,
 			MaxManifestSize:       4 << 20,
 		},
-		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3},
+		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1, Upstream: 8},
 		Store:  Store{GCInterval: 5 * time.Minute},
 		P2P:    P2P{Join: []string{}, Selector: "state", MaxPeers: 32},
-		Upload: Upload{Limit: 16, Syncer: Syncer{Enable: true, Interval: 3 * time.Second, Capacity: 50}},
+		Upload: Upload{Limit: 16, SuperSeed: true, Syncer: Syncer{Enable: true, Interval: 3 * time.Second, Capacity: 50}},
 	}
 }
 
@@ -182,6 +185,12 @@ func (c Config) Validate() error {
 	}
 	if c.Pieces.Concurrency < 1 || c.Pieces.Concurrency > 256 {
 		errs = append(errs, fmt.Errorf("pieces.concurrency %d: want 1 to 256", c.Pieces.Concurrency))
+	}
+	if c.Pieces.PerParent < 1 || c.Pieces.PerParent > c.Pieces.Concurrency {
+		errs = append(errs, fmt.Errorf("pieces.per_parent %d: want 1 to pieces.concurrency", c.Pieces.PerParent))
+	}
+	if c.Pieces.Upstream < 1 || c.Pieces.Upstream > c.Pieces.Concurrency {
+		errs = append(errs, fmt.Errorf("pieces.upstream %d: want 1 to pieces.concurrency", c.Pieces.Upstream))
 	}
 	for k, d := range map[string]time.Duration{"upstream.timeout": c.Upstream.Timeout, "pieces.timeout": c.Pieces.Timeout, "store.gc_interval": c.Store.GCInterval} {
 		if d <= 0 {

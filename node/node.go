@@ -74,11 +74,13 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		Logger:      log,
 	}
 	collOpts := collector.Options{
-		Concurrency:  cfg.Pieces.Concurrency,
-		PieceTimeout: cfg.Pieces.Timeout,
-		Attempts:     cfg.Pieces.Attempts,
-		Selector:     cfg.P2P.Selector,
-		Logger:       log,
+		Concurrency:         cfg.Pieces.Concurrency,
+		PerParent:           cfg.Pieces.PerParent,
+		UpstreamConcurrency: cfg.Pieces.Upstream,
+		PieceTimeout:        cfg.Pieces.Timeout,
+		Attempts:            cfg.Pieces.Attempts,
+		Selector:            cfg.P2P.Selector,
+		Logger:              log,
 	}
 	var p2p *peers
 	var tasks *task.Manager

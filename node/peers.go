@@ -17,6 +17,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/p2p/membership"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/p2p/peer"
+	"github.com/registry-proxy/registry-proxy/p2p/seeding"
 	"github.com/registry-proxy/registry-proxy/p2p/statesync"
 	"github.com/registry-proxy/registry-proxy/p2p/swarm"
 	"github.com/registry-proxy/registry-proxy/p2p/transfer"
@@ -150,7 +151,11 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	if corrupt {
 		log.Warn("fault injection: every piece sent to peers is corrupted (REGISTRY_PROXY_FAULT_CORRUPT_PIECES=1)")
 	}
-	p.server = peer.NewServer(peer.Options{Source: sw, Meter: meter, HostSync: hostSync, Tracker: sw, CorruptPieces: corrupt, Logger: log})
+	var ledger *seeding.Ledger
+	if cfg.Upload.SuperSeed {
+		ledger = seeding.New(seeding.Options{})
+	}
+	p.server = peer.NewServer(peer.Options{Source: sw, Meter: meter, Ledger: ledger, HostSync: hostSync, Tracker: sw, CorruptPieces: corrupt, Logger: log})
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()

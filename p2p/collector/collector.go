@@ -46,6 +46,10 @@ var (
 	// ErrBusy is returned by a parent at its upload limit: back off briefly,
 	// it is not a failure.
 	ErrBusy = errors.New("collector: parent busy")
+	// ErrElsewhere is returned by a parent that already sent this piece to
+	// another node and keeps its upload for pieces no one has: take it from
+	// a sibling. Not a failure.
+	ErrElsewhere = errors.New("collector: parent sent this piece already; fetch it elsewhere")
 )
 
 // Expect is the checksum a parent announced for a piece, if any.
@@ -78,6 +82,12 @@ type Parent interface {
 type Options struct {
 	// Concurrency is the number of pieces fetched at once.
 	Concurrency int
+	// UpstreamConcurrency bounds the pieces fetched from the upstream at
+	// once; Concurrency when zero. A run starts with one and adds one for
+	// each upstream piece done (slow start): pieces started together share
+	// the link and land together, so the swarm would get them in bursts, the
+	// first one only after Concurrency pieces' time.
+	UpstreamConcurrency int
 	// PieceTimeout bounds one piece fetch.
 	PieceTimeout time.Duration
 	// Attempts is how often one piece may fail from the upstream before the
@@ -94,6 +104,9 @@ type Options struct {
 	// PerParent bounds the pieces fetched from one peer at once, so one
 	// child does not take every upload slot of a parent.
 	PerParent int
+	// ElsewhereFor is how long a parent that answered ErrElsewhere for a
+	// piece is not asked for it again.
+	ElsewhereFor time.Duration
 	// StallTimeout lets the upstream send pieces that no peer could send
 	// for this long, even where only the owner should go upstream.
 	StallTimeout time.Duration
@@ -115,6 +128,9 @@ func New(opts Options) *Collector {
 	if opts.Concurrency <= 0 {
 		opts.Concurrency = 8
 	}
+	if opts.UpstreamConcurrency <= 0 || opts.UpstreamConcurrency > opts.Concurrency {
+		opts.UpstreamConcurrency = opts.Concurrency
+	}
 	if opts.PieceTimeout <= 0 {
 		opts.PieceTimeout = time.Minute
 	}
@@ -132,6 +148,9 @@ func New(opts Options) *Collector {
 	}
 	if opts.PerParent <= 0 {
 		opts.PerParent = 4
+	}
+	if opts.ElsewhereFor <= 0 {
+		opts.ElsewhereFor = time.Second
 	}
 	if opts.StallTimeout <= 0 {
 		opts.StallTimeout = 10 * time.Second

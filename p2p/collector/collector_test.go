@@ -316,13 +316,21 @@ func TestBestPiecePrefersUnfetchedAndRare(t *testing.T) {
 	r.Announce("b", nil, []int{0}) // b is fetching piece 0
 	r.Announce("c", job.checksums(1), []int{2})
 	// 0 and 2 are being fetched by others, 1 is held by c too: 3 is best.
-	win := map[int]bool{0: true, 1: true, 2: true, 3: true}
-	if got := r.bestPiece(r.parents["owner"], win); got != 3 {
+	now := time.Now()
+	if got := r.bestPiece(r.parents["owner"], []int{0, 1, 2, 3}, now); got != 3 {
 		t.Fatalf("best piece %d, want 3", got)
 	}
-	delete(win, 3)
-	if got := r.bestPiece(r.parents["owner"], win); got != 1 {
+	if got := r.bestPiece(r.parents["owner"], []int{0, 1, 2}, now); got != 1 {
 		t.Fatalf("best piece %d, want 1 (nobody fetching it)", got)
+	}
+	// The owner sent 1 elsewhere: of what it still offers, 0 and 2 tie on
+	// fetchers and holders, and 0 is nearer the readers.
+	r.parents["owner"].refused[1] = now.Add(time.Second)
+	if got := r.bestPiece(r.parents["owner"], []int{0, 1, 2}, now); got != 0 {
+		t.Fatalf("best piece %d, want 0 (1 refused)", got)
+	}
+	if got := r.bestPiece(r.parents["owner"], []int{0, 1, 2}, now.Add(2*time.Second)); got != 1 {
+		t.Fatalf("best piece %d, want 1 once the refusal expired", got)
 	}
 }
 

@@ -16,11 +16,12 @@ import (
 type parentQueue struct {
 	p        Parent
 	upstream bool
-	queue    []int          // pieces in the order announced
-	has      map[int]uint32 // piece -> announced checksum
-	complete bool           // holds the whole verified blob; no piece checksums
-	fetching map[int]bool   // pieces the parent itself is fetching now
-	blocked  time.Time      // no pieces before this
+	queue    []int             // pieces in the order announced
+	has      map[int]uint32    // piece -> announced checksum
+	complete bool              // holds the whole verified blob; no piece checksums
+	fetching map[int]bool      // pieces the parent itself is fetching now
+	blocked  time.Time         // no pieces before this
+	refused  map[int]time.Time // piece -> not asked again before this (ErrElsewhere)
 	inflight int
 	picks    int
 	bytes    int64
@@ -82,6 +83,13 @@ func (r *Run) AllowUpstream(allowed bool) {
 	r.broadcastLocked()
 }
 
+// UpstreamAllowed reports whether pieces may come from the upstream now.
+func (r *Run) UpstreamAllowed() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.allowUpstream
+}
+
 // AddParent adds a peer parent with no pieces yet.
 func (r *Run) AddParent(p Parent) {
 	r.mu.Lock()
@@ -89,7 +97,7 @@ func (r *Run) AddParent(p Parent) {
 	if _, ok := r.parents[p.ID()]; ok {
 		return
 	}
-	r.parents[p.ID()] = &parentQueue{p: p, has: map[int]uint32{}, fetching: map[int]bool{}}
+	r.parents[p.ID()] = &parentQueue{p: p, has: map[int]uint32{}, fetching: map[int]bool{}, refused: map[int]time.Time{}}
 	r.order = append(r.order, p.ID())
 }
 
@@ -275,6 +283,10 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 		pq.blocked = r.c.opts.Now().Add(250 * time.Millisecond)
 		return nil
 	}
+	if errors.Is(err, ErrElsewhere) && !pq.upstream {
+		pq.refused[i] = r.c.opts.Now().Add(r.c.opts.ElsewhereFor)
+		return nil
+	}
 	if err == nil {
 		if !pq.upstream {
 			r.progress = r.c.opts.Now()
@@ -334,7 +346,8 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 		i, pq = r.pickState(win, now)
 	}
 	stalled := now.Sub(r.progress) > r.c.opts.StallTimeout
-	if pq == nil && r.upstream != nil && (r.allowUpstream || len(r.parents) == 0 || stalled) {
+	if pq == nil && r.upstream != nil && r.upstream.inflight < min(r.c.opts.UpstreamConcurrency, 1+r.upstream.picks) &&
+		(r.allowUpstream || len(r.parents) == 0 || stalled) {
 		if stalled && !r.allowUpstream {
 			r.c.log.Warn("no peer sent a piece in time; taking it from the upstream", "digest", r.job.Digest(), "piece", win[0], "stalled", now.Sub(r.progress).Round(time.Millisecond))
 		}
@@ -352,20 +365,38 @@ func (r *Run) available(pq *parentQueue, now time.Time) bool {
 	return pq.blocked.Before(now) && pq.inflight < r.c.opts.PerParent
 }
 
+// offers says whether pq may be asked for piece i now.
+func (pq *parentQueue) offers(i int, now time.Time) bool {
+	if _, ok := pq.has[i]; !ok {
+		return false
+	}
+	return pq.refused[i].Before(now)
+}
+
 func (r *Run) pickFCFS(win []int, now time.Time) (int, *parentQueue) {
 	for _, i := range win {
-		if pq, ok := r.parents[r.firstHolder[i]]; ok && r.available(pq, now) {
-			return i, pq
+		first, ok := r.parents[r.firstHolder[i]]
+		if !ok {
+			continue
+		}
+		if first.offers(i, now) {
+			if r.available(first, now) {
+				return i, first
+			}
+			continue
+		}
+		// The first holder sent it elsewhere: the next parent, in the order
+		// they joined, that offers it.
+		for _, id := range r.order {
+			if o := r.parents[id]; r.available(o, now) && o.offers(i, now) {
+				return i, o
+			}
 		}
 	}
 	return 0, nil
 }
 
 func (r *Run) pickState(win []int, now time.Time) (int, *parentQueue) {
-	inWin := make(map[int]bool, len(win))
-	for _, i := range win {
-		inWin[i] = true
-	}
 	type cand struct {
 		pq     *parentQueue
 		weight float64
@@ -378,8 +409,8 @@ func (r *Run) pickState(win []int, now time.Time) (int, *parentQueue) {
 			continue
 		}
 		useful := false
-		for i := range pq.has {
-			if inWin[i] {
+		for _, i := range win {
+			if pq.offers(i, now) {
 				useful = true
 				break
 			}
@@ -404,16 +435,16 @@ func (r *Run) pickState(win []int, now time.Time) (int, *parentQueue) {
 		}
 		x -= c.weight
 	}
-	return r.bestPiece(chosen, inWin), chosen
+	return r.bestPiece(chosen, win, now), chosen
 }
 
-// bestPiece takes from the parent's queue the window piece that the fewest
-// other nodes are fetching, then the rarest, then the first in the queue:
-// so each piece leaves a parent about once and the swarm spreads it.
-func (r *Run) bestPiece(pq *parentQueue, inWin map[int]bool) int {
+// bestPiece takes of the window pieces the parent offers the one that the
+// fewest other nodes are fetching, then the rarest, then the one nearest the
+// readers: so each piece leaves a parent about once and the swarm spreads it.
+func (r *Run) bestPiece(pq *parentQueue, win []int, now time.Time) int {
 	best, bestFetch, bestHolders := -1, 0, 0
-	for _, i := range pq.queue {
-		if !inWin[i] {
+	for _, i := range win {
+		if !pq.offers(i, now) {
 			continue
 		}
 		fetch, holders := 0, 0

@@ -111,6 +111,9 @@ func (m *Meter) BeginUpload() (done func(), err error) {
 	return func() { once.Do(func() { m.uploads.Add(-1) }) }, nil
 }
 
+// Uploads is the number of uploads in flight now.
+func (m *Meter) Uploads() int { return int(max(m.uploads.Load(), 0)) }
+
 // Sample reads the counters and computes rates since the previous sample.
 // The first sample has zero rates.
 func (m *Meter) Sample(ctx context.Context) (State, error) {

@@ -27,6 +27,7 @@ import (
 
 	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/p2p/seeding"
 	"github.com/registry-proxy/registry-proxy/piece"
 )
 
@@ -40,6 +41,9 @@ type Snapshot struct {
 	CRC      []uint32 // valid where Done; zero for a complete blob
 	Fetching []int
 	Complete bool
+	// Seeding: this node fetches the blob from the upstream now, so every
+	// piece it lacks is on its way.
+	Seeding bool
 }
 
 // Source is the content this node can serve.
@@ -54,8 +58,11 @@ type Source interface {
 
 // Options configure a Server.
 type Options struct {
-	Source   Source
-	Meter    *hoststate.Meter
+	Source Source
+	Meter  *hoststate.Meter
+	// Ledger refuses duplicates of pieces while new ones wait (409); nil
+	// sends every piece asked for.
+	Ledger   *seeding.Ledger
 	HostSync pb.HostSyncServer
 	Tracker  pb.TrackerServer
 	// CorruptPieces flips a byte of every piece sent: fault injection for
@@ -134,7 +141,9 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "bad piece index", http.StatusBadRequest)
 		return
 	}
+	uploads := 0
 	if s.opts.Meter != nil {
+		uploads = s.opts.Meter.Uploads()
 		done, err := s.opts.Meter.BeginUpload()
 		if err != nil {
 			w.Header().Set("Retry-After", "1")
@@ -154,6 +163,21 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer release()
+	sent := false
+	if s.opts.Ledger != nil {
+		snap, _, _ := s.opts.Source.Snapshot(d)
+		offers := func(j int) bool { return snap.Seeding || snap.Complete || (j < len(snap.Done) && snap.Done[j]) }
+		undo, ok := s.opts.Ledger.Begin(d, i, snap.Plan.Count(), offers, uploads)
+		if !ok {
+			http.Error(w, "piece already sent to another peer; fetch it from there", http.StatusConflict)
+			return
+		}
+		defer func() {
+			if !sent {
+				undo()
+			}
+		}()
+	}
 	if _, err := f.Seek(off, io.SeekStart); err != nil {
 		http.Error(w, "cannot read piece", http.StatusInternalServerError)
 		return
@@ -169,9 +193,13 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 	}
 	// To an *http.response with an *os.File behind a LimitedReader the
 	// kernel's sendfile does the copy.
-	if _, err := io.Copy(dst, &io.LimitedReader{R: f, N: n}); err != nil && r.Context().Err() == nil {
-		s.log.Debug("sending piece", "digest", d, "piece", i, "err", err)
+	if _, err := io.Copy(dst, &io.LimitedReader{R: f, N: n}); err != nil {
+		if r.Context().Err() == nil {
+			s.log.Debug("sending piece", "digest", d, "piece", i, "err", err)
+		}
+		return
 	}
+	sent = true
 }
 
 // corruptWriter flips the first byte it writes.

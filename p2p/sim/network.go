@@ -3,18 +3,19 @@ package sim
 import (
 	"container/heap"
 	"context"
+	"sort"
 	"sync"
 	"time"
 )
 
-// network moves bytes between hosts. Each transfer is a flow whose rate is
-// the smaller of its sender's upload capacity shared equally among the
-// sender's flows and its receiver's download capacity shared among the
-// receiver's flows. That leaves capacity idle where one side is the
-// bottleneck of the other (a fair max-min share would give it away), so the
-// simulated network is never faster than the real one. Rates change only at
-// the two ends of a flow that starts or ends, which keeps an event cheap at
-// thousands of hosts.
+// network moves bytes between hosts. Each transfer is a flow limited by its
+// sender's upload and its receiver's download capacity. When a flow starts
+// or ends, the flows at its two ends get new rates by water-filling: each
+// end's capacity is shared equally, except that a flow never gets more than
+// the room its other end leaves it. This approximates the max-min fair
+// shares that TCP flows settle at, but only recomputes the two hosts an
+// event touches, which keeps an event cheap at thousands of hosts; flows
+// further away catch up at their own next event.
 type network struct {
 	mu    sync.Mutex
 	heap  flowHeap
@@ -23,9 +24,10 @@ type network struct {
 }
 
 type host struct {
-	up, down   float64 // bytes/s
-	ups, downs []*flow
-	sent, recv float64 // bytes of finished flows
+	up, down         float64 // bytes/s
+	ups, downs       []*flow
+	upRate, downRate float64 // sums of the flows' rates
+	sent, recv       float64 // bytes of finished flows
 }
 
 type flow struct {
@@ -103,6 +105,9 @@ func (f *flow) settle(now time.Time) {
 func (nw *network) remove(now time.Time, f *flow) {
 	f.settle(now)
 	f.finished = true
+	f.src.upRate -= f.rate
+	f.dst.downRate -= f.rate
+	f.rate = 0
 	f.ver++
 	s, d := f.src, f.dst
 	last := s.ups[len(s.ups)-1]
@@ -114,15 +119,42 @@ func (nw *network) remove(now time.Time, f *flow) {
 	nw.reschedule(now, s, d)
 }
 
-// reschedule recomputes the rates of every flow at src's uploads and dst's
+// reschedule gives new rates to the flows at src's uploads and dst's
 // downloads.
 func (nw *network) reschedule(now time.Time, src, dst *host) {
 	for _, set := range [][]*flow{src.ups, dst.downs} {
 		for _, f := range set {
 			f.settle(now)
-			f.rate = min(f.src.up/float64(len(f.src.ups)), f.dst.down/float64(len(f.dst.downs)))
-			f.ver++
-			eta := now.Add(time.Duration(f.remaining/f.rate*1e9) + 1)
+		}
+	}
+	nw.fill(now, src.ups, src.up, func(f *flow) float64 { return f.dst.down - (f.dst.downRate - f.rate) })
+	nw.fill(now, dst.downs, dst.down, func(f *flow) float64 { return f.src.up - (f.src.upRate - f.rate) })
+}
+
+// fill shares capacity among flows, each at most its room at the other end.
+func (nw *network) fill(now time.Time, flows []*flow, capacity float64, room func(*flow) float64) {
+	type capped struct {
+		f    *flow
+		room float64
+	}
+	cs := make([]capped, len(flows))
+	for k, f := range flows {
+		cs[k] = capped{f, max(room(f), 0)}
+	}
+	sort.Slice(cs, func(a, b int) bool { return cs[a].room < cs[b].room })
+	left := capacity
+	for k, c := range cs {
+		r := min(c.room, left/float64(len(cs)-k))
+		left -= r
+		f := c.f
+		f.src.upRate += r - f.rate
+		f.dst.downRate += r - f.rate
+		f.rate = r
+		f.ver++
+		// A rate of float residue would overflow the clock: such a flow
+		// waits for the next event at its ends, as one at rate 0 does.
+		if secs := f.remaining / r; r > 0 && secs < 1e6 {
+			eta := now.Add(time.Duration(secs*1e9) + 1)
 			heap.Push(&nw.heap, heapItem{at: eta, f: f, ver: f.ver})
 		}
 	}
@@ -146,6 +178,7 @@ func (nw *network) run(ctx context.Context) {
 			}
 			heap.Pop(&nw.heap)
 			nw.remove(now, top.f)
+
 			close(top.f.done)
 		}
 		wait := time.Hour

@@ -29,6 +29,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
 	"github.com/registry-proxy/registry-proxy/p2p/owner"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/p2p/seeding"
 	"github.com/registry-proxy/registry-proxy/p2p/tracker"
 	"github.com/registry-proxy/registry-proxy/piece"
 )
@@ -56,9 +57,11 @@ type Config struct {
 	Waves   int
 	WaveGap time.Duration
 	// Defaults of the real node when zero.
-	Concurrency, UploadLimit, MaxPeers int
-	SyncInterval, Refresh              time.Duration
-	Seed                               uint64
+	Concurrency, UpstreamConcurrency, UploadLimit, MaxPeers, PerParent int
+	SyncInterval, Refresh                                              time.Duration
+	Seed                                                               uint64
+	// NoSeeding lets parents send duplicates freely (see package seeding).
+	NoSeeding bool
 }
 
 func (c *Config) defaults() {
@@ -67,6 +70,12 @@ func (c *Config) defaults() {
 	}
 	if c.UploadLimit <= 0 {
 		c.UploadLimit = 16
+	}
+	if c.PerParent <= 0 {
+		c.PerParent = 1
+	}
+	if c.UpstreamConcurrency <= 0 {
+		c.UpstreamConcurrency = c.Concurrency
 	}
 	if c.MaxPeers <= 0 {
 		c.MaxPeers = 32
@@ -180,6 +189,7 @@ type simulation struct {
 	byID   map[string]*node
 	ids    []string
 	loaded []*node
+	owner  string
 }
 
 func newSim(cfg Config) *simulation {
@@ -206,6 +216,7 @@ func newSim(cfg Config) *simulation {
 	// Slow and loaded parents are drawn at random, but never the owner: a
 	// slow owner measures the owner, not the parent selection.
 	own := owner.Rank(s.digest.String(), s.ids)[0]
+	s.owner = own
 	others := make([]*node, 0, len(s.nodes))
 	for _, n := range s.nodes {
 		if n.id != own {
@@ -223,6 +234,9 @@ func newSim(cfg Config) *simulation {
 	}
 	for k, n := range s.nodes {
 		n.tracker = tracker.New()
+		if !cfg.NoSeeding {
+			n.ledger = seeding.New(seeding.Options{})
+		}
 		n.meter = hoststate.New(hoststate.Options{
 			Counters:    simCounters{n},
 			MaxTxBps:    uint64(n.h.up),
@@ -234,11 +248,13 @@ func newSim(cfg Config) *simulation {
 			selector = collector.SelectorState
 		}
 		n.coll = collector.New(collector.Options{
-			Concurrency: cfg.Concurrency,
-			Selector:    selector,
-			State:       s.state,
-			Rand:        rand.New(rand.NewPCG(cfg.Seed, uint64(k))),
-			Logger:      slog.New(slog.DiscardHandler),
+			Concurrency:         cfg.Concurrency,
+			UpstreamConcurrency: cfg.UpstreamConcurrency,
+			PerParent:           cfg.PerParent,
+			Selector:            selector,
+			State:               s.state,
+			Rand:                rand.New(rand.NewPCG(cfg.Seed, uint64(k))),
+			Logger:              slog.New(slog.DiscardHandler),
 		})
 	}
 	return s
@@ -263,14 +279,15 @@ type node struct {
 	coll      *collector.Collector
 	tracker   *tracker.Tracker
 	published atomic.Pointer[pb.HostState]
+	ledger    *seeding.Ledger
 
-	mu       sync.Mutex
-	job      *job
-	run      *collector.Run
-	watchers []*node
+	mu        sync.Mutex
+	job       *job
+	run       *collector.Run
+	watchers  []*node
 	following map[string]bool
-	done     chan struct{}
-	err      error
+	done      chan struct{}
+	err       error
 }
 
 // publishState samples the meter every second and sends the state to
@@ -302,6 +319,8 @@ func (c simCounters) Net(context.Context) (uint64, uint64, error) {
 func (c simCounters) LinkSpeed(context.Context) (uint64, error) { return 0, nil }
 func (c simCounters) DiskRead(context.Context) (uint64, error)  { return 0, nil }
 func (c simCounters) Free(context.Context) (uint64, error)      { return 1 << 40, nil }
+
+func (n *node) isOwner() bool { return n.s.owner == n.id }
 
 // pull is a client on this node reading the whole blob.
 func (n *node) pull(ctx context.Context) error {
@@ -346,7 +365,9 @@ func (n *node) fill(ctx context.Context) error {
 		return n.run.Run(ctx)
 	}
 	coordinate := func() {
-		own := owner.Rank(s.digest.String(), s.ids)[0]
+		// Every node ranks the same members, as owner.Rank does for the
+		// live members in the swarm; computed once per simulation.
+		own := s.owner
 		if own == n.id {
 			n.run.AllowUpstream(true)
 			for _, p := range n.tracker.Peers(s.digest.String(), "", s.cfg.MaxPeers) {
@@ -538,18 +559,34 @@ func (p *peerParent) ID() string { return p.from.id }
 // errNoPiece is a request for a piece the parent does not hold.
 var errNoPiece = errors.New("sim: parent does not hold the piece")
 
-func (p *peerParent) Fetch(ctx context.Context, i int, _, size int64) (io.ReadCloser, error) {
+func (p *peerParent) Fetch(ctx context.Context, i int, _, size int64) (_ io.ReadCloser, err error) {
 	p.from.mu.Lock()
 	j := p.from.job
 	p.from.mu.Unlock()
 	if j == nil || !j.Has(i) {
 		return nil, errNoPiece
 	}
+	uploads := int(p.from.meter.State().UploadsInFlight)
 	done, err := p.from.meter.BeginUpload()
 	if err != nil {
 		return nil, collector.ErrBusy
 	}
 	defer done()
+	if l := p.from.ledger; l != nil {
+		offers := j.Has
+		if p.from.isOwner() {
+			offers = func(int) bool { return true }
+		}
+		undo, ok := l.Begin(p.s.digest, i, p.s.plan.Count(), offers, uploads)
+		if !ok {
+			return nil, collector.ErrElsewhere
+		}
+		defer func() {
+			if err != nil {
+				undo()
+			}
+		}()
+	}
 	if err := sleep(ctx, 2*p.s.cfg.Latency); err != nil {
 		return nil, err
 	}

@@ -342,6 +342,7 @@ func (s *Swarm) Snapshot(d digest.Digest) (peer.Snapshot, <-chan struct{}, bool)
 	s.mu.Lock()
 	if run := s.runs[d]; run != nil {
 		snap.Fetching = run.InFlight()
+		snap.Seeding = run.UpstreamAllowed()
 	}
 	s.mu.Unlock()
 	return snap, ch, true

@@ -151,6 +151,10 @@ func (pp *peerParent) Fetch(ctx context.Context, i int, _, n int64) (io.ReadClos
 		resp.Body.Close()
 		return nil, fmt.Errorf("transfer: piece %d from %s: %w", i, pp.id, collector.ErrBusy)
 	}
+	if resp.StatusCode == http.StatusConflict {
+		resp.Body.Close()
+		return nil, fmt.Errorf("transfer: piece %d from %s: %w", i, pp.id, collector.ErrElsewhere)
+	}
 	if resp.StatusCode != http.StatusOK {
 		resp.Body.Close()
 		return nil, fmt.Errorf("transfer: piece %d from %s: %s", i, pp.id, resp.Status)

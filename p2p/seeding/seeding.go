@@ -1,0 +1,90 @@
+// Package seeding keeps a busy parent from sending a piece a second time
+// while it holds pieces it has sent to no one (BitTorrent's super-seeding).
+//
+// A parent's upload is the scarce resource of a swarm: the owner receives
+// the blob from the upstream at about the rate it can upload, so every
+// duplicate it sends delays a piece no other node has. When it refuses a
+// duplicate, the child takes the piece from the sibling that got the first
+// copy, and the owner's upload goes to new pieces. The owner counts the
+// pieces still on their way from the upstream as new: a duplicate sent while
+// it waits for them would share its upload with them when they land. A
+// parent with idle upload slots, or nothing new to offer, sends whatever it
+// is asked for.
+package seeding
+
+import (
+	"sync"
+
+	lru "github.com/hashicorp/golang-lru/v2"
+	"github.com/opencontainers/go-digest"
+)
+
+// Options configure a Ledger.
+type Options struct {
+	// Busy is the number of uploads in flight from which duplicates are
+	// refused; below it the parent's upload has room for them.
+	Busy int
+	// Blobs bounds how many blobs' counts are kept.
+	Blobs int
+}
+
+// Ledger counts the copies of each piece this host has sent.
+type Ledger struct {
+	opts Options
+	mu   sync.Mutex
+	sent *lru.Cache[digest.Digest, []uint32]
+}
+
+// New returns an empty ledger.
+func New(opts Options) *Ledger {
+	if opts.Busy <= 0 {
+		opts.Busy = 2
+	}
+	if opts.Blobs <= 0 {
+		opts.Blobs = 1024
+	}
+	c, _ := lru.New[digest.Digest, []uint32](opts.Blobs) // size > 0 cannot fail
+	return &Ledger{opts: opts, sent: c}
+}
+
+// Begin decides whether piece i of d (of count pieces) may be sent now to
+// a child. offers reports the pieces this host has, or will have, to offer
+// first copies of: what it holds, and for the node fetching the blob from
+// the upstream also what is still on its way. uploads is the number of
+// uploads in flight, this one excluded. When ok, the copy is counted, and
+// undo takes it back if the upload fails.
+func (l *Ledger) Begin(d digest.Digest, i, count int, offers func(int) bool, uploads int) (undo func(), ok bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	sent, found := l.sent.Get(d)
+	if !found || len(sent) != count {
+		sent = make([]uint32, count)
+		l.sent.Add(d, sent)
+	}
+	if i < 0 || i >= count {
+		return func() {}, true // not ours to judge: the caller answers "no such piece"
+	}
+	if sent[i] > 0 && uploads >= l.opts.Busy && unsent(sent, offers) {
+		return nil, false
+	}
+	sent[i]++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			l.mu.Lock()
+			defer l.mu.Unlock()
+			if sent[i] > 0 {
+				sent[i]--
+			}
+		})
+	}, true
+}
+
+func unsent(sent []uint32, offers func(int) bool) bool {
+	for j, n := range sent {
+		if n == 0 && offers(j) {
+			return true
+		}
+	}
+	return false
+}

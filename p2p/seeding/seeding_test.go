@@ -1,0 +1,70 @@
+package seeding
+
+import (
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+)
+
+func TestBegin(t *testing.T) {
+	d := digest.FromString("blob")
+	all := func(int) bool { return true }
+	only := func(set ...int) func(int) bool {
+		return func(i int) bool {
+			for _, s := range set {
+				if s == i {
+					return true
+				}
+			}
+			return false
+		}
+	}
+	type step struct {
+		piece, uploads int
+		held           func(int) bool
+		want           bool
+		undo           bool // take the copy back afterwards
+	}
+	for _, tc := range []struct {
+		name  string
+		steps []step
+	}{
+		{"first copies always go", []step{{0, 9, all, true, false}, {1, 9, all, true, false}, {2, 9, all, true, false}}},
+		{"duplicate refused while busy with unsent pieces", []step{{0, 0, all, true, false}, {0, 2, all, false, false}}},
+		{"duplicate sent when upload is idle", []step{{0, 0, all, true, false}, {0, 1, all, true, false}}},
+		{"duplicate sent when nothing new is held", []step{{0, 0, only(0, 1), true, false}, {1, 0, only(0, 1), true, false}, {0, 5, only(0, 1), true, false}}},
+		{"unheld pieces do not count as unsent", []step{{0, 0, only(0), true, false}, {0, 5, only(0), true, false}}},
+		{"a failed upload gives the piece back", []step{{0, 0, all, true, true}, {0, 5, all, true, false}, {0, 5, all, false, false}}},
+		{"out of range is left to the caller", []step{{7, 5, all, true, false}, {7, 5, all, true, false}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l := New(Options{})
+			for k, s := range tc.steps {
+				undo, ok := l.Begin(d, s.piece, 4, s.held, s.uploads)
+				if ok != s.want {
+					t.Fatalf("step %d (piece %d, %d uploads): ok %v, want %v", k, s.piece, s.uploads, ok, s.want)
+				}
+				if ok && s.undo {
+					undo()
+					undo() // twice is once
+				}
+			}
+		})
+	}
+}
+
+func TestBlobsAreSeparate(t *testing.T) {
+	l := New(Options{Blobs: 1})
+	all := func(int) bool { return true }
+	a, b := digest.FromString("a"), digest.FromString("b")
+	if _, ok := l.Begin(a, 0, 2, all, 0); !ok {
+		t.Fatal("first copy of a refused")
+	}
+	if _, ok := l.Begin(b, 0, 2, all, 5); !ok {
+		t.Fatal("first copy of b refused after a copy of a")
+	}
+	// a was evicted (one blob kept): its count starts over.
+	if _, ok := l.Begin(a, 0, 2, all, 5); !ok {
+		t.Fatal("evicted blob still counted")
+	}
+}
