@@ -14,7 +14,9 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -30,8 +32,54 @@ var (
 	toolsDir = flag.String("tools-dir", "", "directory holding containerd 2.x and crictl (default: ../.tools/bin, then PATH)")
 )
 
+// interrupted holds what must be undone if the run is interrupted (Ctrl-C,
+// SIGTERM): network namespaces and the processes in them outlive the test
+// binary otherwise. Tests also undo them themselves on the way out.
+var interrupted = struct {
+	sync.Mutex
+	next int
+	fns  map[int]func()
+}{fns: map[int]func(){}}
+
+// onInterrupt registers f to run on SIGINT/SIGTERM; the returned func
+// unregisters it.
+func onInterrupt(f func()) (unregister func()) {
+	interrupted.Lock()
+	defer interrupted.Unlock()
+	k := interrupted.next
+	interrupted.next++
+	interrupted.fns[k] = f
+	return func() {
+		interrupted.Lock()
+		defer interrupted.Unlock()
+		delete(interrupted.fns, k)
+	}
+}
+
+func handleInterrupts() {
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		sig := <-ch
+		fmt.Fprintf(os.Stderr, "integration: %v: cleaning up\n", sig)
+		interrupted.Lock()
+		// Newest first: processes before the lab they run in.
+		keys := make([]int, 0, len(interrupted.fns))
+		for k := range interrupted.fns {
+			keys = append(keys, k)
+		}
+		sort.Sort(sort.Reverse(sort.IntSlice(keys)))
+		for _, k := range keys {
+			interrupted.fns[k]()
+		}
+		interrupted.Unlock()
+		os.Exit(130)
+	}()
+}
+
 func TestMain(m *testing.M) {
 	flag.Parse()
+	handleInterrupts()
 	code := func() int {
 		dir, err := os.MkdirTemp("", "rp-bin-")
 		if err != nil {

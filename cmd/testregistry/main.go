@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/docker/go-units"
@@ -26,6 +27,7 @@ func main() {
 	stats := flag.String("stats-listen", "", "address for /_stats (default: listen port + 1)")
 	size := flag.String("blob", "256MiB", "size of the random blob pushed at start (repository bench/blob)")
 	seed := flag.Uint64("seed", 1, "seed of the blob's bytes")
+	image := flag.String("image", "", "also push image bench/image:latest with one uncompressed layer per size, e.g. 128MiB,64MiB")
 	flag.Parse()
 	n, err := units.RAMInBytes(*size)
 	if err != nil {
@@ -43,6 +45,22 @@ func main() {
 		fmt.Fprintln(os.Stderr, "testregistry:", err)
 		os.Exit(1)
 	}
+	var img *testregistry.Image
+	if *image != "" {
+		var files []int64
+		for _, f := range strings.Split(*image, ",") {
+			n, err := units.RAMInBytes(strings.TrimSpace(f))
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "testregistry: --image:", err)
+				os.Exit(2)
+			}
+			files = append(files, n)
+		}
+		if img, err = reg.PushImage(context.Background(), "bench/image", "latest", files, *seed); err != nil {
+			fmt.Fprintln(os.Stderr, "testregistry:", err)
+			os.Exit(1)
+		}
+	}
 	reg.ResetCounters()
 	if *stats == "" {
 		host, port, _ := net.SplitHostPort(reg.Host)
@@ -56,7 +74,7 @@ func main() {
 	})
 	mux.HandleFunc("POST /_reset", func(w http.ResponseWriter, _ *http.Request) { reg.ResetCounters() })
 	go http.ListenAndServe(*stats, mux)
-	json.NewEncoder(os.Stdout).Encode(map[string]any{"digest": d, "size": n, "url": reg.URL, "stats": "http://" + *stats})
+	json.NewEncoder(os.Stdout).Encode(map[string]any{"digest": d, "size": n, "url": reg.URL, "stats": "http://" + *stats, "image": img})
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	<-ctx.Done()

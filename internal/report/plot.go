@@ -73,7 +73,7 @@ func Plots(dir string, runs []Run) ([]string, error) {
 			up = append(up, Median(rs, func(r Run) float64 { return float64(r.BySource["upstream"]) / n / (1 << 20) }))
 			peer = append(peer, Median(rs, func(r Run) float64 { return float64(r.BySource["peer"]) / n / (1 << 20) }))
 		}
-		w := vg.Points(20)
+		w := vg.Points(40)
 		bu, err := plotter.NewBarChart(up, w)
 		if err != nil {
 			return files, err
@@ -89,7 +89,12 @@ func Plots(dir string, runs []Run) ([]string, error) {
 		bars.Legend.Add("upstream", bu)
 		bars.Legend.Add("peers", bp)
 		bars.Legend.Top = true
+		bars.Legend.Left = true
 		bars.NominalX(modes[sc]...)
+		// Room at the sides for the outer bars and on top for the legend.
+		bars.X.Min, bars.X.Max = -0.6, float64(len(modes[sc]))-0.4
+		bars.Y.Min = 0
+		bars.Y.Max *= 1.3
 		f, err = save(bars, dir, sc+"-sources")
 		files = append(files, f...)
 		if err != nil {

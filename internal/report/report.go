@@ -23,8 +23,8 @@ type Run struct {
 	Size      int64              `json:"size"`
 	NodeBps   int64              `json:"node_bps"`
 	OriginBps int64              `json:"origin_bps"`
-	Note      string             `json:"note,omitempty"`   // what makes the scenario (throttled nodes, waves, ...)
-	Seconds   map[string]float64 `json:"seconds"`          // per node, from its own start
+	Note      string             `json:"note,omitempty"` // what makes the scenario (throttled nodes, waves, ...)
+	Seconds   map[string]float64 `json:"seconds"`        // per node, from its own start
 	P50       float64            `json:"p50"`
 	P95       float64            `json:"p95"`
 	P99       float64            `json:"p99"`

@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -443,4 +444,111 @@ func (g *gatedParent) Fetch(ctx context.Context, i int, off, n int64) (io.ReadCl
 	rc, err := g.fakeParent.Fetch(ctx, i, off, n)
 	<-g.gate
 	return rc, err
+}
+
+// elsewhereParent refuses every piece: it sent each one to another node.
+type elsewhereParent struct{ fakeParent }
+
+func (p *elsewhereParent) Fetch(ctx context.Context, i int, off, n int64) (io.ReadCloser, error) {
+	p.fakeParent.Fetch(ctx, i, off, n) // counts the ask
+	return nil, ErrElsewhere
+}
+
+func TestElsewhereIsNotAFailure(t *testing.T) {
+	for _, sel := range []string{SelectorState, SelectorFCFS} {
+		t.Run(sel, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				job := newJob(8)
+				c := New(Options{Concurrency: 2, Selector: sel, Rand: rand.New(rand.NewPCG(1, 2))})
+				r := c.NewRun(job)
+				owner := &elsewhereParent{fakeParent{id: "owner", job: job}}
+				sib := &fakeParent{id: "sibling", job: job}
+				r.AddParent(owner)
+				r.AddParent(sib)
+				r.SetUpstream(&fakeParent{id: UpstreamID, job: job}, false)
+				all := job.checksums(0, 1, 2, 3, 4, 5, 6, 7)
+				r.Announce("owner", all, nil) // the owner announces first: FCFS asks it first
+				r.Announce("sibling", all, nil)
+				start := time.Now()
+				if err := r.Run(context.Background()); err != nil {
+					t.Fatal(err)
+				}
+				if got := job.from("sibling"); got != 8 {
+					t.Errorf("%d pieces from the sibling, want 8", got)
+				}
+				if owner.count() == 0 {
+					t.Error("the owner was never asked")
+				}
+				// A blocked owner would not matter here, but a failure would have
+				// logged and waited; a refusal costs no time at all.
+				if d := time.Since(start); d > time.Second {
+					t.Errorf("took %v", d)
+				}
+			})
+		})
+	}
+}
+
+// slowParent sends ten bytes per 100 ms until its request is cancelled.
+type slowParent struct{ fakeParent }
+
+type slowBody struct {
+	ctx  context.Context
+	data []byte
+}
+
+func (b *slowBody) Read(p []byte) (int, error) {
+	if len(b.data) == 0 {
+		return 0, io.EOF
+	}
+	select {
+	case <-b.ctx.Done():
+		return 0, b.ctx.Err()
+	case <-time.After(100 * time.Millisecond):
+	}
+	n := copy(p[:min(len(p), 10)], b.data)
+	b.data = b.data[n:]
+	return n, nil
+}
+func (b *slowBody) Close() error { return nil }
+
+func (p *slowParent) Fetch(ctx context.Context, i int, off, n int64) (io.ReadCloser, error) {
+	p.fakeParent.Fetch(ctx, i, off, n)
+	return &slowBody{ctx: ctx, data: append([]byte(nil), p.job.data[off:off+n]...)}, nil
+}
+
+func TestSlowPieceMovesToFasterParent(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		job := newJob(2) // pieces of 1024 bytes: ten seconds each from the slow parent
+		states := map[string]*pb.HostState{
+			"slow": {MaxTxBandwidth: 1000, TxBandwidth: 900, UploadLimit: 16},
+			"fast": idle(),
+		}
+		c := New(Options{Concurrency: 2, Rand: rand.New(rand.NewPCG(1, 2)), State: func(id string) (*pb.HostState, bool) {
+			st, ok := states[id]
+			return st, ok
+		}})
+		r := c.NewRun(job)
+		slow := &slowParent{fakeParent{id: "slow", job: job}}
+		fast := &fakeParent{id: "fast", job: job}
+		r.AddParent(slow)
+		r.AddParent(fast)
+		r.SetUpstream(&fakeParent{id: UpstreamID, job: job}, false)
+		r.Announce("slow", job.checksums(0), nil)
+		r.Announce("fast", job.checksums(1), nil)
+		go func() {
+			time.Sleep(1500 * time.Millisecond)
+			r.Announce("fast", job.checksums(0), nil)
+		}()
+		start := time.Now()
+		if err := r.Run(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if job.from("fast") != 2 || slow.count() != 1 {
+			t.Errorf("pieces from fast %d, slow asked %d times; want 2 and 1", job.from("fast"), slow.count())
+		}
+		if d := time.Since(start); d > 3*time.Second {
+			t.Errorf("took %v: the slow fetch was not moved", d)
+		}
+	})
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
@@ -42,6 +43,7 @@ type Run struct {
 	allowUpstream bool
 	firstHolder   []string // per piece: first parent that announced it (FCFS)
 	inflight      []bool
+	fetches       map[int]*fetchState // peer fetches in flight
 	failures      []int
 	sequential    bool
 	progress      time.Time // last piece done by a peer
@@ -57,6 +59,7 @@ func (c *Collector) NewRun(job Job) *Run {
 		parents:     map[string]*parentQueue{},
 		firstHolder: make([]string, n),
 		inflight:    make([]bool, n),
+		fetches:     map[int]*fetchState{},
 		failures:    make([]int, n),
 	}
 }
@@ -250,8 +253,12 @@ func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error 
 			return nil
 		}
 		if pq == nil {
-			// Nothing any parent may send now: wait for an announcement,
-			// a finished piece or a change of policy.
+			// Nothing any parent may send now: take a piece away from a
+			// parent too slow to send it, then wait for an announcement, a
+			// finished piece or a change of policy.
+			r.mu.Lock()
+			r.stealLocked()
+			r.mu.Unlock()
 			select {
 			case <-ctx.Done():
 				return nil
@@ -283,7 +290,7 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 		pq.blocked = r.c.opts.Now().Add(250 * time.Millisecond)
 		return nil
 	}
-	if errors.Is(err, ErrElsewhere) && !pq.upstream {
+	if (errors.Is(err, ErrElsewhere) || errors.Is(err, errStolen)) && !pq.upstream {
 		pq.refused[i] = r.c.opts.Now().Add(r.c.opts.ElsewhereFor)
 		return nil
 	}
@@ -335,7 +342,9 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 	}
 	win := r.windowLocked()
 	if len(win) == 0 {
-		return 0, nil, true // all done, or in flight with workers that finish it
+		// All done, or in flight with workers that finish it; a worker
+		// stays while a peer fetch runs, to move it if it is too slow.
+		return 0, nil, len(r.fetches) == 0
 	}
 	now := r.c.opts.Now()
 	var i int
@@ -487,10 +496,90 @@ func Weight(st *pb.HostState, ok bool) float64 {
 	return w
 }
 
+// fetchState is one piece fetch in flight, watched for being too slow.
+type fetchState struct {
+	pq     *parentQueue
+	start  time.Time
+	size   int64
+	read   atomic.Int64
+	cancel context.CancelCauseFunc
+}
+
+// errStolen cancels a fetch whose piece another parent will send sooner.
+var errStolen = errors.New("collector: piece moved to a faster parent")
+
+// Stealing thresholds: a fetch is left alone for its first second, and
+// moved only when it would need more than two more seconds and another
+// parent offering the piece looks at least three times faster.
+const (
+	stealAfter     = time.Second
+	stealRemaining = 2 * time.Second
+	stealFactor    = 3
+)
+
+// stealLocked cancels a peer fetch in flight that another available parent
+// could send much sooner; the piece goes back to the window, and the slow
+// parent refuses it for a while, so the faster one gets it.
+func (r *Run) stealLocked() {
+	now := r.c.opts.Now()
+	for i, fs := range r.fetches {
+		elapsed := now.Sub(fs.start)
+		if elapsed < stealAfter {
+			continue
+		}
+		read := fs.read.Load()
+		rate := float64(read) / elapsed.Seconds()
+		if rate > 0 && time.Duration(float64(fs.size-read)/rate*float64(time.Second)) < stealRemaining {
+			continue
+		}
+		for _, id := range r.order {
+			q := r.parents[id]
+			if q == fs.pq || !r.available(q, now) || !q.offers(i, now) {
+				continue
+			}
+			st, ok := r.c.opts.State(id)
+			if Weight(st, ok) >= stealFactor*max(rate, 1) {
+				r.c.log.Debug("moving a slow piece to another parent", "digest", r.job.Digest(), "piece", i,
+					"from", fs.pq.p.ID(), "to", id, "rate", int64(rate))
+				fs.pq.refused[i] = now.Add(r.c.opts.ElsewhereFor)
+				fs.cancel(errStolen)
+				delete(r.fetches, i)
+				return
+			}
+		}
+	}
+}
+
+type countingReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
 func (r *Run) fetch(ctx context.Context, i int, pq *parentQueue) error {
-	ctx, cancel := context.WithCancel(ctx)
+	ctx, cancelCause := context.WithCancelCause(ctx)
+	cancel := func() { cancelCause(nil) }
 	timer := time.AfterFunc(r.c.opts.PieceTimeout, cancel)
 	off, n := r.job.Plan().Range(i)
+	var fs *fetchState
+	if !pq.upstream {
+		fs = &fetchState{pq: pq, start: r.c.opts.Now(), size: n, cancel: cancelCause}
+		r.mu.Lock()
+		r.fetches[i] = fs
+		r.mu.Unlock()
+		defer func() {
+			r.mu.Lock()
+			if r.fetches[i] == fs {
+				delete(r.fetches, i)
+			}
+			r.mu.Unlock()
+		}()
+	}
 	body, err := pq.p.Fetch(ctx, i, off, n)
 	var whole *ErrWhole
 	if errors.As(err, &whole) {
@@ -503,14 +592,26 @@ func (r *Run) fetch(ctx context.Context, i int, pq *parentQueue) error {
 	defer cancel()
 	defer timer.Stop()
 	if err != nil {
-		return err
+		return stolen(ctx, err)
 	}
 	defer body.Close()
 	r.mu.Lock()
 	crc, known := pq.has[i]
 	complete := pq.complete
 	r.mu.Unlock()
-	return r.job.Put(i, io.LimitReader(body, n+1), pq.p.ID(), Expect{CRC: crc, Known: known && !pq.upstream && !complete})
+	var src io.Reader = io.LimitReader(body, n+1)
+	if fs != nil {
+		src = countingReader{r: src, n: &fs.read}
+	}
+	return stolen(ctx, r.job.Put(i, src, pq.p.ID(), Expect{CRC: crc, Known: known && !pq.upstream && !complete}))
+}
+
+// stolen reports a fetch cancelled by stealLocked as errStolen.
+func stolen(ctx context.Context, err error) error {
+	if err != nil && errors.Is(context.Cause(ctx), errStolen) {
+		return errStolen
+	}
+	return err
 }
 
 type cancelOnClose struct {

@@ -9,11 +9,13 @@
 // pieces still on their way from the upstream as new: a duplicate sent while
 // it waits for them would share its upload with them when they land. A
 // parent with idle upload slots, or nothing new to offer, sends whatever it
-// is asked for.
+// is asked for, and a piece whose last copy left long ago (its receiver may
+// be too slow to pass it on) goes out again.
 package seeding
 
 import (
 	"sync"
+	"time"
 
 	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/opencontainers/go-digest"
@@ -26,13 +28,24 @@ type Options struct {
 	Busy int
 	// Blobs bounds how many blobs' counts are kept.
 	Blobs int
+	// Respread is how long after its last copy a piece is refused: past it
+	// the child that got the copy is taken to be too slow to pass it on,
+	// and the piece may go out again.
+	Respread time.Duration
+	// Now is the clock; time.Now when nil.
+	Now func() time.Time
 }
 
 // Ledger counts the copies of each piece this host has sent.
 type Ledger struct {
 	opts Options
 	mu   sync.Mutex
-	sent *lru.Cache[digest.Digest, []uint32]
+	sent *lru.Cache[digest.Digest, *blob]
+}
+
+type blob struct {
+	copies []uint32
+	last   []time.Time // of the last copy
 }
 
 // New returns an empty ledger.
@@ -43,7 +56,13 @@ func New(opts Options) *Ledger {
 	if opts.Blobs <= 0 {
 		opts.Blobs = 1024
 	}
-	c, _ := lru.New[digest.Digest, []uint32](opts.Blobs) // size > 0 cannot fail
+	if opts.Respread <= 0 {
+		opts.Respread = 2 * time.Second
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	c, _ := lru.New[digest.Digest, *blob](opts.Blobs) // size > 0 cannot fail
 	return &Ledger{opts: opts, sent: c}
 }
 
@@ -56,25 +75,29 @@ func New(opts Options) *Ledger {
 func (l *Ledger) Begin(d digest.Digest, i, count int, offers func(int) bool, uploads int) (undo func(), ok bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	sent, found := l.sent.Get(d)
-	if !found || len(sent) != count {
-		sent = make([]uint32, count)
-		l.sent.Add(d, sent)
+	b, found := l.sent.Get(d)
+	if !found || len(b.copies) != count {
+		b = &blob{copies: make([]uint32, count), last: make([]time.Time, count)}
+		l.sent.Add(d, b)
 	}
 	if i < 0 || i >= count {
 		return func() {}, true // not ours to judge: the caller answers "no such piece"
 	}
-	if sent[i] > 0 && uploads >= l.opts.Busy && unsent(sent, offers) {
+	now := l.opts.Now()
+	if b.copies[i] > 0 && uploads >= l.opts.Busy && now.Sub(b.last[i]) < l.opts.Respread && unsent(b.copies, offers) {
 		return nil, false
 	}
-	sent[i]++
+	b.copies[i]++
+	prev := b.last[i]
+	b.last[i] = now
 	var once sync.Once
 	return func() {
 		once.Do(func() {
 			l.mu.Lock()
 			defer l.mu.Unlock()
-			if sent[i] > 0 {
-				sent[i]--
+			if b.copies[i] > 0 {
+				b.copies[i]--
+				b.last[i] = prev
 			}
 		})
 	}, true

@@ -2,6 +2,7 @@ package seeding
 
 import (
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 )
@@ -66,5 +67,28 @@ func TestBlobsAreSeparate(t *testing.T) {
 	// a was evicted (one blob kept): its count starts over.
 	if _, ok := l.Begin(a, 0, 2, all, 5); !ok {
 		t.Fatal("evicted blob still counted")
+	}
+}
+
+func TestRespread(t *testing.T) {
+	now := time.Unix(100, 0)
+	l := New(Options{Respread: 2 * time.Second, Now: func() time.Time { return now }})
+	d := digest.FromString("blob")
+	all := func(int) bool { return true }
+	if _, ok := l.Begin(d, 0, 4, all, 5); !ok {
+		t.Fatal("first copy refused")
+	}
+	now = now.Add(time.Second)
+	if _, ok := l.Begin(d, 0, 4, all, 5); ok {
+		t.Fatal("duplicate sent one second after the first copy")
+	}
+	now = now.Add(1500 * time.Millisecond)
+	if _, ok := l.Begin(d, 0, 4, all, 5); !ok {
+		t.Fatal("duplicate refused 2.5 s after the first copy: a slow receiver would hold the piece back")
+	}
+	// The new copy restarts the wait.
+	now = now.Add(time.Second)
+	if _, ok := l.Begin(d, 0, 4, all, 5); ok {
+		t.Fatal("third copy sent one second after the second")
 	}
 }

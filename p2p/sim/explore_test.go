@@ -13,12 +13,10 @@ func TestExplore(t *testing.T) {
 		t.Skip()
 	}
 	variants := map[string]func(*Config){
-		"up1pp1":    func(c *Config) { c.UpstreamConcurrency = 1; c.PerParent = 1 },
-		"up2pp1":    func(c *Config) { c.UpstreamConcurrency = 2; c.PerParent = 1 },
-		"up4pp1":    func(c *Config) { c.UpstreamConcurrency = 4; c.PerParent = 1 },
-		"up8pp1":    func(c *Config) { c.PerParent = 1 },
-		"up1pp1c4":  func(c *Config) { c.UpstreamConcurrency = 1; c.PerParent = 1; c.Concurrency = 4 },
-		"up1pp1c16": func(c *Config) { c.UpstreamConcurrency = 1; c.PerParent = 1; c.Concurrency = 16 },
+		"a":          func(c *Config) {},
+		"b-throttle": func(c *Config) { c.Throttled = 2 },
+		"b-load":     func(c *Config) { c.Loaded = 2; c.LoadFlows = 4 },
+		"d-waves":    func(c *Config) { c.Waves = 3; c.WaveGap = 4 * time.Second },
 	}
 	names := []string{}
 	for k := range variants {
@@ -26,18 +24,18 @@ func TestExplore(t *testing.T) {
 	}
 	sort.Strings(names)
 	for _, size := range []int64{256 << 20} {
-		for _, sel := range []string{"state"} {
+		for _, sel := range []string{"state", "fcfs"} {
 			for _, name := range names {
 				var ratios, ups []float64
 				for seed := range uint64(5) {
 					cfg := Config{Nodes: 8, Size: size, Up: 25e6, Down: 25e6, OriginUp: 25e6, Latency: time.Millisecond, Seed: seed, Selector: sel}
 					variants[name](&cfg)
 					res := simulate(t, cfg)
-					ratios = append(ratios, Quantile(res.Completion, 1).Seconds()/res.Bound.Seconds())
+					ratios = append(ratios, Quantile(res.Completion, 1).Seconds())
 					ups = append(ups, float64(res.UpstreamBytes)/float64(size))
 				}
 				sort.Float64s(ratios)
-				fmt.Printf("%4dMiB %-5s %-8s max/bound median %.2f [%.2f..%.2f] upstream %.2f\n", size>>20, sel, name, ratios[2], ratios[0], ratios[4], ups)
+				fmt.Printf("%4dMiB %-5s %-8s max s median %.2f [%.2f..%.2f] upstream %.2f\n", size>>20, sel, name, ratios[2], ratios[0], ratios[4], ups)
 			}
 		}
 	}
