@@ -17,10 +17,10 @@ import (
 type parentQueue struct {
 	p        Parent
 	upstream bool
-	queue    []int             // pieces in the order announced
-	has      map[int]uint32    // piece -> announced checksum
-	complete bool              // holds the whole verified blob; no piece checksums
-	fetching map[int]bool      // pieces the parent itself is fetching now
+	has      []bool   // per piece: announced
+	crc      []uint32 // per piece: announced checksum
+	complete bool     // holds the whole verified blob; no piece checksums
+	fetching []bool   // per piece: the parent itself is fetching it now
 	blocked  time.Time         // no pieces before this
 	refused  map[int]time.Time // piece -> not asked again before this (ErrElsewhere)
 	inflight int
@@ -37,11 +37,15 @@ type Run struct {
 
 	mu            sync.Mutex
 	changed       chan struct{}
+	watching      bool          // an idle worker waits on changed
+	parked        chan struct{} // wakes one parked idle worker
 	parents       map[string]*parentQueue
-	order         []string // parents in the order added
+	order         []*parentQueue // parents in the order added
 	upstream      *parentQueue
 	allowUpstream bool
 	firstHolder   []string // per piece: first parent that announced it (FCFS)
+	holders       []int    // per piece: parents that have it
+	fetchers      []int    // per piece: parents fetching it
 	inflight      []bool
 	fetches       map[int]*fetchState // peer fetches in flight
 	failures      []int
@@ -56,8 +60,11 @@ func (c *Collector) NewRun(job Job) *Run {
 		c: c, job: job, n: n,
 		progress:    c.opts.Now(),
 		changed:     make(chan struct{}),
+		parked:      make(chan struct{}, 1),
 		parents:     map[string]*parentQueue{},
 		firstHolder: make([]string, n),
+		holders:     make([]int, n),
+		fetchers:    make([]int, n),
 		inflight:    make([]bool, n),
 		fetches:     map[int]*fetchState{},
 		failures:    make([]int, n),
@@ -100,17 +107,28 @@ func (r *Run) AddParent(p Parent) {
 	if _, ok := r.parents[p.ID()]; ok {
 		return
 	}
-	r.parents[p.ID()] = &parentQueue{p: p, has: map[int]uint32{}, fetching: map[int]bool{}, refused: map[int]time.Time{}}
-	r.order = append(r.order, p.ID())
+	pq := &parentQueue{p: p, has: make([]bool, r.n), crc: make([]uint32, r.n), fetching: make([]bool, r.n), refused: map[int]time.Time{}}
+	r.parents[p.ID()] = pq
+	r.order = append(r.order, pq)
 }
 
 // RemoveParent forgets a parent (it left, or its stream ended).
 func (r *Run) RemoveParent(id string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if pq, ok := r.parents[id]; ok {
+		for i := range r.n {
+			if pq.has[i] {
+				r.holders[i]--
+			}
+			if pq.fetching[i] {
+				r.fetchers[i]--
+			}
+		}
+	}
 	delete(r.parents, id)
 	for i, o := range r.order {
-		if o == id {
+		if o.p.ID() == id {
 			r.order = append(r.order[:i:i], r.order[i+1:]...)
 			break
 		}
@@ -132,26 +150,40 @@ func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
 		if i < 0 || i >= r.n {
 			continue
 		}
-		if _, dup := pq.has[i]; !dup {
+		if !pq.has[i] {
 			fresh = append(fresh, i)
+			pq.has[i] = true
+			r.holders[i]++
 		}
-		pq.has[i] = crc
-		delete(pq.fetching, i)
+		pq.crc[i] = crc
+		if pq.fetching[i] {
+			pq.fetching[i] = false
+			r.fetchers[i]--
+		}
 	}
-	sort.Ints(fresh) // one announcement's pieces queue in index order
+	sort.Ints(fresh) // one announcement's pieces are first held in index order
 	for _, i := range fresh {
-		pq.queue = append(pq.queue, i)
 		if r.firstHolder[i] == "" {
 			r.firstHolder[i] = id
 		}
 	}
 	if fetching != nil {
-		pq.fetching = map[int]bool{}
+		now := make([]bool, r.n)
 		for _, i := range fetching {
-			if _, done := pq.has[i]; !done && i >= 0 && i < r.n {
-				pq.fetching[i] = true
+			if i >= 0 && i < r.n && !pq.has[i] {
+				now[i] = true
 			}
 		}
+		for i := range r.n {
+			if now[i] != pq.fetching[i] {
+				if now[i] {
+					r.fetchers[i]++
+				} else {
+					r.fetchers[i]--
+				}
+			}
+		}
+		pq.fetching = now
 	}
 	r.broadcastLocked()
 }
@@ -243,30 +275,59 @@ func (r *Run) Run(ctx context.Context) error {
 	return nil
 }
 
+// Idle workers: one watches for changes (announcements, finished pieces,
+// policy) and re-checks every idleTick; the others park until a worker that
+// found work wakes the next one. Every worker re-checking on every change
+// costs a cluster's worth of announcements times the workers.
+const idleTick = 250 * time.Millisecond
+
 func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error {
+	timer := time.NewTimer(idleTick)
+	defer timer.Stop()
+	// Whoever leaves passes the turn on, so parked workers see the end too.
+	defer r.wakeOne()
 	for {
 		r.mu.Lock()
 		i, pq, done := r.pickLocked()
 		ch := r.changed
+		watch := false
+		if pq == nil && !done {
+			// Nothing any parent may send now: take a piece away from a
+			// parent too slow to send it, then wait.
+			r.stealLocked()
+			if !r.watching {
+				r.watching, watch = true, true
+			}
+		}
 		r.mu.Unlock()
 		if done {
 			return nil
 		}
 		if pq == nil {
-			// Nothing any parent may send now: take a piece away from a
-			// parent too slow to send it, then wait for an announcement, a
-			// finished piece or a change of policy.
-			r.mu.Lock()
-			r.stealLocked()
-			r.mu.Unlock()
-			select {
-			case <-ctx.Done():
+			timer.Reset(idleTick)
+			if watch {
+				select {
+				case <-ctx.Done():
+				case <-ch:
+				case <-timer.C:
+				}
+				r.mu.Lock()
+				r.watching = false
+				r.mu.Unlock()
+			} else {
+				select {
+				case <-ctx.Done():
+				case <-r.parked:
+				case <-timer.C: // a safety net; the watcher wakes parked workers
+				}
+			}
+			if ctx.Err() != nil {
 				return nil
-			case <-ch:
-			case <-time.After(250 * time.Millisecond):
 			}
 			continue
 		}
+		// There may be more: let a parked worker look.
+		r.wakeOne()
 		err := r.fetch(ctx, i, pq)
 		var whole *ErrWhole
 		if errors.As(err, &whole) {
@@ -275,6 +336,13 @@ func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error 
 		if err := r.finish(ctx, i, pq, err); err != nil {
 			return err
 		}
+	}
+}
+
+func (r *Run) wakeOne() {
+	select {
+	case r.parked <- struct{}{}:
+	default:
 	}
 }
 
@@ -376,8 +444,11 @@ func (r *Run) available(pq *parentQueue, now time.Time) bool {
 
 // offers says whether pq may be asked for piece i now.
 func (pq *parentQueue) offers(i int, now time.Time) bool {
-	if _, ok := pq.has[i]; !ok {
+	if !pq.has[i] {
 		return false
+	}
+	if len(pq.refused) == 0 {
+		return true
 	}
 	return pq.refused[i].Before(now)
 }
@@ -396,8 +467,8 @@ func (r *Run) pickFCFS(win []int, now time.Time) (int, *parentQueue) {
 		}
 		// The first holder sent it elsewhere: the next parent, in the order
 		// they joined, that offers it.
-		for _, id := range r.order {
-			if o := r.parents[id]; r.available(o, now) && o.offers(i, now) {
+		for _, o := range r.order {
+			if r.available(o, now) && o.offers(i, now) {
 				return i, o
 			}
 		}
@@ -412,8 +483,7 @@ func (r *Run) pickState(win []int, now time.Time) (int, *parentQueue) {
 	}
 	var cands []cand
 	var total float64
-	for _, id := range r.order {
-		pq := r.parents[id]
+	for _, pq := range r.order {
 		if !r.available(pq, now) {
 			continue
 		}
@@ -427,7 +497,7 @@ func (r *Run) pickState(win []int, now time.Time) (int, *parentQueue) {
 		if !useful {
 			continue
 		}
-		st, ok := r.c.opts.State(id)
+		st, ok := r.c.opts.State(pq.p.ID())
 		w := Weight(st, ok)
 		cands = append(cands, cand{pq, w})
 		total += w
@@ -456,15 +526,7 @@ func (r *Run) bestPiece(pq *parentQueue, win []int, now time.Time) int {
 		if !pq.offers(i, now) {
 			continue
 		}
-		fetch, holders := 0, 0
-		for _, o := range r.parents {
-			if o.fetching[i] {
-				fetch++
-			}
-			if _, ok := o.has[i]; ok {
-				holders++
-			}
-		}
+		fetch, holders := r.fetchers[i], r.holders[i]
 		if best < 0 || fetch < bestFetch || (fetch == bestFetch && holders < bestHolders) {
 			best, bestFetch, bestHolders = i, fetch, holders
 		}
@@ -532,15 +594,14 @@ func (r *Run) stealLocked() {
 		if rate > 0 && time.Duration(float64(fs.size-read)/rate*float64(time.Second)) < stealRemaining {
 			continue
 		}
-		for _, id := range r.order {
-			q := r.parents[id]
+		for _, q := range r.order {
 			if q == fs.pq || !r.available(q, now) || !q.offers(i, now) {
 				continue
 			}
-			st, ok := r.c.opts.State(id)
+			st, ok := r.c.opts.State(q.p.ID())
 			if Weight(st, ok) >= stealFactor*max(rate, 1) {
 				r.c.log.Debug("moving a slow piece to another parent", "digest", r.job.Digest(), "piece", i,
-					"from", fs.pq.p.ID(), "to", id, "rate", int64(rate))
+					"from", fs.pq.p.ID(), "to", q.p.ID(), "rate", int64(rate))
 				fs.pq.refused[i] = now.Add(r.c.opts.ElsewhereFor)
 				fs.cancel(errStolen)
 				delete(r.fetches, i)
@@ -596,7 +657,11 @@ func (r *Run) fetch(ctx context.Context, i int, pq *parentQueue) error {
 	}
 	defer body.Close()
 	r.mu.Lock()
-	crc, known := pq.has[i]
+	var crc uint32
+	known := !pq.upstream && pq.has[i]
+	if known {
+		crc = pq.crc[i]
+	}
 	complete := pq.complete
 	r.mu.Unlock()
 	var src io.Reader = io.LimitReader(body, n+1)

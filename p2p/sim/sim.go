@@ -419,7 +419,8 @@ func (n *node) follow(p *node) {
 		return
 	}
 	n.mu.Lock()
-	if n.following[p.id] {
+	// As swarm.Fill: at most MaxPeers parents besides the owner.
+	if n.following[p.id] || len(n.following) > n.s.cfg.MaxPeers {
 		n.mu.Unlock()
 		return
 	}

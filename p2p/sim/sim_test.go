@@ -1,26 +1,11 @@
 package sim
 
 import (
-	"context"
 	"testing"
-	"testing/synctest"
 	"time"
 
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 )
-
-func simulate(t *testing.T, cfg Config) Result {
-	t.Helper()
-	var res Result
-	var err error
-	synctest.Test(t, func(t *testing.T) {
-		res, err = Run(context.Background(), cfg)
-	})
-	if err != nil {
-		t.Fatalf("%+v: %v", cfg, err)
-	}
-	return res
-}
 
 func TestSmallCluster(t *testing.T) {
 	const size = 64 << 20

@@ -121,7 +121,10 @@ func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) e
 			return
 		}
 		wmu.Lock()
-		if watching[id] {
+		// Each refresh names up to MaxPeers new registrants; following
+		// them all would grow with the cluster (every announcement of
+		// every peer reaches every node). The owner comes first.
+		if watching[id] || len(watching) > s.opts.MaxPeers {
 			wmu.Unlock()
 			return
 		}

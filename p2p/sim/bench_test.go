@@ -1,0 +1,288 @@
+package sim
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/metrics"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/docker/go-units"
+
+	"github.com/registry-proxy/registry-proxy/internal/report"
+)
+
+var (
+	simOn        = flag.Bool("sim", false, "TestSimulate: run the large simulations (make bench-sim)")
+	simNodes     = flag.String("sim-nodes", "100,1000,2600", "TestSimulate: cluster sizes")
+	simSize      = flag.String("sim-size", "3GB", "TestSimulate: blob size")
+	simBW        = flag.String("sim-bw", "300MB", "TestSimulate: each node's upload and download, bytes/s")
+	simOrigin    = flag.String("sim-origin", "300MB", "TestSimulate: the upstream's upload, bytes/s")
+	simLatency   = flag.Duration("sim-latency", time.Millisecond, "TestSimulate: one-way latency between hosts")
+	simModes     = flag.String("sim-modes", "state,fcfs", "TestSimulate: modes (state, fcfs, direct)")
+	simScenarios = flag.String("sim-scenarios", "equal,hetero,loaded", "TestSimulate: equal links; hetero (uploads spread ±50%, 10% of nodes at 1/10); loaded (10% of nodes with 4 background uploads)")
+	simSeeds     = flag.Int("sim-seeds", 1, "TestSimulate: runs per case (different seeds)")
+	simResults   = flag.String("sim-results", "", "TestSimulate: directory for JSON, Markdown and plots (default results/sim-<time>)")
+	simValidate  = flag.String("sim-validate", "", "TestSimulate: instead, simulate the namespace harness's setup (8 nodes, 256 MiB, 25 MB/s, scenarios a, b, d) and compare with the JSON runs in this results directory")
+)
+
+// scaleCase is what TestSimulate measured for one case.
+type scaleCase struct {
+	Nodes    int     `json:"nodes"`
+	Scenario string  `json:"scenario"`
+	Mode     string  `json:"mode"`
+	Seed     uint64  `json:"seed"`
+	P50      float64 `json:"p50_over_bound"`
+	P99      float64 `json:"p99_over_bound"`
+	Max      float64 `json:"max_over_bound"`
+	BoundS   float64 `json:"bound_s"`
+	EgressX  float64 `json:"egress_over_size"`
+	WallS    float64 `json:"wall_s"`
+	PeakHeap float64 `json:"peak_heap_mib"`
+	Flows    int64   `json:"flows"`
+}
+
+func scenarioConfig(name string, n int, cfg *Config) {
+	switch name {
+	case "equal":
+	case "hetero":
+		cfg.Spread, cfg.Throttled = 0.5, n/10
+	case "loaded":
+		cfg.Loaded, cfg.LoadFlows = n/10, 4
+	}
+}
+
+// peakHeap samples the heap every 20 ms until stop, outside the bubble.
+func peakHeap(stop <-chan struct{}) func() float64 {
+	var mu sync.Mutex
+	var peak uint64
+	sample := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(20 * time.Millisecond)
+		defer t.Stop()
+		for {
+			metrics.Read(sample)
+			mu.Lock()
+			peak = max(peak, sample[0].Value.Uint64())
+			mu.Unlock()
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return func() float64 {
+		<-done
+		return float64(peak) / (1 << 20)
+	}
+}
+
+func toRun(scenario string, repeat int, cfg Config, res Result) report.Run {
+	r := report.Run{Scenario: scenario, Mode: cfg.Selector, Repeat: repeat, Nodes: cfg.Nodes, Size: cfg.Size,
+		NodeBps: int64(cfg.Up), OriginBps: int64(cfg.OriginUp), Seconds: map[string]float64{},
+		Bound: res.Bound.Seconds(), Egress: res.UpstreamBytes,
+		BySource: map[string]int64{"upstream": res.UpstreamBytes, "peer": int64(cfg.Nodes)*cfg.Size - res.UpstreamBytes}}
+	if cfg.Selector == Direct {
+		r.BySource = map[string]int64{"upstream": res.UpstreamBytes}
+	}
+	for k, c := range res.Completion {
+		r.Seconds[fmt.Sprintf("node-%04d", k)] = c.Seconds()
+	}
+	r.Finish()
+	return r
+}
+
+func resultsDir(t *testing.T, flagDir, prefix string) string {
+	dir := flagDir
+	if dir == "" {
+		dir = filepath.Join("..", "..", "results", prefix+"-"+time.Now().UTC().Format("20060102-150405"))
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// TestSimulate runs the simulator at scale (make bench-sim) and reports
+// completion ÷ bound for each mode, and the simulator's own run time and
+// memory as the cluster grows.
+func TestSimulate(t *testing.T) {
+	if !*simOn {
+		t.Skip("large simulations run with -sim (make bench-sim)")
+	}
+	if *simValidate != "" {
+		validate(t, *simValidate)
+		return
+	}
+	size, err := units.FromHumanSize(*simSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bw, err := units.FromHumanSize(*simBW)
+	if err != nil {
+		t.Fatal(err)
+	}
+	origin, err := units.FromHumanSize(*simOrigin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := resultsDir(t, *simResults, "sim")
+	var cases []scaleCase
+	var runs []report.Run
+	for _, ns := range strings.Split(*simNodes, ",") {
+		var n int
+		fmt.Sscan(ns, &n)
+		for _, sc := range strings.Split(*simScenarios, ",") {
+			for _, mode := range strings.Split(*simModes, ",") {
+				for seed := range uint64(*simSeeds) {
+					cfg := Config{Nodes: n, Size: size, Up: float64(bw), Down: float64(bw), OriginUp: float64(origin),
+						Latency: *simLatency, Selector: mode, Seed: seed + 1}
+					scenarioConfig(sc, n, &cfg)
+					runtime.GC()
+					stop := make(chan struct{})
+					peak := peakHeap(stop)
+					start := time.Now()
+					res := simulate(t, cfg)
+					wall := time.Since(start)
+					close(stop)
+					r := toRun(fmt.Sprintf("%s-n%d", sc, n), int(seed), cfg, res)
+					runs = append(runs, r)
+					if err := report.WriteJSON(dir, r); err != nil {
+						t.Error(err)
+					}
+					c := scaleCase{Nodes: n, Scenario: sc, Mode: mode, Seed: seed + 1, P50: r.P50 / r.Bound, P99: r.P99 / r.Bound,
+						Max: r.Max / r.Bound, BoundS: r.Bound, EgressX: r.EgressX, WallS: wall.Seconds(), PeakHeap: peak(), Flows: res.Flows}
+					cases = append(cases, c)
+					t.Logf("%5d nodes %-6s %-6s: p50 %.2f p99 %.2f max %.2f × bound %.1fs | egress %.3f× | sim %.1fs wall, peak heap %.0f MiB, %d flows",
+						n, sc, mode, c.P50, c.P99, c.Max, c.BoundS, c.EgressX, c.WallS, c.PeakHeap, c.Flows)
+				}
+			}
+		}
+	}
+	md := scaleSummary(cases, size, bw, origin)
+	js, _ := json.MarshalIndent(cases, "", "  ")
+	os.WriteFile(filepath.Join(dir, "scale.json"), js, 0o644)
+	os.WriteFile(filepath.Join(dir, "summary.md"), []byte(md), 0o644)
+	if _, err := report.Plots(dir, runs); err != nil {
+		t.Error(err)
+	}
+	t.Logf("results in %s\n%s", dir, md)
+}
+
+func scaleSummary(cases []scaleCase, size, bw, origin int64) string {
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "Blob %s, every node %s/s up and down, upstream %s/s, latency %v. Medians over seeds.\n\n",
+		units.HumanSize(float64(size)), units.HumanSize(float64(bw)), units.HumanSize(float64(origin)), *simLatency)
+	sb.WriteString("| nodes | scenario | mode | p50 ÷ bound | p99 ÷ bound | max ÷ bound | bound s | upstream egress ÷ blob | sim wall s | sim peak heap MiB | flows |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+	type key struct {
+		n        int
+		sc, mode string
+	}
+	var keys []key
+	by := map[key][]scaleCase{}
+	for _, c := range cases {
+		k := key{c.Nodes, c.Scenario, c.Mode}
+		if _, ok := by[k]; !ok {
+			keys = append(keys, k)
+		}
+		by[k] = append(by[k], c)
+	}
+	med := func(cs []scaleCase, f func(scaleCase) float64) float64 {
+		v := make([]float64, len(cs))
+		for i, c := range cs {
+			v[i] = f(c)
+		}
+		sort.Float64s(v)
+		return v[len(v)/2]
+	}
+	for _, k := range keys {
+		cs := by[k]
+		fmt.Fprintf(&sb, "| %d | %s | %s | %.2f | %.2f | %.2f | %.1f | %.3f | %.1f | %.0f | %d |\n", k.n, k.sc, k.mode,
+			med(cs, func(c scaleCase) float64 { return c.P50 }), med(cs, func(c scaleCase) float64 { return c.P99 }),
+			med(cs, func(c scaleCase) float64 { return c.Max }), med(cs, func(c scaleCase) float64 { return c.BoundS }),
+			med(cs, func(c scaleCase) float64 { return c.EgressX }), med(cs, func(c scaleCase) float64 { return c.WallS }),
+			med(cs, func(c scaleCase) float64 { return c.PeakHeap }), int64(med(cs, func(c scaleCase) float64 { return float64(c.Flows) })))
+	}
+	return sb.String()
+}
+
+// validate runs the harness's setup in the simulator and compares medians
+// with the harness's JSON runs in dir.
+func validate(t *testing.T, dir string) {
+	files, _ := filepath.Glob(filepath.Join(dir, "*.json"))
+	var real []report.Run
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var r report.Run
+		if json.Unmarshal(b, &r) == nil && r.Scenario != "" && r.Mode != "" {
+			real = append(real, r)
+		}
+	}
+	if len(real) == 0 {
+		t.Fatalf("no harness runs (JSON) in %s", dir)
+	}
+	var sb strings.Builder
+	sb.WriteString("| scenario | mode | harness p50 s | sim p50 s | harness max s | sim max s | sim ÷ harness (max) |\n|---|---|---|---|---|---|---|\n")
+	_, modes, by := report.Group(real)
+	for _, sc := range []string{"a", "b", "d"} {
+		for _, mode := range modes[sc] {
+			rs := by[[2]string{sc, mode}]
+			if len(rs) == 0 {
+				continue
+			}
+			h := rs[0]
+			var sims []report.Run
+			for seed := range uint64(5) {
+				cfg := Config{Nodes: h.Nodes, Size: h.Size, Up: float64(h.NodeBps), Down: float64(h.NodeBps), OriginUp: float64(h.OriginBps),
+					Latency: 200 * time.Microsecond, Selector: mode, Seed: seed + 1}
+				switch sc {
+				case "b":
+					// The harness's default: two parents throttled to a tenth.
+					if strings.Contains(h.Note, "loaded") {
+						cfg.Loaded, cfg.LoadFlows = 2, 4
+					} else {
+						cfg.Throttled = 2
+					}
+				case "d":
+					cfg.Waves, cfg.WaveGap = 3, 4*time.Second
+				}
+				sims = append(sims, toRun(sc, int(seed), cfg, simulate(t, cfg)))
+			}
+			hp50, hmax := report.Median(rs, func(r report.Run) float64 { return r.P50 }), report.Median(rs, func(r report.Run) float64 { return r.Max })
+			sp50, smax := report.Median(sims, func(r report.Run) float64 { return r.P50 }), report.Median(sims, func(r report.Run) float64 { return r.Max })
+			fmt.Fprintf(&sb, "| %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f |\n", sc, mode, hp50, sp50, hmax, smax, smax/math.Max(hmax, 1e-9))
+		}
+	}
+	t.Logf("simulator vs namespace harness (%s), medians; sim over 5 seeds:\n%s", dir, sb.String())
+	os.WriteFile(filepath.Join(dir, "sim-validation.md"), []byte(sb.String()), 0o644)
+}
+
+// simulate runs cfg in a fresh synctest bubble.
+func simulate(t *testing.T, cfg Config) Result {
+	t.Helper()
+	var res Result
+	var err error
+	synctest.Test(t, func(t *testing.T) {
+		res, err = Run(context.Background(), cfg)
+	})
+	if err != nil {
+		t.Fatalf("%+v: %v", cfg, err)
+	}
+	return res
+}
