@@ -36,9 +36,11 @@ func TestSmallCluster(t *testing.T) {
 			for _, b := range res.SentBy {
 				peer += b
 			}
-			// Flow progress is float arithmetic: allow a byte per piece.
-			if want := int64(8*size) - res.UpstreamBytes; peer < want-16 || peer > want+16 {
-				t.Errorf("peers sent %d bytes, want %d (every node got the blob once)", peer, want)
+			// Every node got the blob once; pieces moved off a slow parent
+			// halfway cost what had been sent. Flow progress is float
+			// arithmetic: a byte per piece.
+			if want := int64(8*size) - res.UpstreamBytes; peer < want-16 || peer > want*5/4 {
+				t.Errorf("peers sent %d bytes, want %d to %d", peer, want, want*5/4)
 			}
 			t.Logf("%s: p50 %v max %v bound %v upstream %.3f×", tc.selector, Quantile(res.Completion, .5),
 				Quantile(res.Completion, 1), res.Bound, float64(res.UpstreamBytes)/size)
