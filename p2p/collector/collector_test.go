@@ -326,7 +326,7 @@ func TestBestPiecePrefersUnfetchedAndRare(t *testing.T) {
 	}
 	// The owner sent 1 elsewhere: of what it still offers, 0 and 2 tie on
 	// fetchers and holders, and 0 is nearer the readers.
-	r.parents["owner"].refused[1] = now.Add(time.Second)
+	r.parents["owner"].refuse(1, now.Add(time.Second))
 	if got := r.bestPiece(r.parents["owner"], []int{0, 1, 2}, now); got != 0 {
 		t.Fatalf("best piece %d, want 0 (1 refused)", got)
 	}

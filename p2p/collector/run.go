@@ -22,7 +22,7 @@ type parentQueue struct {
 	complete bool     // holds the whole verified blob; no piece checksums
 	fetching []bool   // per piece: the parent itself is fetching it now
 	blocked  time.Time         // no pieces before this
-	refused  map[int]time.Time // piece -> not asked again before this (ErrElsewhere)
+	refused  []time.Time // per piece: not asked again before this (ErrElsewhere); nil until the first refusal
 	inflight int
 	picks    int
 	bytes    int64
@@ -107,7 +107,7 @@ func (r *Run) AddParent(p Parent) {
 	if _, ok := r.parents[p.ID()]; ok {
 		return
 	}
-	pq := &parentQueue{p: p, has: make([]bool, r.n), crc: make([]uint32, r.n), fetching: make([]bool, r.n), refused: map[int]time.Time{}}
+	pq := &parentQueue{p: p, has: make([]bool, r.n), crc: make([]uint32, r.n), fetching: make([]bool, r.n)}
 	r.parents[p.ID()] = pq
 	r.order = append(r.order, pq)
 }
@@ -162,10 +162,12 @@ func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
 		}
 	}
 	sort.Ints(fresh) // one announcement's pieces are first held in index order
+	wanted := false
 	for _, i := range fresh {
 		if r.firstHolder[i] == "" {
 			r.firstHolder[i] = id
 		}
+		wanted = wanted || !r.job.Has(i)
 	}
 	if fetching != nil {
 		now := make([]bool, r.n)
@@ -185,7 +187,11 @@ func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
 		}
 		pq.fetching = now
 	}
-	r.broadcastLocked()
+	// Workers only care about pieces this node still needs; waking them
+	// for the rest costs a cluster's worth of announcements.
+	if wanted {
+		r.broadcastLocked()
+	}
 }
 
 // AnnounceComplete records that a parent holds the whole, verified blob.
@@ -279,7 +285,12 @@ func (r *Run) Run(ctx context.Context) error {
 // policy) and re-checks every idleTick; the others park until a worker that
 // found work wakes the next one. Every worker re-checking on every change
 // costs a cluster's worth of announcements times the workers.
-const idleTick = 250 * time.Millisecond
+// The watcher re-checks at most every idleCoalesce, so a burst of
+// announcements costs one look.
+const (
+	idleTick     = 250 * time.Millisecond
+	idleCoalesce = 10 * time.Millisecond
+)
 
 func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error {
 	timer := time.NewTimer(idleTick)
@@ -306,9 +317,17 @@ func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error 
 		if pq == nil {
 			timer.Reset(idleTick)
 			if watch {
+				looked := time.Now()
 				select {
 				case <-ctx.Done():
 				case <-ch:
+					if d := idleCoalesce - time.Since(looked); d > 0 {
+						timer.Reset(d)
+						select {
+						case <-ctx.Done():
+						case <-timer.C:
+						}
+					}
 				case <-timer.C:
 				}
 				r.mu.Lock()
@@ -359,7 +378,7 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 		return nil
 	}
 	if (errors.Is(err, ErrElsewhere) || errors.Is(err, errStolen)) && !pq.upstream {
-		pq.refused[i] = r.c.opts.Now().Add(r.c.opts.ElsewhereFor)
+		pq.refuse(i, r.c.opts.Now().Add(r.c.opts.ElsewhereFor))
 		return nil
 	}
 	if err == nil {
@@ -447,10 +466,14 @@ func (pq *parentQueue) offers(i int, now time.Time) bool {
 	if !pq.has[i] {
 		return false
 	}
-	if len(pq.refused) == 0 {
-		return true
+	return pq.refused == nil || pq.refused[i].Before(now)
+}
+
+func (pq *parentQueue) refuse(i int, until time.Time) {
+	if pq.refused == nil {
+		pq.refused = make([]time.Time, len(pq.has))
 	}
-	return pq.refused[i].Before(now)
+	pq.refused[i] = until
 }
 
 func (r *Run) pickFCFS(win []int, now time.Time) (int, *parentQueue) {
@@ -481,6 +504,13 @@ func (r *Run) pickState(win []int, now time.Time) (int, *parentQueue) {
 		pq     *parentQueue
 		weight float64
 	}
+	// Only pieces some parent holds can be useful.
+	held := make([]int, 0, len(win))
+	for _, i := range win {
+		if r.holders[i] > 0 {
+			held = append(held, i)
+		}
+	}
 	var cands []cand
 	var total float64
 	for _, pq := range r.order {
@@ -488,7 +518,7 @@ func (r *Run) pickState(win []int, now time.Time) (int, *parentQueue) {
 			continue
 		}
 		useful := false
-		for _, i := range win {
+		for _, i := range held {
 			if pq.offers(i, now) {
 				useful = true
 				break
@@ -602,7 +632,7 @@ func (r *Run) stealLocked() {
 			if Weight(st, ok) >= stealFactor*max(rate, 1) {
 				r.c.log.Debug("moving a slow piece to another parent", "digest", r.job.Digest(), "piece", i,
 					"from", fs.pq.p.ID(), "to", q.p.ID(), "rate", int64(rate))
-				fs.pq.refused[i] = now.Add(r.c.opts.ElsewhereFor)
+				fs.pq.refuse(i, now.Add(r.c.opts.ElsewhereFor))
 				fs.cancel(errStolen)
 				delete(r.fetches, i)
 				return

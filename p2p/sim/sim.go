@@ -234,7 +234,7 @@ func newSim(cfg Config) *simulation {
 		}
 	}
 	for k, n := range s.nodes {
-		n.tracker = tracker.New()
+		n.tracker = tracker.New(rand.New(rand.NewPCG(cfg.Seed, uint64(k)+1<<32)))
 		if !cfg.NoSeeding {
 			n.ledger = seeding.New(seeding.Options{})
 		}

@@ -79,7 +79,7 @@ func New(opts Options) *Swarm {
 		opts:    opts,
 		log:     opts.Logger.With("component", "swarm"),
 		runs:    map[digest.Digest]*collector.Run{},
-		tracker: tracker.New(),
+		tracker: tracker.New(nil),
 	}
 }
 
