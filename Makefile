@@ -11,7 +11,7 @@ PKGS    := ./...
 BENCH_SIZE  ?= 1GiB
 BENCH_COUNT ?= 1
 
-.PHONY: all build deps tools demo test unit integration lint vet staticcheck bench bench-cluster fuzz fmt clean proto
+.PHONY: all build deps tools demo test unit integration lint vet staticcheck bench bench-cluster bench-sim fuzz fmt clean proto
 
 all: build
 
@@ -50,16 +50,33 @@ staticcheck: tools
 bench: tools
 	$(GO) test -run '^$$' -bench . -benchtime 1x -count $(BENCH_COUNT) -timeout 60m ./integration/ -bench-size $(BENCH_SIZE)
 
-# Cluster scenarios on real processes in network namespaces with tc limits
-# (root). Results: JSON per run and summary.md under results/.
-CLUSTER_NODES  ?= 8
-CLUSTER_SIZE   ?= 128MiB
-CLUSTER_UP     ?= 50MB
-CLUSTER_ORIGIN ?= 50MB
-CLUSTER_RUNS   ?= 3
+# Cluster scenarios (a: all at once, b: slow parents, c: containerd pulls an
+# image, d: waves) on real processes in network namespaces with tc limits
+# (root), each in modes state, fcfs and direct, CLUSTER_RUNS times. Results:
+# JSON per run, summary.md and plots under results/cluster-<time>/.
+CLUSTER_NODES     ?= 8
+CLUSTER_SIZE      ?= 256MiB
+CLUSTER_UP        ?= 25MB
+CLUSTER_ORIGIN    ?= 25MB
+CLUSTER_RUNS      ?= 3
+CLUSTER_SCENARIOS ?= a,b,c,d
 bench-cluster: tools
-	$(GO) test -run '^$$' -bench Cluster -benchtime $(CLUSTER_RUNS)x -timeout 120m ./integration/ \
-		-cluster-nodes $(CLUSTER_NODES) -cluster-size $(CLUSTER_SIZE) -cluster-up $(CLUSTER_UP) -cluster-origin $(CLUSTER_ORIGIN)
+	$(GO) test -run '^$$' -bench Cluster -benchtime 1x -timeout 150m -v ./integration/ \
+		-cluster-nodes $(CLUSTER_NODES) -cluster-size $(CLUSTER_SIZE) -cluster-up $(CLUSTER_UP) \
+		-cluster-origin $(CLUSTER_ORIGIN) -cluster-runs $(CLUSTER_RUNS) -cluster-scenarios $(CLUSTER_SCENARIOS)
+
+# The simulator: the real collector, owner ranking, tracker and host-state
+# meter over a simulated network, at thousands of nodes. Results under
+# results/sim-<time>/. SIM_VALIDATE=<results/cluster-...> instead compares the
+# simulator with a namespace run at the same setup.
+SIM_NODES     ?= 100,1000,2600
+SIM_SIZE      ?= 3GB
+SIM_BW        ?= 300MB
+SIM_SCENARIOS ?= equal,hetero,loaded
+SIM_VALIDATE  ?=
+bench-sim:
+	$(GO) test -run TestSimulate -timeout 6h -v ./p2p/sim/ -sim -sim-nodes $(SIM_NODES) -sim-size $(SIM_SIZE) \
+		-sim-bw $(SIM_BW) -sim-origin $(SIM_BW) -sim-scenarios $(SIM_SCENARIOS) -sim-validate "$(SIM_VALIDATE)"
 
 # Regenerates p2p/pb from p2p/pb/p2p.proto (the generated code is committed).
 proto:

@@ -271,6 +271,7 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 	per := (sp.Nodes + max(sp.Waves, 1) - 1) / max(sp.Waves, 1)
 	var mu sync.Mutex
 	var wg sync.WaitGroup
+	busy0, total0 := cpuTimes()
 	t0 := time.Now()
 	for i, h := range hosts {
 		wg.Go(func() {
@@ -300,6 +301,9 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 		})
 	}
 	wg.Wait()
+	if busy1, total1 := cpuTimes(); total1 > total0 {
+		res.CPUBusy = float64(busy1-busy0) / float64(total1-total0)
+	}
 
 	if resp, err := http.Get(info.Stats + "/_stats"); err == nil {
 		var st struct {
@@ -358,6 +362,26 @@ func (sp clusterSpec) note() string {
 		n = append(n, fmt.Sprintf("%d waves %v apart, times from each node's own start, bound for the first wave", sp.Waves, sp.Gap))
 	}
 	return strings.Join(n, "; ")
+}
+
+// cpuTimes reads the machine's busy and total CPU time (jiffies) from
+// /proc/stat; zeros where it cannot.
+func cpuTimes() (busy, total uint64) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	for k, v := range f[1:] {
+		var n uint64
+		fmt.Sscan(v, &n)
+		total += n
+		if k != 3 && k != 4 { // idle, iowait
+			busy += n
+		}
+	}
+	return busy, total
 }
 
 type benchBlob struct {
@@ -450,8 +474,8 @@ func BenchmarkCluster(b *testing.B) {
 					if err := report.WriteJSON(dir, r); err != nil {
 						b.Error(err)
 					}
-					b.Logf("scenario %s, %-6s run %d: p50 %.2fs p95 %.2fs max %.2fs | bound %.2fs, max/bound %.2f | upstream egress %.3f x | bytes %v",
-						sc, mode, rep+1, r.P50, r.P95, r.Max, r.Bound, r.MaxOver, r.EgressX, r.BySource)
+					b.Logf("scenario %s, %-6s run %d: p50 %.2fs p95 %.2fs max %.2fs | bound %.2fs, max/bound %.2f | upstream egress %.3f x | bytes %v | CPU busy %.0f%%",
+						sc, mode, rep+1, r.P50, r.P95, r.Max, r.Bound, r.MaxOver, r.EgressX, r.BySource, 100*r.CPUBusy)
 				}
 			}
 		}

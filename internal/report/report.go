@@ -37,6 +37,9 @@ type Run struct {
 	ByParent  map[string]int64   `json:"bytes_by_parent"`  // summed over nodes
 	Pieces    map[string]int     `json:"pieces_by_parent"` // piece-level parent choices
 	PieceSize int64              `json:"piece_size,omitempty"`
+	// CPUBusy is the machine's CPU use while the nodes pulled, 0..1 (all
+	// processes of the run share the machine's cores).
+	CPUBusy float64 `json:"cpu_busy,omitempty"`
 }
 
 // Finish computes the quantiles and ratios from Seconds, Bound, Egress and Size.
@@ -133,14 +136,15 @@ func Summary(runs []Run) string {
 		if first.Note != "" {
 			fmt.Fprintf(&sb, "; %s", first.Note)
 		}
-		sb.WriteString("\n\nMedians over runs.\n\n| mode | runs | p50 s | p95 s | p99 s | max s | bound s | max/bound | upstream egress / blob | peer bytes share |\n|---|---|---|---|---|---|---|---|---|---|\n")
+		sb.WriteString("\n\nMedians over runs.\n\n| mode | runs | p50 s | p95 s | p99 s | max s | bound s | max/bound | upstream egress / blob | peer bytes share | CPU busy |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
 		for _, m := range modes[sc] {
 			rs := by[[2]string{sc, m}]
-			fmt.Fprintf(&sb, "| %s | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.3f | %.1f%% |\n", m, len(rs),
+			fmt.Fprintf(&sb, "| %s | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.3f | %.1f%% | %.0f%% |\n", m, len(rs),
 				Median(rs, func(r Run) float64 { return r.P50 }), Median(rs, func(r Run) float64 { return r.P95 }),
 				Median(rs, func(r Run) float64 { return r.P99 }), Median(rs, func(r Run) float64 { return r.Max }),
 				Median(rs, func(r Run) float64 { return r.Bound }), Median(rs, func(r Run) float64 { return r.MaxOver }),
-				Median(rs, func(r Run) float64 { return r.EgressX }), 100*Median(rs, peerShare))
+				Median(rs, func(r Run) float64 { return r.EgressX }), 100*Median(rs, peerShare),
+				100*Median(rs, func(r Run) float64 { return r.CPUBusy }))
 		}
 		ratio := func(a, b string, f func(Run) float64, what string) {
 			ra, rb := by[[2]string{sc, a}], by[[2]string{sc, b}]

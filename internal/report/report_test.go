@@ -32,7 +32,7 @@ func TestSummaryAndPlots(t *testing.T) {
 	}
 	md := Summary(runs)
 	for _, want := range []string{
-		"| state | 3 | 2.00 | 4.00 | 4.00 | 4.00 | 2.00 | 2.00 | 1.000 | 66.7% |",
+		"| state | 3 | 2.00 | 4.00 | 4.00 | 4.00 | 2.00 | 2.00 | 1.000 | 66.7% | 0% |",
 		"- fcfs ÷ state, p99: median 2.00× (runs: 2.00, 2.00, 2.00)",
 		"- direct ÷ state, max: median 2.25× (runs: 1.80, 2.25, 3.00)",
 	} {

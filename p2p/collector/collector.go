@@ -99,8 +99,13 @@ type Options struct {
 	State func(parentID string) (st *pb.HostState, ok bool)
 	// BlockFor is how long a failing parent gets no pieces.
 	BlockFor time.Duration
-	// Window is how many missing pieces ahead of the readers are candidates.
+	// Window is how many missing pieces ahead of the readers FCFS takes
+	// pieces from, in order.
 	Window int
+	// Urgent is how many missing pieces ahead of the readers the state
+	// selector takes first; beyond them it takes the rarest piece of the
+	// whole blob.
+	Urgent int
 	// PerParent bounds the pieces fetched from one peer at once, so one
 	// child does not take every upload slot of a parent.
 	PerParent int
@@ -142,6 +147,9 @@ func New(opts Options) *Collector {
 	}
 	if opts.BlockFor <= 0 {
 		opts.BlockFor = 30 * time.Second
+	}
+	if opts.Urgent <= 0 {
+		opts.Urgent = max(2, opts.Concurrency/4)
 	}
 	if opts.Window <= 0 {
 		opts.Window = 4 * opts.Concurrency

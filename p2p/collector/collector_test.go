@@ -307,31 +307,35 @@ func TestUpstreamWaitsUntilAllowed(t *testing.T) {
 	}
 }
 
-func TestBestPiecePrefersUnfetchedAndRare(t *testing.T) {
-	job := newJob(4)
+func TestBestPiece(t *testing.T) {
+	job := newJob(6)
+	job.next = 0 // the reader is at piece 0; 0 and 1 are urgent
 	r := newCollector(SelectorState, nil).NewRun(job)
 	for _, id := range []string{"owner", "b", "c"} {
 		r.AddParent(&fakeParent{id: id, job: job})
 	}
-	r.Announce("owner", job.checksums(0, 1, 2, 3), nil)
+	r.Announce("owner", job.checksums(0, 1, 2, 3, 4, 5), nil)
 	r.Announce("b", nil, []int{0}) // b is fetching piece 0
-	r.Announce("c", job.checksums(1), []int{2})
-	// 0 and 2 are being fetched by others, 1 is held by c too: 3 is best.
+	r.Announce("c", job.checksums(1, 5), []int{2})
+	owner := r.parents["owner"]
 	now := time.Now()
-	if got := r.bestPiece(r.parents["owner"], []int{0, 1, 2, 3}, now); got != 3 {
-		t.Fatalf("best piece %d, want 3", got)
-	}
-	if got := r.bestPiece(r.parents["owner"], []int{0, 1, 2}, now); got != 1 {
-		t.Fatalf("best piece %d, want 1 (nobody fetching it)", got)
-	}
-	// The owner sent 1 elsewhere: of what it still offers, 0 and 2 tie on
-	// fetchers and holders, and 0 is nearer the readers.
-	r.parents["owner"].refuse(1, now.Add(time.Second))
-	if got := r.bestPiece(r.parents["owner"], []int{0, 1, 2}, now); got != 0 {
-		t.Fatalf("best piece %d, want 0 (1 refused)", got)
-	}
-	if got := r.bestPiece(r.parents["owner"], []int{0, 1, 2}, now.Add(2*time.Second)); got != 1 {
-		t.Fatalf("best piece %d, want 1 once the refusal expired", got)
+	for _, tc := range []struct {
+		name  string
+		setup func()
+		at    time.Time
+		want  int
+	}{
+		{"urgent first, of them the one nobody fetches", func() {}, now, 1},
+		{"beyond the urgent ones: unfetched, rarest, nearest", func() { r.setWantedLocked(0, false); r.setWantedLocked(1, false) }, now, 3},
+		{"a refused piece is skipped", func() { owner.refuse(3, now.Add(time.Second)) }, now, 4},
+		{"until the refusal expires", func() {}, now.Add(2 * time.Second), 3},
+		{"rare beats near", func() { r.Announce("b", job.checksums(3), nil) }, now.Add(2 * time.Second), 4},
+		{"fewest fetchers beat rarity", func() { r.Announce("c", nil, []int{2, 4}) }, now.Add(2 * time.Second), 3},
+	} {
+		tc.setup()
+		if got := r.bestPiece(owner, r.cursor(), tc.at); got != tc.want {
+			t.Errorf("%s: piece %d, want %d", tc.name, got, tc.want)
+		}
 	}
 }
 
@@ -343,7 +347,7 @@ func TestReaderWindowFirst(t *testing.T) {
 	r.AddParent(p)
 	r.Announce("p", job.checksums(job.all()...), nil)
 	run(t, r)
-	if p.asked[0] < 60 || p.asked[0] >= 60+r.c.opts.Window {
+	if p.asked[0] < 60 || p.asked[0] >= 60+r.c.opts.Urgent {
 		t.Fatalf("first piece %d, want within the window from 60", p.asked[0])
 	}
 }

@@ -17,11 +17,12 @@ import (
 type parentQueue struct {
 	p        Parent
 	upstream bool
-	has      []bool   // per piece: announced
-	crc      []uint32 // per piece: announced checksum
-	complete bool     // holds the whole verified blob; no piece checksums
-	fetching []bool   // per piece: the parent itself is fetching it now
-	blocked  time.Time         // no pieces before this
+	has      []bool      // per piece: announced
+	crc      []uint32    // per piece: announced checksum
+	complete bool        // holds the whole verified blob; no piece checksums
+	fetching []bool      // per piece: the parent itself is fetching it now
+	offering int         // pieces it has that this node wants (refusals aside)
+	blocked  time.Time   // no pieces before this
 	refused  []time.Time // per piece: not asked again before this (ErrElsewhere); nil until the first refusal
 	inflight int
 	picks    int
@@ -46,6 +47,8 @@ type Run struct {
 	firstHolder   []string // per piece: first parent that announced it (FCFS)
 	holders       []int    // per piece: parents that have it
 	fetchers      []int    // per piece: parents fetching it
+	wanted        []bool   // per piece: not done and not in flight
+	nwanted       int
 	inflight      []bool
 	fetches       map[int]*fetchState // peer fetches in flight
 	failures      []int
@@ -56,7 +59,7 @@ type Run struct {
 // NewRun starts the bookkeeping of a blob; Run fetches.
 func (c *Collector) NewRun(job Job) *Run {
 	n := job.Plan().Count()
-	return &Run{
+	r := &Run{
 		c: c, job: job, n: n,
 		progress:    c.opts.Now(),
 		changed:     make(chan struct{}),
@@ -65,10 +68,18 @@ func (c *Collector) NewRun(job Job) *Run {
 		firstHolder: make([]string, n),
 		holders:     make([]int, n),
 		fetchers:    make([]int, n),
+		wanted:      make([]bool, n),
 		inflight:    make([]bool, n),
 		fetches:     map[int]*fetchState{},
 		failures:    make([]int, n),
 	}
+	for i := range n {
+		if !job.Has(i) {
+			r.wanted[i] = true
+			r.nwanted++
+		}
+	}
+	return r
 }
 
 func (r *Run) broadcastLocked() {
@@ -154,6 +165,9 @@ func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
 			fresh = append(fresh, i)
 			pq.has[i] = true
 			r.holders[i]++
+			if r.wanted[i] {
+				pq.offering++
+			}
 		}
 		pq.crc[i] = crc
 		if pq.fetching[i] {
@@ -372,6 +386,10 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 	r.inflight[i] = false
 	pq.inflight--
 	defer r.broadcastLocked()
+	defer func() {
+		// A piece not done goes back to the wanted ones.
+		r.setWantedLocked(i, !r.job.Has(i))
+	}()
 	if errors.Is(err, ErrBusy) && !pq.upstream {
 		// Backpressure, not failure: leave the parent alone for a moment.
 		pq.blocked = r.c.opts.Now().Add(250 * time.Millisecond)
@@ -406,19 +424,23 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 	return nil
 }
 
-// window returns up to Window missing, idle pieces from the readers' cursor
+// windowLocked returns up to limit wanted pieces from the readers' cursor
 // on (wrapping), in order.
-func (r *Run) windowLocked() (win []int) {
-	start := r.job.Next()
-	if start < 0 || start >= r.n {
-		start = 0
-	}
-	for k := 0; k < r.n && len(win) < r.c.opts.Window; k++ {
-		if i := (start + k) % r.n; !r.job.Has(i) && !r.inflight[i] {
+func (r *Run) windowLocked(limit int) (win []int) {
+	start := r.cursor()
+	for k := 0; k < r.n && len(win) < limit; k++ {
+		if i := (start + k) % r.n; r.wanted[i] {
 			win = append(win, i)
 		}
 	}
 	return win
+}
+
+func (r *Run) cursor() int {
+	if start := r.job.Next(); start >= 0 && start < r.n {
+		return start
+	}
+	return 0
 }
 
 // pickLocked chooses the next piece and parent. done means nothing is left
@@ -427,8 +449,7 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 	if r.sequential {
 		return 0, nil, true
 	}
-	win := r.windowLocked()
-	if len(win) == 0 {
+	if r.nwanted == 0 {
 		// All done, or in flight with workers that finish it; a worker
 		// stays while a peer fetch runs, to move it if it is too slow.
 		return 0, nil, len(r.fetches) == 0
@@ -436,14 +457,19 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 	now := r.c.opts.Now()
 	var i int
 	var pq *parentQueue
+	var win []int
 	if r.c.opts.Selector == SelectorFCFS {
+		win = r.windowLocked(r.c.opts.Window)
 		i, pq = r.pickFCFS(win, now)
 	} else {
-		i, pq = r.pickState(win, now)
+		i, pq = r.pickState(now)
 	}
 	stalled := now.Sub(r.progress) > r.c.opts.StallTimeout
 	if pq == nil && r.upstream != nil && r.upstream.inflight < min(r.c.opts.UpstreamConcurrency, 1+r.upstream.picks) &&
 		(r.allowUpstream || len(r.parents) == 0 || stalled) {
+		if win == nil {
+			win = r.windowLocked(1)
+		}
 		if stalled && !r.allowUpstream {
 			r.c.log.Warn("no peer sent a piece in time; taking it from the upstream", "digest", r.job.Digest(), "piece", win[0], "stalled", now.Sub(r.progress).Round(time.Millisecond))
 		}
@@ -451,9 +477,28 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 	}
 	if pq != nil {
 		r.inflight[i] = true
+		r.setWantedLocked(i, false)
 		pq.inflight++
 	}
 	return i, pq, false
+}
+
+// setWantedLocked keeps wanted and every parent's offering count in step.
+func (r *Run) setWantedLocked(i int, w bool) {
+	if r.wanted[i] == w {
+		return
+	}
+	r.wanted[i] = w
+	d := 1
+	if !w {
+		d = -1
+	}
+	r.nwanted += d
+	for _, pq := range r.order {
+		if pq.has[i] {
+			pq.offering += d
+		}
+	}
 }
 
 // available says whether a peer parent may be given another piece now.
@@ -499,69 +544,74 @@ func (r *Run) pickFCFS(win []int, now time.Time) (int, *parentQueue) {
 	return 0, nil
 }
 
-func (r *Run) pickState(win []int, now time.Time) (int, *parentQueue) {
+func (r *Run) pickState(now time.Time) (int, *parentQueue) {
 	type cand struct {
 		pq     *parentQueue
 		weight float64
 	}
-	// Only pieces some parent holds can be useful.
-	held := make([]int, 0, len(win))
-	for _, i := range win {
-		if r.holders[i] > 0 {
-			held = append(held, i)
-		}
-	}
 	var cands []cand
 	var total float64
 	for _, pq := range r.order {
-		if !r.available(pq, now) {
-			continue
+		if pq.offering > 0 && r.available(pq, now) {
+			st, ok := r.c.opts.State(pq.p.ID())
+			w := Weight(st, ok)
+			cands = append(cands, cand{pq, w})
+			total += w
 		}
-		useful := false
-		for _, i := range held {
-			if pq.offers(i, now) {
-				useful = true
+	}
+	cursor := r.cursor()
+	// A chosen parent may offer nothing after all (it refused every piece
+	// it has for now): choose again without it.
+	for len(cands) > 0 {
+		x := r.c.float64() * total
+		k := len(cands) - 1
+		for j, c := range cands {
+			if x < c.weight {
+				k = j
 				break
 			}
+			x -= c.weight
 		}
-		if !useful {
-			continue
+		if i := r.bestPiece(cands[k].pq, cursor, now); i >= 0 {
+			return i, cands[k].pq
 		}
-		st, ok := r.c.opts.State(pq.p.ID())
-		w := Weight(st, ok)
-		cands = append(cands, cand{pq, w})
-		total += w
+		total -= cands[k].weight
+		cands = append(cands[:k], cands[k+1:]...)
 	}
-	if len(cands) == 0 {
-		return 0, nil
-	}
-	x := r.c.float64() * total
-	chosen := cands[len(cands)-1].pq
-	for _, c := range cands {
-		if x < c.weight {
-			chosen = c.pq
-			break
-		}
-		x -= c.weight
-	}
-	return r.bestPiece(chosen, win, now), chosen
+	return 0, nil
 }
 
-// bestPiece takes of the window pieces the parent offers the one that the
-// fewest other nodes are fetching, then the rarest, then the one nearest the
-// readers: so each piece leaves a parent about once and the swarm spreads it.
-func (r *Run) bestPiece(pq *parentQueue, win []int, now time.Time) int {
-	best, bestFetch, bestHolders := -1, 0, 0
-	for _, i := range win {
-		if !pq.offers(i, now) {
+// bestPiece takes of the wanted pieces the parent offers one the readers
+// need next (within Urgent of the cursor), else the one the fewest other
+// nodes are fetching, then the rarest, then the nearest the readers. Rarest
+// first over the whole blob, not a window: when every node wanted the same
+// few pieces next, the few nodes holding them would serve the whole cluster.
+func (r *Run) bestPiece(pq *parentQueue, cursor int, now time.Time) int {
+	best, bestKey := -1, [4]int{}
+	for i := range r.n {
+		if !r.wanted[i] || !pq.offers(i, now) {
 			continue
 		}
-		fetch, holders := r.fetchers[i], r.holders[i]
-		if best < 0 || fetch < bestFetch || (fetch == bestFetch && holders < bestHolders) {
-			best, bestFetch, bestHolders = i, fetch, holders
+		dist := (i - cursor + r.n) % r.n
+		urgent := 1
+		if dist < r.c.opts.Urgent {
+			urgent = 0
+		}
+		key := [4]int{urgent, r.fetchers[i], r.holders[i], dist}
+		if best < 0 || less(key, bestKey) {
+			best, bestKey = i, key
 		}
 	}
 	return best
+}
+
+func less(a, b [4]int) bool {
+	for k := range a {
+		if a[k] != b[k] {
+			return a[k] < b[k]
+		}
+	}
+	return false
 }
 
 // Weight is a parent's share of the next choice: its spare upload bandwidth

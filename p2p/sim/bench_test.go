@@ -151,6 +151,12 @@ func TestSimulate(t *testing.T) {
 					cfg := Config{Nodes: n, Size: size, Up: float64(bw), Down: float64(bw), OriginUp: float64(origin),
 						Latency: *simLatency, Selector: mode, Seed: seed + 1}
 					scenarioConfig(sc, n, &cfg)
+					wall0 := time.Now()
+					cfg.Progress = func(at time.Duration, done int) {
+						if at%(10*time.Second) == 0 || at < 10*time.Second && at%time.Second == 0 {
+							t.Logf("  %d nodes %s %s: simulated %v, %d done, %.0fs wall", n, sc, mode, at.Round(time.Second), done, time.Since(wall0).Seconds())
+						}
+					}
 					runtime.GC()
 					stop := make(chan struct{})
 					peak := peakHeap(stop)

@@ -13,11 +13,9 @@ func TestExplore(t *testing.T) {
 		t.Skip()
 	}
 	variants := map[string]func(*Config){
-		"a":       func(c *Config) {},
-		"a-slot2": func(c *Config) { c.UploadLimit = 2 },
-		"a-slot4": func(c *Config) { c.UploadLimit = 4 },
-		"a-conc4": func(c *Config) { c.Concurrency = 4 },
-		"a-up2":   func(c *Config) { c.UpstreamConcurrency = 2 },
+		"a":          func(c *Config) {},
+		"b-throttle": func(c *Config) { c.Throttled = 2 },
+		"d-waves":    func(c *Config) { c.Waves = 3; c.WaveGap = 4 * time.Second },
 	}
 	names := []string{}
 	for k := range variants {
@@ -25,7 +23,7 @@ func TestExplore(t *testing.T) {
 	}
 	sort.Strings(names)
 	for _, size := range []int64{256 << 20} {
-		for _, sel := range []string{"state"} {
+		for _, sel := range []string{"state", "fcfs"} {
 			for _, name := range names {
 				var ratios, ups []float64
 				for seed := range uint64(5) {

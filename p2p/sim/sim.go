@@ -57,11 +57,14 @@ type Config struct {
 	Waves   int
 	WaveGap time.Duration
 	// Defaults of the real node when zero.
-	Concurrency, UpstreamConcurrency, UploadLimit, MaxPeers, PerParent int
-	SyncInterval, Refresh                                              time.Duration
-	Seed                                                               uint64
+	Concurrency, UpstreamConcurrency, UploadLimit, MaxPeers, PerParent, Window, Urgent int
+	SyncInterval, Refresh                                                              time.Duration
+	Seed                                                                               uint64
 	// NoSeeding lets parents send duplicates freely (see package seeding).
 	NoSeeding bool
+	// Progress, when set, is called every simulated second with the
+	// simulated time and the nodes done so far.
+	Progress func(at time.Duration, done int)
 }
 
 func (c *Config) defaults() {
@@ -152,6 +155,20 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	per := (cfg.Nodes + cfg.Waves - 1) / cfg.Waves
 	errs := make([]error, cfg.Nodes)
 	res := Result{Config: cfg, Completion: make([]time.Duration, cfg.Nodes), SentBy: make([]int64, cfg.Nodes)}
+	var finished atomic.Int64
+	if cfg.Progress != nil {
+		bg.Go(func() {
+			start := time.Now()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(time.Second):
+					cfg.Progress(time.Since(start), int(finished.Load()))
+				}
+			}
+		})
+	}
 	var wg sync.WaitGroup
 	for k, n := range s.nodes {
 		wg.Go(func() {
@@ -161,6 +178,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 			start := time.Now()
 			errs[k] = n.pull(ctx)
 			res.Completion[k] = time.Since(start)
+			finished.Add(1)
 		})
 	}
 	wg.Wait()
@@ -252,6 +270,8 @@ func newSim(cfg Config) *simulation {
 			Concurrency:         cfg.Concurrency,
 			UpstreamConcurrency: cfg.UpstreamConcurrency,
 			PerParent:           cfg.PerParent,
+			Window:              cfg.Window,
+			Urgent:              cfg.Urgent,
 			Selector:            selector,
 			State:               s.state,
 			Rand:                rand.New(rand.NewPCG(cfg.Seed, uint64(k))),
