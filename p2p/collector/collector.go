@@ -1,13 +1,14 @@
 // Package collector fetches the pieces of a blob from its parents: the peers
 // that have them and, as the parent of last resort, the upstream registry.
 //
-// Each parent has a queue of the pieces it announced. In "state" mode a
-// parent is chosen by weighted random choice on its host state (spare upload
+// The run knows which pieces each parent announced. In "state" mode a parent
+// is chosen by weighted random choice on its host state (spare upload
 // bandwidth with a floor, lowered by uploads in flight and a busy disk), and
-// from its queue the best piece in the window ahead of the readers: one that
-// no other node is fetching, then the rarest. In "fcfs" mode each piece, in
+// of its pieces the best: one the readers need next, else one no other node
+// is fetching, then the rarest of the blob. In "fcfs" mode each piece, in
 // order, goes to the first parent that announced it. A parent that fails or
-// sends bad bytes is blocked for a while and the piece is tried elsewhere.
+// sends bad bytes is blocked for a while and the piece is tried elsewhere; a
+// piece coming too slowly is moved to a much faster parent.
 package collector
 
 import (

@@ -18,6 +18,7 @@ type parentQueue struct {
 	p        Parent
 	upstream bool
 	has      []bool      // per piece: announced
+	list     []int       // the announced pieces, in the order announced
 	crc      []uint32    // per piece: announced checksum
 	complete bool        // holds the whole verified blob; no piece checksums
 	fetching []bool      // per piece: the parent itself is fetching it now
@@ -49,6 +50,8 @@ type Run struct {
 	fetchers      []int    // per piece: parents fetching it
 	wanted        []bool   // per piece: not done and not in flight
 	nwanted       int
+	wantedList    []int // the wanted pieces, in no order
+	wantedPos     []int // per piece: its index in wantedList, or -1
 	inflight      []bool
 	fetches       map[int]*fetchState // peer fetches in flight
 	failures      []int
@@ -69,14 +72,18 @@ func (c *Collector) NewRun(job Job) *Run {
 		holders:     make([]int, n),
 		fetchers:    make([]int, n),
 		wanted:      make([]bool, n),
+		wantedPos:   make([]int, n),
 		inflight:    make([]bool, n),
 		fetches:     map[int]*fetchState{},
 		failures:    make([]int, n),
 	}
 	for i := range n {
+		r.wantedPos[i] = -1
 		if !job.Has(i) {
 			r.wanted[i] = true
 			r.nwanted++
+			r.wantedPos[i] = len(r.wantedList)
+			r.wantedList = append(r.wantedList, i)
 		}
 	}
 	return r
@@ -164,6 +171,7 @@ func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
 		if !pq.has[i] {
 			fresh = append(fresh, i)
 			pq.has[i] = true
+			pq.list = append(pq.list, i)
 			r.holders[i]++
 			if r.wanted[i] {
 				pq.offering++
@@ -490,8 +498,15 @@ func (r *Run) setWantedLocked(i int, w bool) {
 	}
 	r.wanted[i] = w
 	d := 1
-	if !w {
+	if w {
+		r.wantedPos[i] = len(r.wantedList)
+		r.wantedList = append(r.wantedList, i)
+	} else {
 		d = -1
+		k, last := r.wantedPos[i], r.wantedList[len(r.wantedList)-1]
+		r.wantedList[k], r.wantedPos[last] = last, k
+		r.wantedList = r.wantedList[:len(r.wantedList)-1]
+		r.wantedPos[i] = -1
 	}
 	r.nwanted += d
 	for _, pq := range r.order {
@@ -588,7 +603,12 @@ func (r *Run) pickState(now time.Time) (int, *parentQueue) {
 // few pieces next, the few nodes holding them would serve the whole cluster.
 func (r *Run) bestPiece(pq *parentQueue, cursor int, now time.Time) int {
 	best, bestKey := -1, [4]int{}
-	for i := range r.n {
+	// Whichever is shorter: what the parent has, or what this node wants.
+	candidates := r.wantedList
+	if len(pq.list) < len(candidates) {
+		candidates = pq.list
+	}
+	for _, i := range candidates {
 		if !r.wanted[i] || !pq.offers(i, now) {
 			continue
 		}
