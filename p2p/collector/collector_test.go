@@ -556,3 +556,33 @@ func TestSlowPieceMovesToFasterParent(t *testing.T) {
 		}
 	})
 }
+
+// A cancelled run returns, and no worker keeps asking parents: their
+// fetches fail at once on a cancelled context.
+func TestCancelledRunStops(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		job := newJob(64)
+		c := New(Options{Concurrency: 4, Rand: rand.New(rand.NewPCG(1, 2))})
+		r := c.NewRun(job)
+		p := &slowParent{fakeParent{id: "slow", job: job}}
+		r.AddParent(p)
+		r.SetUpstream(&fakeParent{id: UpstreamID, job: job}, false)
+		r.Announce("slow", job.checksums(job.all()...), nil)
+		ctx, cancel := context.WithCancel(context.Background())
+		errc := make(chan error, 1)
+		go func() { errc <- r.Run(ctx) }()
+		time.Sleep(time.Second)
+		cancel()
+		synctest.Wait()
+		select {
+		case <-errc:
+		default:
+			t.Fatal("Run did not return after its context ended")
+		}
+		asked := p.count()
+		time.Sleep(time.Second)
+		if p.count() != asked {
+			t.Errorf("parent asked %d more times after the run ended", p.count()-asked)
+		}
+	})
+}

@@ -320,6 +320,11 @@ func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error 
 	// Whoever leaves passes the turn on, so parked workers see the end too.
 	defer r.wakeOne()
 	for {
+		// A cancelled run stops here: its fetches would fail at once and
+		// the loop would spin.
+		if ctx.Err() != nil {
+			return nil
+		}
 		r.mu.Lock()
 		i, pq, done := r.pickLocked()
 		ch := r.changed

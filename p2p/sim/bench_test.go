@@ -33,6 +33,7 @@ var (
 	simScenarios = flag.String("sim-scenarios", "equal,hetero,loaded", "TestSimulate: equal links; hetero (uploads spread ±50%, 10% of nodes at 1/10); loaded (10% of nodes with 4 background uploads)")
 	simSeeds     = flag.Int("sim-seeds", 1, "TestSimulate: runs per case (different seeds)")
 	simResults   = flag.String("sim-results", "", "TestSimulate: directory for JSON, Markdown and plots (default results/sim-<time>)")
+	simHorizon   = flag.Float64("sim-horizon", 10, "TestSimulate: stop each run at this many times the bound; nodes still pulling count as unfinished")
 	simValidate  = flag.String("sim-validate", "", "TestSimulate: instead, simulate the namespace harness's setup (8 nodes, 256 MiB, 25 MB/s, scenarios a, b, d) and compare with the JSON runs in this results directory")
 )
 
@@ -50,6 +51,28 @@ type scaleCase struct {
 	WallS    float64 `json:"wall_s"`
 	PeakHeap float64 `json:"peak_heap_mib"`
 	Flows    int64   `json:"flows"`
+	// Unfinished nodes were still pulling at the horizon: quantiles they
+	// reach are shown as "> horizon".
+	Unfinished int     `json:"unfinished"`
+	Horizon    float64 `json:"horizon_over_bound"`
+}
+
+// q shows a quantile, or "> horizon" where unfinished nodes reach it.
+func (c scaleCase) q(q, v float64) string {
+	if float64(c.Unfinished) > (1-q)*float64(c.Nodes)+1e-9 {
+		return fmt.Sprintf("> %g", c.Horizon)
+	}
+	return fmt.Sprintf("%.2f", v)
+}
+
+// boundOf is the Kumar–Ross bound of cfg's nominal capacities.
+func boundOf(cfg Config) time.Duration {
+	ups := make([]float64, cfg.Nodes)
+	downs := make([]float64, cfg.Nodes)
+	for i := range ups {
+		ups[i], downs[i] = cfg.Up, cfg.Down
+	}
+	return Bound(cfg.Size, cfg.OriginUp, ups, downs)
 }
 
 func scenarioConfig(name string, n int, cfg *Config) {
@@ -99,6 +122,9 @@ func toRun(scenario string, repeat int, cfg Config, res Result) report.Run {
 		r.BySource = map[string]int64{"upstream": res.UpstreamBytes}
 	}
 	for k, c := range res.Completion {
+		if c < 0 {
+			c = cfg.Horizon // censored: still pulling then
+		}
 		r.Seconds[fmt.Sprintf("node-%04d", k)] = c.Seconds()
 	}
 	r.Finish()
@@ -151,6 +177,7 @@ func TestSimulate(t *testing.T) {
 					cfg := Config{Nodes: n, Size: size, Up: float64(bw), Down: float64(bw), OriginUp: float64(origin),
 						Latency: *simLatency, Selector: mode, Seed: seed + 1}
 					scenarioConfig(sc, n, &cfg)
+					cfg.Horizon = time.Duration(*simHorizon * float64(boundOf(cfg)))
 					wall0 := time.Now()
 					cfg.Progress = func(at time.Duration, done int) {
 						if at%(10*time.Second) == 0 || at < 10*time.Second && at%time.Second == 0 {
@@ -170,10 +197,11 @@ func TestSimulate(t *testing.T) {
 						t.Error(err)
 					}
 					c := scaleCase{Nodes: n, Scenario: sc, Mode: mode, Seed: seed + 1, P50: r.P50 / r.Bound, P99: r.P99 / r.Bound,
-						Max: r.Max / r.Bound, BoundS: r.Bound, EgressX: r.EgressX, WallS: wall.Seconds(), PeakHeap: peak(), Flows: res.Flows}
+						Max: r.Max / r.Bound, BoundS: r.Bound, EgressX: r.EgressX, WallS: wall.Seconds(), PeakHeap: peak(), Flows: res.Flows,
+						Unfinished: res.Unfinished, Horizon: *simHorizon}
 					cases = append(cases, c)
-					t.Logf("%5d nodes %-6s %-6s: p50 %.2f p99 %.2f max %.2f × bound %.1fs | egress %.3f× | sim %.1fs wall, peak heap %.0f MiB, %d flows",
-						n, sc, mode, c.P50, c.P99, c.Max, c.BoundS, c.EgressX, c.WallS, c.PeakHeap, c.Flows)
+					t.Logf("%5d nodes %-6s %-6s: p50 %s p99 %s max %s × bound %.1fs | egress %.3f× | sim %.1fs wall, peak heap %.0f MiB, %d flows, %d unfinished at %g× bound",
+						n, sc, mode, c.q(.5, c.P50), c.q(.99, c.P99), c.q(1, c.Max), c.BoundS, c.EgressX, c.WallS, c.PeakHeap, c.Flows, c.Unfinished, c.Horizon)
 				}
 			}
 		}
@@ -216,9 +244,10 @@ func scaleSummary(cases []scaleCase, size, bw, origin int64) string {
 	}
 	for _, k := range keys {
 		cs := by[k]
-		fmt.Fprintf(&sb, "| %d | %s | %s | %.2f | %.2f | %.2f | %.1f | %.3f | %.1f | %.0f | %d |\n", k.n, k.sc, k.mode,
-			med(cs, func(c scaleCase) float64 { return c.P50 }), med(cs, func(c scaleCase) float64 { return c.P99 }),
-			med(cs, func(c scaleCase) float64 { return c.Max }), med(cs, func(c scaleCase) float64 { return c.BoundS }),
+		mc := cs[0] // quantiles shown as "> horizon" by the first seed's unfinished count
+		fmt.Fprintf(&sb, "| %d | %s | %s | %s | %s | %s | %.1f | %.3f | %.1f | %.0f | %d |\n", k.n, k.sc, k.mode,
+			mc.q(.5, med(cs, func(c scaleCase) float64 { return c.P50 })), mc.q(.99, med(cs, func(c scaleCase) float64 { return c.P99 })),
+			mc.q(1, med(cs, func(c scaleCase) float64 { return c.Max })), med(cs, func(c scaleCase) float64 { return c.BoundS }),
 			med(cs, func(c scaleCase) float64 { return c.EgressX }), med(cs, func(c scaleCase) float64 { return c.WallS }),
 			med(cs, func(c scaleCase) float64 { return c.PeakHeap }), int64(med(cs, func(c scaleCase) float64 { return float64(c.Flows) })))
 	}

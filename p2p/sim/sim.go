@@ -62,6 +62,8 @@ type Config struct {
 	Seed                                                                               uint64
 	// NoSeeding lets parents send duplicates freely (see package seeding).
 	NoSeeding bool
+	// Horizon stops the simulation at this simulated time; 0: none.
+	Horizon time.Duration
 	// Progress, when set, is called every simulated second with the
 	// simulated time and the nodes done so far.
 	Progress func(at time.Duration, done int)
@@ -122,6 +124,9 @@ type Result struct {
 	UpstreamBytes int64
 	SentBy        []int64
 	Flows         int64
+	// Unfinished nodes were still pulling at the horizon; their Completion
+	// is -1.
+	Unfinished int
 }
 
 // Run simulates cfg inside the calling synctest bubble.
@@ -169,6 +174,13 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 			}
 		})
 	}
+	var unfinished atomic.Int64
+	pullCtx := ctx
+	if cfg.Horizon > 0 {
+		var stop context.CancelFunc
+		pullCtx, stop = context.WithTimeout(ctx, cfg.Horizon)
+		defer stop()
+	}
 	var wg sync.WaitGroup
 	for k, n := range s.nodes {
 		wg.Go(func() {
@@ -176,14 +188,21 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 				time.Sleep(d)
 			}
 			start := time.Now()
-			errs[k] = n.pull(ctx)
+			errs[k] = n.pull(pullCtx)
 			res.Completion[k] = time.Since(start)
+			if errs[k] != nil && pullCtx.Err() != nil && ctx.Err() == nil {
+				// Past the horizon: censored, not failed.
+				errs[k] = nil
+				res.Completion[k] = -1
+				unfinished.Add(1)
+			}
 			finished.Add(1)
 		})
 	}
 	wg.Wait()
 	cancel()
 	bg.Wait()
+	res.Unfinished = int(unfinished.Load())
 
 	ups, downs := make([]float64, cfg.Nodes), make([]float64, cfg.Nodes)
 	for k, n := range s.nodes {
