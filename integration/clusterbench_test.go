@@ -42,6 +42,7 @@ var (
 	cbWaveGap      = flag.Duration("cluster-wave-gap", 4*time.Second, "BenchmarkCluster: scenario d's time between waves")
 	cbSyncInterval = flag.String("cluster-sync-interval", "3s", "BenchmarkCluster: upload.syncer.interval of the proxies")
 	cbResults      = flag.String("cluster-results", "", "BenchmarkCluster: directory for JSON, Markdown and plots (default results/cluster-<time>)")
+	cbResume       = flag.Bool("cluster-resume", false, "BenchmarkCluster: keep the JSON runs already in -cluster-results and run only the missing ones")
 	cbLogLevel     = flag.String("cluster-log-level", "warn", "BenchmarkCluster: the proxies' log level")
 )
 
@@ -134,6 +135,16 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 	unregister := onInterrupt(u.run)
 	defer func() { unregister(); u.run() }()
 
+	// Everything on disk goes when the run ends, not when the benchmark
+	// does: a benchmark of many runs would fill the disk with blobs.
+	runDir, err := os.MkdirTemp("", "rp-cluster-")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	u.add(func() {
+		exec.Command("chmod", "-R", "u+w", runDir).Run() // snapshots may hold read-only dirs
+		os.RemoveAll(runDir)
+	})
 	lab, err := netlab.New(ctx)
 	if err != nil {
 		tb.Fatal(err)
@@ -221,14 +232,18 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 	if sp.Mode != "direct" {
 		// Host state from the namespace's own interface, maxima as tc shapes it.
 		for i, h := range hosts {
-			cfg := writeTOML(tb, fmt.Sprintf("[upload]\ninterface = \"eth0\"\nmax_tx = \"%d\"\nmax_rx = \"%d\"\n[upload.syncer]\ninterval = \"%s\"\n", int64(ups[i]), int64(downs[i]), *cbSyncInterval))
+			cfg := filepath.Join(runDir, ids[i]+".toml")
+			err := os.WriteFile(cfg, []byte(fmt.Sprintf("[upload]\ninterface = \"eth0\"\nmax_tx = \"%d\"\nmax_rx = \"%d\"\n[upload.syncer]\ninterval = \"%s\"\n", int64(ups[i]), int64(downs[i]), *cbSyncInterval)), 0o644)
+			if err != nil {
+				tb.Fatal(err)
+			}
 			join := hosts[(i+1)%len(hosts)].IP + ":7000"
 			if i > 0 {
 				join = hosts[0].IP + ":7000"
 			}
 			startIn(tb, ctx, u, h, nil, *proxyBin, "serve", "--config", cfg, "--listen", h.IP+":5000", "--peer-listen", h.IP+":7000", "--join", join,
 				"--node-id", ids[i], "--selector", sp.Mode, "--upstream", "bench.invalid="+regURL,
-				"--data-dir", tb.TempDir(), "--log-level", *cbLogLevel)
+				"--data-dir", filepath.Join(runDir, ids[i]), "--log-level", *cbLogLevel)
 			mirrors[i] = "http://" + h.IP + ":5000"
 		}
 		if err := probe.WaitMembers(ctx, mirrors, sp.Nodes, 60*time.Second); err != nil {
@@ -238,7 +253,7 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 	// Containerd daemons of scenario c, each in its node's namespace.
 	ctrSock := map[int]string{}
 	for i := range min(sp.Ctr, sp.Nodes) {
-		dir := shortTemp(tb, "rp-cbc-")
+		dir := filepath.Join(runDir, fmt.Sprintf("ctd-%d", i))
 		server, mirror := "https://127.0.0.1:9", hosts[i].IP+":5000"
 		if sp.Mode == "direct" {
 			server, mirror = regURL, regHost.IP+":5000"
@@ -453,10 +468,25 @@ func BenchmarkCluster(b *testing.B) {
 		b.Fatal(err)
 	}
 	var all []report.Run
+	have := map[string]bool{}
+	if *cbResume {
+		files, _ := filepath.Glob(filepath.Join(dir, "*.json"))
+		for _, f := range files {
+			var r report.Run
+			if b, err := os.ReadFile(f); err == nil && json.Unmarshal(b, &r) == nil && r.Mode != "" {
+				all = append(all, r)
+				have[fmt.Sprint(r.Scenario, r.Mode, r.Repeat)] = true
+			}
+		}
+		b.Logf("resuming with %d runs from %s", len(all), dir)
+	}
 	for range b.N {
 		for rep := range *cbRuns {
 			for _, sc := range strings.Split(*cbScenarios, ",") {
 				for _, mode := range strings.Split(*cbModes, ",") {
+					if have[fmt.Sprint(sc, mode, rep)] {
+						continue
+					}
 					sp := clusterSpec{Scenario: sc, Mode: mode, Repeat: rep, Nodes: *cbNodes, Size: size, NodeBps: up, Origin: origin}
 					switch sc {
 					case "a":
