@@ -125,7 +125,7 @@ func Default() Config {
 			RedirectTTL:           time.Minute,
 			MaxManifestSize:       4 << 20,
 		},
-		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1, Upstream: 8},
+		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1},
 		Store:  Store{GCInterval: 5 * time.Minute},
 		P2P:    P2P{Join: []string{}, Selector: "state", MaxPeers: 32},
 		Upload: Upload{Limit: 16, SuperSeed: true, Syncer: Syncer{Enable: true, Interval: 3 * time.Second, Capacity: 50}},
@@ -189,8 +189,8 @@ func (c Config) Validate() error {
 	if c.Pieces.PerParent < 1 || c.Pieces.PerParent > c.Pieces.Concurrency {
 		errs = append(errs, fmt.Errorf("pieces.per_parent %d: want 1 to pieces.concurrency", c.Pieces.PerParent))
 	}
-	if c.Pieces.Upstream < 1 || c.Pieces.Upstream > c.Pieces.Concurrency {
-		errs = append(errs, fmt.Errorf("pieces.upstream %d: want 1 to pieces.concurrency", c.Pieces.Upstream))
+	if c.Pieces.Upstream < 0 || c.Pieces.Upstream > c.Pieces.Concurrency {
+		errs = append(errs, fmt.Errorf("pieces.upstream %d: want 0 (as pieces.concurrency) to pieces.concurrency", c.Pieces.Upstream))
 	}
 	for k, d := range map[string]time.Duration{"upstream.timeout": c.Upstream.Timeout, "pieces.timeout": c.Pieces.Timeout, "store.gc_interval": c.Store.GCInterval} {
 		if d <= 0 {

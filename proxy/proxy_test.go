@@ -149,6 +149,17 @@ func TestRequests(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			if strings.Contains(tt.name, "warm") {
+				// The cold response ends once the digest matched; the blob is
+				// committed (fsync, rename) right after.
+				deadline := time.Now().Add(5 * time.Second)
+				for _, err := e.node.Store().Stat(digest.Digest(e.blobD)); err != nil; _, err = e.node.Store().Stat(digest.Digest(e.blobD)) {
+					if time.Now().After(deadline) {
+						t.Fatalf("blob not committed: %v", err)
+					}
+					time.Sleep(5 * time.Millisecond)
+				}
+			}
 			resp, body := e.do(t, tt.method, tt.path, tt.hdr)
 			if resp.StatusCode != tt.status {
 				t.Fatalf("status %d, want %d; body %.200q", resp.StatusCode, tt.status, body)

@@ -348,7 +348,10 @@ func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error 
 				select {
 				case <-ctx.Done():
 				case <-ch:
-					if d := idleCoalesce - time.Since(looked); d > 0 {
+					r.mu.Lock()
+					finished := r.nwanted == 0 && len(r.fetches) == 0
+					r.mu.Unlock()
+					if d := idleCoalesce - time.Since(looked); d > 0 && !finished {
 						timer.Reset(d)
 						select {
 						case <-ctx.Done():
