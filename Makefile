@@ -73,10 +73,11 @@ SIM_NODES     ?= 100,1000,2600
 SIM_SIZE      ?= 3GB
 SIM_BW        ?= 300MB
 SIM_SCENARIOS ?= equal,hetero,loaded
+SIM_MODES     ?= state,fcfs
 SIM_VALIDATE  ?=
 bench-sim:
 	$(GO) test -run TestSimulate -timeout 6h -v ./p2p/sim/ -sim -sim-nodes $(SIM_NODES) -sim-size $(SIM_SIZE) \
-		-sim-bw $(SIM_BW) -sim-origin $(SIM_BW) -sim-scenarios $(SIM_SCENARIOS) -sim-validate "$(SIM_VALIDATE)"
+		-sim-bw $(SIM_BW) -sim-origin $(SIM_BW) -sim-scenarios $(SIM_SCENARIOS) -sim-modes $(SIM_MODES) -sim-validate "$(SIM_VALIDATE)"
 
 # Regenerates p2p/pb from p2p/pb/p2p.proto (the generated code is committed).
 proto:
