@@ -33,7 +33,7 @@ var (
 	simScenarios = flag.String("sim-scenarios", "equal,hetero,loaded", "TestSimulate: equal links; hetero (uploads spread ±50%, 10% of nodes at 1/10); loaded (10% of nodes with 4 background uploads)")
 	simSeeds     = flag.Int("sim-seeds", 1, "TestSimulate: runs per case (different seeds)")
 	simResults   = flag.String("sim-results", "", "TestSimulate: directory for JSON, Markdown and plots (default results/sim-<time>)")
-	simHorizon   = flag.Float64("sim-horizon", 10, "TestSimulate: stop each run at this many times the bound; nodes still pulling count as unfinished")
+	simHorizon   = flag.Float64("sim-horizon", 5, "TestSimulate: stop each run at this many times the bound; nodes still pulling count as unfinished")
 	simValidate  = flag.String("sim-validate", "", "TestSimulate: instead, simulate the namespace harness's setup (8 nodes, 256 MiB, 25 MB/s, scenarios a, b, d) and compare with the JSON runs in this results directory")
 )
 
