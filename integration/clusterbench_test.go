@@ -350,13 +350,7 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 	}
 	// The bound is for the nodes that start together: the first wave.
 	first := min(per, sp.Nodes)
-	sumUp, dmin := float64(sp.Origin), downs[0]
-	for i := range first {
-		sumUp += ups[i]
-		dmin = min(dmin, downs[i])
-	}
-	f := float64(total)
-	res.Bound = max(f/float64(sp.Origin), f/dmin, float64(first)*f/sumUp)
+	res.Bound = report.KumarRoss(float64(total), float64(sp.Origin), ups[:first], downs[:first])
 	res.Note = sp.note()
 	res.Finish()
 	return res

@@ -76,10 +76,18 @@ func Quantile(sorted []float64, q float64) float64 {
 	return sorted[max(0, min(k, len(sorted)-1))]
 }
 
-// KumarRoss is the lower bound on the time for n nodes to get one file of f
-// bytes from an origin uploading uo, nodes uploading u and downloading d.
-func KumarRoss(n int, f, uo, u, d float64) float64 {
-	return max(f/uo, f/d, float64(n)*f/(uo+float64(n)*u))
+// KumarRoss is the lower bound, in seconds, on the time for every node to
+// hold a file of f bytes from an origin uploading uo, the nodes uploading
+// ups and downloading downs (bytes/s): max(f/uo, f/min(downs), N·f/(uo+Σups)).
+func KumarRoss(f, uo float64, ups, downs []float64) float64 {
+	sum, dmin := uo, math.Inf(1)
+	for _, u := range ups {
+		sum += u
+	}
+	for _, d := range downs {
+		dmin = min(dmin, d)
+	}
+	return max(f/uo, f/dmin, float64(len(ups))*f/sum)
 }
 
 // WriteJSON writes r to dir/<scenario>-<mode>-<repeat>.json.

@@ -25,6 +25,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/registry-proxy/registry-proxy/internal/report"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
 	"github.com/registry-proxy/registry-proxy/p2p/owner"
@@ -102,16 +103,7 @@ func (c *Config) defaults() {
 // Bound is the Kumar–Ross lower bound on the time for every node to hold
 // the blob: max(F/u_origin, F/d_min, N·F/(u_origin + Σu_i)).
 func Bound(size int64, originUp float64, ups, downs []float64) time.Duration {
-	f := float64(size)
-	sum, dmin := originUp, math.Inf(1)
-	for _, u := range ups {
-		sum += u
-	}
-	for _, d := range downs {
-		dmin = min(dmin, d)
-	}
-	t := max(f/originUp, f/dmin, float64(len(ups))*f/sum)
-	return time.Duration(t * 1e9)
+	return time.Duration(report.KumarRoss(float64(size), originUp, ups, downs) * 1e9)
 }
 
 // Result is what one simulated pull measured.
@@ -646,11 +638,10 @@ func sleep(ctx context.Context, d time.Duration) error {
 
 // Quantile returns the q-quantile (0..1) of ds, nearest rank.
 func Quantile(ds []time.Duration, q float64) time.Duration {
-	if len(ds) == 0 {
-		return 0
+	s := make([]float64, len(ds))
+	for i, d := range ds {
+		s[i] = float64(d)
 	}
-	s := append([]time.Duration(nil), ds...)
-	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-	k := int(math.Ceil(q*float64(len(s)))) - 1
-	return s[max(0, min(k, len(s)-1))]
+	sort.Float64s(s)
+	return time.Duration(report.Quantile(s, q))
 }
