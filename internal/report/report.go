@@ -12,6 +12,8 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+
+	"github.com/docker/go-units"
 )
 
 // Run is one pull of one blob by every node, in one mode.
@@ -139,8 +141,8 @@ func Summary(runs []Run) string {
 	var sb strings.Builder
 	for _, sc := range scenarios {
 		first := by[[2]string{sc, modes[sc][0]}][0]
-		fmt.Fprintf(&sb, "### Scenario %s: %d nodes, %s blob, links %s/s, origin %s/s", sc, first.Nodes, human(float64(first.Size), 1024, "iB"),
-			human(float64(first.NodeBps), 1000, "B"), human(float64(first.OriginBps), 1000, "B"))
+		fmt.Fprintf(&sb, "### Scenario %s: %d nodes, %s blob, links %s/s, origin %s/s", sc, first.Nodes, units.BytesSize(float64(first.Size)),
+			units.HumanSize(float64(first.NodeBps)), units.HumanSize(float64(first.OriginBps)))
 		if first.Note != "" {
 			fmt.Fprintf(&sb, "; %s", first.Note)
 		}
@@ -209,14 +211,4 @@ func floats(v []float64) string {
 		s[i] = fmt.Sprintf("%.2f", x)
 	}
 	return strings.Join(s, ", ")
-}
-
-func human(v, base float64, unit string) string {
-	prefixes := []string{"", "K", "M", "G", "T"}
-	i := 0
-	for v >= base && i < len(prefixes)-1 {
-		v /= base
-		i++
-	}
-	return fmt.Sprintf("%g %s%s", math.Round(v*100)/100, prefixes[i], unit)
 }
