@@ -28,6 +28,26 @@ type Config struct {
 	Store           Store    `toml:"store"`
 	P2P             P2P      `toml:"p2p"`
 	Upload          Upload   `toml:"upload"`
+	Admin           Admin    `toml:"admin"`
+	Access          Access   `toml:"access"`
+}
+
+// Admin is the [admin] table.
+type Admin struct {
+	Listen string `toml:"listen"`
+}
+
+// Access is the [access] table.
+type Access struct {
+	Check bool          `toml:"check"`
+	TTL   time.Duration `toml:"ttl"`
+}
+
+// Credential is one registry's entry of [upstream.credentials].
+type Credential struct {
+	Username     string `toml:"username"`
+	PasswordFile string `toml:"password_file"`
+	TokenFile    string `toml:"token_file"`
 }
 
 // P2P is the [p2p] table.
@@ -38,6 +58,8 @@ type P2P struct {
 	NodeID     string   `toml:"node_id"`
 	Selector   string   `toml:"selector"`
 	MaxPeers   int      `toml:"max_peers"`
+	SecretFile string   `toml:"secret_file"`
+	Insecure   bool     `toml:"insecure"`
 }
 
 // Upload is the [upload] table.
@@ -66,13 +88,16 @@ type Log struct {
 
 // Upstream is the [upstream] table.
 type Upstream struct {
-	Registries            map[string]string `toml:"registries"`
-	Timeout               time.Duration     `toml:"timeout"`
-	ResponseHeaderTimeout time.Duration     `toml:"response_header_timeout"`
-	Attempts              int               `toml:"attempts"`
-	Backoff               time.Duration     `toml:"backoff"`
-	RedirectTTL           time.Duration     `toml:"redirect_ttl"`
-	MaxManifestSize       Size              `toml:"max_manifest_size"`
+	Registries            map[string]string     `toml:"registries"`
+	Timeout               time.Duration         `toml:"timeout"`
+	ResponseHeaderTimeout time.Duration         `toml:"response_header_timeout"`
+	Attempts              int                   `toml:"attempts"`
+	Backoff               time.Duration         `toml:"backoff"`
+	RedirectTTL           time.Duration         `toml:"redirect_ttl"`
+	MaxManifestSize       Size                  `toml:"max_manifest_size"`
+	Allow                 []string              `toml:"allow"`
+	DockerConfig          string                `toml:"docker_config"`
+	Credentials           map[string]Credential `toml:"credentials"`
 }
 
 // Pieces is the [pieces] table.
@@ -124,12 +149,22 @@ func Default() Config {
 			Backoff:               200 * time.Millisecond,
 			RedirectTTL:           time.Minute,
 			MaxManifestSize:       4 << 20,
+			Allow:                 DefaultAllow(),
+			Credentials:           map[string]Credential{},
 		},
 		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1},
-		Store:  Store{GCInterval: 5 * time.Minute},
+		Store:  Store{GCInterval: 5 * time.Minute, MaxBlobSize: 64 << 30, MaxAge: 0},
 		P2P:    P2P{Join: []string{}, Selector: "state", MaxPeers: 32},
 		Upload: Upload{Limit: 16, SuperSeed: true, Syncer: Syncer{Enable: true, Interval: 3 * time.Second, Capacity: 50}},
+		Admin:  Admin{Listen: "127.0.0.1:5001"},
+		Access: Access{Check: true, TTL: time.Minute},
 	}
+}
+
+// DefaultAllow is upstream.allow's default: the well-known public registries.
+func DefaultAllow() []string {
+	return []string{"docker.io", "registry-1.docker.io", "index.docker.io", "ghcr.io", "quay.io", "gcr.io", "*.gcr.io",
+		"*.pkg.dev", "registry.k8s.io", "k8s.gcr.io", "public.ecr.aws", "mcr.microsoft.com", "nvcr.io", "registry.gitlab.com"}
 }
 
 // Load reads a TOML file over the defaults. Unknown keys are errors, so a
@@ -213,6 +248,20 @@ func (c Config) Validate() error {
 	}
 	if c.Upload.Limit < 1 || c.Upload.Syncer.Capacity < 1 || c.Upload.Syncer.Interval <= 0 || c.P2P.MaxPeers < 1 {
 		errs = append(errs, errors.New("upload.limit, upload.syncer.capacity, upload.syncer.interval, p2p.max_peers: must be positive"))
+	}
+	if c.P2P.PeerListen != "" && c.P2P.SecretFile == "" && !c.P2P.Insecure {
+		errs = append(errs, errors.New("p2p.peer_listen is set without p2p.secret_file (--cluster-secret FILE): peers would be unauthenticated and in the clear; make a secret with `registry-proxy secret`, or set p2p.insecure = true"))
+	}
+	for name, cr := range c.Upstream.Credentials {
+		if (cr.PasswordFile == "") == (cr.TokenFile == "") {
+			errs = append(errs, fmt.Errorf("upstream.credentials.%q: set one of password_file (with username) or token_file", name))
+		}
+		if cr.PasswordFile != "" && cr.Username == "" {
+			errs = append(errs, fmt.Errorf("upstream.credentials.%q: password_file needs a username", name))
+		}
+	}
+	if c.Access.Check && c.Access.TTL <= 0 {
+		errs = append(errs, errors.New("access.ttl: must be positive"))
 	}
 	if c.Store.LowWater > c.Store.HighWater && c.Store.HighWater > 0 {
 		errs = append(errs, errors.New("store.low_water: above high_water"))

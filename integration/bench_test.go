@@ -52,7 +52,7 @@ func waitComplete(tb testing.TB, p *proxy, d digest.Digest) {
 	tb.Helper()
 	deadline := time.Now().Add(time.Minute)
 	for time.Now().Before(deadline) {
-		resp, err := http.Get("http://" + p.Addr + "/debug/blobs/" + d.String())
+		resp, err := http.Get("http://" + p.Admin + "/debug/blobs/" + d.String())
 		if err == nil {
 			var st struct{ State string }
 			json.NewDecoder(resp.Body).Decode(&st)

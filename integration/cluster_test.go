@@ -13,7 +13,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 
@@ -22,6 +22,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/internal/testregistry"
 	"github.com/registry-proxy/registry-proxy/p2p/owner"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/p2p/trust"
 	"github.com/registry-proxy/registry-proxy/task"
 )
 
@@ -29,10 +30,11 @@ const clusterRegistry = "cluster.invalid"
 
 // cluster is n proxies on loopback joined together, one upstream.
 type cluster struct {
-	reg   *testregistry.Registry
-	nodes []*proxy
-	peers []string
-	ids   []string
+	reg    *testregistry.Registry
+	nodes  []*proxy
+	peers  []string
+	ids    []string
+	secret string // the cluster secret's file
 }
 
 func startCluster(t *testing.T, n int, extra ...string) *cluster {
@@ -52,7 +54,7 @@ func startCluster(t *testing.T, n int, extra ...string) *cluster {
 // newCluster reserves peer addresses for ids; the test starts the nodes.
 func newCluster(t *testing.T, reg *testregistry.Registry, ids []string) *cluster {
 	t.Helper()
-	c := &cluster{reg: reg, ids: ids}
+	c := &cluster{reg: reg, ids: ids, secret: writeSecret(t)}
 	for range ids {
 		pa, err := ports.FreePair("127.0.0.1")
 		if err != nil {
@@ -64,7 +66,7 @@ func newCluster(t *testing.T, reg *testregistry.Registry, ids []string) *cluster
 }
 
 func (c *cluster) startNode(t *testing.T, i int, extra ...string) *proxy {
-	args := []string{"--upstream", clusterRegistry + "=" + c.reg.URL, "--node-id", c.ids[i], "--peer-listen", c.peers[i]}
+	args := []string{"--upstream", clusterRegistry + "=" + c.reg.URL, "--node-id", c.ids[i], "--peer-listen", c.peers[i], "--cluster-secret", c.secret}
 	if i > 0 {
 		args = append(args, "--join", c.peers[0])
 	} else if len(c.peers) > 1 {
@@ -78,7 +80,7 @@ func (c *cluster) waitMembers(t *testing.T, n int) {
 	t.Helper()
 	var mirrors []string
 	for _, p := range c.nodes {
-		mirrors = append(mirrors, "http://"+p.Addr)
+		mirrors = append(mirrors, "http://"+p.Admin)
 	}
 	if err := probe.WaitMembers(context.Background(), mirrors, n, 20*time.Second); err != nil {
 		t.Fatal(err)
@@ -91,7 +93,7 @@ func (c *cluster) url(i int, repo, d string) string {
 
 func stats(t *testing.T, p *proxy, d string) task.Stats {
 	t.Helper()
-	st, err := probe.Blob(context.Background(), "http://"+p.Addr, d)
+	st, err := probe.Blob(context.Background(), "http://"+p.Admin, d)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,6 +107,36 @@ func peerBytes(st task.Stats) (peer int64) {
 		}
 	}
 	return peer
+}
+
+// memberConn is a gRPC connection to node 0's peer port as a member with
+// the secret in file secret.
+func (c *cluster) memberConn(t testing.TB, secret, id string) *grpc.ClientConn {
+	t.Helper()
+	secrets, err := trust.ReadSecretFile(secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ident, err := trust.NewIdentity(secrets, id, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, err := grpc.NewClient("passthrough:///"+c.peers[0], grpc.WithTransportCredentials(credentials.NewTLS(ident.ClientConfig())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return cc
+}
+
+// writeSecret writes a fresh cluster secret into a file of the test's.
+func writeSecret(t testing.TB) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "cluster-secret")
+	if err := os.WriteFile(p, []byte(trust.NewSecret()+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 func pushBlob(t *testing.T, reg *testregistry.Registry, size int64, seed uint64) string {
@@ -368,10 +400,7 @@ func TestClusterContainerdPullsFromPeers(t *testing.T) {
 // reflection, as grpcurl uses them.
 func TestPeerGRPCHealthAndReflection(t *testing.T) {
 	c := startCluster(t, 1)
-	cc, err := grpc.NewClient("passthrough:///"+c.peers[0], grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
+	cc := c.memberConn(t, c.secret, "test-child")
 	defer cc.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -229,7 +229,9 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 	}
 
 	mirrors := make([]string, len(hosts))
+	admins := make([]string, len(hosts))
 	if sp.Mode != "direct" {
+		secret := writeSecret(tb)
 		// Host state from the namespace's own interface, maxima as tc shapes it.
 		for i, h := range hosts {
 			cfg := filepath.Join(runDir, ids[i]+".toml")
@@ -242,11 +244,13 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 				join = hosts[0].IP + ":7000"
 			}
 			startIn(tb, ctx, u, h, nil, *proxyBin, "serve", "--config", cfg, "--listen", h.IP+":5000", "--peer-listen", h.IP+":7000", "--join", join,
+				"--admin-listen", h.IP+":5001", "--cluster-secret", secret,
 				"--node-id", ids[i], "--selector", sp.Mode, "--upstream", "bench.invalid="+regURL,
 				"--data-dir", filepath.Join(runDir, ids[i]), "--log-level", *cbLogLevel)
 			mirrors[i] = "http://" + h.IP + ":5000"
+			admins[i] = "http://" + h.IP + ":5001"
 		}
-		if err := probe.WaitMembers(ctx, mirrors, sp.Nodes, 60*time.Second); err != nil {
+		if err := probe.WaitMembers(ctx, admins, sp.Nodes, 60*time.Second); err != nil {
 			tb.Fatal(err)
 		}
 	}
@@ -331,7 +335,7 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 	if sp.Mode == "direct" {
 		res.BySource["upstream"] = res.Egress
 	} else {
-		for _, m := range mirrors {
+		for _, m := range admins {
 			for _, b := range blobs {
 				st, err := probe.Blob(ctx, m, b.digest)
 				if err != nil {

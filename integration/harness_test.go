@@ -249,17 +249,18 @@ func mustRun(t testing.TB, timeout time.Duration, name string, args ...string) s
 type proxy struct {
 	*proc
 	Addr    string
+	Admin   string // the admin listener: /debug/*
 	DataDir string
 }
 
-// startProxy runs the binary with --listen 127.0.0.1:0 and waits for the
-// address it logs.
+// startProxy runs the binary with --listen 127.0.0.1:0 (and the admin
+// listener on another free port) and waits for the addresses it logs.
 func startProxy(t testing.TB, dataDir string, args ...string) *proxy {
 	t.Helper()
 	if dataDir == "" {
 		dataDir = t.TempDir()
 	}
-	all := append([]string{"serve", "--listen", "127.0.0.1:0", "--data-dir", dataDir, "--log-format", "json", "--log-level", "debug"}, args...)
+	all := append([]string{"serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", dataDir, "--log-format", "json", "--log-level", "debug"}, args...)
 	p := &proc{done: make(chan struct{})}
 	p.cmd = exec.Command(*proxyBin, all...)
 	pr, pw := io.Pipe()
@@ -273,16 +274,16 @@ func startProxy(t testing.TB, dataDir string, args ...string) *proxy {
 		pw.Close()
 		close(p.done)
 	}()
-	addr := make(chan string, 1)
+	addr := make(chan [2]string, 1)
 	go func() {
 		sc := bufio.NewScanner(pr)
 		sc.Buffer(make([]byte, 1<<20), 1<<20)
 		for sc.Scan() {
 			line := sc.Bytes()
 			p.Write(append(line, '\n'))
-			var rec struct{ Msg, Listen string }
+			var rec struct{ Msg, Listen, Admin string }
 			if json.Unmarshal(line, &rec) == nil && rec.Msg == "registry-proxy serving" {
-				addr <- rec.Listen
+				addr <- [2]string{rec.Listen, rec.Admin}
 			}
 		}
 	}()
@@ -294,7 +295,8 @@ func startProxy(t testing.TB, dataDir string, args ...string) *proxy {
 		}
 	})
 	select {
-	case px.Addr = <-addr:
+	case a := <-addr:
+		px.Addr, px.Admin = a[0], a[1]
 	case <-p.done:
 		t.Fatalf("registry-proxy exited: %s", p.output())
 	case <-time.After(30 * time.Second):

@@ -21,6 +21,8 @@ import (
 func TestCLI(t *testing.T) {
 	bad := filepath.Join(t.TempDir(), "bad.toml")
 	os.WriteFile(bad, []byte("[pieces]\nconcurency = 3\n"), 0o644)
+	shortSecret := filepath.Join(t.TempDir(), "short")
+	os.WriteFile(shortSecret, []byte("tooshort\n"), 0o600)
 	tests := []struct {
 		args []string
 		code int
@@ -34,6 +36,10 @@ func TestCLI(t *testing.T) {
 		{[]string{"serve", "--log-level", "loud"}, 2, "log.level"},
 		{[]string{"serve", "--config", bad}, 2, "unknown keys: pieces.concurency"},
 		{[]string{"serve", "--config", "/nonexistent.toml"}, 2, "no such file"},
+		{[]string{"serve", "--peer-listen", "127.0.0.1:1"}, 2, "p2p.secret_file"},
+		{[]string{"serve", "--peer-listen", "127.0.0.1:1", "--cluster-secret", "/nonexistent-secret"}, 2, "cluster secret"},
+		{[]string{"serve", "--peer-listen", "127.0.0.1:1", "--cluster-secret", shortSecret}, 2, "at least 16"},
+		{[]string{"secret"}, 0, ""},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {

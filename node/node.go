@@ -30,6 +30,8 @@ type Node struct {
 	log    *slog.Logger
 	ln     net.Listener
 	srv    *http.Server
+	admLn  net.Listener
+	adm    *http.Server
 	store  *blobstore.Store
 	tasks  *task.Manager
 	p2p    *peers
@@ -111,6 +113,15 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		p2p.close(context.Background())
 		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
 	}
+	var admLn net.Listener
+	if cfg.Admin.Listen != "" {
+		if admLn, err = net.Listen("tcp", cfg.Admin.Listen); err != nil {
+			ln.Close()
+			tasks.Close()
+			p2p.close(context.Background())
+			return nil, fmt.Errorf("admin listen %s: %w", cfg.Admin.Listen, err)
+		}
+	}
 	n := &Node{
 		cfg:   cfg,
 		log:   log,
@@ -118,7 +129,8 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		store: store,
 		tasks: tasks,
 		p2p:   p2p,
-		errc:  make(chan error, 1),
+		errc:  make(chan error, 2),
+		admLn: admLn,
 		srv: &http.Server{
 			Handler:           srv.Handler(),
 			ReadHeaderTimeout: 10 * time.Second,
@@ -142,6 +154,17 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		close(n.errc)
 	}()
 	attrs := []any{"version", Version, "listen", ln.Addr().String(), "data_dir", cfg.DataDir, "default_registry", cfg.DefaultRegistry}
+	if admLn != nil {
+		n.adm = &http.Server{Handler: srv.AdminHandler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: time.Minute}
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			if err := n.adm.Serve(admLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("admin listener stopped", "err", err)
+			}
+		}()
+		attrs = append(attrs, "admin", admLn.Addr().String())
+	}
 	if p2p != nil {
 		attrs = append(attrs, "node_id", p2p.self.ID, "peer_addr", p2p.self.Addr, "selector", cfg.P2P.Selector)
 	}
@@ -151,6 +174,14 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 
 // Addr is the mirror's listening address.
 func (n *Node) Addr() string { return n.ln.Addr().String() }
+
+// AdminAddr is the admin listener's address, empty when it is off.
+func (n *Node) AdminAddr() string {
+	if n.admLn == nil {
+		return ""
+	}
+	return n.admLn.Addr().String()
+}
 
 // Store returns the node's blob store.
 func (n *Node) Store() *blobstore.Store { return n.store }
@@ -164,6 +195,9 @@ func (n *Node) Shutdown(ctx context.Context) error {
 	err := n.srv.Shutdown(ctx)
 	if err != nil {
 		n.srv.Close()
+	}
+	if n.adm != nil {
+		n.adm.Close()
 	}
 	n.tasks.Close()
 	err = errors.Join(err, n.p2p.close(ctx))

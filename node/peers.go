@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -21,6 +22,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/p2p/statesync"
 	"github.com/registry-proxy/registry-proxy/p2p/swarm"
 	"github.com/registry-proxy/registry-proxy/p2p/transfer"
+	"github.com/registry-proxy/registry-proxy/p2p/trust"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
 	"github.com/registry-proxy/registry-proxy/task"
 )
@@ -59,7 +61,30 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 			return nil, nil, fmt.Errorf("p2p: peer_listen %s is a wildcard: set advertise to the address peers reach", cfg.P2P.PeerListen)
 		}
 	}
-	p := &peers{self: membership.Member{ID: id, Addr: addr}, pool: transfer.NewPool(transfer.Options{})}
+	var ident *trust.Identity
+	var gossipKeys [][]byte
+	if cfg.P2P.SecretFile != "" {
+		secrets, err := trust.ReadSecretFile(cfg.P2P.SecretFile)
+		if err != nil {
+			ln.Close()
+			return nil, nil, fmt.Errorf("p2p: %w", err)
+		}
+		if ident, err = trust.NewIdentity(secrets, id, time.Now()); err != nil {
+			ln.Close()
+			return nil, nil, fmt.Errorf("p2p: %w", err)
+		}
+		gossipKeys = trust.GossipKeys(secrets)
+		log.Info("peers authenticated by the cluster secret", "secrets", len(secrets), "file", cfg.P2P.SecretFile)
+	} else {
+		log.Warn("p2p.insecure: peer port and gossip are plaintext and unauthenticated; any host that reaches them is a member")
+	}
+	poolOpts := transfer.Options{}
+	var serverTLS *tls.Config
+	if ident != nil {
+		poolOpts.TLS = ident.ClientConfig()
+		serverTLS = ident.ServerConfig()
+	}
+	p := &peers{self: membership.Member{ID: id, Addr: addr}, pool: transfer.NewPool(poolOpts)}
 	bg, cancel := context.WithCancel(context.Background())
 	p.cancel = cancel
 
@@ -92,7 +117,7 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 			return st, ok
 		}
 	}
-	if p.members, err = membership.Start(ctx, membership.Options{NodeID: id, PeerAddr: addr, Join: cfg.P2P.Join, Logger: log}); err != nil {
+	if p.members, err = membership.Start(ctx, membership.Options{NodeID: id, PeerAddr: addr, Join: cfg.P2P.Join, Keys: gossipKeys, Logger: log}); err != nil {
 		ln.Close()
 		p.close(ctx)
 		return nil, nil, err
@@ -155,7 +180,7 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	if cfg.Upload.SuperSeed {
 		ledger = seeding.New(seeding.Options{})
 	}
-	p.server = peer.NewServer(peer.Options{Source: sw, Meter: meter, Ledger: ledger, HostSync: hostSync, Tracker: sw, CorruptPieces: corrupt, Logger: log})
+	p.server = peer.NewServer(peer.Options{Source: sw, Meter: meter, Ledger: ledger, HostSync: hostSync, Tracker: sw, TLS: serverTLS, CorruptPieces: corrupt, Logger: log})
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()

@@ -81,6 +81,20 @@ func (s *Server) Handler() http.Handler {
 	r.HandleFunc("/v2/{name:.+}/manifests/{reference}", s.manifest)
 	r.HandleFunc("/v2/{name:.+}/blobs/uploads/{rest:.*}", s.unsupported)
 	r.HandleFunc("/v2/{name:.+}/blobs/{digest}", s.blob)
+	r.HandleFunc("/healthz", healthz)
+	r.PathPrefix("/v2/").HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, codeUnsupported, "not served by this mirror")
+	})
+	r.NotFoundHandler = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		writeError(w, http.StatusNotFound, codeUnsupported, "not found")
+	})
+	return s.logRequests(r)
+}
+
+// AdminHandler serves the operators' endpoints, for the admin listener
+// only: what they tell (members, where blobs came from) is for no client.
+func (s *Server) AdminHandler() http.Handler {
+	r := mux.NewRouter()
 	r.HandleFunc("/debug/blobs/{digest}", s.blobStats).Methods(http.MethodGet)
 	r.HandleFunc("/debug/members", func(w http.ResponseWriter, _ *http.Request) {
 		var m any = []any{}
@@ -90,15 +104,11 @@ func (s *Server) Handler() http.Handler {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(m)
 	}).Methods(http.MethodGet)
-	r.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
-	r.PathPrefix("/v2/").HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, codeUnsupported, "not served by this mirror")
-	})
-	r.NotFoundHandler = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		writeError(w, http.StatusNotFound, codeUnsupported, "not found")
-	})
-	return s.logRequests(r)
+	r.HandleFunc("/healthz", healthz)
+	return r
 }
+
+func healthz(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") }
 
 // registry is the upstream a request is for: ns= as containerd sends it, else
 // the default (dockerd sends no ns).

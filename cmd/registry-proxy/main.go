@@ -16,12 +16,14 @@ import (
 
 	"github.com/registry-proxy/registry-proxy/config"
 	"github.com/registry-proxy/registry-proxy/node"
+	"github.com/registry-proxy/registry-proxy/p2p/trust"
 )
 
 const usage = `usage: registry-proxy <command> [flags]
 
 commands:
   serve     run the mirror (registry-proxy serve --help for flags)
+  secret    print a new cluster secret (registry-proxy secret > FILE)
   version   print the version
 `
 
@@ -49,6 +51,12 @@ func run(args []string, stdout, stderr io.Writer) error {
 	switch args[0] {
 	case "serve":
 		return serve(args[1:], stderr)
+	case "secret":
+		if len(args) > 1 {
+			return fmt.Errorf("secret takes no arguments: %w", errUsage)
+		}
+		fmt.Fprintln(stdout, trust.NewSecret())
+		return nil
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "registry-proxy", node.Version)
 		return nil
@@ -74,6 +82,8 @@ func loadConfig(args []string, stderr io.Writer) (config.Config, error) {
 	join := fs.String("join", "", "comma-separated seeds: HOST:PORT peer addresses or dns:NAME:PORT (p2p.join)")
 	nodeID := fs.String("node-id", "", "this node's name in the cluster, default the host name (p2p.node_id)")
 	selector := fs.String("selector", "", "parent selection: state or fcfs (p2p.selector)")
+	secret := fs.String("cluster-secret", "", "file holding the cluster secret: authenticates and encrypts peers (p2p.secret_file)")
+	admin := fs.String("admin-listen", "", "address of the operators' endpoints /debug/*, /healthz (admin.listen)")
 	var upstreams []string
 	fs.Func("upstream", "NAME=URL: fetch registry NAME from URL (repeatable; upstream.registries)", func(v string) error {
 		upstreams = append(upstreams, v)
@@ -99,7 +109,8 @@ func loadConfig(args []string, stderr io.Writer) (config.Config, error) {
 		}
 	}
 	for dst, v := range map[*string]string{&cfg.Listen: *listen, &cfg.DataDir: *dataDir, &cfg.DefaultRegistry: *defReg, &cfg.Log.Level: *level, &cfg.Log.Format: *format,
-		&cfg.P2P.PeerListen: *peerListen, &cfg.P2P.NodeID: *nodeID, &cfg.P2P.Selector: *selector} {
+		&cfg.P2P.PeerListen: *peerListen, &cfg.P2P.NodeID: *nodeID, &cfg.P2P.Selector: *selector,
+		&cfg.P2P.SecretFile: *secret, &cfg.Admin.Listen: *admin} {
 		if v != "" {
 			*dst = v
 		}
@@ -114,6 +125,11 @@ func loadConfig(args []string, stderr io.Writer) (config.Config, error) {
 	}
 	if err := cfg.Validate(); err != nil {
 		return cfg, fmt.Errorf("config: %s: %w", strings.ReplaceAll(err.Error(), "\n", "; "), errUsage)
+	}
+	if cfg.P2P.SecretFile != "" {
+		if _, err := trust.ReadSecretFile(cfg.P2P.SecretFile); err != nil {
+			return cfg, fmt.Errorf("%w: %w", err, errUsage)
+		}
 	}
 	return cfg, nil
 }

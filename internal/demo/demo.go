@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
@@ -26,6 +27,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/internal/probe"
 	"github.com/registry-proxy/registry-proxy/internal/testregistry"
 	"github.com/registry-proxy/registry-proxy/node"
+	"github.com/registry-proxy/registry-proxy/p2p/trust"
 )
 
 // Options configure a demo run.
@@ -63,7 +65,18 @@ func Run(ctx context.Context, o Options) error {
 	fmt.Fprintf(out, "image              %s/demo/app:v1  %s  %d layers, %s\n", registryName, img.Digest[:19], len(img.Layers), units.HumanSize(float64(total)))
 	reg.SetPace(o.PaceBps)
 
+	// The cluster's secret, as an operator would mount it.
+	secretDir, err := os.MkdirTemp("", "registry-proxy-demo-secret-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(secretDir)
+	secretFile := filepath.Join(secretDir, "cluster-secret")
+	if err := os.WriteFile(secretFile, []byte(trust.NewSecret()+"\n"), 0o600); err != nil {
+		return err
+	}
 	var mirrors []string
+	admin := map[string]string{} // mirror -> its admin listener
 	for i := 0; i < o.Nodes; i++ {
 		dir, err := os.MkdirTemp("", "registry-proxy-demo-")
 		if err != nil {
@@ -72,6 +85,7 @@ func Run(ctx context.Context, o Options) error {
 		defer os.RemoveAll(dir)
 		cfg := config.Default()
 		cfg.Listen = "127.0.0.1:0"
+		cfg.Admin.Listen = "127.0.0.1:0"
 		cfg.DataDir = dir
 		cfg.Upstream.Registries = map[string]string{registryName: reg.URL}
 		if o.Nodes > 1 {
@@ -80,6 +94,7 @@ func Run(ctx context.Context, o Options) error {
 				return err
 			}
 			cfg.P2P.PeerListen = peerAddr
+			cfg.P2P.SecretFile = secretFile
 			cfg.P2P.NodeID = fmt.Sprintf("node-%d", i+1)
 			if i > 0 {
 				cfg.P2P.Join = []string{peerAddrs[0]}
@@ -92,9 +107,14 @@ func Run(ctx context.Context, o Options) error {
 		}
 		defer n.Shutdown(context.Background())
 		mirrors = append(mirrors, "http://"+n.Addr())
+		admin["http://"+n.Addr()] = "http://" + n.AdminAddr()
 		fmt.Fprintf(out, "registry-proxy     node-%d  mirror http://%s  peer %s\n", i+1, n.Addr(), n.PeerAddr())
 	}
-	if err := probe.WaitMembers(ctx, mirrors, len(mirrors), 20*time.Second); err != nil {
+	admins := make([]string, len(mirrors))
+	for i, m := range mirrors {
+		admins[i] = admin[m]
+	}
+	if err := probe.WaitMembers(ctx, admins, len(mirrors), 20*time.Second); err != nil {
 		return err
 	}
 	fmt.Fprintln(out)
@@ -123,7 +143,7 @@ func Run(ctx context.Context, o Options) error {
 				src = r.source
 				bySource = "local disk"
 				if src != "cache" {
-					bySource = sources(ctx, round.base, r.digest)
+					bySource = sources(ctx, admin[round.base], r.digest)
 				}
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%v\t%.0f\t%v\t%s\t%s\n", r.digest.Encoded()[:12], units.HumanSize(float64(r.size)),

@@ -39,7 +39,11 @@ type Options struct {
 	Rejoin time.Duration
 	// Resolve looks up a DNS name; net.DefaultResolver when nil.
 	Resolve func(ctx context.Context, host string) ([]string, error)
-	Logger  *slog.Logger
+	// Keys encrypt and authenticate gossip (AES, 16, 24 or 32 bytes): the
+	// first encrypts, every one is accepted. Nil: gossip in the clear
+	// (p2p.insecure).
+	Keys   [][]byte
+	Logger *slog.Logger
 }
 
 // Membership is this node's view of the cluster.
@@ -100,6 +104,14 @@ func Start(ctx context.Context, opts Options) (*Membership, error) {
 	cfg.AdvertiseAddr, cfg.AdvertisePort = host, p
 	cfg.Delegate = meta(opts.PeerAddr)
 	cfg.Logger = log.New(&logWriter{logger}, "", 0)
+	if len(opts.Keys) > 0 {
+		kr, err := memberlist.NewKeyring(opts.Keys, opts.Keys[0])
+		if err != nil {
+			return nil, fmt.Errorf("membership: gossip keys: %w", err)
+		}
+		cfg.Keyring = kr
+		cfg.GossipVerifyIncoming, cfg.GossipVerifyOutgoing = true, true
+	}
 	ml, err := memberlist.Create(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("membership: gossip on %s: %w", gossip, err)

@@ -1,11 +1,14 @@
 // Package peer serves this node to its peers on the peer address: piece bytes
 // over plain HTTP (GET /pieces/<digest>/<index>, sendfile from the blob or the
 // partial file), and the gRPC services (SyncHost, WatchPieces, Register) on
-// the same port over HTTP/2 without TLS. It serves content by digest only.
+// the same port over HTTP/2. With the cluster's TLS every request comes from
+// an authenticated member; without it (p2p.insecure) from anyone who reaches
+// the port. It serves content by digest only.
 package peer
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -65,6 +68,9 @@ type Options struct {
 	Ledger   *seeding.Ledger
 	HostSync pb.HostSyncServer
 	Tracker  pb.TrackerServer
+	// TLS requires every peer to authenticate (mutual TLS); nil serves
+	// plaintext (p2p.insecure).
+	TLS *tls.Config
 	// CorruptPieces flips a byte of every piece sent: fault injection for
 	// tests of what children do with a lying parent. Never set in service.
 	CorruptPieces bool
@@ -98,7 +104,11 @@ func NewServer(opts Options) *Server {
 	mux.HandleFunc("GET /pieces/{digest}/{index}", s.servePiece)
 	var protos http.Protocols
 	protos.SetHTTP1(true)
-	protos.SetUnencryptedHTTP2(true)
+	if opts.TLS != nil {
+		protos.SetHTTP2(true)
+	} else {
+		protos.SetUnencryptedHTTP2(true)
+	}
 	s.http = &http.Server{
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc") {
@@ -108,6 +118,7 @@ func NewServer(opts Options) *Server {
 			mux.ServeHTTP(w, r)
 		}),
 		Protocols:         &protos,
+		TLSConfig:         opts.TLS,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    16 << 10,
@@ -117,7 +128,12 @@ func NewServer(opts Options) *Server {
 
 // Serve serves on ln until Shutdown.
 func (s *Server) Serve(ln net.Listener) error {
-	err := s.http.Serve(ln)
+	var err error
+	if s.opts.TLS != nil {
+		err = s.http.ServeTLS(ln, "", "")
+	} else {
+		err = s.http.Serve(ln)
+	}
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil
 	}
@@ -189,7 +205,7 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 		dst = &corruptWriter{w: w}
 	}
 	if s.opts.Meter != nil && s.opts.Meter.Limiter() != nil {
-		dst = &pacedWriter{w: w, ctx: r.Context(), m: s.opts.Meter}
+		dst = &pacedWriter{w: dst, ctx: r.Context(), m: s.opts.Meter}
 	}
 	// To an *http.response with an *os.File behind a LimitedReader the
 	// kernel's sendfile does the copy.

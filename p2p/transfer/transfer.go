@@ -5,6 +5,7 @@ package transfer
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
@@ -25,12 +27,17 @@ import (
 type Options struct {
 	// DialContext dials peers; a net.Dialer when nil.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+	// TLS authenticates this node to its peers and them to it (the
+	// cluster's mutual TLS); nil speaks plaintext (p2p.insecure).
+	TLS *tls.Config
 }
 
 // Pool holds connections to peers.
 type Pool struct {
-	dial func(ctx context.Context, network, addr string) (net.Conn, error)
-	http *http.Client
+	dial   func(ctx context.Context, network, addr string) (net.Conn, error)
+	http   *http.Client
+	tls    *tls.Config
+	scheme string
 
 	mu    sync.Mutex
 	conns map[string]*grpc.ClientConn
@@ -42,10 +49,22 @@ func NewPool(opts Options) *Pool {
 	if dial == nil {
 		dial = (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext
 	}
+	scheme := "http"
+	var httpTLS *tls.Config
+	if opts.TLS != nil {
+		scheme = "https"
+		// HTTP/1.1 for piece bytes: one connection per piece in flight.
+		httpTLS = opts.TLS.Clone()
+		httpTLS.NextProtos = []string{"http/1.1"}
+	}
 	return &Pool{
-		dial: dial,
+		dial:   dial,
+		tls:    opts.TLS,
+		scheme: scheme,
 		http: &http.Client{Transport: &http.Transport{
 			DialContext:           dial,
+			TLSClientConfig:       httpTLS,
+			TLSHandshakeTimeout:   5 * time.Second,
 			MaxIdleConnsPerHost:   16,
 			IdleConnTimeout:       90 * time.Second,
 			ResponseHeaderTimeout: 10 * time.Second,
@@ -73,8 +92,12 @@ func (p *Pool) Conn(addr string) (*grpc.ClientConn, error) {
 	if c, ok := p.conns[addr]; ok {
 		return c, nil
 	}
+	creds := insecure.NewCredentials()
+	if p.tls != nil {
+		creds = credentials.NewTLS(p.tls.Clone())
+	}
 	c, err := grpc.NewClient("passthrough:///"+addr,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithTransportCredentials(creds),
 		grpc.WithContextDialer(func(ctx context.Context, a string) (net.Conn, error) { return p.dial(ctx, "tcp", a) }))
 	if err != nil {
 		return nil, fmt.Errorf("transfer: dial %s: %w", addr, err)
@@ -138,7 +161,7 @@ type peerParent struct {
 func (pp *peerParent) ID() string { return pp.id }
 
 func (pp *peerParent) Fetch(ctx context.Context, i int, _, n int64) (io.ReadCloser, error) {
-	url := "http://" + pp.addr + "/pieces/" + pp.digest.String() + "/" + strconv.Itoa(i)
+	url := pp.pool.scheme + "://" + pp.addr + "/pieces/" + pp.digest.String() + "/" + strconv.Itoa(i)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return nil, err

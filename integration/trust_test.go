@@ -1,0 +1,135 @@
+package integration
+
+import (
+	"context"
+	"crypto/tls"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/registry-proxy/registry-proxy/internal/ports"
+	"github.com/registry-proxy/registry-proxy/internal/probe"
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/p2p/trust"
+)
+
+// waitOutput waits until a process has logged s.
+func waitOutput(t *testing.T, p *proc, s string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !strings.Contains(p.output(), s) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %q in the log within %v", s, timeout)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// A host without the cluster secret gets nothing from the peer port: not
+// piece bytes (plain HTTP, TLS without a certificate, TLS with a certificate
+// from another secret), not gRPC; a member with the secret does.
+func TestPeerPortRefusesOutsiders(t *testing.T) {
+	c := startCluster(t, 2)
+	d := pushBlob(t, c.reg, 8<<20, 31)
+	if _, err := fetchVerified(c.url(0, "cluster/blob", d), d); err != nil {
+		t.Fatal(err)
+	}
+	pieceURL := "://" + c.peers[0] + "/pieces/" + d + "/0"
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	get := func(client *http.Client, url string) (int, []byte, error) {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		resp, err := client.Do(req)
+		if err != nil {
+			return 0, nil, err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		return resp.StatusCode, b, err
+	}
+	tlsClient := func(cfg *tls.Config) *http.Client {
+		return &http.Client{Transport: &http.Transport{TLSClientConfig: cfg}}
+	}
+	other := writeSecret(t)
+	outsider := func(secret string) *trust.Identity {
+		secrets, err := trust.ReadSecretFile(secret)
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, err := trust.NewIdentity(secrets, "outsider", time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+
+	// Plain HTTP: the TLS port answers with a 400 and no content.
+	if code, body, err := get(http.DefaultClient, "http"+pieceURL); err == nil && code == http.StatusOK {
+		t.Errorf("plain HTTP got a piece: %d, %d bytes", code, len(body))
+	}
+	// TLS, no client certificate.
+	if code, _, err := get(tlsClient(&tls.Config{InsecureSkipVerify: true}), "https"+pieceURL); err == nil {
+		t.Errorf("TLS without a certificate got status %d", code)
+	} else {
+		t.Logf("TLS without a certificate: %v", err)
+	}
+	// TLS with a certificate of another cluster.
+	if code, _, err := get(tlsClient(outsider(other).ClientConfig()), "https"+pieceURL); err == nil {
+		t.Errorf("a certificate from another secret got status %d", code)
+	} else {
+		t.Logf("another secret: %v", err)
+	}
+	// gRPC, plaintext and with another secret.
+	for name, creds := range map[string]credentials.TransportCredentials{
+		"plaintext":      insecure.NewCredentials(),
+		"another secret": credentials.NewTLS(outsider(other).ClientConfig()),
+	} {
+		cc, err := grpc.NewClient("passthrough:///"+c.peers[0], grpc.WithTransportCredentials(creds))
+		if err != nil {
+			t.Fatal(err)
+		}
+		rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err = pb.NewTrackerClient(cc).Register(rctx, &pb.RegisterRequest{Digest: d, HostId: "outsider", Addr: "127.0.0.1:9", Registry: clusterRegistry, Repository: "cluster/blob"})
+		rcancel()
+		cc.Close()
+		if err == nil {
+			t.Errorf("Register over %s accepted", name)
+		} else {
+			t.Logf("Register over %s: %v", name, err)
+		}
+	}
+	// A member with the secret gets the piece.
+	code, body, err := get(tlsClient(outsider(c.secret).ClientConfig()), "https"+pieceURL)
+	if err != nil || code != http.StatusOK || len(body) != 4<<20 {
+		t.Fatalf("a member's piece request: status %d, %d bytes, %v", code, len(body), err)
+	}
+}
+
+// A node with another secret cannot join: its gossip is not understood, and
+// neither side counts the other as a member.
+func TestGossipRefusesOtherSecret(t *testing.T) {
+	c := startCluster(t, 2)
+	pa, err := ports.FreePair("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	intruder := startProxy(t, "", "--upstream", clusterRegistry+"="+c.reg.URL, "--node-id", "node-intruder",
+		"--peer-listen", pa, "--cluster-secret", writeSecret(t), "--join", c.peers[0])
+	waitOutput(t, intruder.proc, "join found nobody yet", 30*time.Second)
+	ctx := context.Background()
+	for _, p := range []*proxy{c.nodes[0], c.nodes[1]} {
+		if n, err := probe.Members(ctx, "http://"+p.Admin); err != nil || n != 2 {
+			t.Errorf("a member sees %d members (%v), want 2", n, err)
+		}
+	}
+	if n, err := probe.Members(ctx, "http://"+intruder.Admin); err != nil || n != 1 {
+		t.Errorf("the intruder sees %d members (%v), want 1", n, err)
+	}
+}

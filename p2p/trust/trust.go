@@ -1,0 +1,271 @@
+// Package trust turns the cluster secret into what peers prove membership
+// with: the keys that encrypt and authenticate gossip, and a certificate
+// authority, derived from the secret alone, that signs each node's TLS
+// certificate at start-up. Nodes holding the same secret derive the same CA
+// and trust each other's certificates; nobody manages certificates. The peer
+// port then runs TLS 1.3 with mutual authentication, and a node's identity
+// is the common name of the certificate it authenticated with.
+//
+// The secret file holds one secret per line. The first signs this node's
+// certificate and encrypts its gossip; every line is accepted from others,
+// which is how a secret is rotated without downtime (see config.toml).
+package trust
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/hkdf"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+)
+
+// MinSecretLen is the shortest secret accepted, in bytes.
+const MinSecretLen = 16
+
+var (
+	// ErrNoSecret means a secret file held no secret.
+	ErrNoSecret = errors.New("trust: no secret")
+	// ErrUnauthenticated means a request came without a verified peer certificate.
+	ErrUnauthenticated = errors.New("trust: peer not authenticated")
+)
+
+// ReadSecretFile reads the secrets of a file, one per line; blank lines and
+// lines starting with # are skipped. The first is the primary.
+func ReadSecretFile(path string) ([][]byte, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("trust: cluster secret: %w", err)
+	}
+	return ParseSecrets(b)
+}
+
+// ParseSecrets parses the content of a secret file.
+func ParseSecrets(b []byte) ([][]byte, error) {
+	var out [][]byte
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		if len(line) < MinSecretLen {
+			return nil, fmt.Errorf("trust: cluster secret line %d: %d bytes, want at least %d (registry-proxy secret makes one)", n, len(line), MinSecretLen)
+		}
+		out = append(out, []byte(line))
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("trust: cluster secret: %w", err)
+	}
+	if len(out) == 0 {
+		return nil, ErrNoSecret
+	}
+	return out, nil
+}
+
+// NewSecret returns a fresh random secret, as one line of text.
+func NewSecret() string {
+	b := make([]byte, 32)
+	rand.Read(b)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+func derive(secret []byte, label string, n int) []byte {
+	k, err := hkdf.Key(sha256.New, secret, nil, "registry-proxy "+label+" v1", n)
+	if err != nil {
+		panic(err) // only for lengths beyond 255 hashes
+	}
+	return k
+}
+
+// GossipKeys returns memberlist's AES-256 keys, the primary first.
+func GossipKeys(secrets [][]byte) [][]byte {
+	keys := make([][]byte, len(secrets))
+	for i, s := range secrets {
+		keys[i] = derive(s, "gossip", 32)
+	}
+	return keys
+}
+
+// ca is the certificate authority derived from one secret. Ed25519 signs
+// deterministically and the template is fixed, so every node derives the
+// same certificate, byte for byte.
+func ca(secret []byte) (*x509.Certificate, ed25519.PrivateKey, error) {
+	key := ed25519.NewKeyFromSeed(derive(secret, "ca", ed25519.SeedSize))
+	pub := key.Public().(ed25519.PublicKey)
+	skid := sha256.Sum256(pub)
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "registry-proxy cluster CA " + base64.RawURLEncoding.EncodeToString(skid[:6])},
+		NotBefore:             time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC),
+		NotAfter:              time.Date(2200, 1, 1, 0, 0, 0, 0, time.UTC),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign,
+		SubjectKeyId:          skid[:20],
+	}
+	der, err := x509.CreateCertificate(nil, tmpl, tmpl, pub, key)
+	if err != nil {
+		return nil, nil, fmt.Errorf("trust: cluster CA: %w", err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	return cert, key, err
+}
+
+// Identity is what a node shows its peers and checks them with.
+type Identity struct {
+	NodeID string
+	cert   tls.Certificate
+	roots  *x509.CertPool
+}
+
+// NewIdentity derives the CAs of secrets and signs a fresh certificate for
+// nodeID with the primary one.
+func NewIdentity(secrets [][]byte, nodeID string, now time.Time) (*Identity, error) {
+	if len(secrets) == 0 {
+		return nil, ErrNoSecret
+	}
+	if nodeID == "" {
+		return nil, errors.New("trust: node id required")
+	}
+	roots := x509.NewCertPool()
+	var signer *x509.Certificate
+	var signerKey ed25519.PrivateKey
+	for i, s := range secrets {
+		c, k, err := ca(s)
+		if err != nil {
+			return nil, err
+		}
+		roots.AddCert(c)
+		if i == 0 {
+			signer, signerKey = c, k
+		}
+	}
+	pub, key, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, fmt.Errorf("trust: node key: %w", err)
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return nil, fmt.Errorf("trust: serial: %w", err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: nodeID},
+		NotBefore:    now.Add(-time.Hour), // peers' clocks differ a little
+		NotAfter:     now.AddDate(10, 0, 0),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, pub, signerKey)
+	if err != nil {
+		return nil, fmt.Errorf("trust: node certificate: %w", err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, err
+	}
+	return &Identity{
+		NodeID: nodeID,
+		cert:   tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf},
+		roots:  roots,
+	}, nil
+}
+
+// verify checks a peer's chain against the cluster CAs.
+func (id *Identity) verify(rawCerts [][]byte) error {
+	if len(rawCerts) == 0 {
+		return ErrUnauthenticated
+	}
+	leaf, err := x509.ParseCertificate(rawCerts[0])
+	if err != nil {
+		return fmt.Errorf("trust: peer certificate: %w", err)
+	}
+	inter := x509.NewCertPool()
+	for _, raw := range rawCerts[1:] {
+		if c, err := x509.ParseCertificate(raw); err == nil {
+			inter.AddCert(c)
+		}
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: id.roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		return fmt.Errorf("trust: peer certificate not from this cluster: %w", err)
+	}
+	if leaf.Subject.CommonName == "" {
+		return fmt.Errorf("%w: certificate names no node", ErrUnauthenticated)
+	}
+	return nil
+}
+
+// ServerConfig is the peer port's TLS: a certificate from the cluster CA is
+// required of every client.
+func (id *Identity) ServerConfig() *tls.Config {
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{id.cert},
+		ClientAuth:   tls.RequireAnyClientCert,
+		// Chains are checked here rather than with ClientCAs, so client and
+		// server check them the same way.
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error { return id.verify(raw) },
+	}
+}
+
+// ClientConfig is the TLS of connections to peers. Peers are dialled by
+// address, so the chain to the cluster CA is what is checked, not a host name.
+func (id *Identity) ClientConfig() *tls.Config {
+	return &tls.Config{
+		MinVersion:            tls.VersionTLS13,
+		Certificates:          []tls.Certificate{id.cert},
+		InsecureSkipVerify:    true, // replaced by VerifyPeerCertificate below
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error { return id.verify(raw) },
+	}
+}
+
+// PeerID is the node id a TLS connection state authenticated.
+func PeerID(st *tls.ConnectionState) (string, error) {
+	if st == nil || len(st.PeerCertificates) == 0 {
+		return "", ErrUnauthenticated
+	}
+	return st.PeerCertificates[0].Subject.CommonName, nil
+}
+
+// Peer is who sent a gRPC request: the node id its certificate names ("" on
+// an insecure peer port) and the address it came from.
+type Peer struct {
+	ID string
+	IP net.IP
+}
+
+// FromContext returns the gRPC caller. Without TLS (p2p.insecure) the id is empty.
+func FromContext(ctx context.Context) (Peer, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return Peer{}, ErrUnauthenticated
+	}
+	var out Peer
+	if host, _, err := net.SplitHostPort(p.Addr.String()); err == nil {
+		out.IP = net.ParseIP(host)
+	}
+	if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok {
+		id, err := PeerID(&ti.State)
+		if err != nil {
+			return out, err
+		}
+		out.ID = id
+	}
+	return out, nil
+}

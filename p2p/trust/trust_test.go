@@ -1,0 +1,173 @@
+package trust
+
+import (
+	"crypto/tls"
+	"errors"
+	"net"
+	"strings"
+	"testing"
+	"time"
+)
+
+// handshake runs a TLS handshake between a client and a server config over
+// loopback TCP and returns the id each side authenticated.
+func handshake(t *testing.T, client, server *tls.Config) (clientSaw, serverSaw string, err error) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	type result struct {
+		id  string
+		err error
+	}
+	srv := make(chan result, 1)
+	go func() {
+		conn, err := ln.Accept()
+		if err != nil {
+			srv <- result{err: err}
+			return
+		}
+		defer conn.Close()
+		s := tls.Server(conn, server)
+		s.SetDeadline(time.Now().Add(5 * time.Second))
+		var r result
+		if r.err = s.Handshake(); r.err == nil {
+			st := s.ConnectionState()
+			r.id, r.err = PeerID(&st)
+			s.Write([]byte("x")) // the client reads this: the server accepted it
+		}
+		srv <- r
+	}()
+	conn, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	c := tls.Client(conn, client)
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	cerr := c.Handshake()
+	if cerr == nil {
+		st := c.ConnectionState()
+		clientSaw, _ = PeerID(&st)
+		// TLS 1.3: the server checks the client's certificate after the
+		// client has finished; the read sees a refusal.
+		_, cerr = c.Read(make([]byte, 1))
+	}
+	r := <-srv
+	return clientSaw, r.id, errors.Join(cerr, r.err)
+}
+
+func identity(t *testing.T, id string, secrets ...string) *Identity {
+	t.Helper()
+	var ss [][]byte
+	for _, s := range secrets {
+		ss = append(ss, []byte(s))
+	}
+	ident, err := NewIdentity(ss, id, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ident
+}
+
+func TestMutualTLS(t *testing.T) {
+	const a, b, c = "secret-aaaaaaaaaaaaaaaa", "secret-bbbbbbbbbbbbbbbb", "secret-cccccccccccccccc"
+	tests := []struct {
+		name           string
+		client, server []string
+		ok             bool
+	}{
+		{"same secret", []string{a}, []string{a}, true},
+		{"other secret", []string{c}, []string{a}, false},
+		{"rotation step 1 meets old", []string{a, b}, []string{a}, true},
+		{"rotation step 2 meets step 1", []string{b, a}, []string{a, b}, true},
+		{"rotation step 1 meets step 2", []string{a, b}, []string{b, a}, true},
+		{"rotation done meets step 2", []string{b}, []string{b, a}, true},
+		{"rotation done meets old", []string{b}, []string{a}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cl := identity(t, "node-client", tt.client...)
+			sv := identity(t, "node-server", tt.server...)
+			clientSaw, serverSaw, err := handshake(t, cl.ClientConfig(), sv.ServerConfig())
+			if tt.ok {
+				if err != nil || clientSaw != "node-server" || serverSaw != "node-client" {
+					t.Fatalf("handshake: client saw %q, server saw %q, err %v", clientSaw, serverSaw, err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("handshake between different clusters succeeded")
+			}
+		})
+	}
+}
+
+func TestClientWithoutCertificateRefused(t *testing.T) {
+	sv := identity(t, "node-server", "secret-aaaaaaaaaaaaaaaa")
+	_, _, err := handshake(t, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13}, sv.ServerConfig())
+	if err == nil {
+		t.Fatal("a client without a certificate was accepted")
+	}
+}
+
+func TestDerivedCADeterministic(t *testing.T) {
+	c1, _, err := ca([]byte("secret-aaaaaaaaaaaaaaaa"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2, _, _ := ca([]byte("secret-aaaaaaaaaaaaaaaa"))
+	if string(c1.Raw) != string(c2.Raw) {
+		t.Fatal("the CA derived from one secret differs between derivations")
+	}
+	k1 := GossipKeys([][]byte{[]byte("secret-aaaaaaaaaaaaaaaa"), []byte("secret-bbbbbbbbbbbbbbbb")})
+	if len(k1) != 2 || len(k1[0]) != 32 || string(k1[0]) == string(k1[1]) {
+		t.Fatalf("gossip keys %x", k1)
+	}
+}
+
+func TestParseSecrets(t *testing.T) {
+	tests := []struct {
+		in   string
+		n    int
+		want string
+	}{
+		{"abcdefghijklmnopqrstuvwxyz\n", 1, ""},
+		{"# comment\n\n  abcdefghijklmnopqrstuvwxyz  \nzyxwvutsrqponmlkjihgfedcba\n", 2, ""},
+		{"short\n", 0, "at least"},
+		{"\n# only comments\n", 0, "no secret"},
+	}
+	for _, tt := range tests {
+		got, err := ParseSecrets([]byte(tt.in))
+		if tt.want != "" {
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("ParseSecrets(%q) = %v, want error %q", tt.in, err, tt.want)
+			}
+			continue
+		}
+		if err != nil || len(got) != tt.n {
+			t.Errorf("ParseSecrets(%q) = %d secrets, %v", tt.in, len(got), err)
+		}
+	}
+	if s := NewSecret(); len(s) < MinSecretLen {
+		t.Errorf("NewSecret %q too short", s)
+	}
+}
+
+func FuzzParseSecrets(f *testing.F) {
+	f.Add([]byte("abcdefghijklmnopqrstuvwxyz\n"))
+	f.Add([]byte("#x\n\n"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		ss, err := ParseSecrets(b)
+		if err == nil && len(ss) == 0 {
+			t.Fatal("no error and no secret")
+		}
+		for _, s := range ss {
+			if len(s) < MinSecretLen {
+				t.Fatalf("short secret %q accepted", s)
+			}
+		}
+	})
+}
