@@ -17,6 +17,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/config"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/proxy"
+	"github.com/registry-proxy/registry-proxy/proxy/access"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
 	"github.com/registry-proxy/registry-proxy/task"
 )
@@ -56,6 +57,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	}
 	up, err := upstream.New(upstream.Options{
 		Registries:            cfg.Upstream.Registries,
+		Allow:                 cfg.Upstream.Allow,
 		ResponseHeaderTimeout: cfg.Upstream.ResponseHeaderTimeout,
 		Attempts:              cfg.Upstream.Attempts,
 		Backoff:               cfg.Upstream.Backoff,
@@ -66,10 +68,29 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	if err != nil {
 		return nil, err
 	}
+	creds := upstream.FileCredentials{Registries: map[string]upstream.CredentialFiles{}, DockerConfig: cfg.Upstream.DockerConfig}
+	for name, c := range cfg.Upstream.Credentials {
+		creds.Registries[name] = upstream.CredentialFiles{Username: c.Username, PasswordFile: c.PasswordFile, TokenFile: c.TokenFile}
+	}
+	// Fetches on peers' behalf use this node's credentials, never a client's.
+	peerUp := up.WithNodeCredentials(creds)
+	var checker *access.Checker
+	if cfg.Access.Check {
+		checker = access.New(access.Options{Upstream: up, TTL: cfg.Access.TTL, Timeout: cfg.Upstream.Timeout})
+	}
 	taskOpts := task.Options{
 		Store: store,
 		Size: func(ctx context.Context, r task.Request) (int64, error) {
-			return up.BlobSize(ctx, r.Registry, r.Repo, r.Digest, r.Header)
+			if r.ForPeers {
+				return peerUp.BlobSize(ctx, r.Registry, r.Repo, r.Digest, nil)
+			}
+			size, err := up.BlobSize(ctx, r.Registry, r.Repo, r.Digest, r.Header)
+			if err == nil && checker != nil {
+				// The client that opened the task just read the blob's
+				// HEAD upstream with its own credentials.
+				checker.Allow(r.Registry, r.Repo, r.Digest, access.Blob, r.Header)
+			}
+			return size, err
 		},
 		OpenTimeout: cfg.Upstream.Timeout,
 		MaxBlobSize: int64(cfg.Store.MaxBlobSize),
@@ -93,7 +114,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		}
 		tasks = task.NewManager(taskOpts)
 	} else {
-		if p2p, tasks, err = startPeers(ctx, cfg, store, up, collOpts, taskOpts, log); err != nil {
+		if p2p, tasks, err = startPeers(ctx, cfg, store, up, peerUp, collOpts, taskOpts, log); err != nil {
 			return nil, err
 		}
 	}
@@ -104,6 +125,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		DefaultRegistry: cfg.DefaultRegistry,
 		MaxManifestSize: int64(cfg.Upstream.MaxManifestSize),
 		UpstreamTimeout: cfg.Upstream.Timeout,
+		Access:          checker,
 		Members:         p2p.membersFunc(),
 		Logger:          log,
 	})

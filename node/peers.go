@@ -39,7 +39,7 @@ type peers struct {
 	closeOnce sync.Once
 }
 
-func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, up *upstream.Client,
+func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, up, peerUp *upstream.Client,
 	collOpts collector.Options, taskOpts task.Options, log *slog.Logger) (*peers, *task.Manager, error) {
 	id := cfg.P2P.NodeID
 	if id == "" {
@@ -147,14 +147,16 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		}()
 	}
 	swOpts := swarm.Options{
-		Self:      p.self,
-		Members:   p.members.Members,
-		Pool:      p.pool,
-		Collector: collector.New(collOpts),
-		Store:     store,
-		Upstream:  up,
-		MaxPeers:  cfg.P2P.MaxPeers,
-		Logger:    log,
+		Self:         p.self,
+		Members:      p.members.Members,
+		Pool:         p.pool,
+		Collector:    collector.New(collOpts),
+		Store:        store,
+		Upstream:     up,
+		PeerUpstream: peerUp,
+		Registries:   up,
+		MaxPeers:     cfg.P2P.MaxPeers,
+		Logger:       log,
 	}
 	if p.syncer != nil {
 		swOpts.Follow = p.syncer.Follow

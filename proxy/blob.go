@@ -13,6 +13,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/proxy/access"
 	"github.com/registry-proxy/registry-proxy/task"
 )
 
@@ -41,16 +42,31 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
 		s.headBlob(w, r, name, d)
 		return
 	}
-	if s.serveStored(w, r, d) {
-		return
+	if _, err := s.opts.Store.Stat(d); err == nil {
+		if !s.allowed(w, r, name, d, access.Blob, codeBlobUnknown) {
+			return
+		}
+		if s.serveStored(w, r, d) {
+			return
+		}
 	}
 	req := task.Request{Digest: d, Registry: s.registry(r), Repo: name, Header: forwardHeaders(r)}
 	t, err := s.opts.Tasks.Open(r.Context(), req)
-	if errors.Is(err, task.ErrComplete) && s.serveStored(w, r, d) {
-		return
+	if errors.Is(err, task.ErrComplete) {
+		if !s.allowed(w, r, name, d, access.Blob, codeBlobUnknown) {
+			return
+		}
+		if s.serveStored(w, r, d) {
+			return
+		}
 	}
 	if err != nil {
 		s.writeUpstreamError(w, r, err, codeBlobUnknown)
+		return
+	}
+	// A task another client started, or fed by peers: this client's own
+	// HEAD upstream (remembered when it opened the task) says it may read it.
+	if !s.allowed(w, r, name, d, access.Blob, codeBlobUnknown) {
 		return
 	}
 	s.serveTask(w, r, t)
@@ -162,6 +178,9 @@ func (s *Server) headBlob(w http.ResponseWriter, r *http.Request, name string, d
 		if t, ok := s.opts.Tasks.Lookup(d); ok {
 			size, err = t.Size(), nil
 		}
+	}
+	if err == nil && !s.allowed(w, r, name, d, access.Blob, codeBlobUnknown) {
+		return
 	}
 	if err != nil {
 		ctx, cancel := context.WithTimeout(r.Context(), s.opts.UpstreamTimeout)

@@ -18,6 +18,7 @@ const (
 	codeManifestUnknown = "MANIFEST_UNKNOWN"
 	codeManifestInvalid = "MANIFEST_INVALID"
 	codeNameInvalid     = "NAME_INVALID"
+	codeNameUnknown     = "NAME_UNKNOWN"
 	codeDigestInvalid   = "DIGEST_INVALID"
 	codeUnauthorized    = "UNAUTHORIZED"
 	codeDenied          = "DENIED"
@@ -74,7 +75,13 @@ func (s *Server) writeUpstreamError(w http.ResponseWriter, r *http.Request, err 
 			writeError(w, se.Code, unknown, fmt.Sprintf("upstream registry answered %d", se.Code))
 		}
 	case errors.Is(err, upstream.ErrUnknownRegistry):
-		writeError(w, http.StatusBadRequest, codeNameInvalid, err.Error())
+		// 404: the client falls back to its next host.
+		writeError(w, http.StatusNotFound, codeNameUnknown, "registry not served by this mirror")
+	case errors.Is(err, upstream.ErrBadRepository):
+		writeError(w, http.StatusBadRequest, codeNameInvalid, "invalid repository name")
+	case errors.Is(err, upstream.ErrForbiddenAddress):
+		s.log.Warn("refused to dial the upstream", "method", r.Method, "path", r.URL.Path, "err", err)
+		writeError(w, http.StatusBadGateway, codeUnavailable, "upstream address not allowed")
 	case errors.Is(err, task.ErrTooLarge):
 		writeError(w, http.StatusForbidden, codeDenied, err.Error())
 	case errors.Is(err, context.DeadlineExceeded):

@@ -4,10 +4,13 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"mime"
 	"net/http"
 
 	"github.com/gorilla/mux"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/proxy/access"
 )
 
 func (s *Server) manifest(w http.ResponseWriter, r *http.Request) {
@@ -29,6 +32,9 @@ func (s *Server) manifest(w http.ResponseWriter, r *http.Request) {
 		}
 		want = d
 		if mt, content, err := s.opts.Store.GetManifest(d); err == nil {
+			if !s.allowed(w, r, name, d, access.Manifest, codeManifestUnknown) {
+				return
+			}
 			w.Header().Set("X-Registry-Proxy-Source", "cache")
 			writeManifest(w, r, mt, d, content)
 			return
@@ -51,6 +57,10 @@ func (s *Server) manifest(w http.ResponseWriter, r *http.Request) {
 	mediaType := resp.Header.Get("Content-Type")
 	upDigest, _ := digest.Parse(resp.Header.Get("Docker-Content-Digest"))
 	w.Header().Set("X-Registry-Proxy-Source", "upstream")
+	if !manifestMediaType(mediaType) {
+		s.badManifest(w, registry, name, ref, fmt.Sprintf("media type %q is not a manifest's", mediaType))
+		return
+	}
 
 	if r.Method == http.MethodHead {
 		if want != "" && upDigest != "" && upDigest != want {
@@ -93,7 +103,28 @@ func (s *Server) manifest(w http.ResponseWriter, r *http.Request) {
 	if err := s.opts.Store.PutManifest(got, mediaType, content); err != nil {
 		s.log.Warn("caching manifest", "digest", got, "err", err)
 	}
+	if s.opts.Access != nil {
+		// This client read it upstream with its own credentials just now.
+		s.opts.Access.Allow(registry, name, got, access.Manifest, r.Header)
+	}
 	writeManifest(w, r, mediaType, got, content)
+}
+
+// manifestMediaType reports whether an upstream's Content-Type names a
+// manifest or index, the only content cached and served as one.
+func manifestMediaType(ct string) bool {
+	mt, _, err := mime.ParseMediaType(ct)
+	if err != nil {
+		return false
+	}
+	switch mt {
+	case "application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
+		"application/vnd.docker.distribution.manifest.v2+json", "application/vnd.docker.distribution.manifest.list.v2+json",
+		"application/vnd.docker.distribution.manifest.v1+json", "application/vnd.docker.distribution.manifest.v1+prettyjws",
+		"application/vnd.oci.artifact.manifest.v1+json":
+		return true
+	}
+	return false
 }
 
 func (s *Server) badManifest(w http.ResponseWriter, registry, name, ref, why string) {

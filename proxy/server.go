@@ -21,6 +21,7 @@ import (
 	_ "crypto/sha512"
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/proxy/access"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
 	"github.com/registry-proxy/registry-proxy/task"
 )
@@ -36,6 +37,9 @@ type Options struct {
 	MaxManifestSize int64
 	// UpstreamTimeout bounds a manifest or HEAD request upstream.
 	UpstreamTimeout time.Duration
+	// Access checks that a client may read cached content or content from
+	// peers; nil serves it to every client (access.check = false).
+	Access *access.Checker
 	// Members lists the cluster's live nodes for /debug/members; may be nil.
 	Members func() any
 	Logger  *slog.Logger
@@ -64,13 +68,8 @@ func New(opts Options) *Server {
 	return &Server{opts: opts, log: opts.Logger.With("component", "proxy")}
 }
 
-// repoPattern is the OCI distribution spec's repository name.
-var (
-	repoPattern = regexp.MustCompile(`^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$`)
-	tagPattern  = regexp.MustCompile(`^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$`)
-)
-
-const maxRepoLen = 255
+// tagPattern is the OCI distribution spec's tag.
+var tagPattern = regexp.MustCompile(`^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$`)
 
 // Handler returns the HTTP handler.
 func (s *Server) Handler() http.Handler {
@@ -165,15 +164,33 @@ func (s *Server) unsupported(w http.ResponseWriter, _ *http.Request) {
 // repo validates the repository name in the path and the registry in ns=.
 func (s *Server) repo(w http.ResponseWriter, r *http.Request) (string, bool) {
 	name := mux.Vars(r)["name"]
-	if len(name) > maxRepoLen || !repoPattern.MatchString(name) {
+	if !upstream.ValidRepository(name) {
 		writeError(w, http.StatusBadRequest, codeNameInvalid, "invalid repository name")
 		return "", false
 	}
 	if _, err := s.opts.Upstream.BaseURL(s.registry(r)); err != nil {
-		writeError(w, http.StatusBadRequest, codeNameInvalid, err.Error())
+		// Without a connection: the client falls back to its next host.
+		s.log.Debug("registry not served", "ns", s.registry(r), "err", err)
+		writeError(w, http.StatusNotFound, codeNameUnknown, "registry not served by this mirror")
 		return "", false
 	}
 	return name, true
+}
+
+// allowed checks that the client may read d of repo before content it did
+// not fetch upstream itself reaches it; a refusal is answered as the
+// upstream answered it (401 with its challenge, 403, 404).
+func (s *Server) allowed(w http.ResponseWriter, r *http.Request, repo string, d digest.Digest, kind access.Kind, unknown string) bool {
+	if s.opts.Access == nil {
+		return true
+	}
+	err := s.opts.Access.Check(r.Context(), s.registry(r), repo, d, kind, r.Header)
+	if err == nil {
+		return true
+	}
+	s.log.Info("access refused", "registry", s.registry(r), "repo", repo, "digest", d, "remote", r.RemoteAddr, "anonymous", r.Header.Get("Authorization") == "", "err", err)
+	s.writeUpstreamError(w, r, err, unknown)
+	return false
 }
 
 func (s *Server) blobStats(w http.ResponseWriter, r *http.Request) {

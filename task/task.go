@@ -40,6 +40,9 @@ type Request struct {
 	Repo     string
 	// Header carries the client's credentials to the upstream.
 	Header http.Header
+	// ForPeers marks a fetch on peers' behalf (this node owns the digest):
+	// it goes upstream with this node's own credentials, never a client's.
+	ForPeers bool
 	// UpstreamOnly fetches from the upstream alone: set for the second try
 	// of a blob whose first try, with pieces from peers, failed its digest.
 	UpstreamOnly bool

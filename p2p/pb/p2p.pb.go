@@ -457,14 +457,17 @@ func (x *PieceUpdate) GetComplete() bool {
 type RegisterRequest struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	Digest string                 `protobuf:"bytes,1,opt,name=digest,proto3" json:"digest,omitempty"`
-	HostId string                 `protobuf:"bytes,2,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
-	Addr   string                 `protobuf:"bytes,3,opt,name=addr,proto3" json:"addr,omitempty"`
+	// The registering node's id and peer address. The owner checks both
+	// against what the node authenticated as: the id its certificate names
+	// and the address gossip knows for that id.
+	HostId string `protobuf:"bytes,2,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
+	Addr   string `protobuf:"bytes,3,opt,name=addr,proto3" json:"addr,omitempty"`
 	// Where the blob comes from, so the owner can fetch it when no node has it:
-	// the registry name (as in ns=), the repository, and the client's
-	// Authorization header for that registry.
+	// the registry name (as in ns=) and the repository. The owner fetches with
+	// its own configured credentials; clients' credentials never leave the
+	// node they were sent to.
 	Registry      string `protobuf:"bytes,4,opt,name=registry,proto3" json:"registry,omitempty"`
 	Repository    string `protobuf:"bytes,5,opt,name=repository,proto3" json:"repository,omitempty"`
-	Authorization string `protobuf:"bytes,6,opt,name=authorization,proto3" json:"authorization,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -534,13 +537,6 @@ func (x *RegisterRequest) GetRepository() string {
 	return ""
 }
 
-func (x *RegisterRequest) GetAuthorization() string {
-	if x != nil {
-		return x.Authorization
-	}
-	return ""
-}
-
 type PeerRef struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -596,8 +592,12 @@ func (x *PeerRef) GetAddr() string {
 type RegisterResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Blob size if the owner knows it, else 0.
-	Size          int64      `protobuf:"varint,1,opt,name=size,proto3" json:"size,omitempty"`
-	Peers         []*PeerRef `protobuf:"bytes,2,rep,name=peers,proto3" json:"peers,omitempty"`
+	Size  int64      `protobuf:"varint,1,opt,name=size,proto3" json:"size,omitempty"`
+	Peers []*PeerRef `protobuf:"bytes,2,rep,name=peers,proto3" json:"peers,omitempty"`
+	// The owner cannot fetch the blob with its own credentials (a private
+	// repository): the registering node fetches it from the upstream itself,
+	// with its client's credentials, unless a listed peer has it, and seeds it.
+	FetchYourself bool `protobuf:"varint,3,opt,name=fetch_yourself,json=fetchYourself,proto3" json:"fetch_yourself,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -646,6 +646,13 @@ func (x *RegisterResponse) GetPeers() []*PeerRef {
 	return nil
 }
 
+func (x *RegisterResponse) GetFetchYourself() bool {
+	if x != nil {
+		return x.FetchYourself
+	}
+	return false
+}
+
 var File_p2p_pb_p2p_proto protoreflect.FileDescriptor
 
 const file_p2p_pb_p2p_proto_rawDesc = "" +
@@ -685,7 +692,7 @@ const file_p2p_pb_p2p_proto_rawDesc = "" +
 	"piece_size\x18\x03 \x01(\x03R\tpieceSize\x123\n" +
 	"\x06pieces\x18\x04 \x03(\v2\x1b.registryproxy.p2p.v1.PieceR\x06pieces\x12\x1a\n" +
 	"\bfetching\x18\x05 \x03(\rR\bfetching\x12\x1a\n" +
-	"\bcomplete\x18\x06 \x01(\bR\bcomplete\"\xb8\x01\n" +
+	"\bcomplete\x18\x06 \x01(\bR\bcomplete\"\xa7\x01\n" +
 	"\x0fRegisterRequest\x12\x16\n" +
 	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x17\n" +
 	"\ahost_id\x18\x02 \x01(\tR\x06hostId\x12\x12\n" +
@@ -693,14 +700,14 @@ const file_p2p_pb_p2p_proto_rawDesc = "" +
 	"\bregistry\x18\x04 \x01(\tR\bregistry\x12\x1e\n" +
 	"\n" +
 	"repository\x18\x05 \x01(\tR\n" +
-	"repository\x12$\n" +
-	"\rauthorization\x18\x06 \x01(\tR\rauthorization\"-\n" +
+	"repositoryJ\x04\b\x06\x10\aR\rauthorization\"-\n" +
 	"\aPeerRef\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
-	"\x04addr\x18\x02 \x01(\tR\x04addr\"[\n" +
+	"\x04addr\x18\x02 \x01(\tR\x04addr\"\x82\x01\n" +
 	"\x10RegisterResponse\x12\x12\n" +
 	"\x04size\x18\x01 \x01(\x03R\x04size\x123\n" +
-	"\x05peers\x18\x02 \x03(\v2\x1d.registryproxy.p2p.v1.PeerRefR\x05peers2[\n" +
+	"\x05peers\x18\x02 \x03(\v2\x1d.registryproxy.p2p.v1.PeerRefR\x05peers\x12%\n" +
+	"\x0efetch_yourself\x18\x03 \x01(\bR\rfetchYourself2[\n" +
 	"\bHostSync\x12O\n" +
 	"\bSyncHost\x12%.registryproxy.p2p.v1.SyncHostRequest\x1a\x1a.registryproxy.p2p.v1.Host0\x012f\n" +
 	"\x06Pieces\x12\\\n" +

@@ -12,12 +12,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"sort"
 	"sync"
 	"time"
 
+	"github.com/hashicorp/golang-lru/v2/expirable"
 	"github.com/opencontainers/go-digest"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -30,7 +32,9 @@ import (
 	"github.com/registry-proxy/registry-proxy/p2p/peer"
 	"github.com/registry-proxy/registry-proxy/p2p/tracker"
 	"github.com/registry-proxy/registry-proxy/p2p/transfer"
+	"github.com/registry-proxy/registry-proxy/p2p/trust"
 	"github.com/registry-proxy/registry-proxy/piece"
+	"github.com/registry-proxy/registry-proxy/proxy/upstream"
 	"github.com/registry-proxy/registry-proxy/task"
 )
 
@@ -44,11 +48,23 @@ type Options struct {
 	Follow   func(id, addr string)
 	Store    *blobstore.Store
 	Upstream collector.BlobSource
+	// PeerUpstream is the upstream with this node's own credentials, for
+	// fetches on peers' behalf (task.Request.ForPeers).
+	PeerUpstream collector.BlobSource
+	// Registries checks a registry and repository a peer names before this
+	// node fetches anything for it.
+	Registries RegistryChecker
 	// MaxPeers bounds the peer list an owner hands out.
 	MaxPeers int
 	// Refresh is how often a download re-checks its owner and peer list.
 	Refresh time.Duration
 	Logger  *slog.Logger
+}
+
+// RegistryChecker says whether this node may fetch a repository of a
+// registry; *upstream.Client is one.
+type RegistryChecker interface {
+	CheckRepository(registry, repo string) error
 }
 
 // Swarm coordinates downloads with the other nodes.
@@ -59,6 +75,9 @@ type Swarm struct {
 	tasks *task.Manager
 
 	tracker *tracker.Tracker
+	// private remembers digests this node could not fetch with its own
+	// credentials, so registering nodes fetch them themselves.
+	private *expirable.LRU[digest.Digest, struct{}]
 
 	mu   sync.Mutex
 	runs map[digest.Digest]*collector.Run
@@ -80,6 +99,7 @@ func New(opts Options) *Swarm {
 		log:     opts.Logger.With("component", "swarm"),
 		runs:    map[digest.Digest]*collector.Run{},
 		tracker: tracker.New(nil),
+		private: expirable.NewLRU[digest.Digest, struct{}](4096, nil, time.Minute),
 	}
 }
 
@@ -90,7 +110,11 @@ func (s *Swarm) Bind(tasks *task.Manager) { s.tasks = tasks }
 func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) error {
 	d := req.Digest
 	run := s.opts.Collector.NewRun(job)
-	run.SetUpstream(collector.NewUpstreamParent(s.opts.Upstream, req.Registry, req.Repo, d, req.Header), req.UpstreamOnly)
+	src := s.opts.Upstream
+	if req.ForPeers && s.opts.PeerUpstream != nil {
+		src = s.opts.PeerUpstream
+	}
+	run.SetUpstream(collector.NewUpstreamParent(src, req.Registry, req.Repo, d, req.Header), req.UpstreamOnly)
 	s.mu.Lock()
 	s.runs[d] = run
 	s.mu.Unlock()
@@ -217,7 +241,7 @@ func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) e
 			rctx, rcancel := context.WithTimeout(ctx, 3*time.Second)
 			resp, err := s.opts.Pool.Register(rctx, addrs[id], &pb.RegisterRequest{
 				Digest: d.String(), HostId: s.opts.Self.ID, Addr: s.opts.Self.Addr,
-				Registry: req.Registry, Repository: req.Repo, Authorization: req.Header.Get("Authorization"),
+				Registry: req.Registry, Repository: req.Repo,
 			})
 			rcancel()
 			if err != nil {
@@ -227,7 +251,9 @@ func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) e
 				s.log.Warn("owner did not answer; trying the next in rank", "owner", id, "digest", d, "err", err)
 				continue
 			}
-			run.AllowUpstream(false)
+			// The owner cannot fetch a private blob: the first node to ask
+			// fetches it with its client's credentials and seeds it.
+			run.AllowUpstream(resp.GetFetchYourself() && len(resp.GetPeers()) == 0)
 			addParent(id, addrs[id])
 			for _, p := range resp.GetPeers() {
 				addParent(p.GetId(), p.GetAddr())
@@ -284,20 +310,29 @@ func (s *Swarm) logPicks(d digest.Digest, run *collector.Run) {
 }
 
 // Register implements pb.TrackerServer: a node fetching a digest this node
-// owns. The owner starts fetching the blob itself if no download runs here.
+// owns. The owner starts fetching the blob itself if no download runs here,
+// with its own credentials. The registering node is recorded under the id
+// its certificate names and the address gossip knows for it, nothing it
+// merely claims.
 func (s *Swarm) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
 	d, err := digest.Parse(req.GetDigest())
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "digest: %v", err)
 	}
-	if req.GetHostId() == "" || req.GetAddr() == "" {
-		return nil, status.Error(codes.InvalidArgument, "host_id and addr are required")
+	who, err := s.caller(ctx, req.GetHostId())
+	if err != nil {
+		return nil, err
+	}
+	if s.opts.Registries != nil {
+		if err := s.opts.Registries.CheckRepository(req.GetRegistry(), req.GetRepository()); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "%v", err)
+		}
 	}
 	resp := &pb.RegisterResponse{}
-	for _, p := range s.tracker.Peers(d.String(), req.GetHostId(), s.opts.MaxPeers) {
+	for _, p := range s.tracker.Peers(d.String(), who.ID, s.opts.MaxPeers) {
 		resp.Peers = append(resp.Peers, &pb.PeerRef{Id: p.ID, Addr: p.Addr})
 	}
-	s.tracker.Add(d.String(), tracker.Peer{ID: req.GetHostId(), Addr: req.GetAddr(), Seen: time.Now()})
+	s.tracker.Add(d.String(), tracker.Peer{ID: who.ID, Addr: who.Addr, Seen: time.Now()})
 
 	if size, err := s.opts.Store.Stat(d); err == nil {
 		resp.Size = size
@@ -306,20 +341,57 @@ func (s *Swarm) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Regi
 	if s.tasks == nil {
 		return resp, nil
 	}
-	hdr := http.Header{}
-	if a := req.GetAuthorization(); a != "" {
-		hdr.Set("Authorization", a)
+	if s.private.Contains(d) {
+		resp.FetchYourself = true
+		return resp, nil
 	}
-	t, err := s.tasks.Open(ctx, task.Request{Digest: d, Registry: req.GetRegistry(), Repo: req.GetRepository(), Header: hdr})
+	t, err := s.tasks.Open(ctx, task.Request{Digest: d, Registry: req.GetRegistry(), Repo: req.GetRepository(), ForPeers: true})
+	var se *upstream.StatusError
 	switch {
 	case errors.Is(err, task.ErrComplete):
 		resp.Size, _ = s.opts.Store.Stat(d)
+	case errors.As(err, &se) && (se.Code == http.StatusUnauthorized || se.Code == http.StatusForbidden || se.Code == http.StatusNotFound):
+		// Private, or not visible to this node's credentials: the node whose
+		// client asked fetches it with that client's credentials.
+		s.private.Add(d, struct{}{})
+		s.log.Info("owner cannot fetch with its own credentials; the registering node fetches it", "digest", d, "registry", req.GetRegistry(), "repo", req.GetRepository(), "status", se.Code, "node", who.ID)
+		resp.FetchYourself = true
+	case errors.Is(err, task.ErrTooLarge):
+		return nil, status.Errorf(codes.InvalidArgument, "%v", err)
 	case err != nil:
 		return nil, status.Errorf(codes.Unavailable, "owner cannot fetch %s: %v", d, err)
 	default:
 		resp.Size = t.Size()
 	}
 	return resp, nil
+}
+
+// caller is the member behind a request: the id it authenticated with (on
+// an insecure peer port, the id it claims) must be a live member, and the
+// request must come from that member's address.
+func (s *Swarm) caller(ctx context.Context, claimed string) (membership.Member, error) {
+	p, err := trust.FromContext(ctx)
+	if err != nil {
+		return membership.Member{}, status.Error(codes.Unauthenticated, err.Error())
+	}
+	id := p.ID
+	if id == "" {
+		id = claimed
+	}
+	if claimed != "" && claimed != id {
+		return membership.Member{}, status.Errorf(codes.PermissionDenied, "host_id %q is not the node %q authenticated as", claimed, id)
+	}
+	for _, m := range s.opts.Members() {
+		if m.ID != id {
+			continue
+		}
+		host, _, err := net.SplitHostPort(m.Addr)
+		if ip := net.ParseIP(host); err == nil && ip != nil && p.IP != nil && !ip.Equal(p.IP) {
+			return membership.Member{}, status.Errorf(codes.PermissionDenied, "node %q is a member at %s, the request came from %s", id, m.Addr, p.IP)
+		}
+		return m, nil
+	}
+	return membership.Member{}, status.Errorf(codes.PermissionDenied, "node %q is not a member", id)
 }
 
 // Snapshot implements peer.Source.

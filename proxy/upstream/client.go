@@ -13,9 +13,12 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
+	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/golang-lru/v2/expirable"
@@ -29,7 +32,25 @@ var (
 	ErrUnavailable = errors.New("upstream: unavailable")
 	// ErrBadResponse means the upstream answered something a registry must not.
 	ErrBadResponse = errors.New("upstream: bad response")
+	// ErrBadRepository means a repository name is not one the distribution
+	// spec allows.
+	ErrBadRepository = errors.New("upstream: invalid repository name")
+	// ErrForbiddenAddress means a connection would reach a loopback,
+	// link-local or private address that no configured upstream names.
+	ErrForbiddenAddress = errors.New("upstream: address not allowed")
 )
+
+// repoPattern is the OCI distribution spec's repository name.
+var repoPattern = regexp.MustCompile(`^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$`)
+
+// maxRepoLen bounds a repository name, as registries do.
+const maxRepoLen = 255
+
+// ValidRepository reports whether name is a repository name of the
+// distribution spec (no "..", no empty or upper-case components).
+func ValidRepository(name string) bool {
+	return len(name) <= maxRepoLen && repoPattern.MatchString(name)
+}
 
 // StatusError is a non-success status from the upstream registry, kept whole
 // enough to pass back to the client (401 with its challenge, 404, 429, ...).
@@ -46,8 +67,13 @@ func (e *StatusError) Error() string {
 // Options configure a Client.
 type Options struct {
 	// Registries maps a registry name (as containerd sends it in ns=) to its
-	// base URL. Names not listed map to https://NAME; docker.io to Docker Hub.
+	// base URL. Names not listed map to https://NAME, where Allow lets them;
+	// docker.io to Docker Hub.
 	Registries map[string]string
+	// Allow lists the registry names beyond Registries that may be fetched:
+	// exact names, or "*.example.com" for every name under example.com.
+	// Any other name is ErrUnknownRegistry, without a connection.
+	Allow []string
 	// DialContext dials upstream connections; a net.Dialer when nil.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 	// Transport replaces the whole transport (tests); DialContext is then unused.
@@ -73,8 +99,22 @@ type Client struct {
 	attempts   int
 	backoff    time.Duration
 	ua         string
+	allow      []string
 	redirects  *expirable.LRU[string, *url.URL]
 	log        *slog.Logger
+	// auth answers challenges with this node's own credentials; nil passes
+	// the caller's Authorization through and a 401 back.
+	auth *nodeAuth
+}
+
+// WithNodeCredentials returns a client for fetches on peers' behalf: it
+// sends no caller's credentials but answers the registry's challenges itself,
+// with creds (anonymously for a registry creds has nothing for). It shares
+// c's connections.
+func (c *Client) WithNodeCredentials(creds Credentials) *Client {
+	cc := *c
+	cc.auth = &nodeAuth{c: c, creds: creds, tokens: map[string]token{}, last: map[string]token{}}
+	return &cc
 }
 
 // DockerHub is where docker.io is fetched from unless configured otherwise.
@@ -98,18 +138,20 @@ func New(opts Options) (*Client, error) {
 		opts.ResponseHeaderTimeout = 30 * time.Second
 	}
 	regs := map[string]*url.URL{}
+	local := map[string]bool{} // host:port that configured URLs name
 	for name, raw := range opts.Registries {
 		u, err := ParseBaseURL(raw)
 		if err != nil {
 			return nil, fmt.Errorf("upstream %s: %w", name, err)
 		}
 		regs[name] = u
+		local[hostPort(u)] = true
 	}
 	rt := opts.Transport
 	if rt == nil {
 		dial := opts.DialContext
 		if dial == nil {
-			dial = (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext
+			dial = guardedDialer(local)
 		}
 		rt = &http.Transport{
 			Proxy:       http.ProxyFromEnvironment,
@@ -129,8 +171,9 @@ func New(opts Options) (*Client, error) {
 		}
 	}
 	return &Client{
-		http:       &http.Client{Transport: rt},
+		http:       &http.Client{Transport: rt, CheckRedirect: checkRedirect},
 		registries: regs,
+		allow:      opts.Allow,
 		attempts:   opts.Attempts,
 		backoff:    opts.Backoff,
 		ua:         opts.UserAgent,
@@ -152,18 +195,127 @@ func ParseBaseURL(raw string) (*url.URL, error) {
 	return u, nil
 }
 
-// BaseURL returns the base URL for a registry name.
+// BaseURL returns the base URL for a registry name: the configured one, or
+// https://NAME for a name the allowlist lets through.
 func (c *Client) BaseURL(registry string) (*url.URL, error) {
 	if u, ok := c.registries[registry]; ok {
 		return u, nil
 	}
-	switch {
-	case registry == "docker.io" || registry == "registry-1.docker.io" || registry == "index.docker.io":
-		return ParseBaseURL(DockerHub)
-	case validHost(registry):
-		return ParseBaseURL("https://" + registry)
+	if !validHost(registry) || !allowed(c.allow, registry) {
+		return nil, fmt.Errorf("%w: %q is neither configured nor allowed", ErrUnknownRegistry, registry)
 	}
-	return nil, fmt.Errorf("%w: %q", ErrUnknownRegistry, registry)
+	if registry == "docker.io" || registry == "registry-1.docker.io" || registry == "index.docker.io" {
+		return ParseBaseURL(DockerHub)
+	}
+	return ParseBaseURL("https://" + registry)
+}
+
+// CheckRepository says whether this client would fetch repo of registry.
+func (c *Client) CheckRepository(registry, repo string) error {
+	if _, err := c.BaseURL(registry); err != nil {
+		return err
+	}
+	if !ValidRepository(repo) {
+		return fmt.Errorf("%w: %q", ErrBadRepository, repo)
+	}
+	return nil
+}
+
+// repoBase is BaseURL for a valid repository name.
+func (c *Client) repoBase(registry, repo string) (*url.URL, error) {
+	if err := c.CheckRepository(registry, repo); err != nil {
+		return nil, err
+	}
+	return c.BaseURL(registry)
+}
+
+// allowed matches a registry name against allowlist patterns.
+func allowed(patterns []string, registry string) bool {
+	host := registry
+	if h, _, err := net.SplitHostPort(registry); err == nil {
+		host = h
+	}
+	for _, p := range patterns {
+		if p == registry || p == host {
+			return true
+		}
+		if suffix, ok := strings.CutPrefix(p, "*."); ok && strings.HasSuffix(host, "."+suffix) {
+			return true
+		}
+	}
+	return false
+}
+
+// hostPort is u's host with its port made explicit.
+func hostPort(u *url.URL) string {
+	port := u.Port()
+	if port == "" {
+		port = "443"
+		if u.Scheme == "http" {
+			port = "80"
+		}
+	}
+	return net.JoinHostPort(u.Hostname(), port)
+}
+
+// guardedDialer dials upstreams, refusing loopback, link-local, private and
+// other special addresses unless a configured upstream URL names exactly
+// this host and port. It checks the address actually dialled, after name
+// resolution, so names that resolve to such addresses, and redirects to
+// them, are caught as well.
+func guardedDialer(local map[string]bool) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		d := &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}
+		if !local[addr] {
+			d.Control = func(_, address string, _ syscall.RawConn) error {
+				host, _, err := net.SplitHostPort(address)
+				if err != nil {
+					return err
+				}
+				ip, err := netip.ParseAddr(host)
+				if err != nil {
+					return fmt.Errorf("%w: %s", ErrForbiddenAddress, address)
+				}
+				if special(ip.Unmap()) {
+					return fmt.Errorf("%w: %s resolves to %s, which no configured upstream names", ErrForbiddenAddress, addr, ip)
+				}
+				return nil
+			}
+		}
+		return d.DialContext(ctx, network, addr)
+	}
+}
+
+// special is an address a mirror must not be made to reach by a name or a
+// redirect: loopback, link-local (cloud metadata), private, CGNAT,
+// unspecified, multicast, and the benchmarking range.
+func special(ip netip.Addr) bool {
+	if ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip.IsLinkLocalMulticast() || ip.IsPrivate() ||
+		ip.IsUnspecified() || ip.IsMulticast() || ip.IsInterfaceLocalMulticast() {
+		return true
+	}
+	for _, p := range []netip.Prefix{
+		netip.MustParsePrefix("100.64.0.0/10"), // CGNAT
+		netip.MustParsePrefix("198.18.0.0/15"), // benchmarking
+		netip.MustParsePrefix("0.0.0.0/8"),
+		netip.MustParsePrefix("240.0.0.0/4"),
+	} {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+// checkRedirect follows at most 10 redirects and never from https to http.
+func checkRedirect(req *http.Request, via []*http.Request) error {
+	if len(via) >= 10 {
+		return fmt.Errorf("%w: more than 10 redirects", ErrBadResponse)
+	}
+	if prev := via[len(via)-1]; prev.URL.Scheme == "https" && req.URL.Scheme != "https" {
+		return fmt.Errorf("%w: redirect from https to %s refused", ErrBadResponse, req.URL.Scheme)
+	}
+	return nil
 }
 
 // validHost accepts host or host:port as containerd sends it in ns=.
@@ -197,11 +349,11 @@ func (c *Client) Ping(ctx context.Context, registry string, hdr http.Header) (*h
 // Manifest fetches (GET) or checks (HEAD) a manifest by tag or digest. A
 // non-2xx status comes back as *StatusError.
 func (c *Client) Manifest(ctx context.Context, method, registry, repo, ref string, hdr http.Header) (*http.Response, error) {
-	u, err := c.BaseURL(registry)
+	u, err := c.repoBase(registry, repo)
 	if err != nil {
 		return nil, err
 	}
-	resp, err := c.do(ctx, method, u.JoinPath("/v2/", repo, "manifests", ref).String(), hdr, true)
+	resp, err := c.doRegistry(ctx, method, registry, repo, u.JoinPath("/v2/", repo, "manifests", ref).String(), hdr)
 	if err != nil {
 		return nil, err
 	}
@@ -213,11 +365,11 @@ func (c *Client) Manifest(ctx context.Context, method, registry, repo, ref strin
 
 // BlobSize asks the upstream for a blob's size with HEAD.
 func (c *Client) BlobSize(ctx context.Context, registry, repo string, d digest.Digest, hdr http.Header) (int64, error) {
-	u, err := c.BaseURL(registry)
+	u, err := c.repoBase(registry, repo)
 	if err != nil {
 		return 0, err
 	}
-	resp, err := c.do(ctx, http.MethodHead, u.JoinPath("/v2/", repo, "blobs", d.String()).String(), hdr, true)
+	resp, err := c.doRegistry(ctx, http.MethodHead, registry, repo, u.JoinPath("/v2/", repo, "blobs", d.String()).String(), hdr)
 	if err != nil {
 		return 0, err
 	}
@@ -265,12 +417,12 @@ func (c *Client) Blob(ctx context.Context, registry, repo string, d digest.Diges
 		c.redirects.Remove(key)
 	}
 
-	u, err := c.BaseURL(registry)
+	u, err := c.repoBase(registry, repo)
 	if err != nil {
 		return nil, false, err
 	}
 	reqURL := u.JoinPath("/v2/", repo, "blobs", d.String()).String()
-	resp, err := c.do(ctx, http.MethodGet, reqURL, h, true)
+	resp, err := c.doRegistry(ctx, http.MethodGet, registry, repo, reqURL, h)
 	if err != nil {
 		return nil, false, err
 	}
@@ -323,6 +475,38 @@ func ParseContentRange(s string) (start, end, size int64, err error) {
 		}
 	}
 	return start, end, size, nil
+}
+
+// doRegistry sends a request to a registry. A client with node credentials
+// answers a 401 challenge itself and tries once more; any other passes the
+// caller's headers through.
+func (c *Client) doRegistry(ctx context.Context, method, registry, repo, rawURL string, hdr http.Header) (*http.Response, error) {
+	if c.auth == nil {
+		return c.do(ctx, method, rawURL, hdr, true)
+	}
+	h := hdr.Clone()
+	if h == nil {
+		h = http.Header{}
+	}
+	h.Del("Authorization") // never a client's, on a node's own fetch
+	if v := c.auth.cached(registry, repo); v != "" {
+		h.Set("Authorization", v)
+	}
+	resp, err := c.do(ctx, method, rawURL, h, true)
+	if err != nil || resp.StatusCode != http.StatusUnauthorized {
+		return resp, err
+	}
+	challenge := resp.Header.Get("WWW-Authenticate")
+	first := statusError(resp)
+	v, err := c.auth.authorize(ctx, registry, repo, challenge)
+	if errors.Is(err, ErrNoCredentials) {
+		return nil, first
+	}
+	if err != nil {
+		return nil, err
+	}
+	h.Set("Authorization", v)
+	return c.do(ctx, method, rawURL, h, true)
 }
 
 // do sends a request, retrying 5xx, 429 and transport errors with backoff.

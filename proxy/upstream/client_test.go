@@ -1,6 +1,7 @@
 package upstream
 
 import (
+	"errors"
 	"fmt"
 	"testing"
 )
@@ -48,7 +49,8 @@ func FuzzParseContentRange(f *testing.F) {
 }
 
 func TestBaseURL(t *testing.T) {
-	c, err := New(Options{Registries: map[string]string{"mirror.test": "http://127.0.0.1:5000/"}})
+	c, err := New(Options{Registries: map[string]string{"mirror.test": "http://127.0.0.1:5000/"},
+		Allow: []string{"docker.io", "ghcr.io", "registry.local:5000", "[::1]:5000", "*.pkg.dev"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -58,6 +60,7 @@ func TestBaseURL(t *testing.T) {
 		{"ghcr.io", "https://ghcr.io"},
 		{"registry.local:5000", "https://registry.local:5000"},
 		{"[::1]:5000", "https://[::1]:5000"},
+		{"europe-docker.pkg.dev", "https://europe-docker.pkg.dev"},
 	}
 	for _, tt := range tests {
 		u, err := c.BaseURL(tt.name)
@@ -65,9 +68,12 @@ func TestBaseURL(t *testing.T) {
 			t.Errorf("BaseURL(%q) = %v, %v; want %s", tt.name, u, err, tt.want)
 		}
 	}
-	for _, bad := range []string{"", "a/b", "host:0", "host:99999", "a b", "user@host", "host?x"} {
-		if _, err := c.BaseURL(bad); err == nil {
-			t.Errorf("BaseURL(%q) accepted", bad)
+	// Malformed, or well-formed but neither configured nor allowed (an open
+	// relay would dial them).
+	for _, bad := range []string{"", "a/b", "host:0", "host:99999", "a b", "user@host", "host?x",
+		"127.0.0.1:22", "169.254.169.254", "localhost:6379", "evil.example", "pkg.dev.evil.example", "ghcr.io:8443x"} {
+		if _, err := c.BaseURL(bad); !errors.Is(err, ErrUnknownRegistry) {
+			t.Errorf("BaseURL(%q) = %v, want ErrUnknownRegistry", bad, err)
 		}
 	}
 	if _, err := New(Options{Registries: map[string]string{"x": "ftp://x"}}); err == nil {
@@ -76,8 +82,8 @@ func TestBaseURL(t *testing.T) {
 }
 
 func FuzzBaseURL(f *testing.F) {
-	c, _ := New(Options{})
-	for _, s := range []string{"docker.io", "ghcr.io", "h:1", "[::1]:5000", "a/b"} {
+	c, _ := New(Options{Allow: []string{"docker.io", "ghcr.io", "*.pkg.dev"}})
+	for _, s := range []string{"docker.io", "ghcr.io", "h:1", "[::1]:5000", "a/b", "x.pkg.dev"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, name string) {

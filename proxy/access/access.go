@@ -1,0 +1,145 @@
+// Package access decides whether a client may read content this node holds
+// (in its cache, or from peers) that the client did not fetch from the
+// upstream itself: private content goes only to clients the upstream lets
+// read it. The upstream is asked with a HEAD for that repository and digest,
+// with the client's own credentials (anonymously for an anonymous client),
+// and its answer is remembered briefly per credential, registry, repository
+// and digest.
+package access
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/hashicorp/golang-lru/v2/expirable"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/proxy/upstream"
+)
+
+// Kind is what is read: a blob or a manifest.
+type Kind int
+
+const (
+	Blob Kind = iota
+	Manifest
+)
+
+// Upstream asks the registry; *upstream.Client is one.
+type Upstream interface {
+	BlobSize(ctx context.Context, registry, repo string, d digest.Digest, hdr http.Header) (int64, error)
+	Manifest(ctx context.Context, method, registry, repo, ref string, hdr http.Header) (*http.Response, error)
+}
+
+// Options configure a Checker.
+type Options struct {
+	Upstream Upstream
+	// TTL is how long an answer is remembered.
+	TTL time.Duration
+	// Size bounds the remembered answers.
+	Size int
+	// Timeout bounds one question to the upstream.
+	Timeout time.Duration
+	// StaleTTL is how long an allowed answer still counts while the
+	// upstream cannot be reached (no answer, as opposed to a refusal), so
+	// a registry outage does not stop a node serving its cache to the
+	// clients it served before.
+	StaleTTL time.Duration
+}
+
+// Checker answers and remembers access questions.
+type Checker struct {
+	opts  Options
+	cache *expirable.LRU[key, error]
+	stale *expirable.LRU[key, struct{}]
+}
+
+type key struct {
+	cred           [sha256.Size]byte
+	registry, repo string
+	digest         digest.Digest
+	kind           Kind
+}
+
+// New returns a checker.
+func New(opts Options) *Checker {
+	if opts.TTL <= 0 {
+		opts.TTL = time.Minute
+	}
+	if opts.Size <= 0 {
+		opts.Size = 65536
+	}
+	if opts.Timeout <= 0 {
+		opts.Timeout = 30 * time.Second
+	}
+	if opts.StaleTTL <= 0 {
+		opts.StaleTTL = 24 * time.Hour
+	}
+	return &Checker{
+		opts:  opts,
+		cache: expirable.NewLRU[key, error](opts.Size, nil, opts.TTL),
+		stale: expirable.NewLRU[key, struct{}](opts.Size, nil, opts.StaleTTL),
+	}
+}
+
+func keyOf(hdr http.Header, registry, repo string, d digest.Digest, kind Kind) key {
+	return key{cred: sha256.Sum256([]byte(hdr.Get("Authorization"))), registry: registry, repo: repo, digest: d, kind: kind}
+}
+
+// Check returns nil when the client whose request headers are hdr may read
+// d in repo of registry; else the upstream's refusal (an
+// *upstream.StatusError, 401 with its challenge included) or why it could
+// not be asked. Only the upstream's own answers are remembered.
+func (c *Checker) Check(ctx context.Context, registry, repo string, d digest.Digest, kind Kind, hdr http.Header) error {
+	k := keyOf(hdr, registry, repo, d, kind)
+	if err, ok := c.cache.Get(k); ok {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
+	defer cancel()
+	auth := http.Header{}
+	if v := hdr.Get("Authorization"); v != "" {
+		auth.Set("Authorization", v)
+	}
+	var err error
+	switch kind {
+	case Blob:
+		_, err = c.opts.Upstream.BlobSize(ctx, registry, repo, d, auth)
+	case Manifest:
+		auth.Set("Accept", "*/*")
+		var resp *http.Response
+		if resp, err = c.opts.Upstream.Manifest(ctx, http.MethodHead, registry, repo, d.String(), auth); err == nil {
+			resp.Body.Close()
+		}
+	}
+	var se *upstream.StatusError
+	switch {
+	case err == nil:
+		c.remember(k)
+		return nil
+	case errors.As(err, &se) && se.Code >= 400 && se.Code < 500 && se.Code != http.StatusTooManyRequests:
+		c.cache.Add(k, err)
+		c.stale.Remove(k)
+		return err
+	case c.stale.Contains(k):
+		// No answer: this credential was allowed this content before.
+		return nil
+	default:
+		return fmt.Errorf("access: asking the upstream: %w", err)
+	}
+}
+
+func (c *Checker) remember(k key) {
+	c.cache.Add(k, nil)
+	c.stale.Add(k, struct{}{})
+}
+
+// Allow records that the client of hdr read d from the upstream itself just
+// now, so it need not be asked again.
+func (c *Checker) Allow(registry, repo string, d digest.Digest, kind Kind, hdr http.Header) {
+	c.remember(keyOf(hdr, registry, repo, d, kind))
+}
