@@ -39,6 +39,9 @@ type Registry struct {
 	srv   *http.Server
 	ln    net.Listener
 	token atomic.Pointer[string]
+	// creds, when set, are demanded: at the token realm in token mode,
+	// else as basic auth on every request.
+	creds atomic.Pointer[[2]string]
 	blobs registry.BlobHandler
 	wg    sync.WaitGroup
 
@@ -107,6 +110,26 @@ func (r *Registry) SetPace(bytesPerSec int64) { r.pace.Store(bytesPerSec) }
 // (empty: no auth), challenging with a token realm at /token that hands it out.
 func (r *Registry) SetToken(token string) { r.token.Store(&token) }
 
+// SetCredentials makes the registry private: with a token (SetToken) the
+// realm hands it out only for these basic credentials; without one every
+// request needs them as basic auth. Empty user: public again.
+func (r *Registry) SetCredentials(user, pass string) {
+	if user == "" {
+		r.creds.Store(nil)
+		return
+	}
+	r.creds.Store(&[2]string{user, pass})
+}
+
+func (r *Registry) credsOK(req *http.Request) bool {
+	c := r.creds.Load()
+	if c == nil {
+		return true
+	}
+	u, p, ok := req.BasicAuth()
+	return ok && u == c[0] && p == c[1]
+}
+
 // SetDown makes every request fail with 503 (true) or work again.
 func (r *Registry) SetDown(v bool) { r.down.Store(v) }
 
@@ -155,6 +178,10 @@ func (r *Registry) wrap(next http.Handler) http.Handler {
 		if tp := r.token.Load(); tp != nil && *tp != "" {
 			token := *tp
 			if path == "/token" {
+				if !r.credsOK(req) {
+					http.Error(w, `{"errors":[{"code":"UNAUTHORIZED","message":"credentials required"}]}`, http.StatusUnauthorized)
+					return
+				}
 				w.Header().Set("Content-Type", "application/json")
 				fmt.Fprintf(w, `{"token":%q}`, token)
 				return
@@ -166,6 +193,12 @@ func (r *Registry) wrap(next http.Handler) http.Handler {
 				io.WriteString(w, `{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}`)
 				return
 			}
+		} else if !r.credsOK(req) && !strings.HasPrefix(path, "/_objects/") {
+			w.Header().Set("WWW-Authenticate", `Basic realm="testregistry"`)
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusUnauthorized)
+			io.WriteString(w, `{"errors":[{"code":"UNAUTHORIZED","message":"credentials required"}]}`)
+			return
 		}
 		if obj, ok := strings.CutPrefix(path, "/_objects/"); ok && req.Method == http.MethodGet {
 			// The "object store": same bytes, reached through a signed URL.
