@@ -89,12 +89,16 @@ func TestConcurrentReadersShareOneDownload(t *testing.T) {
 
 	const clients = 50
 	var wg sync.WaitGroup
+	var shared atomic.Pointer[Task]
 	errs := make(chan error, clients)
 	for i := 0; i < clients; i++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			tk, err := m.Open(ctx, Request{Digest: d})
+			if err == nil {
+				shared.Store(tk)
+			}
 			if errors.Is(err, ErrComplete) {
 				b, err := st.Get(d)
 				if err != nil {
@@ -137,6 +141,16 @@ func TestConcurrentReadersShareOneDownload(t *testing.T) {
 	}
 	if got, want := src.ranges.Load(), int64(piece.PlanFor(int64(len(data))).Count()); got != want {
 		t.Errorf("upstream served %d ranges, want exactly %d", got, want)
+	}
+	// Readers finish once the bytes are verified, while the commit syncs
+	// them to disk: the blob is in the store when the task is done.
+	tk := shared.Load()
+	if tk == nil {
+		t.Fatal("no client shared the download")
+	}
+	<-tk.Done()
+	if err := tk.Err(); err != nil {
+		t.Fatalf("task: %v", err)
 	}
 	if _, err := st.Stat(d); err != nil {
 		t.Errorf("blob not committed: %v", err)
