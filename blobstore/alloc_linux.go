@@ -20,3 +20,12 @@ func allocate(f *os.File, size int64) error {
 	}
 	return err
 }
+
+// freeBytes is the space an unprivileged writer may still use under dir.
+func freeBytes(dir string) (int64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0, err
+	}
+	return int64(st.Bavail) * int64(st.Bsize), nil
+}

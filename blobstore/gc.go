@@ -3,6 +3,7 @@ package blobstore
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"time"
@@ -64,7 +65,7 @@ func (s *Store) GC(ctx context.Context) (GCResult, error) {
 		res.Removed++
 		res.Freed += size
 	}
-	if s.opts.MaxAge > 0 {
+	if s.opts.PartialMaxAge > 0 {
 		n, err := s.gcPartials(now)
 		res.Partials = n
 		if err != nil {
@@ -98,7 +99,7 @@ func (s *Store) gcPartials(now time.Time) (int, error) {
 			continue
 		}
 		info, err := os.Stat(filepath.Join(dir, "pieces"))
-		if err == nil && now.Sub(info.ModTime()) <= s.opts.MaxAge {
+		if err == nil && now.Sub(info.ModTime()) <= s.opts.PartialMaxAge {
 			continue
 		}
 		if err := os.RemoveAll(dir); err != nil {
@@ -119,9 +120,21 @@ func (s *Store) RunGC(ctx context.Context, interval time.Duration) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			if _, err := s.GC(ctx); err != nil {
-				s.log.Warn("gc failed", "err", err)
-			}
+		case <-s.gcKick:
+		}
+		if _, err := s.GC(ctx); err != nil {
+			s.log.Warn("gc failed", "err", err)
 		}
 	}
+}
+
+// noSpace records a full disk: it asks RunGC to collect now and returns
+// the error callers branch on.
+func (s *Store) noSpace(what string, need int64, err error) error {
+	select {
+	case s.gcKick <- struct{}{}:
+	default:
+	}
+	s.log.Error("disk full", "root", s.root, "need", need, "for", what, "err", err)
+	return fmt.Errorf("%w: %s needs %d bytes under %s: %w", ErrNoSpace, what, need, s.root, err)
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 
 	"github.com/opencontainers/go-digest"
 
@@ -113,10 +114,20 @@ func (p *Partial) open(ctx context.Context) error {
 	if p.records, err = os.OpenFile(filepath.Join(p.dir, "pieces"), os.O_RDWR|os.O_CREATE, 0o644); err != nil {
 		return fmt.Errorf("blobstore: open piece records: %w", err)
 	}
+	if !resume {
+		// Checked before anything is reserved, so that one blob cannot
+		// take the last of the disk from everything else on the node.
+		if free, err := freeBytes(p.dir); err == nil && free < p.plan.Size {
+			return p.s.noSpace(p.digest.String(), p.plan.Size, fmt.Errorf("%d bytes free", free))
+		}
+	}
 	if err := p.data.Truncate(p.plan.Size); err != nil {
 		return fmt.Errorf("blobstore: size partial data: %w", err)
 	}
 	if err := allocate(p.data, p.plan.Size); err != nil {
+		if errors.Is(err, syscall.ENOSPC) {
+			return p.s.noSpace(p.digest.String(), p.plan.Size, err)
+		}
 		return fmt.Errorf("blobstore: reserve %d bytes for %s: %w", p.plan.Size, p.digest, err)
 	}
 	if err := p.records.Truncate(int64(n * recordSize)); err != nil {
@@ -224,6 +235,9 @@ func (p *Partial) WritePiece(i int, r io.Reader) (uint32, error) {
 				return 0, fmt.Errorf("blobstore: piece %d: %w: more than %d bytes", i, ErrPieceLength, n)
 			}
 			if _, werr := p.data.WriteAt(buf[:m], off+written); werr != nil {
+				if errors.Is(werr, syscall.ENOSPC) {
+					return 0, p.s.noSpace(p.digest.String(), n, werr)
+				}
 				return 0, fmt.Errorf("blobstore: write piece %d: %w", i, werr)
 			}
 			h.Write(buf[:m])

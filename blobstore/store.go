@@ -37,6 +37,9 @@ var (
 	ErrBusy = errors.New("blobstore: partial blob already open")
 	// ErrDigestMismatch means Commit was given a digest other than the blob's.
 	ErrDigestMismatch = errors.New("blobstore: digest mismatch")
+	// ErrNoSpace means this node's disk has no room for a blob: a local
+	// failure, not the upstream's.
+	ErrNoSpace = errors.New("blobstore: disk full")
 )
 
 // Options tune a Store. The zero value keeps everything forever.
@@ -48,6 +51,9 @@ type Options struct {
 	LowWater int64
 	// MaxAge evicts blobs not read for this long. Zero disables it.
 	MaxAge time.Duration
+	// PartialMaxAge removes partial blobs nobody has written to for this
+	// long (abandoned downloads keep their reserved space). Zero: MaxAge.
+	PartialMaxAge time.Duration
 	// Now is the clock; time.Now when nil.
 	Now    func() time.Time
 	Logger *slog.Logger
@@ -61,9 +67,10 @@ type entry struct {
 
 // Store is a content-addressed blob store on a local disk.
 type Store struct {
-	root string
-	opts Options
-	log  *slog.Logger
+	gcKick chan struct{} // asks RunGC for a collection now (disk full)
+	root   string
+	opts   Options
+	log    *slog.Logger
 
 	mu       sync.Mutex
 	lru      *simplelru.LRU[digest.Digest, *entry] // complete blobs, least recently used first
@@ -94,7 +101,11 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("blobstore: %w", err)
 	}
+	if opts.PartialMaxAge <= 0 {
+		opts.PartialMaxAge = opts.MaxAge
+	}
 	s := &Store{
+		gcKick:   make(chan struct{}, 1),
 		root:     root,
 		opts:     opts,
 		log:      opts.Logger.With("component", "blobstore"),

@@ -111,11 +111,12 @@ type Pieces struct {
 
 // Store is the [store] table.
 type Store struct {
-	HighWater   Size          `toml:"high_water"`
-	LowWater    Size          `toml:"low_water"`
-	MaxAge      time.Duration `toml:"max_age"`
-	GCInterval  time.Duration `toml:"gc_interval"`
-	MaxBlobSize Size          `toml:"max_blob_size"`
+	HighWater     Size          `toml:"high_water"`
+	LowWater      Size          `toml:"low_water"`
+	MaxAge        time.Duration `toml:"max_age"`
+	PartialMaxAge time.Duration `toml:"partial_max_age"`
+	GCInterval    time.Duration `toml:"gc_interval"`
+	MaxBlobSize   Size          `toml:"max_blob_size"`
 }
 
 // Size is a byte count written as "4MiB", "10GB" or a plain number.
@@ -153,7 +154,7 @@ func Default() Config {
 			Credentials:           map[string]Credential{},
 		},
 		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1},
-		Store:  Store{GCInterval: 5 * time.Minute, MaxBlobSize: 64 << 30, MaxAge: 0},
+		Store:  Store{GCInterval: 5 * time.Minute, MaxBlobSize: 64 << 30, PartialMaxAge: 24 * time.Hour},
 		P2P:    P2P{Join: []string{}, Selector: "state", MaxPeers: 32},
 		Upload: Upload{Limit: 16, SuperSeed: true, Syncer: Syncer{Enable: true, Interval: 3 * time.Second, Capacity: 50}},
 		Admin:  Admin{Listen: "127.0.0.1:5001"},

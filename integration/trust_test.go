@@ -5,6 +5,8 @@ import (
 	"crypto/tls"
 	"io"
 	"net/http"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +17,7 @@ import (
 
 	"github.com/registry-proxy/registry-proxy/internal/ports"
 	"github.com/registry-proxy/registry-proxy/internal/probe"
+	"github.com/registry-proxy/registry-proxy/internal/testregistry"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/p2p/trust"
 )
@@ -131,5 +134,46 @@ func TestGossipRefusesOtherSecret(t *testing.T) {
 	}
 	if n, err := probe.Members(ctx, "http://"+intruder.Admin); err != nil || n != 1 {
 		t.Errorf("the intruder sees %d members (%v), want 1", n, err)
+	}
+}
+
+// A full disk is a clear local error: a blob larger than the free space of
+// the data directory (a small tmpfs) gets 507 saying the node's disk is
+// full, with nothing from the upstream, and the store keeps working for a
+// blob that fits.
+func TestDiskFull(t *testing.T) {
+	need(t, os.Geteuid() == 0, "root, to mount a tmpfs")
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Fatalf("mount tmpfs: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	reg := startRegistry(t)
+	big, err := reg.PushBlob(context.Background(), "disk/full", testregistry.RandomBytes(32<<20, 5))
+	if err != nil {
+		t.Fatal(err)
+	}
+	small, err := reg.PushBlob(context.Background(), "disk/full", testregistry.RandomBytes(2<<20, 6))
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg.ResetCounters()
+	px := startProxy(t, dir, "--upstream", "disk.invalid="+reg.URL)
+	url := func(d string) string { return "http://" + px.Addr + "/v2/disk/full/blobs/" + d + "?ns=disk.invalid" }
+	resp, err := http.Get(url(big))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusInsufficientStorage || !strings.Contains(string(body), "disk is full") {
+		t.Fatalf("blob larger than the disk: %d %s", resp.StatusCode, body)
+	}
+	if n := reg.BlobBytes(); n != 0 {
+		t.Errorf("the upstream sent %d blob bytes for a blob that cannot be stored", n)
+	}
+	waitOutput(t, px.proc, `"msg":"disk full"`, 10*time.Second)
+	if _, err := fetchVerified(url(small), small); err != nil {
+		t.Fatalf("a blob that fits, after the full disk: %v", err)
 	}
 }

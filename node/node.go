@@ -47,10 +47,11 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		return nil, fmt.Errorf("config: %w", err)
 	}
 	store, err := blobstore.Open(ctx, cfg.DataDir, blobstore.Options{
-		HighWater: int64(cfg.Store.HighWater),
-		LowWater:  int64(cfg.Store.LowWater),
-		MaxAge:    cfg.Store.MaxAge,
-		Logger:    log,
+		HighWater:     int64(cfg.Store.HighWater),
+		LowWater:      int64(cfg.Store.LowWater),
+		MaxAge:        cfg.Store.MaxAge,
+		PartialMaxAge: cfg.Store.PartialMaxAge,
+		Logger:        log,
 	})
 	if err != nil {
 		return nil, err

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 
+	"github.com/registry-proxy/registry-proxy/blobstore"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
 	"github.com/registry-proxy/registry-proxy/task"
 )
@@ -82,6 +83,11 @@ func (s *Server) writeUpstreamError(w http.ResponseWriter, r *http.Request, err 
 	case errors.Is(err, upstream.ErrForbiddenAddress):
 		s.log.Warn("refused to dial the upstream", "method", r.Method, "path", r.URL.Path, "err", err)
 		writeError(w, http.StatusBadGateway, codeUnavailable, "upstream address not allowed")
+	case errors.Is(err, blobstore.ErrNoSpace):
+		// A local failure: say so, so nobody looks for it upstream. 507 is a
+		// 5xx: the client falls back to its next host.
+		s.log.Error("disk full", "method", r.Method, "path", r.URL.Path, "err", err)
+		writeError(w, http.StatusInsufficientStorage, codeUnavailable, "this mirror node's disk is full")
 	case errors.Is(err, task.ErrTooLarge):
 		writeError(w, http.StatusForbidden, codeDenied, err.Error())
 	case errors.Is(err, context.DeadlineExceeded):
