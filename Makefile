@@ -93,6 +93,10 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParseContentRange -fuzztime $(FUZZTIME) ./proxy/upstream/
 	$(GO) test -run '^$$' -fuzz FuzzBaseURL -fuzztime $(FUZZTIME) ./proxy/upstream/
 	$(GO) test -run '^$$' -fuzz FuzzRequest -fuzztime $(FUZZTIME) ./proxy/
+	$(GO) test -run '^$$' -fuzz FuzzParseChallenge -fuzztime $(FUZZTIME) ./proxy/upstream/
+	$(GO) test -run '^$$' -fuzz FuzzDockerConfig -fuzztime $(FUZZTIME) ./proxy/upstream/
+	$(GO) test -run '^$$' -fuzz FuzzParseSecrets -fuzztime $(FUZZTIME) ./p2p/trust/
+	$(GO) test -run '^$$' -fuzz FuzzRegister -fuzztime $(FUZZTIME) ./p2p/swarm/
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')

@@ -31,6 +31,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/p2p/seeding"
+	"github.com/registry-proxy/registry-proxy/p2p/trust"
 	"github.com/registry-proxy/registry-proxy/piece"
 )
 
@@ -262,6 +263,9 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 	d, err := digest.Parse(req.GetDigest())
 	if err != nil {
 		return status.Errorf(codes.InvalidArgument, "digest: %v", err)
+	}
+	if p, err := trust.FromContext(stream.Context()); err == nil && p.ID != "" && req.GetHostId() != "" && p.ID != req.GetHostId() {
+		return status.Errorf(codes.PermissionDenied, "host_id %q is not the node %q authenticated as", req.GetHostId(), p.ID)
 	}
 	snap, changed, ok := s.opts.Source.Snapshot(d)
 	if !ok {

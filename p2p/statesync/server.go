@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/p2p/trust"
 )
 
 // ServerOptions configure a Server.
@@ -74,6 +75,10 @@ func (s *Server) Subscribers() int { return s.subs.Len() }
 func (s *Server) SyncHost(req *pb.SyncHostRequest, stream pb.HostSync_SyncHostServer) error {
 	if req.GetHostId() == "" {
 		return status.Error(codes.InvalidArgument, "host_id is required")
+	}
+	// A member subscribes as itself only: it cannot push others out of the LRU.
+	if p, err := trust.FromContext(stream.Context()); err == nil && p.ID != "" && p.ID != req.GetHostId() {
+		return status.Errorf(codes.PermissionDenied, "host_id %q is not the node %q authenticated as", req.GetHostId(), p.ID)
 	}
 	self := s.opts.Self()
 	if req.GetPeerId() != "" && req.GetPeerId() != self.GetId() {

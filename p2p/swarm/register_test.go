@@ -1,0 +1,109 @@
+package swarm
+
+import (
+	"context"
+	"net"
+	"strings"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/p2p/membership"
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/proxy/upstream"
+)
+
+const testDigest = "sha256:2222222222222222222222222222222222222222222222222222222222222222"
+
+func newRegisterSwarm(t testing.TB) *Swarm {
+	t.Helper()
+	store, err := blobstore.Open(context.Background(), t.TempDir(), blobstore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	up, err := upstream.New(upstream.Options{Registries: map[string]string{"reg.test": "http://127.0.0.1:9"}, Allow: []string{"docker.io"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	members := []membership.Member{{ID: "owner", Addr: "127.0.0.1:7000"}, {ID: "child", Addr: "127.0.0.2:7000"}}
+	return New(Options{
+		Self:       members[0],
+		Members:    func() []membership.Member { return members },
+		Store:      store,
+		Registries: up,
+	})
+}
+
+// from is a gRPC context of a request from ip (an insecure peer port: the
+// id is the one claimed).
+func from(ip string) context.Context {
+	return peer.NewContext(context.Background(), &peer.Peer{Addr: &net.TCPAddr{IP: net.ParseIP(ip), Port: 40000}})
+}
+
+func TestRegisterValidates(t *testing.T) {
+	s := newRegisterSwarm(t)
+	ok := func() *pb.RegisterRequest {
+		return &pb.RegisterRequest{Digest: testDigest, HostId: "child", Addr: "127.0.0.2:7000", Registry: "reg.test", Repository: "team/app"}
+	}
+	tests := []struct {
+		name string
+		ip   string
+		mut  func(*pb.RegisterRequest)
+		code codes.Code
+	}{
+		{"valid", "127.0.0.2", func(*pb.RegisterRequest) {}, codes.OK},
+		{"bad digest", "127.0.0.2", func(r *pb.RegisterRequest) { r.Digest = "sha256:zz" }, codes.InvalidArgument},
+		{"not a member", "127.0.0.2", func(r *pb.RegisterRequest) { r.HostId = "intruder" }, codes.PermissionDenied},
+		{"member from another address", "127.0.0.9", func(*pb.RegisterRequest) {}, codes.PermissionDenied},
+		{"registry not allowed", "127.0.0.2", func(r *pb.RegisterRequest) { r.Registry = "169.254.169.254" }, codes.InvalidArgument},
+		{"repository leaving /v2/", "127.0.0.2", func(r *pb.RegisterRequest) { r.Repository = "../../admin" }, codes.InvalidArgument},
+		{"repository upper case", "127.0.0.2", func(r *pb.RegisterRequest) { r.Repository = "Team/App" }, codes.InvalidArgument},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			req := ok()
+			tt.mut(req)
+			_, err := s.Register(from(tt.ip), req)
+			if got := status.Code(err); got != tt.code {
+				t.Fatalf("Register = %v, want %v", err, tt.code)
+			}
+		})
+	}
+	// The registered address is the member's, not the one claimed.
+	req := ok()
+	req.Addr = "203.0.113.7:7000"
+	if _, err := s.Register(from("127.0.0.2"), req); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range s.tracker.Peers(testDigest, "", 10) {
+		if p.Addr != "127.0.0.2:7000" {
+			t.Errorf("tracker hands out %s for %s, a claimed address", p.Addr, p.ID)
+		}
+	}
+}
+
+func FuzzRegister(f *testing.F) {
+	s := newRegisterSwarm(f)
+	f.Add(testDigest, "child", "127.0.0.2:7000", "reg.test", "team/app", "127.0.0.2")
+	f.Add("sha256:", "", "", "", "../x", "::1")
+	f.Fuzz(func(t *testing.T, d, host, addr, registry, repo, ip string) {
+		resp, err := s.Register(from(ip), &pb.RegisterRequest{Digest: d, HostId: host, Addr: addr, Registry: registry, Repository: repo})
+		if err != nil {
+			return
+		}
+		if !upstream.ValidRepository(repo) || (registry != "reg.test" && registry != "docker.io") {
+			t.Fatalf("accepted registry %q repository %q", registry, repo)
+		}
+		if host != "child" && host != "owner" {
+			t.Fatalf("accepted host %q", host)
+		}
+		for _, p := range resp.GetPeers() {
+			if strings.Contains(p.GetAddr(), "203.0.113") {
+				t.Fatal("handed out a claimed address")
+			}
+		}
+	})
+}
