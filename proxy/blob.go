@@ -6,6 +6,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -119,6 +121,21 @@ func (s *Server) serveTask(w http.ResponseWriter, r *http.Request, t *task.Task)
 		w.WriteHeader(http.StatusOK)
 		_, err2 = copyOut(w, r, rd)
 	} else {
+		end, ok := rangeEnd(r.Header.Get("Range"), t.Size())
+		if !ok {
+			// Several ranges, or one ServeContent will refuse: answered once
+			// the whole blob is verified.
+			if err := t.Wait(r.Context()); err != nil {
+				s.writeTaskError(w, r, t, err)
+				return
+			}
+		} else if end > 0 {
+			// Bytes from peers are checked against their digest only when
+			// the whole blob is: a range ending before the blob does is
+			// completed only then, so a 206 never ends cleanly on bytes
+			// that may not be the blob's.
+			rd.HoldUntilVerified(end)
+		}
 		er := &errReader{r: rd}
 		http.ServeContent(w, r, "", time.Time{}, er)
 		err2 = er.err
@@ -154,6 +171,31 @@ func copyOut(w http.ResponseWriter, r *http.Request, src io.Reader) (int64, erro
 	bp := copyBufs.Get().(*[]byte)
 	defer copyBufs.Put(bp)
 	return io.CopyBuffer(struct{ io.Writer }{w}, struct{ io.Reader }{src}, *bp)
+}
+
+// rangeEnd is the exclusive end of a single-range Range header within a blob
+// of size bytes (0 when there is no header); ok is false for several ranges
+// or a header it does not understand.
+func rangeEnd(h string, size int64) (end int64, ok bool) {
+	if h == "" {
+		return 0, true
+	}
+	spec, found := strings.CutPrefix(h, "bytes=")
+	if !found || strings.Contains(spec, ",") {
+		return 0, false
+	}
+	first, last, found := strings.Cut(strings.TrimSpace(spec), "-")
+	if !found {
+		return 0, false
+	}
+	if first == "" || last == "" {
+		return size, true // a suffix, or open-ended: up to the blob's end
+	}
+	b, err := strconv.ParseInt(last, 10, 64)
+	if err != nil || b < 0 {
+		return 0, false
+	}
+	return min(b+1, size), true
 }
 
 // errReader remembers the error that ended a read, which ServeContent drops.

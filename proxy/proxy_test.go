@@ -276,6 +276,21 @@ func TestUpstreamFaults(t *testing.T) {
 				t.Fatalf("after repair: status %d, %d bytes", resp2.StatusCode, len(body))
 			}
 		}},
+		{"range of corrupt bytes during the download: never a clean 206", nil, func(r *testregistry.Registry) { r.SetCorrupt(true) }, func(t *testing.T, e *env) {
+			// The first piece whole: the upstream flips a byte in it. The range
+			// is complete long before the blob is, but must not end cleanly
+			// until the blob has matched its digest, which it never does.
+			req, _ := http.NewRequest("GET", e.base+"/v2/library/app/blobs/"+e.blobD+e.ns, nil)
+			req.Header.Set("Range", fmt.Sprintf("bytes=0-%d", piece.MinSize-1))
+			resp, err := http.DefaultClient.Do(req)
+			if err == nil {
+				b, rerr := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if rerr == nil && resp.StatusCode == http.StatusPartialContent {
+					t.Fatalf("range of a corrupt blob ended cleanly (%d bytes, equal to the blob's: %v)", len(b), string(b) == string(e.blob[:piece.MinSize]))
+				}
+			}
+		}},
 		{"auth: 401 passed back with challenge, token forwarded", nil, func(r *testregistry.Registry) { r.SetToken("s3cret") }, func(t *testing.T, e *env) {
 			for _, p := range []string{"/v2/", "/v2/library/app/manifests/v1" + e.ns, "/v2/library/app/blobs/" + e.blobD + e.ns} {
 				resp, body := e.do(t, "GET", p, nil)

@@ -494,7 +494,7 @@ func sortedKeys(m map[string]int64) []string {
 // available is how many bytes from off can be read now: the run of done
 // pieces from off, less the blob's last byte until the digest has matched,
 // so no reader ever receives a whole blob that is not verified.
-func (t *Task) availableLocked(off int64) int64 {
+func (t *Task) availableLocked(off, hold int64) int64 {
 	if off >= t.plan.Size {
 		return 0
 	}
@@ -509,17 +509,31 @@ func (t *Task) availableLocked(off int64) int64 {
 	if !t.verified && end >= t.plan.Size {
 		end = t.plan.Size - 1
 	}
+	if !t.verified && hold > 0 && end >= hold {
+		end = hold - 1
+	}
 	return max(end-off, 0)
 }
 
 // Reader reads the blob as it arrives. It is an io.ReadSeeker, so
 // http.ServeContent can serve it with ranges.
 type Reader struct {
-	t   *Task
-	ctx context.Context
-	f   *os.File
-	off int64
-	gen int
+	t    *Task
+	ctx  context.Context
+	f    *os.File
+	off  int64
+	gen  int
+	hold int64 // see HoldUntilVerified
+}
+
+// HoldUntilVerified makes the reader keep back the byte before end until the
+// whole blob has matched its digest, as it always keeps back the blob's last
+// byte: a response for a range ending at end is never completed with bytes
+// that may turn out not to be the blob's.
+func (r *Reader) HoldUntilVerified(end int64) {
+	r.t.mu.Lock()
+	r.hold = end
+	r.t.mu.Unlock()
 }
 
 // NewReader returns a reader of the blob; reads block until the bytes have
@@ -546,7 +560,7 @@ func (r *Reader) available() (int64, error) {
 	t := r.t
 	for {
 		t.mu.Lock()
-		n, verified, err, ch := t.availableLocked(r.off), t.verified, t.err, t.changed
+		n, verified, err, ch := t.availableLocked(r.off, r.hold), t.verified, t.err, t.changed
 		stale := r.gen != t.gen
 		t.mu.Unlock()
 		switch {
