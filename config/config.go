@@ -107,6 +107,7 @@ type Pieces struct {
 	Attempts    int           `toml:"attempts"`
 	PerParent   int           `toml:"per_parent"`
 	Upstream    int           `toml:"upstream"`
+	MinRate     Size          `toml:"min_rate"`
 }
 
 // Store is the [store] table.
@@ -153,7 +154,7 @@ func Default() Config {
 			Allow:                 DefaultAllow(),
 			Credentials:           map[string]Credential{},
 		},
-		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1},
+		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1, MinRate: 256 << 10},
 		Store:  Store{GCInterval: 5 * time.Minute, MaxBlobSize: 64 << 30, PartialMaxAge: 24 * time.Hour},
 		P2P:    P2P{Join: []string{}, Selector: "state", MaxPeers: 32},
 		Upload: Upload{Limit: 16, SuperSeed: true, Syncer: Syncer{Enable: true, Interval: 3 * time.Second, Capacity: 50}},

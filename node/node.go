@@ -102,6 +102,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		PerParent:           cfg.Pieces.PerParent,
 		UpstreamConcurrency: cfg.Pieces.Upstream,
 		PieceTimeout:        cfg.Pieces.Timeout,
+		MinRate:             float64(cfg.Pieces.MinRate),
 		Attempts:            cfg.Pieces.Attempts,
 		Selector:            cfg.P2P.Selector,
 		Logger:              log,

@@ -116,6 +116,13 @@ type Options struct {
 	// StallTimeout lets the upstream send pieces that no peer could send
 	// for this long, even where only the owner should go upstream.
 	StallTimeout time.Duration
+	// MinRate is the slowest a peer may send a piece, bytes/s over each
+	// RateWindow; a slower piece is taken away and its parent blocked, so a
+	// trickling parent holds a piece for seconds, not PieceTimeout. Zero: no
+	// minimum.
+	MinRate float64
+	// RateWindow is the window MinRate is measured over (5 s by default).
+	RateWindow time.Duration
 	// Now is the clock; Rand the random source (tests make both fixed).
 	Now    func() time.Time
 	Rand   *rand.Rand
@@ -157,6 +164,9 @@ func New(opts Options) *Collector {
 	}
 	if opts.PerParent <= 0 {
 		opts.PerParent = 4
+	}
+	if opts.RateWindow <= 0 {
+		opts.RateWindow = 5 * time.Second
 	}
 	if opts.ElsewhereFor <= 0 {
 		opts.ElsewhereFor = time.Second

@@ -586,3 +586,57 @@ func TestCancelledRunStops(t *testing.T) {
 		}
 	})
 }
+
+// A parent that trickles bytes while reporting itself idle (the favourite by
+// its own report) loses its piece within a rate window and is blocked; the
+// honest parent sends the rest.
+func TestTricklingParentLosesPiece(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		job := newJob(4) // 1024-byte pieces: about ten seconds each from the trickler
+		states := map[string]*pb.HostState{
+			"trickler": idle(),
+			"honest":   {MaxTxBandwidth: 1000, TxBandwidth: 990, UploadLimit: 16}, // looks too busy to steal to
+		}
+		c := New(Options{Concurrency: 2, PerParent: 1, MinRate: 500, RateWindow: time.Second, Rand: rand.New(rand.NewPCG(1, 2)),
+			State: func(id string) (*pb.HostState, bool) { st, ok := states[id]; return st, ok }})
+		r := c.NewRun(job)
+		trickler := &slowParent{fakeParent{id: "trickler", job: job}}
+		honest := &fakeParent{id: "honest", job: job}
+		r.AddParent(trickler)
+		r.AddParent(honest)
+		r.SetUpstream(&fakeParent{id: UpstreamID, job: job}, false)
+		all := job.checksums(job.all()...)
+		r.Announce("trickler", all, nil)
+		r.Announce("honest", all, nil)
+		start := time.Now()
+		if err := r.Run(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if got := job.from("trickler"); got != 0 {
+			t.Errorf("%d pieces completed by the trickler", got)
+		}
+		if trickler.count() == 0 {
+			t.Fatal("the trickler was never chosen: the test proves nothing")
+		}
+		if d := time.Since(start); d > 3*time.Second {
+			t.Errorf("took %v: the trickler kept its piece", d)
+		}
+	})
+}
+
+// What a parent reports counts for at most measuredFactor times the rate
+// its pieces came at.
+func TestWeightCappedByMeasuredRate(t *testing.T) {
+	c := New(Options{State: func(string) (*pb.HostState, bool) { return idle(), true }})
+	r := c.NewRun(newJob(1))
+	p := &fakeParent{id: "p"}
+	r.AddParent(p)
+	pq := r.parents["p"]
+	if w := r.weightLocked(pq); w <= measuredFactor*1000 {
+		t.Fatalf("unmeasured weight %v: the report should count", w)
+	}
+	pq.measured = 1000
+	if w := r.weightLocked(pq); w != measuredFactor*1000 {
+		t.Errorf("weight %v after measuring 1000 B/s, want %v", w, measuredFactor*1000)
+	}
+}

@@ -28,6 +28,25 @@ type parentQueue struct {
 	inflight int
 	picks    int
 	bytes    int64
+	// measured is the rate its last pieces came at (bytes/s, a moving
+	// average); 0 until one came. What it reports never counts for more.
+	measured float64
+}
+
+// measuredFactor bounds a parent's weight by what this node measured from
+// it: a parent's own report of spare bandwidth is believed up to this many
+// times the rate its pieces actually came at.
+const measuredFactor = 4
+
+// weightLocked is pq's selection weight: its host state, capped by what
+// this node measured from it.
+func (r *Run) weightLocked(pq *parentQueue) float64 {
+	st, ok := r.c.opts.State(pq.p.ID())
+	w := Weight(st, ok)
+	if pq.measured > 0 {
+		w = min(w, measuredFactor*pq.measured)
+	}
+	return w
 }
 
 // Run is the collection of one blob. Parents and their announcements may be
@@ -411,6 +430,12 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 		pq.blocked = r.c.opts.Now().Add(250 * time.Millisecond)
 		return nil
 	}
+	if errors.Is(err, errTooSlow) && !pq.upstream {
+		pq.blocked = r.c.opts.Now().Add(r.c.opts.BlockFor)
+		r.c.log.Warn("parent sends below the minimum rate; piece moved, parent blocked", "digest", r.job.Digest(), "piece", i,
+			"parent", pq.p.ID(), "min_rate", int64(r.c.opts.MinRate), "for", r.c.opts.BlockFor)
+		return nil
+	}
 	if (errors.Is(err, ErrElsewhere) || errors.Is(err, errStolen)) && !pq.upstream {
 		pq.refuse(i, r.c.opts.Now().Add(r.c.opts.ElsewhereFor))
 		return nil
@@ -576,8 +601,7 @@ func (r *Run) pickState(now time.Time) (int, *parentQueue) {
 	var total float64
 	for _, pq := range r.order {
 		if pq.offering > 0 && r.available(pq, now) {
-			st, ok := r.c.opts.State(pq.p.ID())
-			w := Weight(st, ok)
+			w := r.weightLocked(pq)
 			cands = append(cands, cand{pq, w})
 			total += w
 		}
@@ -678,6 +702,41 @@ type fetchState struct {
 // errStolen cancels a fetch whose piece another parent will send sooner.
 var errStolen = errors.New("collector: piece moved to a faster parent")
 
+// errTooSlow cancels a fetch from a parent sending below MinRate.
+var errTooSlow = errors.New("collector: parent below the minimum rate")
+
+// watchRate cancels fs's fetch with errTooSlow when fewer than MinRate
+// bytes/s arrive over a RateWindow. The returned func stops it and waits.
+func (r *Run) watchRate(ctx context.Context, fs *fetchState) (stop func()) {
+	if r.c.opts.MinRate <= 0 {
+		return func() {}
+	}
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		win := r.c.opts.RateWindow
+		t := time.NewTicker(win)
+		defer t.Stop()
+		var last int64
+		for {
+			select {
+			case <-done:
+				return
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			read := fs.read.Load()
+			if float64(read-last) < r.c.opts.MinRate*win.Seconds() && read < fs.size {
+				fs.cancel(errTooSlow)
+				return
+			}
+			last = read
+		}
+	})
+	return func() { close(done); wg.Wait() }
+}
+
 // Stealing thresholds: a fetch is left alone for its first second, and
 // moved only when it would need more than two more seconds and another
 // parent offering the piece looks at least three times faster.
@@ -706,8 +765,7 @@ func (r *Run) stealLocked() {
 			if q == fs.pq || !r.available(q, now) || !q.offers(i, now) {
 				continue
 			}
-			st, ok := r.c.opts.State(q.p.ID())
-			if Weight(st, ok) >= stealFactor*max(rate, 1) {
+			if r.weightLocked(q) >= stealFactor*max(rate, 1) {
 				r.c.log.Debug("moving a slow piece to another parent", "digest", r.job.Digest(), "piece", i,
 					"from", fs.pq.p.ID(), "to", q.p.ID(), "rate", int64(rate))
 				fs.pq.refuse(i, now.Add(r.c.opts.ElsewhereFor))
@@ -748,6 +806,7 @@ func (r *Run) fetch(ctx context.Context, i int, pq *parentQueue) error {
 			}
 			r.mu.Unlock()
 		}()
+		defer r.watchRate(ctx, fs)()
 	}
 	body, err := pq.p.Fetch(ctx, i, off, n)
 	var whole *ErrWhole
@@ -776,13 +835,29 @@ func (r *Run) fetch(ctx context.Context, i int, pq *parentQueue) error {
 	if fs != nil {
 		src = countingReader{r: src, n: &fs.read}
 	}
-	return stolen(ctx, r.job.Put(i, src, pq.p.ID(), Expect{CRC: crc, Known: known && !pq.upstream && !complete}))
+	err = stolen(ctx, r.job.Put(i, src, pq.p.ID(), Expect{CRC: crc, Known: known && !pq.upstream && !complete}))
+	if err == nil && fs != nil {
+		if secs := r.c.opts.Now().Sub(fs.start).Seconds(); secs > 0 {
+			rate := float64(n) / secs
+			r.mu.Lock()
+			if pq.measured == 0 {
+				pq.measured = rate
+			} else {
+				pq.measured = (pq.measured + rate) / 2
+			}
+			r.mu.Unlock()
+		}
+	}
+	return err
 }
 
-// stolen reports a fetch cancelled by stealLocked as errStolen.
+// stolen reports a fetch cancelled by stealLocked or watchRate as the
+// reason it was cancelled for.
 func stolen(ctx context.Context, err error) error {
-	if err != nil && errors.Is(context.Cause(ctx), errStolen) {
-		return errStolen
+	if err != nil {
+		if cause := context.Cause(ctx); errors.Is(cause, errStolen) || errors.Is(cause, errTooSlow) {
+			return cause
+		}
 	}
 	return err
 }
