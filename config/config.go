@@ -30,6 +30,16 @@ type Config struct {
 	Upload          Upload   `toml:"upload"`
 	Admin           Admin    `toml:"admin"`
 	Access          Access   `toml:"access"`
+	Limits          Limits   `toml:"limits"`
+}
+
+// Limits is the [limits] table.
+type Limits struct {
+	WriteStall           time.Duration `toml:"write_stall"`
+	Tasks                int           `toml:"tasks"`
+	TasksPerRegistry     int           `toml:"tasks_per_registry"`
+	UpstreamConnsPerHost int           `toml:"upstream_conns_per_host"`
+	ClientConns          int           `toml:"client_conns"`
 }
 
 // Admin is the [admin] table.
@@ -160,6 +170,7 @@ func Default() Config {
 		Upload: Upload{Limit: 16, SuperSeed: true, Syncer: Syncer{Enable: true, Interval: 3 * time.Second, Capacity: 50}},
 		Admin:  Admin{Listen: "127.0.0.1:5001"},
 		Access: Access{Check: true, TTL: time.Minute},
+		Limits: Limits{WriteStall: time.Minute, Tasks: 256, TasksPerRegistry: 128, UpstreamConnsPerHost: 64, ClientConns: 256},
 	}
 }
 
@@ -261,6 +272,9 @@ func (c Config) Validate() error {
 		if cr.PasswordFile != "" && cr.Username == "" {
 			errs = append(errs, fmt.Errorf("upstream.credentials.%q: password_file needs a username", name))
 		}
+	}
+	if c.Limits.Tasks < 1 || c.Limits.TasksPerRegistry < 1 || c.Limits.UpstreamConnsPerHost < 1 || c.Limits.ClientConns < 1 || c.Limits.WriteStall <= 0 {
+		errs = append(errs, errors.New("limits: every limit must be positive"))
 	}
 	if c.Access.Check && c.Access.TTL <= 0 {
 		errs = append(errs, errors.New("access.ttl: must be positive"))

@@ -15,6 +15,7 @@ import (
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
 	"github.com/registry-proxy/registry-proxy/config"
+	"github.com/registry-proxy/registry-proxy/internal/connlimit"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/proxy"
 	"github.com/registry-proxy/registry-proxy/proxy/access"
@@ -59,6 +60,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	up, err := upstream.New(upstream.Options{
 		Registries:            cfg.Upstream.Registries,
 		Allow:                 cfg.Upstream.Allow,
+		MaxConnsPerHost:       cfg.Limits.UpstreamConnsPerHost,
 		ResponseHeaderTimeout: cfg.Upstream.ResponseHeaderTimeout,
 		Attempts:              cfg.Upstream.Attempts,
 		Backoff:               cfg.Upstream.Backoff,
@@ -93,9 +95,11 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 			}
 			return size, err
 		},
-		OpenTimeout: cfg.Upstream.Timeout,
-		MaxBlobSize: int64(cfg.Store.MaxBlobSize),
-		Logger:      log,
+		OpenTimeout:    cfg.Upstream.Timeout,
+		MaxBlobSize:    int64(cfg.Store.MaxBlobSize),
+		MaxTasks:       cfg.Limits.Tasks,
+		MaxPerRegistry: cfg.Limits.TasksPerRegistry,
+		Logger:         log,
 	}
 	collOpts := collector.Options{
 		Concurrency:         cfg.Pieces.Concurrency,
@@ -127,16 +131,22 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		DefaultRegistry: cfg.DefaultRegistry,
 		MaxManifestSize: int64(cfg.Upstream.MaxManifestSize),
 		UpstreamTimeout: cfg.Upstream.Timeout,
+		WriteStall:      cfg.Limits.WriteStall,
 		Access:          checker,
 		Members:         p2p.membersFunc(),
 		Logger:          log,
 	})
-	ln, err := net.Listen("tcp", cfg.Listen)
+	rawLn, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		tasks.Close()
 		p2p.close(context.Background())
 		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
 	}
+	cl := connlimit.New(rawLn, cfg.Limits.ClientConns)
+	cl.Refused = func(a net.Addr) {
+		log.Warn("connection refused: too many from one address", "remote", a.String(), "limit", cfg.Limits.ClientConns)
+	}
+	var ln net.Listener = cl
 	var admLn net.Listener
 	if cfg.Admin.Listen != "" {
 		if admLn, err = net.Listen("tcp", cfg.Admin.Listen); err != nil {

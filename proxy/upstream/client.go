@@ -89,7 +89,10 @@ type Options struct {
 	RedirectTTL time.Duration
 	// UserAgent is sent with every request.
 	UserAgent string
-	Logger    *slog.Logger
+	// MaxConnsPerHost bounds the connections to one upstream host; zero:
+	// no bound.
+	MaxConnsPerHost int
+	Logger          *slog.Logger
 }
 
 // Client talks to upstream registries.
@@ -161,6 +164,7 @@ func New(opts Options) (*Client, error) {
 			ForceAttemptHTTP2:     false,
 			MaxIdleConns:          256,
 			MaxIdleConnsPerHost:   64,
+			MaxConnsPerHost:       opts.MaxConnsPerHost,
 			IdleConnTimeout:       90 * time.Second,
 			TLSHandshakeTimeout:   10 * time.Second,
 			ResponseHeaderTimeout: opts.ResponseHeaderTimeout,

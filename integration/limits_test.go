@@ -1,0 +1,96 @@
+package integration
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/registry-proxy/registry-proxy/internal/testregistry"
+)
+
+// One client cannot take a node down: a client that never reads is cut off
+// after limits.write_stall, one address gets at most limits.client_conns
+// connections, and downloads beyond limits.tasks get 503 with Retry-After
+// while the running one completes.
+func TestLimits(t *testing.T) {
+	reg := startRegistry(t)
+	ctx := context.Background()
+	big, err := reg.PushBlob(ctx, "limits/blob", testregistry.RandomBytes(64<<20, 41))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := reg.PushBlob(ctx, "limits/blob", testregistry.RandomBytes(1<<20, 42))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := writeTOML(t, "[limits]\nwrite_stall = \"1s\"\nclient_conns = 3\ntasks = 1\n")
+	px := startProxy(t, "", "--config", cfg, "--upstream", "limits.invalid="+reg.URL)
+	url := func(d string) string { return "http://" + px.Addr + "/v2/limits/blob/blobs/" + d + "?ns=limits.invalid" }
+
+	t.Run("tasks", func(t *testing.T) {
+		reg.SetPace(16 << 20) // four seconds for the big blob
+		defer reg.SetPace(0)
+		first := make(chan error, 1)
+		go func() { _, err := fetchVerified(url(big), big); first <- err }()
+		waitOutput(t, px.proc, `"msg":"blob download started"`, 10*time.Second)
+		resp, err := http.Get(url(other))
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
+			t.Errorf("a download beyond limits.tasks: %d %q %s", resp.StatusCode, resp.Header.Get("Retry-After"), body)
+		}
+		if err := <-first; err != nil {
+			t.Fatalf("the running download: %v", err)
+		}
+		// Readers finish once the blob is verified; the task ends with its commit.
+		waitOutput(t, px.proc, `"msg":"blob complete"`, 10*time.Second)
+		if _, err := fetchVerified(url(other), other); err != nil {
+			t.Fatalf("after the first finished: %v", err)
+		}
+	})
+
+	t.Run("client that never reads", func(t *testing.T) {
+		conn, err := net.Dial("tcp", px.Addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		// A tiny receive buffer, so the kernel takes little of the blob.
+		conn.(*net.TCPConn).SetReadBuffer(4096)
+		io.WriteString(conn, "GET /v2/limits/blob/blobs/"+big+"?ns=limits.invalid HTTP/1.1\r\nHost: x\r\n\r\n")
+		waitOutput(t, px.proc, "i/o timeout", 30*time.Second)
+	})
+
+	t.Run("connections per address", func(t *testing.T) {
+		var conns []net.Conn
+		defer func() {
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
+		// The earlier subtest's connection may still be closing: fill up
+		// to the cap and one more, then check the last is closed.
+		var last net.Conn
+		for range 4 {
+			c, err := net.Dial("tcp", px.Addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			conns = append(conns, c)
+			last = c
+		}
+		waitOutput(t, px.proc, "too many from one address", 10*time.Second)
+		last.SetReadDeadline(time.Now().Add(10 * time.Second))
+		n, err := last.Read(make([]byte, 1))
+		if n != 0 || (err != io.EOF && !strings.Contains(err.Error(), "reset")) {
+			t.Errorf("the connection over the cap: read %d, %v; want it closed", n, err)
+		}
+	})
+}
