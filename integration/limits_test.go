@@ -29,7 +29,9 @@ func TestLimits(t *testing.T) {
 	}
 	cfg := writeTOML(t, "[limits]\nwrite_stall = \"1s\"\nclient_conns = 3\ntasks = 1\n")
 	px := startProxy(t, "", "--config", cfg, "--upstream", "limits.invalid="+reg.URL)
-	url := func(d string) string { return "http://" + px.Addr + "/v2/limits/blob/blobs/" + d + "?ns=limits.invalid" }
+	url := func(d string) string {
+		return "http://" + px.Addr + "/v2/limits/blob/blobs/" + d + "?ns=limits.invalid"
+	}
 
 	t.Run("tasks", func(t *testing.T) {
 		reg.SetPace(16 << 20) // four seconds for the big blob
