@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"strconv"
@@ -148,4 +149,75 @@ func BenchmarkMirror(b *testing.B) {
 	b.ReportMetric(warmMBps/n, "warm-MB/s")
 	b.ReportMetric(directMBps/n, "direct-MB/s")
 	b.ReportMetric(0, "ns/op")
+}
+
+// BenchmarkWarmAccessCheck pulls one image (its manifest by digest and every
+// layer) again and again from two proxies on the same upstream, one with
+// access.check on and one with it off, alternating in each iteration. Both
+// hold everything already; within access.ttl the check's answers are
+// remembered, so it should cost next to nothing.
+func BenchmarkWarmAccessCheck(b *testing.B) {
+	reg, err := testregistry.Start(testregistry.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer reg.Close()
+	sizes := []int64{16 << 10, 16 << 10, 16 << 10, 16 << 10, 256 << 10, 256 << 10, 4 << 20, 4 << 20, 32 << 20}
+	img, err := reg.PushImage(context.Background(), "bench/app", "v1", sizes, 3)
+	if err != nil {
+		b.Fatal(err)
+	}
+	base := []string{"--upstream", "bench.invalid=" + reg.URL, "--log-level", "info"}
+	on := startProxy(b, b.TempDir(), base...)
+	off := startProxy(b, b.TempDir(), append(base, "--config", writeTOML(b, "[access]\ncheck = false\n"))...)
+	pull := func(p *proxy) time.Duration {
+		start := time.Now()
+		for _, u := range append([]string{"/v2/bench/app/manifests/" + img.Digest}, layerPaths(img)...) {
+			resp, err := http.Get("http://" + p.Addr + u + "?ns=bench.invalid")
+			if err != nil {
+				b.Fatal(err)
+			}
+			n, _ := io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 || n == 0 {
+				b.Fatalf("%s: %d, %d bytes", u, resp.StatusCode, n)
+			}
+		}
+		return time.Since(start)
+	}
+	// Cold, then once more so every blob is committed and every answer known.
+	for _, p := range []*proxy{on, off} {
+		pull(p)
+		for _, l := range img.Layers {
+			waitComplete(b, p, digest.Digest(l.Digest))
+		}
+		pull(p)
+	}
+	const rounds = 20
+	var tOn, tOff time.Duration
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for r := 0; r < rounds; r++ {
+			if r%2 == 0 {
+				tOn += pull(on)
+				tOff += pull(off)
+			} else {
+				tOff += pull(off)
+				tOn += pull(on)
+			}
+		}
+	}
+	pulls := float64(b.N * rounds)
+	b.ReportMetric(tOn.Seconds()/tOff.Seconds(), "check-on/off")
+	b.ReportMetric(float64(tOn.Microseconds())/pulls/1000, "ms/pull-on")
+	b.ReportMetric(float64(tOff.Microseconds())/pulls/1000, "ms/pull-off")
+	b.ReportMetric(0, "ns/op")
+}
+
+func layerPaths(img *testregistry.Image) []string {
+	var out []string
+	for _, l := range img.Layers {
+		out = append(out, "/v2/bench/app/blobs/"+l.Digest)
+	}
+	return out
 }
