@@ -70,7 +70,18 @@ type P2P struct {
 	MaxPeers   int      `toml:"max_peers"`
 	SecretFile string   `toml:"secret_file"`
 	Insecure   bool     `toml:"insecure"`
+	TLS        PeerTLS  `toml:"tls"`
 }
+
+// PeerTLS is the [p2p.tls] table: certificates from the operator's CA.
+type PeerTLS struct {
+	CA   string `toml:"ca"`
+	Cert string `toml:"cert"`
+	Key  string `toml:"key"`
+}
+
+// Set reports whether operator certificates are configured.
+func (t PeerTLS) Set() bool { return t.CA != "" || t.Cert != "" || t.Key != "" }
 
 // Upload is the [upload] table.
 type Upload struct {
@@ -262,8 +273,11 @@ func (c Config) Validate() error {
 	if c.Upload.Limit < 1 || c.Upload.Syncer.Capacity < 1 || c.Upload.Syncer.Interval <= 0 || c.P2P.MaxPeers < 1 {
 		errs = append(errs, errors.New("upload.limit, upload.syncer.capacity, upload.syncer.interval, p2p.max_peers: must be positive"))
 	}
-	if c.P2P.PeerListen != "" && c.P2P.SecretFile == "" && !c.P2P.Insecure {
-		errs = append(errs, errors.New("p2p.peer_listen is set without p2p.secret_file (--cluster-secret FILE): peers would be unauthenticated and in the clear; make a secret with `registry-proxy secret`, or set p2p.insecure = true"))
+	if c.P2P.PeerListen != "" && c.P2P.SecretFile == "" && !c.P2P.TLS.Set() && !c.P2P.Insecure {
+		errs = append(errs, errors.New("p2p.peer_listen is set without p2p.secret_file (--cluster-secret FILE) or p2p.tls: peers would be unauthenticated and in the clear; make a secret with `registry-proxy secret`, or set p2p.insecure = true"))
+	}
+	if t := c.P2P.TLS; t.Set() && (t.CA == "" || t.Cert == "" || t.Key == "") {
+		errs = append(errs, errors.New("p2p.tls: set ca, cert and key together"))
 	}
 	for name, cr := range c.Upstream.Credentials {
 		if (cr.PasswordFile == "") == (cr.TokenFile == "") {

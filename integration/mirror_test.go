@@ -21,6 +21,8 @@ import (
 func TestCLI(t *testing.T) {
 	bad := filepath.Join(t.TempDir(), "bad.toml")
 	os.WriteFile(bad, []byte("[pieces]\nconcurency = 3\n"), 0o644)
+	halfTLS := filepath.Join(t.TempDir(), "tls.toml")
+	os.WriteFile(halfTLS, []byte("[p2p.tls]\nca = \"/etc/ca.crt\"\n"), 0o644)
 	shortSecret := filepath.Join(t.TempDir(), "short")
 	os.WriteFile(shortSecret, []byte("tooshort\n"), 0o600)
 	tests := []struct {
@@ -40,6 +42,7 @@ func TestCLI(t *testing.T) {
 		{[]string{"serve", "--peer-listen", "127.0.0.1:1", "--cluster-secret", "/nonexistent-secret"}, 2, "cluster secret"},
 		{[]string{"serve", "--peer-listen", "127.0.0.1:1", "--cluster-secret", shortSecret}, 2, "at least 16"},
 		{[]string{"secret"}, 0, ""},
+		{[]string{"serve", "--peer-listen", "127.0.0.1:1", "--config", halfTLS}, 2, "p2p.tls: set ca, cert and key together"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {

@@ -75,7 +75,19 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		}
 		gossipKeys = trust.GossipKeys(secrets)
 		log.Info("peers authenticated by the cluster secret", "secrets", len(secrets), "file", cfg.P2P.SecretFile)
-	} else {
+	}
+	if t := cfg.P2P.TLS; t.Set() {
+		var err error
+		if ident, err = trust.FromFiles(t.CA, t.Cert, t.Key, id); err != nil {
+			ln.Close()
+			return nil, nil, fmt.Errorf("p2p: %w", err)
+		}
+		log.Info("peers authenticated by certificates of the operator's CA", "ca", t.CA, "cert", t.Cert)
+		if gossipKeys == nil {
+			log.Warn("gossip is not encrypted: p2p.tls without p2p.secret_file; peer ports still require certificates")
+		}
+	}
+	if ident == nil {
 		log.Warn("p2p.insecure: peer port and gossip are plaintext and unauthenticated; any host that reaches them is a member")
 	}
 	poolOpts := transfer.Options{}

@@ -29,6 +29,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc/credentials"
@@ -130,7 +131,7 @@ func ca(secret []byte) (*x509.Certificate, ed25519.PrivateKey, error) {
 // Identity is what a node shows its peers and checks them with.
 type Identity struct {
 	NodeID string
-	cert   tls.Certificate
+	cert   func() (*tls.Certificate, error)
 	roots  *x509.CertPool
 }
 
@@ -180,11 +181,78 @@ func NewIdentity(secrets [][]byte, nodeID string, now time.Time) (*Identity, err
 	if err != nil {
 		return nil, err
 	}
+	cert := &tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
 	return &Identity{
 		NodeID: nodeID,
-		cert:   tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf},
+		cert:   func() (*tls.Certificate, error) { return cert, nil },
 		roots:  roots,
 	}, nil
+}
+
+// FromFiles is the identity of a node whose certificate comes from the
+// operator's CA (p2p.tls: files as cert-manager writes them). The
+// certificate must name nodeID (common name or a DNS name); it is read again
+// whenever its files change, so a renewed certificate is used without a
+// restart.
+func FromFiles(caFile, certFile, keyFile, nodeID string) (*Identity, error) {
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("trust: p2p.tls.ca: %w", err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("trust: p2p.tls.ca %s: no PEM certificate", caFile)
+	}
+	kp := &keyPair{certFile: certFile, keyFile: keyFile}
+	c, err := kp.get()
+	if err != nil {
+		return nil, err
+	}
+	if got := nodeName(c.Leaf); got != nodeID {
+		return nil, fmt.Errorf("trust: p2p.tls.cert %s names node %q (its common name, else its first DNS name), not this node %q", certFile, got, nodeID)
+	}
+	if _, err := c.Leaf.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		return nil, fmt.Errorf("trust: p2p.tls.cert %s is not from p2p.tls.ca: %w", certFile, err)
+	}
+	return &Identity{NodeID: nodeID, cert: kp.get, roots: roots}, nil
+}
+
+// keyPair reloads a certificate and key when their files change.
+type keyPair struct {
+	certFile, keyFile string
+
+	mu      sync.Mutex
+	cert    *tls.Certificate
+	modTime time.Time
+}
+
+func (k *keyPair) get() (*tls.Certificate, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	ci, err1 := os.Stat(k.certFile)
+	ki, err2 := os.Stat(k.keyFile)
+	if err := errors.Join(err1, err2); err != nil {
+		if k.cert != nil {
+			return k.cert, nil // keep the last good one while files are swapped
+		}
+		return nil, fmt.Errorf("trust: p2p.tls: %w", err)
+	}
+	mod := ci.ModTime()
+	if ki.ModTime().After(mod) {
+		mod = ki.ModTime()
+	}
+	if k.cert != nil && !mod.After(k.modTime) {
+		return k.cert, nil
+	}
+	c, err := tls.LoadX509KeyPair(k.certFile, k.keyFile)
+	if err != nil {
+		if k.cert != nil {
+			return k.cert, nil
+		}
+		return nil, fmt.Errorf("trust: p2p.tls: %w", err)
+	}
+	k.cert, k.modTime = &c, mod
+	return k.cert, nil
 }
 
 // verify checks a peer's chain against the cluster CAs.
@@ -205,19 +273,31 @@ func (id *Identity) verify(rawCerts [][]byte) error {
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: id.roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 		return fmt.Errorf("trust: peer certificate not from this cluster: %w", err)
 	}
-	if leaf.Subject.CommonName == "" {
+	if nodeName(leaf) == "" {
 		return fmt.Errorf("%w: certificate names no node", ErrUnauthenticated)
 	}
 	return nil
+}
+
+// nodeName is the node a certificate names: its common name, else its
+// first DNS name.
+func nodeName(c *x509.Certificate) string {
+	if c.Subject.CommonName != "" {
+		return c.Subject.CommonName
+	}
+	if len(c.DNSNames) > 0 {
+		return c.DNSNames[0]
+	}
+	return ""
 }
 
 // ServerConfig is the peer port's TLS: a certificate from the cluster CA is
 // required of every client.
 func (id *Identity) ServerConfig() *tls.Config {
 	return &tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{id.cert},
-		ClientAuth:   tls.RequireAnyClientCert,
+		MinVersion:     tls.VersionTLS13,
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return id.cert() },
+		ClientAuth:     tls.RequireAnyClientCert,
 		// Chains are checked here rather than with ClientCAs, so client and
 		// server check them the same way.
 		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error { return id.verify(raw) },
@@ -229,7 +309,7 @@ func (id *Identity) ServerConfig() *tls.Config {
 func (id *Identity) ClientConfig() *tls.Config {
 	return &tls.Config{
 		MinVersion:            tls.VersionTLS13,
-		Certificates:          []tls.Certificate{id.cert},
+		GetClientCertificate:  func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return id.cert() },
 		InsecureSkipVerify:    true, // replaced by VerifyPeerCertificate below
 		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error { return id.verify(raw) },
 	}
@@ -240,7 +320,7 @@ func PeerID(st *tls.ConnectionState) (string, error) {
 	if st == nil || len(st.PeerCertificates) == 0 {
 		return "", ErrUnauthenticated
 	}
-	return st.PeerCertificates[0].Subject.CommonName, nil
+	return nodeName(st.PeerCertificates[0]), nil
 }
 
 // Peer is who sent a gRPC request: the node id its certificate names ("" on

@@ -1,9 +1,18 @@
 package trust
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
+	"math/big"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -170,4 +179,60 @@ func FuzzParseSecrets(f *testing.F) {
 			}
 		}
 	})
+}
+
+// operatorCA writes a CA and a certificate for each node into dir, as
+// cert-manager would, and returns the CA file.
+func operatorCA(t *testing.T, dir string, nodes ...string) string {
+	t.Helper()
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "operator CA"}, NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	caDER, _ := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	caCert, _ := x509.ParseCertificate(caDER)
+	write := func(name string, typ string, der []byte) {
+		if err := os.WriteFile(filepath.Join(dir, name), pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("ca.crt", "CERTIFICATE", caDER)
+	for i, n := range nodes {
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(int64(i + 2)), Subject: pkix.Name{CommonName: n}, NotBefore: time.Now().Add(-time.Hour),
+			NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth}}
+		der, _ := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
+		kder, _ := x509.MarshalECPrivateKey(key)
+		write(n+".crt", "CERTIFICATE", der)
+		write(n+".key", "EC PRIVATE KEY", kder)
+	}
+	return filepath.Join(dir, "ca.crt")
+}
+
+func TestOperatorCertificates(t *testing.T) {
+	dir := t.TempDir()
+	ca := operatorCA(t, dir, "node-a", "node-b")
+	other := operatorCA(t, t.TempDir(), "node-c")
+	load := func(caFile, node, certDir string) *Identity {
+		id, err := FromFiles(caFile, filepath.Join(certDir, node+".crt"), filepath.Join(certDir, node+".key"), node)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	a, b := load(ca, "node-a", dir), load(ca, "node-b", dir)
+	if c, s, err := handshake(t, a.ClientConfig(), b.ServerConfig()); err != nil || c != "node-b" || s != "node-a" {
+		t.Fatalf("same operator CA: %q %q %v", c, s, err)
+	}
+	c := load(other, "node-c", filepath.Dir(other))
+	if _, _, err := handshake(t, c.ClientConfig(), b.ServerConfig()); err == nil {
+		t.Fatal("a certificate of another CA was accepted")
+	}
+	secret := identity(t, "node-d", "secret-aaaaaaaaaaaaaaaa")
+	if _, _, err := handshake(t, secret.ClientConfig(), b.ServerConfig()); err == nil {
+		t.Fatal("a secret-derived certificate was accepted by an operator-CA node")
+	}
+	// A certificate that names another node is refused at start-up.
+	if _, err := FromFiles(ca, filepath.Join(dir, "node-a.crt"), filepath.Join(dir, "node-a.key"), "node-b"); err == nil || !strings.Contains(err.Error(), "not this node") {
+		t.Fatalf("certificate for another node: %v", err)
+	}
 }
