@@ -66,13 +66,18 @@ func newCluster(t *testing.T, reg *testregistry.Registry, ids []string) *cluster
 }
 
 func (c *cluster) startNode(t *testing.T, i int, extra ...string) *proxy {
+	return c.startNodeBin(t, i, *proxyBin, extra...)
+}
+
+// startNodeBin starts node i from another build of the binary.
+func (c *cluster) startNodeBin(t *testing.T, i int, bin string, extra ...string) *proxy {
 	args := []string{"--upstream", clusterRegistry + "=" + c.reg.URL, "--node-id", c.ids[i], "--peer-listen", c.peers[i], "--cluster-secret", c.secret}
 	if i > 0 {
 		args = append(args, "--join", c.peers[0])
 	} else if len(c.peers) > 1 {
 		args = append(args, "--join", c.peers[1])
 	}
-	return startProxy(t, "", append(args, extra...)...)
+	return startProxyBin(t, bin, "", append(args, extra...)...)
 }
 
 // waitMembers waits until every running node sees n members.
@@ -277,12 +282,13 @@ func TestClusterCorruptParent(t *testing.T) {
 	child := -1
 	for i, id := range ids {
 		if id == ownerID {
-			t.Setenv("REGISTRY_PROXY_FAULT_CORRUPT_PIECES", "1")
+			t.Setenv("REGISTRY_PROXY_FAULTS", "corrupt")
+			c.nodes = append(c.nodes, c.startNodeBin(t, i, *faultyBin))
 		} else {
-			t.Setenv("REGISTRY_PROXY_FAULT_CORRUPT_PIECES", "0")
+			t.Setenv("REGISTRY_PROXY_FAULTS", "")
 			child = i
+			c.nodes = append(c.nodes, c.startNode(t, i))
 		}
-		c.nodes = append(c.nodes, c.startNode(t, i))
 	}
 	c.waitMembers(t, len(ids))
 	if _, err := fetchVerified(c.url(child, "cluster/blob", d), d); err != nil {

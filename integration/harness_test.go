@@ -29,7 +29,10 @@ import (
 var (
 	proxyBin = flag.String("proxy-bin", "", "registry-proxy binary (built from ./cmd/registry-proxy when empty)")
 	regBin   = flag.String("registry-bin", "", "testregistry binary (built from ./cmd/testregistry when empty)")
-	toolsDir = flag.String("tools-dir", "", "directory holding containerd 2.x and crictl (default: ../.tools/bin, then PATH)")
+	// faultyBin is registry-proxy built with -tags faults: it lies to its
+	// peers as REGISTRY_PROXY_FAULTS says.
+	faultyBin = flag.String("faulty-bin", "", "registry-proxy built with -tags faults (built when empty)")
+	toolsDir  = flag.String("tools-dir", "", "directory holding containerd 2.x and crictl (default: ../.tools/bin, then PATH)")
 )
 
 // interrupted holds what must be undone if the run is interrupted (Ctrl-C,
@@ -88,14 +91,14 @@ func TestMain(m *testing.M) {
 		}
 		defer os.RemoveAll(dir)
 		for _, b := range []struct {
-			path *string
-			pkg  string
-		}{{proxyBin, "registry-proxy"}, {regBin, "testregistry"}} {
+			path      *string
+			pkg, tags string
+		}{{proxyBin, "registry-proxy", ""}, {regBin, "testregistry", ""}, {faultyBin, "registry-proxy", "faults"}} {
 			if *b.path != "" {
 				continue
 			}
-			*b.path = filepath.Join(dir, b.pkg)
-			cmd := exec.Command("go", "build", "-o", *b.path, "../cmd/"+b.pkg)
+			*b.path = filepath.Join(dir, b.pkg+"-"+b.tags)
+			cmd := exec.Command("go", "build", "-tags", b.tags, "-o", *b.path, "../cmd/"+b.pkg)
 			cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 			if err := cmd.Run(); err != nil {
 				fmt.Fprintln(os.Stderr, "building", b.pkg+":", err)
@@ -257,12 +260,18 @@ type proxy struct {
 // listener on another free port) and waits for the addresses it logs.
 func startProxy(t testing.TB, dataDir string, args ...string) *proxy {
 	t.Helper()
+	return startProxyBin(t, *proxyBin, dataDir, args...)
+}
+
+// startProxyBin is startProxy with another build of the binary.
+func startProxyBin(t testing.TB, bin, dataDir string, args ...string) *proxy {
+	t.Helper()
 	if dataDir == "" {
 		dataDir = t.TempDir()
 	}
 	all := append([]string{"serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", dataDir, "--log-format", "json", "--log-level", "debug"}, args...)
 	p := &proc{done: make(chan struct{})}
-	p.cmd = exec.Command(*proxyBin, all...)
+	p.cmd = exec.Command(bin, all...)
 	pr, pw := io.Pipe()
 	p.cmd.Stdout, p.cmd.Stderr = pw, pw
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

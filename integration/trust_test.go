@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/opencontainers/go-digest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
@@ -18,6 +19,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/internal/ports"
 	"github.com/registry-proxy/registry-proxy/internal/probe"
 	"github.com/registry-proxy/registry-proxy/internal/testregistry"
+	"github.com/registry-proxy/registry-proxy/p2p/owner"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/p2p/trust"
 )
@@ -175,5 +177,75 @@ func TestDiskFull(t *testing.T) {
 	waitOutput(t, px.proc, `"msg":"disk full"`, 10*time.Second)
 	if _, err := fetchVerified(url(small), small); err != nil {
 		t.Fatalf("a blob that fits, after the full disk: %v", err)
+	}
+}
+
+// A member that lies (it holds the secret): it reports itself as an idle
+// 100 Gbit/s host, so every child prefers it, announces blobs as complete,
+// and sends corrupt or trickling pieces. A child pulling through an honest
+// node gets the right bytes or a cut-off response, never wrong bytes that
+// end cleanly, and the blob it stores is the right one.
+func TestEvilMember(t *testing.T) {
+	for _, tc := range []struct {
+		name, faults string
+		evidence     []string // one of these in the child's log
+	}{
+		{"corrupt and complete", "inflate,complete,corrupt", []string{"failed its digest"}},
+		// Moved to a faster parent after a second, or, with none, taken
+		// away below pieces.min_rate.
+		{"trickling", "inflate,trickle=20000", []string{"below the minimum rate", "moving a slow piece"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			reg := startRegistry(t)
+			const size = 32 << 20
+			d := pushBlob(t, reg, size, 51)
+			ids := []string{"node-a", "node-b", "node-c"}
+			rank := owner.Rank(d, ids)
+			evil, child := rank[1], rank[2] // the owner is honest
+			c := newCluster(t, reg, ids)
+			idx := map[string]int{}
+			for i, id := range ids {
+				idx[id] = i
+				if id == evil {
+					t.Setenv("REGISTRY_PROXY_FAULTS", tc.faults)
+					c.nodes = append(c.nodes, c.startNodeBin(t, i, *faultyBin, "--config", writeTOML(t, "[upload.syncer]\ninterval = \"300ms\"\n")))
+				} else {
+					t.Setenv("REGISTRY_PROXY_FAULTS", "")
+					c.nodes = append(c.nodes, c.startNode(t, i, "--config", writeTOML(t, "[upload.syncer]\ninterval = \"300ms\"\n")))
+				}
+			}
+			c.waitMembers(t, len(ids))
+			// The evil member holds the blob (its own download is honest).
+			if _, err := fetchVerified(c.url(idx[evil], "cluster/blob", d), d); err != nil {
+				t.Fatal(err)
+			}
+			// The child's first pull: the right bytes, or cut off.
+			n, got, err := getBlob(context.Background(), c.url(idx[child], "cluster/blob", d))
+			switch {
+			case err == nil && got == digest.Digest(d):
+				t.Logf("first pull through %s: right bytes", child)
+			case err != nil:
+				t.Logf("first pull through %s: cut off after %d bytes (%v)", child, n, err)
+			default:
+				t.Fatalf("first pull through %s ended cleanly with wrong bytes (%s)", child, got)
+			}
+			// Every later pull: the right bytes.
+			if _, err := fetchVerified(c.url(idx[child], "cluster/blob", d), d); err != nil {
+				t.Fatalf("second pull through %s: %v", child, err)
+			}
+			out := c.nodes[idx[child]].output()
+			found := false
+			for _, e := range tc.evidence {
+				found = found || strings.Contains(out, e)
+			}
+			if !found {
+				t.Errorf("%s's log shows none of %q", child, tc.evidence)
+			}
+			st := stats(t, c.nodes[idx[child]], d)
+			t.Logf("%s's sources: %v", child, st.Sources)
+			if st.Sources[evil] != 0 {
+				t.Errorf("the stored blob counts %d bytes from the lying member", st.Sources[evil])
+			}
+		})
 	}
 }

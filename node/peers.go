@@ -178,24 +178,25 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	tasks := task.NewManager(taskOpts)
 	sw.Bind(tasks)
 
+	faults, inflate := injectedFaults(log)
 	hostSync := statesync.NewServer(statesync.ServerOptions{
 		Self: func() *pb.Host {
-			return &pb.Host{Id: id, Addr: addr, State: meter.State().Proto()}
+			st := meter.State().Proto()
+			if inflate {
+				st = &pb.HostState{MaxTxBandwidth: 100e9 / 8, UploadLimit: 1000, FreeBytes: 1 << 50, MeasuredAt: st.GetMeasuredAt()}
+			}
+			return &pb.Host{Id: id, Addr: addr, State: st}
 		},
 		Interval: cfg.Upload.Syncer.Interval,
 		Capacity: cfg.Upload.Syncer.Capacity,
 		Logger:   log,
 	})
-	corrupt := os.Getenv("REGISTRY_PROXY_FAULT_CORRUPT_PIECES") == "1"
-	if corrupt {
-		log.Warn("fault injection: every piece sent to peers is corrupted (REGISTRY_PROXY_FAULT_CORRUPT_PIECES=1)")
-	}
 	var ledger *seeding.Ledger
 	if cfg.Upload.SuperSeed {
 		ledger = seeding.New(seeding.Options{})
 	}
 	p.server = peer.NewServer(peer.Options{Source: sw, Meter: meter, Ledger: ledger, HostSync: hostSync, Tracker: sw, TLS: serverTLS,
-		WriteStall: cfg.Limits.WriteStall, CorruptPieces: corrupt, Logger: log})
+		WriteStall: cfg.Limits.WriteStall, Faults: faults, Logger: log})
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
@@ -75,9 +76,9 @@ type Options struct {
 	TLS *tls.Config
 	// WriteStall cuts off a peer that takes no bytes of a piece for this long.
 	WriteStall time.Duration
-	// CorruptPieces flips a byte of every piece sent: fault injection for
-	// tests of what children do with a lying parent. Never set in service.
-	CorruptPieces bool
+	// Faults make this node lie to its peers; set only in binaries built
+	// with -tags faults, for tests of what children do with a lying member.
+	Faults Faults
 	Logger        *slog.Logger
 }
 
@@ -207,11 +208,14 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
 	var dst io.Writer = pw
-	if s.opts.CorruptPieces {
+	if s.opts.Faults.CorruptPieces {
 		dst = &corruptWriter{w: dst}
 	}
+	if s.opts.Faults.TrickleBps > 0 {
+		dst = &pacedWriter{w: dst, ctx: r.Context(), lim: rate.NewLimiter(rate.Limit(s.opts.Faults.TrickleBps), 1024)}
+	}
 	if s.opts.Meter != nil && s.opts.Meter.Limiter() != nil {
-		dst = &pacedWriter{w: dst, ctx: r.Context(), m: s.opts.Meter}
+		dst = &pacedWriter{w: dst, ctx: r.Context(), lim: s.opts.Meter.Limiter()}
 	}
 	// To an *http.response with an *os.File behind a LimitedReader the
 	// kernel's sendfile does the copy.
@@ -222,6 +226,16 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	sent = true
+}
+
+// Faults are the lies a test node tells its peers.
+type Faults struct {
+	// CorruptPieces flips a byte of every piece sent.
+	CorruptPieces bool
+	// ClaimComplete announces every blob it has anything of as complete.
+	ClaimComplete bool
+	// TrickleBps sends piece bytes at this rate.
+	TrickleBps int64
 }
 
 // corruptWriter flips the first byte it writes.
@@ -238,18 +252,18 @@ func (c *corruptWriter) Write(b []byte) (int, error) {
 	return c.w.Write(b)
 }
 
-// pacedWriter holds uploads to the configured rate.
+// pacedWriter holds uploads to a rate.
 type pacedWriter struct {
 	w   io.Writer
 	ctx context.Context
-	m   *hoststate.Meter
+	lim *rate.Limiter
 }
 
 func (p *pacedWriter) Write(b []byte) (int, error) {
-	lim := p.m.Limiter()
+	lim := p.lim
 	written := 0
 	for len(b) > 0 {
-		chunk := b[:min(len(b), 256<<10)]
+		chunk := b[:min(len(b), 256<<10, lim.Burst())]
 		if err := lim.WaitN(p.ctx, len(chunk)); err != nil {
 			return written, err
 		}
@@ -280,7 +294,7 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 	var lastFetching string
 	first := true
 	for {
-		up := &pb.PieceUpdate{Digest: d.String(), Size: snap.Plan.Size, PieceSize: snap.Plan.PieceSize, Complete: snap.Complete}
+		up := &pb.PieceUpdate{Digest: d.String(), Size: snap.Plan.Size, PieceSize: snap.Plan.PieceSize, Complete: snap.Complete || s.opts.Faults.ClaimComplete}
 		for i, done := range snap.Done {
 			if done && !sent[i] && !snap.Complete {
 				up.Pieces = append(up.Pieces, &pb.Piece{Index: uint32(i), Checksum: snap.CRC[i]})
@@ -297,7 +311,7 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 			}
 			lastFetching, first = fetching, false
 		}
-		if snap.Complete {
+		if up.Complete {
 			return nil
 		}
 		select {
