@@ -5,9 +5,11 @@ import (
 	"crypto/tls"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -247,5 +249,69 @@ func TestEvilMember(t *testing.T) {
 				t.Errorf("the stored blob counts %d bytes from the lying member", st.Sources[evil])
 			}
 		})
+	}
+}
+
+// The mirror is not an open relay, with the binary: a registry neither
+// configured nor allowed gets 404 NAME_UNKNOWN without a connection, even a
+// listening one on loopback; a configured upstream's redirect to another
+// loopback port is not followed; an upstream's absurd size claim is refused
+// before anything is allocated.
+func TestNotAnOpenRelay(t *testing.T) {
+	var hits atomic.Int64
+	bystander := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		w.Header().Set("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+		io.WriteString(w, "{}")
+	}))
+	defer bystander.Close()
+	d := "sha256:" + strings.Repeat("ab", 32)
+	liar := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case strings.Contains(r.URL.Path, "/redirect/"):
+			http.Redirect(w, r, bystander.URL+r.URL.Path, http.StatusTemporaryRedirect)
+		case r.Method == http.MethodHead && strings.Contains(r.URL.Path, "/blobs/"):
+			w.Header().Set("Content-Length", "1152921504606846976") // 1 EiB
+			w.Header().Set("Docker-Content-Digest", d)
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer liar.Close()
+	px := startProxy(t, "", "--upstream", "liar.invalid="+liar.URL)
+	get := func(path string) (int, string) {
+		resp, err := http.Get("http://" + px.Addr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	bhost := strings.TrimPrefix(bystander.URL, "http://")
+	for _, ns := range []string{bhost, "127.0.0.1:22", "169.254.169.254", "localhost", "metadata.google.internal"} {
+		for _, p := range []string{"/v2/a/b/manifests/latest", "/v2/a/b/blobs/" + d, "/v2/"} {
+			code, body := get(p + "?ns=" + ns)
+			if p == "/v2/" {
+				continue // the base answers 200 whatever ns says; it dials nothing unknown either
+			}
+			if code != http.StatusNotFound || !strings.Contains(body, "NAME_UNKNOWN") {
+				t.Errorf("%s?ns=%s: %d %s; want 404 NAME_UNKNOWN", p, ns, code, body)
+			}
+		}
+	}
+	if code, body := get("/v2/redirect/x/manifests/latest?ns=liar.invalid"); code != http.StatusBadGateway {
+		t.Errorf("redirect to another loopback port: %d %s; want 502", code, body)
+	}
+	if n := hits.Load(); n != 0 {
+		t.Errorf("the bystander on loopback was reached %d times", n)
+	}
+	code, body := get("/v2/a/b/blobs/" + d + "?ns=liar.invalid")
+	if code != http.StatusForbidden || !strings.Contains(body, "too large") {
+		t.Errorf("a 1 EiB blob: %d %s; want 403 DENIED", code, body)
+	}
+	// Still serving.
+	if code, _ := get("/healthz"); code != 200 {
+		t.Fatalf("after the relay attempts: healthz %d", code)
 	}
 }
