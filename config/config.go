@@ -40,6 +40,7 @@ type Limits struct {
 	TasksPerRegistry     int           `toml:"tasks_per_registry"`
 	UpstreamConnsPerHost int           `toml:"upstream_conns_per_host"`
 	ClientConns          int           `toml:"client_conns"`
+	IdleDownload         time.Duration `toml:"idle_download"`
 }
 
 // Admin is the [admin] table.
@@ -181,7 +182,7 @@ func Default() Config {
 		Upload: Upload{Limit: 16, SuperSeed: true, Syncer: Syncer{Enable: true, Interval: 3 * time.Second, Capacity: 50}},
 		Admin:  Admin{Listen: "127.0.0.1:5001"},
 		Access: Access{Check: true, TTL: time.Minute},
-		Limits: Limits{WriteStall: time.Minute, Tasks: 256, TasksPerRegistry: 128, UpstreamConnsPerHost: 64, ClientConns: 256},
+		Limits: Limits{WriteStall: time.Minute, Tasks: 256, TasksPerRegistry: 128, UpstreamConnsPerHost: 64, ClientConns: 256, IdleDownload: 2 * time.Minute},
 	}
 }
 
@@ -287,7 +288,7 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("upstream.credentials.%q: password_file needs a username", name))
 		}
 	}
-	if c.Limits.Tasks < 1 || c.Limits.TasksPerRegistry < 1 || c.Limits.UpstreamConnsPerHost < 1 || c.Limits.ClientConns < 1 || c.Limits.WriteStall <= 0 {
+	if c.Limits.Tasks < 1 || c.Limits.TasksPerRegistry < 1 || c.Limits.UpstreamConnsPerHost < 1 || c.Limits.ClientConns < 1 || c.Limits.WriteStall <= 0 || c.Limits.IdleDownload <= 0 {
 		errs = append(errs, errors.New("limits: every limit must be positive"))
 	}
 	if c.Access.Check && c.Access.TTL <= 0 {

@@ -99,6 +99,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		MaxBlobSize:    int64(cfg.Store.MaxBlobSize),
 		MaxTasks:       cfg.Limits.Tasks,
 		MaxPerRegistry: cfg.Limits.TasksPerRegistry,
+		IdleStop:       cfg.Limits.IdleDownload,
 		Logger:         log,
 	}
 	collOpts := collector.Options{

@@ -33,6 +33,9 @@ var (
 	ErrTooLarge = errors.New("task: blob too large")
 	// ErrTooMany means the node runs as many downloads as it may.
 	ErrTooMany = errors.New("task: too many downloads at once")
+	// ErrUnwanted stops a download that no reader and no peer wanted for
+	// the idle grace period; its pieces stay to resume.
+	ErrUnwanted = errors.New("task: stopped, nobody wants the blob")
 )
 
 // Request says which blob to fetch and where from.
@@ -64,7 +67,12 @@ type Options struct {
 	// MaxTasks bounds the downloads at once, and MaxPerRegistry those for
 	// one registry; zero means no limit.
 	MaxTasks, MaxPerRegistry int
-	Logger                   *slog.Logger
+	// IdleStop stops a download that has had no reader and no peer asking
+	// for it (Touch) for this long; zero never stops one.
+	IdleStop time.Duration
+	// Now is the clock; time.Now when nil.
+	Now    func() time.Time
+	Logger *slog.Logger
 }
 
 // Manager runs at most one task per digest.
@@ -88,9 +96,12 @@ func NewManager(opts Options) *Manager {
 	if opts.OpenTimeout <= 0 {
 		opts.OpenTimeout = time.Minute
 	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	recent, _ := lru.New[digest.Digest, Stats](1024)
-	return &Manager{
+	m := &Manager{
 		opts:   opts,
 		log:    opts.Logger.With("component", "task"),
 		ctx:    ctx,
@@ -98,6 +109,48 @@ func NewManager(opts Options) *Manager {
 		tasks:  map[digest.Digest]*Task{},
 		recent: recent,
 	}
+	if opts.IdleStop > 0 {
+		m.wg.Go(func() {
+			t := time.NewTicker(max(opts.IdleStop/4, time.Second))
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+					m.StopIdle()
+				}
+			}
+		})
+	}
+	return m
+}
+
+// StopIdle stops every download that no reader and no peer has wanted for
+// IdleStop, and says how many it stopped.
+func (m *Manager) StopIdle() int {
+	if m.opts.IdleStop <= 0 {
+		return 0
+	}
+	now := m.opts.Now()
+	m.mu.Lock()
+	tasks := make([]*Task, 0, len(m.tasks))
+	for _, t := range m.tasks {
+		tasks = append(tasks, t)
+	}
+	m.mu.Unlock()
+	n := 0
+	for _, t := range tasks {
+		t.mu.Lock()
+		idle := len(t.readers) == 0 && now.Sub(t.wantedAt) > m.opts.IdleStop
+		t.mu.Unlock()
+		if idle {
+			m.log.Info("stopping a download nobody wants", "digest", t.req.Digest, "idle", m.opts.IdleStop)
+			t.stop(ErrUnwanted)
+			n++
+		}
+	}
+	return n
 }
 
 // Close cancels every task and waits for them. Partial blobs stay on disk to
@@ -137,6 +190,7 @@ func (m *Manager) Open(ctx context.Context, req Request) (*Task, error) {
 		if t.openErr != nil {
 			return nil, t.openErr
 		}
+		t.Touch()
 		return t, nil
 	}
 	if _, err := m.opts.Store.Stat(req.Digest); err == nil {
@@ -160,6 +214,7 @@ func (m *Manager) Open(ctx context.Context, req Request) (*Task, error) {
 		readers:  map[*Reader]struct{}{},
 		sources:  map[string]int64{},
 		started:  time.Now(),
+		wantedAt: m.opts.Now(),
 	}
 	m.tasks[req.Digest] = t
 	m.wg.Add(1) // held until run ends, or open fails
@@ -172,6 +227,7 @@ func (m *Manager) Open(ctx context.Context, req Request) (*Task, error) {
 		m.wg.Done()
 		return nil, err
 	}
+	t.ctx, t.stop = context.WithCancelCause(m.ctx)
 	m.log.Debug("blob download started", "digest", req.Digest, "size", t.plan.Size, "registry", req.Registry, "repo", req.Repo, "for_peers", req.ForPeers)
 	go t.run()
 	close(t.ready)
@@ -230,6 +286,9 @@ type Task struct {
 	req     Request
 	ready   chan struct{} // closed once open has finished
 	openErr error
+	// ctx is the download's; stop ends it with a cause (ErrUnwanted).
+	ctx  context.Context
+	stop context.CancelCauseFunc
 	plan    piece.Plan
 	partial *blobstore.Partial
 	started time.Time
@@ -238,6 +297,7 @@ type Task struct {
 	changed  chan struct{} // closed and replaced on every change
 	done     []bool
 	verified bool
+	wantedAt time.Time // last reader or peer interest (Touch)
 	err      error
 	finished chan struct{}
 	elapsed  time.Duration
@@ -377,6 +437,7 @@ func (t *Task) Stats() Stats {
 
 func (t *Task) run() {
 	defer t.m.wg.Done()
+	defer t.stop(nil)
 	err := t.collect()
 	if errors.Is(err, ErrDigestMismatch) && !t.req.UpstreamOnly && t.peerBytes() {
 		// Peers are not trusted: drop every piece and take the blob from
@@ -391,13 +452,25 @@ func (t *Task) run() {
 	t.finish(err)
 }
 
+// Touch records that a peer wants the blob now (it watches or fetches its
+// pieces), which keeps an unread download from being stopped as idle.
+func (t *Task) Touch() {
+	now := t.m.opts.Now()
+	t.mu.Lock()
+	t.wantedAt = now
+	t.mu.Unlock()
+}
+
 // collect runs the collector and the verifier until the blob is verified.
 func (t *Task) collect() error {
-	ctx, cancel := context.WithCancel(t.m.ctx)
+	ctx, cancel := context.WithCancelCause(t.ctx)
 	fillDone := make(chan error, 1)
 	go func() { fillDone <- t.m.opts.Fill(ctx, t, t.req) }()
 	err := t.verify(ctx, fillDone)
-	cancel()
+	if errors.Is(context.Cause(ctx), ErrUnwanted) {
+		err = ErrUnwanted
+	}
+	cancel(nil)
 	if ferr := <-fillDone; err == nil && ferr != nil && !errors.Is(ferr, context.Canceled) {
 		err = ferr
 	}
@@ -504,8 +577,8 @@ func (t *Task) finish(err error) {
 	switch {
 	case err == nil:
 		t.m.log.Info("blob complete", attrs...)
-	case errors.Is(err, context.Canceled):
-		t.m.log.Info("blob download stopped", attrs...)
+	case errors.Is(err, context.Canceled), errors.Is(err, ErrUnwanted):
+		t.m.log.Info("blob download stopped", append(attrs, "why", err)...)
 	default:
 		t.m.log.Error("blob download failed", append(attrs, "err", err)...)
 	}
@@ -576,9 +649,11 @@ func (t *Task) NewReader(ctx context.Context) (*Reader, error) {
 		return nil, fmt.Errorf("task: open %s: %w", t.req.Digest, err)
 	}
 	r := &Reader{t: t, ctx: ctx, f: f}
+	now := t.m.opts.Now()
 	t.mu.Lock()
 	r.gen = t.gen
 	t.readers[r] = struct{}{}
+	t.wantedAt = now
 	t.mu.Unlock()
 	return r, nil
 }
@@ -694,8 +769,10 @@ func (t *Task) Wait(ctx context.Context) error {
 
 // Close releases the reader.
 func (r *Reader) Close() error {
+	now := r.t.m.opts.Now()
 	r.t.mu.Lock()
 	delete(r.t.readers, r)
+	r.t.wantedAt = now // the grace period starts when the last reader leaves
 	r.t.mu.Unlock()
 	return r.f.Close()
 }

@@ -378,3 +378,68 @@ func (l *liarParent) Fetch(ctx context.Context, _ int, off, n int64) (io.ReadClo
 	rc, _, err := l.src.Blob(ctx, "", "", "", off, n, nil)
 	return rc, err
 }
+
+// fakeClock is a settable clock.
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *fakeClock) Add(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
+}
+
+// A download nobody reads and no peer wants is stopped after the idle
+// grace period, even while its upstream keeps it waiting; a reader or a
+// peer's interest keeps it going. Its pieces stay to resume.
+func TestIdleDownloadStopped(t *testing.T) {
+	data, d := blob(t, int(piece.MinSize)*2)
+	src := &fakeSource{data: data, gate: make(chan struct{})} // the upstream never sends
+	st, err := blobstore.Open(context.Background(), t.TempDir(), blobstore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock := &fakeClock{now: time.Unix(1000, 0)}
+	c := collector.New(collector.Options{Concurrency: 2, Attempts: 2})
+	m := NewManager(Options{
+		Store: st, IdleStop: time.Minute, Now: clock.Now,
+		Size: func(context.Context, Request) (int64, error) { return int64(len(data)), nil },
+		Fill: func(ctx context.Context, job collector.Job, req Request) error {
+			return c.Collect(ctx, job, collector.NewUpstreamParent(src, req.Registry, req.Repo, req.Digest, req.Header))
+		},
+	})
+	t.Cleanup(m.Close)
+	tk, err := m.Open(context.Background(), Request{Digest: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A reader keeps it going however long it waits.
+	r, err := tk.NewReader(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(10 * time.Minute)
+	if n := m.StopIdle(); n != 0 {
+		t.Fatalf("stopped %d downloads with a reader attached", n)
+	}
+	r.Close()
+	clock.Add(50 * time.Second)
+	tk.Touch() // a peer watches it
+	clock.Add(50 * time.Second)
+	if n := m.StopIdle(); n != 0 {
+		t.Fatalf("stopped %d downloads 50 s after a peer's interest", n)
+	}
+	clock.Add(11 * time.Second)
+	if n := m.StopIdle(); n != 1 {
+		t.Fatalf("stopped %d downloads idle for 61 s, want 1", n)
+	}
+	if err := tk.Wait(context.Background()); !errors.Is(err, ErrUnwanted) {
+		t.Fatalf("stopped download: %v, want ErrUnwanted", err)
+	}
+	if _, ok := m.Lookup(d); ok {
+		t.Error("the stopped download is still running")
+	}
+}

@@ -411,6 +411,7 @@ func (s *Swarm) Snapshot(d digest.Digest) (peer.Snapshot, <-chan struct{}, bool)
 	if !ok {
 		return peer.Snapshot{}, nil, false
 	}
+	t.Touch() // a peer watches it: keep it going with no reader here
 	ch := t.Changed()
 	done, crc := t.Pieces()
 	snap := peer.Snapshot{Plan: t.Plan(), Done: done, CRC: crc}
@@ -441,6 +442,7 @@ func (s *Swarm) OpenPiece(d digest.Digest, i int) (*os.File, int64, int64, func(
 	if !ok || i >= t.Plan().Count() || !t.Has(i) {
 		return nil, 0, 0, nil, peer.ErrNoPiece
 	}
+	t.Touch()
 	f, err := t.OpenFile()
 	if err != nil {
 		return nil, 0, 0, nil, fmt.Errorf("swarm: open %s: %w", d, err)
