@@ -287,8 +287,8 @@ type Task struct {
 	ready   chan struct{} // closed once open has finished
 	openErr error
 	// ctx is the download's; stop ends it with a cause (ErrUnwanted).
-	ctx  context.Context
-	stop context.CancelCauseFunc
+	ctx     context.Context
+	stop    context.CancelCauseFunc
 	plan    piece.Plan
 	partial *blobstore.Partial
 	started time.Time

@@ -79,7 +79,7 @@ type Options struct {
 	// Faults make this node lie to its peers; set only in binaries built
 	// with -tags faults, for tests of what children do with a lying member.
 	Faults Faults
-	Logger        *slog.Logger
+	Logger *slog.Logger
 }
 
 // Server is the peer endpoint.
