@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"sort"
+	"strings"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -17,18 +20,58 @@ type GCResult struct {
 	Freed   int64
 	// Partials is the number of abandoned partial blobs removed.
 	Partials int
+	// Manifests is the number of manifests removed.
+	Manifests int
+}
+
+// manifestFile is a stored manifest as GC sees it.
+type manifestFile struct {
+	path string
+	size int64
+	mod  time.Time // last read, roughly: GetManifest refreshes it hourly
+}
+
+// otherUsage is what the store holds besides complete blobs: the space
+// reserved by partial blobs, and the manifests, oldest first.
+func (s *Store) otherUsage() (partials int64, manifests []manifestFile) {
+	if des, err := os.ReadDir(filepath.Join(s.root, "ingest")); err == nil {
+		for _, de := range des {
+			if fi, err := os.Stat(filepath.Join(s.root, "ingest", de.Name(), "data")); err == nil {
+				partials += fi.Size()
+			}
+		}
+	}
+	filepath.WalkDir(filepath.Join(s.root, "manifests"), func(path string, de fs.DirEntry, err error) error {
+		if err != nil || de.IsDir() || strings.HasSuffix(path, ".type") || strings.Contains(de.Name(), ".tmp") {
+			return nil
+		}
+		if fi, err := de.Info(); err == nil {
+			manifests = append(manifests, manifestFile{path: path, size: fi.Size(), mod: fi.ModTime()})
+		}
+		return nil
+	})
+	sort.Slice(manifests, func(i, j int) bool { return manifests[i].mod.Before(manifests[j].mod) })
+	return partials, manifests
 }
 
 // GC evicts complete blobs, least recently read first, while the store is above
 // its high water mark (down to the low one), and every blob not read within
-// MaxAge. Blobs being read and partial blobs being written are never touched;
-// partial blobs nobody has written to within MaxAge are removed.
+// MaxAge. Partial blobs (the space reserved for them) and manifests count
+// toward the marks; manifests go, oldest first, when evicting blobs was not
+// enough, and after MaxAge unread. Blobs being read and partial blobs being
+// written are never touched; partial blobs nobody has written to within
+// PartialMaxAge are removed.
 func (s *Store) GC(ctx context.Context) (GCResult, error) {
 	var res GCResult
 	now := s.opts.Now()
+	partials, manifests := s.otherUsage()
+	var manifestBytes int64
+	for _, m := range manifests {
+		manifestBytes += m.size
+	}
 	s.mu.Lock()
 	var victims []digest.Digest
-	total := s.total
+	total := s.total + partials + manifestBytes
 	overSize := s.opts.HighWater > 0 && total > s.opts.HighWater
 	for _, d := range s.lru.Keys() { // oldest first
 		e, _ := s.lru.Peek(d)
@@ -65,6 +108,21 @@ func (s *Store) GC(ctx context.Context) (GCResult, error) {
 		res.Removed++
 		res.Freed += size
 	}
+	// Manifests: past MaxAge, or oldest first while still above the mark.
+	for _, m := range manifests {
+		old := s.opts.MaxAge > 0 && now.Sub(m.mod) > s.opts.MaxAge
+		over := overSize && total > s.opts.LowWater
+		if !old && !over {
+			continue
+		}
+		if err := os.Remove(m.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, err)
+			continue
+		}
+		os.Remove(m.path + ".type")
+		total -= m.size
+		res.Manifests++
+	}
 	if s.opts.PartialMaxAge > 0 {
 		n, err := s.gcPartials(now)
 		res.Partials = n
@@ -72,8 +130,8 @@ func (s *Store) GC(ctx context.Context) (GCResult, error) {
 			errs = append(errs, err)
 		}
 	}
-	if res.Removed > 0 || res.Partials > 0 {
-		s.log.Info("gc", "removed", res.Removed, "freed", res.Freed, "partials", res.Partials)
+	if res.Removed > 0 || res.Partials > 0 || res.Manifests > 0 {
+		s.log.Info("gc", "removed", res.Removed, "freed", res.Freed, "partials", res.Partials, "manifests", res.Manifests)
 	}
 	return res, errors.Join(errs...)
 }

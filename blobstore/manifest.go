@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 )
@@ -44,6 +45,11 @@ func (s *Store) GetManifest(d digest.Digest) (mediaType string, content []byte, 
 	}
 	if err != nil {
 		return "", nil, fmt.Errorf("blobstore: get manifest %s: %w", d, err)
+	}
+	// Its mtime is its last read, roughly, for GC: refreshed hourly.
+	if fi, err := os.Stat(path); err == nil && s.opts.Now().Sub(fi.ModTime()) > time.Hour {
+		now := s.opts.Now()
+		os.Chtimes(path, now, now)
 	}
 	mt, err := os.ReadFile(path + ".type")
 	if err != nil || d.Algorithm().FromBytes(content) != d {

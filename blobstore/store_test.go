@@ -286,3 +286,71 @@ func TestManifest(t *testing.T) {
 		t.Fatalf("tampered manifest: %v", err)
 	}
 }
+
+// The space partial blobs reserve and the manifests count toward the high
+// water mark: blobs go first, then manifests, oldest first.
+func TestGCCountsPartialsAndManifests(t *testing.T) {
+	ctx := context.Background()
+	const size = 1000
+	clk := &clock{t: time.Unix(1e9, 0)}
+	s := newStore(t, t.TempDir(), Options{HighWater: 3 * size, LowWater: 5 * size / 2, Now: clk.now})
+	var ds []digest.Digest
+	for i := 0; i < 2; i++ {
+		b, d := randBlob(t, size)
+		p, err := s.Ingest(ctx, d, piece.PlanFor(size))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fill(t, p, b)
+		if err := p.Commit(d); err != nil {
+			t.Fatal(err)
+		}
+		p.Close()
+		ds = append(ds, d)
+		clk.t = clk.t.Add(time.Second)
+	}
+	// A download in progress reserves 1500 bytes: 3500 in all.
+	_, pd := randBlob(t, 1500)
+	p, err := s.Ingest(ctx, pd, piece.PlanFor(1500))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Discard()
+	res, err := s.GC(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Stat(ds[0]); err == nil || res.Removed != 1 {
+		t.Fatalf("removed %d blobs (oldest left: %v); the partial's reserved space was not counted", res.Removed, err)
+	}
+	if _, err := s.Stat(ds[1]); err != nil {
+		t.Fatalf("the newer blob went too: %v", err)
+	}
+	// Manifests: 2500 bytes of them on top of the 1000-byte blob and the
+	// 1500-byte partial: the blob goes first, then the oldest manifests
+	// until the store is down to the low water mark.
+	var ms []digest.Digest
+	for i := 0; i < 5; i++ {
+		m := bytes.Repeat([]byte{byte('a' + i)}, 500)
+		d := digest.FromBytes(m)
+		if err := s.PutManifest(d, "application/vnd.oci.image.manifest.v1+json", m); err != nil {
+			t.Fatal(err)
+		}
+		old := time.Now().Add(time.Duration(i-10) * time.Minute) // manifest 0 the oldest
+		os.Chtimes(s.manifestPath(d), old, old)
+		ms = append(ms, d)
+	}
+	res, err = s.GC(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Removed != 1 || res.Manifests != 3 {
+		t.Fatalf("GC removed %d blobs and %d manifests; want the blob and the oldest manifests", res.Removed, res.Manifests)
+	}
+	if _, _, err := s.GetManifest(ms[0]); !errors.Is(err, ErrNotFound) {
+		t.Errorf("the oldest manifest survived: %v", err)
+	}
+	if _, _, err := s.GetManifest(ms[4]); err != nil {
+		t.Errorf("the newest manifest went: %v", err)
+	}
+}
