@@ -130,6 +130,7 @@ type Pieces struct {
 	PerParent   int           `toml:"per_parent"`
 	Upstream    int           `toml:"upstream"`
 	MinRate     Size          `toml:"min_rate"`
+	RaceAfter   time.Duration `toml:"race_after"`
 }
 
 // Store is the [store] table.
@@ -176,7 +177,7 @@ func Default() Config {
 			Allow:                 DefaultAllow(),
 			Credentials:           map[string]Credential{},
 		},
-		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1, MinRate: 256 << 10},
+		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1, MinRate: 256 << 10, RaceAfter: 5 * time.Second},
 		Store:  Store{GCInterval: 5 * time.Minute, MaxBlobSize: 64 << 30, PartialMaxAge: 24 * time.Hour},
 		P2P:    P2P{Join: []string{}, Selector: "state", MaxPeers: 32},
 		Upload: Upload{Limit: 16, SuperSeed: true, Syncer: Syncer{Enable: true, Interval: 3 * time.Second, Capacity: 50}},

@@ -108,6 +108,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		UpstreamConcurrency: cfg.Pieces.Upstream,
 		PieceTimeout:        cfg.Pieces.Timeout,
 		MinRate:             float64(cfg.Pieces.MinRate),
+		RaceAfter:           cfg.Pieces.RaceAfter,
 		Attempts:            cfg.Pieces.Attempts,
 		Selector:            cfg.P2P.Selector,
 		Logger:              log,

@@ -123,6 +123,9 @@ type Options struct {
 	MinRate float64
 	// RateWindow is the window MinRate is measured over (5 s by default).
 	RateWindow time.Duration
+	// RaceAfter is how long a reader waits on a piece a peer is sending
+	// before the upstream sends it instead, owner or not; zero: never.
+	RaceAfter time.Duration
 	// Now is the clock; Rand the random source (tests make both fixed).
 	Now    func() time.Time
 	Rand   *rand.Rand

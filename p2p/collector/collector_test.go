@@ -640,3 +640,34 @@ func TestWeightCappedByMeasuredRate(t *testing.T) {
 		t.Errorf("weight %v after measuring 1000 B/s, want %v", w, measuredFactor*1000)
 	}
 }
+
+// The piece a reader waits on, coming slowly from a peer, is taken from the
+// upstream after RaceAfter, though this node is not the one that goes
+// upstream.
+func TestReaderWaitRacesUpstream(t *testing.T) {
+	for _, race := range []time.Duration{time.Second, 0} {
+		t.Run(fmt.Sprint(race), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				job := newJob(1) // ten seconds from the slow parent
+				job.next = 0     // a reader waits on it
+				c := New(Options{Concurrency: 2, RaceAfter: race, Rand: rand.New(rand.NewPCG(1, 2))})
+				r := c.NewRun(job)
+				slow := &slowParent{fakeParent{id: "slow", job: job}}
+				r.AddParent(slow)
+				r.SetUpstream(&fakeParent{id: UpstreamID, job: job}, false)
+				r.Announce("slow", job.checksums(0), nil)
+				start := time.Now()
+				if err := r.Run(context.Background()); err != nil {
+					t.Fatal(err)
+				}
+				took := time.Since(start)
+				if race > 0 && (job.from(UpstreamID) != 1 || took > 2*race) {
+					t.Errorf("with RaceAfter %v: piece from the upstream %d times, took %v", race, job.from(UpstreamID), took)
+				}
+				if race == 0 && (job.from("slow") != 1 || took < 5*time.Second) {
+					t.Errorf("without racing: the slow parent sent %d pieces in %v", job.from("slow"), took)
+				}
+			})
+		})
+	}
+}

@@ -64,6 +64,7 @@ type Run struct {
 	order         []*parentQueue // parents in the order added
 	upstream      *parentQueue
 	allowUpstream bool
+	raced         []int // pieces readers waited on too long: from the upstream next
 	firstHolder   []string // per piece: first parent that announced it (FCFS)
 	holders       []int    // per piece: parents that have it
 	fetchers      []int    // per piece: parents fetching it
@@ -430,6 +431,13 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 		pq.blocked = r.c.opts.Now().Add(250 * time.Millisecond)
 		return nil
 	}
+	if errors.Is(err, errRaced) && !pq.upstream {
+		pq.refuse(i, r.c.opts.Now().Add(r.c.opts.ElsewhereFor))
+		r.raced = append(r.raced, i)
+		r.c.log.Info("a reader waited on a piece from a peer; taking it from the upstream", "digest", r.job.Digest(), "piece", i,
+			"parent", pq.p.ID(), "after", r.c.opts.RaceAfter)
+		return nil
+	}
 	if errors.Is(err, errTooSlow) && !pq.upstream {
 		pq.blocked = r.c.opts.Now().Add(r.c.opts.BlockFor)
 		r.c.log.Warn("parent sends below the minimum rate; piece moved, parent blocked", "digest", r.job.Digest(), "piece", i,
@@ -496,6 +504,17 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 		return 0, nil, len(r.fetches) == 0
 	}
 	now := r.c.opts.Now()
+	// A piece a reader waited on too long comes from the upstream, first.
+	for len(r.raced) > 0 && r.upstream != nil && r.upstream.inflight < r.c.opts.UpstreamConcurrency {
+		i := r.raced[0]
+		r.raced = r.raced[1:]
+		if r.wanted[i] {
+			r.inflight[i] = true
+			r.setWantedLocked(i, false)
+			r.upstream.inflight++
+			return i, r.upstream, false
+		}
+	}
 	var i int
 	var pq *parentQueue
 	var win []int
@@ -705,19 +724,29 @@ var errStolen = errors.New("collector: piece moved to a faster parent")
 // errTooSlow cancels a fetch from a parent sending below MinRate.
 var errTooSlow = errors.New("collector: parent below the minimum rate")
 
-// watchRate cancels fs's fetch with errTooSlow when fewer than MinRate
-// bytes/s arrive over a RateWindow. The returned func stops it and waits.
-func (r *Run) watchRate(ctx context.Context, fs *fetchState) (stop func()) {
-	if r.c.opts.MinRate <= 0 {
+// errRaced cancels a peer fetch of the piece a reader waits on that took
+// longer than RaceAfter: the upstream sends it instead.
+var errRaced = errors.New("collector: reader waited too long; piece taken from the upstream")
+
+// watchFetch watches a peer fetch: it cancels it with errTooSlow when fewer
+// than MinRate bytes/s arrived over a RateWindow, and with errRaced when a
+// reader has waited on its piece for RaceAfter. The returned func stops it
+// and waits.
+func (r *Run) watchFetch(ctx context.Context, i int, fs *fetchState) (stop func()) {
+	o := r.c.opts
+	if o.MinRate <= 0 && o.RaceAfter <= 0 {
 		return func() {}
+	}
+	tick := o.RateWindow
+	if o.RaceAfter > 0 {
+		tick = min(tick, max(o.RaceAfter/4, 10*time.Millisecond))
 	}
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		win := r.c.opts.RateWindow
-		t := time.NewTicker(win)
+		t := time.NewTicker(tick)
 		defer t.Stop()
-		var last int64
+		checked, last := o.Now(), int64(0)
 		for {
 			select {
 			case <-done:
@@ -726,12 +755,18 @@ func (r *Run) watchRate(ctx context.Context, fs *fetchState) (stop func()) {
 				return
 			case <-t.C:
 			}
-			read := fs.read.Load()
-			if float64(read-last) < r.c.opts.MinRate*win.Seconds() && read < fs.size {
-				fs.cancel(errTooSlow)
+			now, read := o.Now(), fs.read.Load()
+			if o.RaceAfter > 0 && now.Sub(fs.start) >= o.RaceAfter && read < fs.size && r.job.Next() == i {
+				fs.cancel(errRaced)
 				return
 			}
-			last = read
+			if o.MinRate > 0 && now.Sub(checked) >= o.RateWindow {
+				if float64(read-last) < o.MinRate*now.Sub(checked).Seconds() && read < fs.size {
+					fs.cancel(errTooSlow)
+					return
+				}
+				checked, last = now, read
+			}
 		}
 	})
 	return func() { close(done); wg.Wait() }
@@ -806,7 +841,7 @@ func (r *Run) fetch(ctx context.Context, i int, pq *parentQueue) error {
 			}
 			r.mu.Unlock()
 		}()
-		defer r.watchRate(ctx, fs)()
+		defer r.watchFetch(ctx, i, fs)()
 	}
 	body, err := pq.p.Fetch(ctx, i, off, n)
 	var whole *ErrWhole
@@ -855,7 +890,7 @@ func (r *Run) fetch(ctx context.Context, i int, pq *parentQueue) error {
 // reason it was cancelled for.
 func stolen(ctx context.Context, err error) error {
 	if err != nil {
-		if cause := context.Cause(ctx); errors.Is(cause, errStolen) || errors.Is(cause, errTooSlow) {
+		if cause := context.Cause(ctx); errors.Is(cause, errStolen) || errors.Is(cause, errTooSlow) || errors.Is(cause, errRaced) {
 			return cause
 		}
 	}
