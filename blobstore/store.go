@@ -158,6 +158,14 @@ func (s *Store) load(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("blobstore: load index: %w", err)
 	}
+	// A crash between writing a manifest's temporary file and its rename
+	// leaves the temporary file: nothing refers to it.
+	filepath.WalkDir(filepath.Join(s.root, "manifests"), func(path string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && strings.HasPrefix(d.Name(), ".tmp-") {
+			os.Remove(path)
+		}
+		return nil
+	})
 	sort.Slice(all, func(i, j int) bool { return all[i].mtime.Before(all[j].mtime) })
 	for _, f := range all {
 		s.lru.Add(f.dgst, &entry{size: f.size, lastAccess: f.mtime, persisted: f.mtime})

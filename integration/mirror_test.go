@@ -2,8 +2,10 @@ package integration
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"os/exec"
@@ -137,4 +139,107 @@ func TestCrashResumesPartialBlob(t *testing.T) {
 	if b := reg.BlobBytes(); b != 0 {
 		t.Errorf("complete blob refetched after restart: %d upstream bytes", b)
 	}
+}
+
+var killSeed = flag.Uint64("kill-seed", 0, "seed of TestKillNineLoop's kill points (0: from the clock)")
+
+// kill -9 at seeded random points of several ingests at once, in a loop:
+// after every crash each committed blob still matches its digest, no
+// temporary file is left, partial downloads resume, and at the end every
+// blob and manifest is served right.
+func TestKillNineLoop(t *testing.T) {
+	reg := startRegistry(t)
+	img, err := reg.PushImage(context.Background(), "crash/app", "v1", []int64{3 << 20, 24 << 20, 40 << 20}, 77)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var total int64
+	for _, l := range img.Layers {
+		total += l.Size
+	}
+	reg.ResetCounters()
+	seed := *killSeed
+	if seed == 0 {
+		seed = uint64(time.Now().UnixNano())
+	}
+	rng := rand.New(rand.NewPCG(seed, 1))
+	t.Logf("seed %d (kill points derive from it; -kill-seed repeats them)", seed)
+	dataDir := t.TempDir()
+	cfg := writeTOML(t, "[pieces]\nconcurrency = 4\n")
+	args := []string{"--config", cfg, "--upstream", "crash.invalid=" + reg.URL}
+	urls := []string{"/v2/crash/app/manifests/" + img.Digest}
+	for _, l := range img.Layers {
+		urls = append(urls, "/v2/crash/app/blobs/"+l.Digest)
+	}
+	reg.SetPace(24 << 20)
+	const rounds = 5
+	for round := 0; round < rounds; round++ {
+		px := startProxy(t, dataDir, args...)
+		ctx, cancel := context.WithCancel(context.Background())
+		for _, u := range urls {
+			go getBlob(ctx, "http://"+px.Addr+u+"?ns=crash.invalid")
+		}
+		// Kill once the upstream has sent a random share of what is left.
+		target := reg.BlobBytes() + int64(rng.Float64()*0.3*float64(total))
+		deadline := time.Now().Add(30 * time.Second)
+		for reg.BlobBytes() < target && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		px.cmd.Process.Signal(syscall.SIGKILL)
+		<-px.done
+		cancel()
+		checkStore(t, dataDir)
+		t.Logf("round %d: killed after %d upstream bytes", round, reg.BlobBytes())
+	}
+	reg.SetPace(0)
+	px := startProxy(t, dataDir, args...)
+	for i, l := range img.Layers {
+		if _, err := fetchVerified("http://"+px.Addr+urls[i+1]+"?ns=crash.invalid", l.Digest); err != nil {
+			t.Fatalf("layer %d after %d crashes: %v", i, rounds, err)
+		}
+	}
+	resp, err := http.Get("http://" + px.Addr + urls[0] + "?ns=crash.invalid")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("manifest after the crashes: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	if !strings.Contains(px.output(), "resumed partial blob") && reg.BlobBytes() > total {
+		t.Log("no partial was resumed in this run's last start")
+	}
+	t.Logf("upstream sent %d bytes for %d bytes of blobs over %d crashes", reg.BlobBytes(), total, rounds)
+	px.stopProxy()
+	checkStore(t, dataDir)
+}
+
+// checkStore checks a stopped proxy's data directory: every complete blob
+// matches its name, and no temporary file is left outside ingest/.
+func checkStore(t *testing.T, dir string) {
+	t.Helper()
+	filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		rel, _ := filepath.Rel(dir, path)
+		if strings.HasPrefix(d.Name(), ".tmp-") {
+			// Manifests' temporaries are swept when the store opens.
+			if !strings.HasPrefix(rel, "manifests") {
+				t.Errorf("temporary file left: %s", rel)
+			}
+			return nil
+		}
+		if strings.HasPrefix(rel, "blobs"+string(filepath.Separator)) {
+			f, err := os.Open(path)
+			if err != nil {
+				t.Error(err)
+				return nil
+			}
+			defer f.Close()
+			dg := digest.Canonical.Digester()
+			io.Copy(dg.Hash(), f)
+			if dg.Digest().Encoded() != d.Name() {
+				t.Errorf("committed blob %s holds %s", rel, dg.Digest())
+			}
+		}
+		return nil
+	})
 }
