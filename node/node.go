@@ -35,6 +35,7 @@ type Node struct {
 	admLn  net.Listener
 	adm    *http.Server
 	store  *blobstore.Store
+	up     *upstream.Client
 	tasks  *task.Manager
 	p2p    *peers
 	cancel context.CancelFunc
@@ -163,6 +164,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		log:   log,
 		ln:    ln,
 		store: store,
+		up:    up,
 		tasks: tasks,
 		p2p:   p2p,
 		errc:  make(chan error, 2),
@@ -236,6 +238,7 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		n.adm.Close()
 	}
 	n.tasks.Close()
+	n.up.Close()
 	err = errors.Join(err, n.p2p.close(ctx))
 	n.cancel()
 	n.wg.Wait()

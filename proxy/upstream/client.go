@@ -186,6 +186,9 @@ func New(opts Options) (*Client, error) {
 	}, nil
 }
 
+// Close drops the idle connections to upstreams.
+func (c *Client) Close() { c.http.CloseIdleConnections() }
+
 // ParseBaseURL checks an upstream base URL: http or https, a host, no query.
 func ParseBaseURL(raw string) (*url.URL, error) {
 	u, err := url.Parse(raw)
