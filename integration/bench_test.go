@@ -10,6 +10,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -220,4 +222,70 @@ func layerPaths(img *testregistry.Image) []string {
 		out = append(out, "/v2/bench/app/blobs/"+l.Digest)
 	}
 	return out
+}
+
+// BenchmarkLoad runs the load of TestLoad (proxy package) against the
+// binary: 500 clients at once on one cold 64 MiB blob and 50 other cold
+// 1 MiB blobs, every response verified, and reports the proxy process's
+// peak RSS growth and the upstream's copies.
+func BenchmarkLoad(b *testing.B) {
+	for i := 0; i < b.N; i++ {
+		reg, err := testregistry.Start(testregistry.Options{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		ctx := context.Background()
+		big, err := reg.PushBlob(ctx, "load/blob", testregistry.RandomBytes(64<<20, 7))
+		if err != nil {
+			b.Fatal(err)
+		}
+		var small []string
+		for j := 0; j < 50; j++ {
+			d, err := reg.PushBlob(ctx, "load/blob", testregistry.RandomBytes(1<<20, uint64(1000+j)))
+			if err != nil {
+				b.Fatal(err)
+			}
+			small = append(small, d)
+		}
+		reg.ResetCounters()
+		px := startProxy(b, b.TempDir(), "--upstream", "load.invalid="+reg.URL, "--log-level", "info",
+			"--config", writeTOML(b, "[limits]\nclient_conns = 1024\n"))
+		rss0 := procStatus(b, px.cmd.Process.Pid, "VmRSS")
+		client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 600}}
+		var wg sync.WaitGroup
+		var failed atomic.Int64
+		start := make(chan struct{})
+		get := func(d string) {
+			defer wg.Done()
+			<-start
+			if _, err := fetch.Blob(ctx, client, "http://"+px.Addr+"/v2/load/blob/blobs/"+d+"?ns=load.invalid", digest.Digest(d)); err != nil {
+				failed.Add(1)
+			}
+		}
+		for range 500 {
+			wg.Add(1)
+			go get(big)
+		}
+		for _, d := range small {
+			wg.Add(1)
+			go get(d)
+		}
+		t0 := time.Now()
+		close(start)
+		wg.Wait()
+		took := time.Since(t0)
+		hwm := procStatus(b, px.cmd.Process.Pid, "VmHWM")
+		client.CloseIdleConnections()
+		if n := failed.Load(); n > 0 {
+			b.Fatalf("%d responses failed", n)
+		}
+		copies := float64(reg.BlobBytes()) / float64(64<<20+50<<20)
+		b.Logf("500 clients x 64 MiB + 50 x 1 MiB: %v, proxy RSS %d -> peak %d KiB, upstream %.3f copies", took.Round(time.Millisecond), rss0, hwm, copies)
+		b.ReportMetric(float64(hwm-rss0)/1024, "rss-growth-MiB")
+		b.ReportMetric(copies, "upstream-copies")
+		b.ReportMetric(took.Seconds(), "s")
+		px.stopProxy()
+		reg.Close()
+	}
+	b.ReportMetric(0, "ns/op")
 }

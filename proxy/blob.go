@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/gorilla/mux"
@@ -95,7 +94,7 @@ func (s *Server) serveStored(w http.ResponseWriter, r *http.Request, d digest.Di
 	}
 	w.Header().Set("Content-Length", contentLength(b.Size))
 	w.WriteHeader(http.StatusOK)
-	if _, err := copyOut(w, r, b.File); err != nil {
+	if _, err := s.copyOut(w, r, b.File); err != nil {
 		s.logSendError(r, d, err)
 	}
 	return true
@@ -139,7 +138,7 @@ func (s *Server) serveTask(w http.ResponseWriter, r *http.Request, t *task.Task)
 		// The whole blob, the common case: stream it with sendfile.
 		w.Header().Set("Content-Length", contentLength(t.Size()))
 		w.WriteHeader(http.StatusOK)
-		_, err2 = copyOut(w, r, rd)
+		_, err2 = s.copyOut(w, r, rd)
 	} else {
 		end, ok := rangeEnd(r.Header.Get("Range"), t.Size())
 		if !ok {
@@ -178,20 +177,27 @@ func (s *Server) writeTaskError(w http.ResponseWriter, r *http.Request, t *task.
 	s.writeUpstreamError(w, r, err, codeBlobUnknown)
 }
 
-var copyBufs = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
+// bigBuffers bounds the large copy buffers in use at once, so that many
+// loopback clients cost at most this many MiB; the others get sendfile.
+const bigBuffers = 32
 
 // copyOut sends a blob body. To a remote peer the kernel's sendfile sends
 // it; to a client on loopback (the node's own containerd or dockerd) a
 // plain copy through a large buffer is faster, as loopback moves sendfile's
-// page fragments at about half the speed of large writes.
-func copyOut(w http.ResponseWriter, r *http.Request, src io.Reader) (int64, error) {
+// page fragments at about half the speed of large writes, while one of
+// bigBuffers is free.
+func (s *Server) copyOut(w http.ResponseWriter, r *http.Request, src io.Reader) (int64, error) {
 	host, _, _ := net.SplitHostPort(r.RemoteAddr)
 	if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
 		return io.Copy(w, src)
 	}
-	bp := copyBufs.Get().(*[]byte)
-	defer copyBufs.Put(bp)
-	return io.CopyBuffer(struct{ io.Writer }{w}, struct{ io.Reader }{src}, *bp)
+	select {
+	case bp := <-s.copyBufs:
+		defer func() { s.copyBufs <- bp }()
+		return io.CopyBuffer(struct{ io.Writer }{w}, struct{ io.Reader }{src}, *bp)
+	default:
+		return io.Copy(w, src)
+	}
 }
 
 // rangeEnd is the exclusive end of a single-range Range header within a blob

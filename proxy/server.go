@@ -49,8 +49,9 @@ type Options struct {
 
 // Server serves the mirror API.
 type Server struct {
-	opts Options
-	log  *slog.Logger
+	opts     Options
+	log      *slog.Logger
+	copyBufs chan *[]byte // the loopback copy buffers: bigBuffers of 1 MiB
 }
 
 // New returns a server.
@@ -67,7 +68,12 @@ func New(opts Options) *Server {
 	if opts.UpstreamTimeout <= 0 {
 		opts.UpstreamTimeout = time.Minute
 	}
-	return &Server{opts: opts, log: opts.Logger.With("component", "proxy")}
+	s := &Server{opts: opts, log: opts.Logger.With("component", "proxy"), copyBufs: make(chan *[]byte, bigBuffers)}
+	for range bigBuffers {
+		b := make([]byte, 1<<20)
+		s.copyBufs <- &b
+	}
+	return s
 }
 
 // tagPattern is the OCI distribution spec's tag.
