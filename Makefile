@@ -97,6 +97,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDockerConfig -fuzztime $(FUZZTIME) ./proxy/upstream/
 	$(GO) test -run '^$$' -fuzz FuzzParseSecrets -fuzztime $(FUZZTIME) ./p2p/trust/
 	$(GO) test -run '^$$' -fuzz FuzzRegister -fuzztime $(FUZZTIME) ./p2p/swarm/
+	$(GO) test -run '^$$' -fuzz FuzzPieceUpdate -fuzztime $(FUZZTIME) ./p2p/swarm/
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')

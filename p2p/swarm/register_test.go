@@ -2,17 +2,23 @@ package swarm
 
 import (
 	"context"
+	"errors"
+	"io"
 	"net"
 	"strings"
 	"testing"
 
+	"github.com/opencontainers/go-digest"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/p2p/membership"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/piece"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
 )
 
@@ -106,4 +112,50 @@ func FuzzRegister(f *testing.F) {
 			}
 		}
 	})
+}
+
+// Any bytes a parent sends as a PieceUpdate: refused, or an announcement
+// within the plan that the collector takes without trouble.
+func FuzzPieceUpdate(f *testing.F) {
+	d := digest.Digest(testDigest)
+	plan := piece.PlanFor(10 << 20) // 3 pieces
+	ok, _ := proto.Marshal(&pb.PieceUpdate{Digest: testDigest, Size: plan.Size, PieceSize: plan.PieceSize,
+		Pieces: []*pb.Piece{{Index: 0, Checksum: 7}, {Index: 2}}, Fetching: []uint32{1}})
+	f.Add(ok)
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var up pb.PieceUpdate
+		if proto.Unmarshal(b, &up) != nil {
+			return
+		}
+		a, err := parseUpdate(&up, d, plan)
+		if err != nil {
+			return
+		}
+		for i := range a.has {
+			if i < 0 || i >= plan.Count() {
+				t.Fatalf("piece %d accepted of %d", i, plan.Count())
+			}
+		}
+		run := collector.New(collector.Options{}).NewRun(fakeJob{plan})
+		run.AddParent(fakeParent("p"))
+		run.Announce("p", a.has, a.fetching)
+	})
+}
+
+type fakeJob struct{ plan piece.Plan }
+
+func (j fakeJob) Digest() digest.Digest { return testDigest }
+func (j fakeJob) Plan() piece.Plan      { return j.plan }
+func (fakeJob) Has(int) bool            { return false }
+func (fakeJob) Next() int               { return -1 }
+func (fakeJob) Put(int, io.Reader, string, collector.Expect) error {
+	return errors.New("not in this test")
+}
+
+type fakeParent string
+
+func (p fakeParent) ID() string { return string(p) }
+func (fakeParent) Fetch(context.Context, int, int64, int64) (io.ReadCloser, error) {
+	return nil, errors.New("not in this test")
 }

@@ -184,28 +184,21 @@ func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) e
 				if ignored {
 					return
 				}
-				if up.GetSize() != plan.Size || up.GetPieceSize() != plan.PieceSize {
+				a, err := parseUpdate(up, d, plan)
+				if err != nil {
 					// This peer alone is ignored for the rest of the download:
 					// it stays in watching, so it is not added again.
-					s.log.Warn("peer's piece plan differs; ignoring it", "peer", id, "digest", d, "size", up.GetSize(), "piece_size", up.GetPieceSize())
+					s.log.Warn("ignoring a peer's piece updates", "peer", id, "digest", d, "err", err)
 					ignored = true
 					run.RemoveParent(id)
 					wcancel()
 					return
 				}
-				if up.GetComplete() {
+				if a.complete {
 					run.AnnounceComplete(id)
 					return
 				}
-				has := make(map[int]uint32, len(up.GetPieces()))
-				for _, p := range up.GetPieces() {
-					has[int(p.GetIndex())] = p.GetChecksum()
-				}
-				fetching := make([]int, 0, len(up.GetFetching()))
-				for _, f := range up.GetFetching() {
-					fetching = append(fetching, int(f))
-				}
-				run.Announce(id, has, fetching)
+				run.Announce(id, a.has, a.fetching)
 			})
 			if ctx.Err() != nil || ignored {
 				return
@@ -290,6 +283,43 @@ func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) e
 			coordinate()
 		}
 	}
+}
+
+// announcement is a parent's piece update, checked.
+type announcement struct {
+	has      map[int]uint32
+	fetching []int
+	complete bool
+}
+
+// parseUpdate checks a piece update from a parent against this node's plan
+// of the blob: the same digest and plan, piece indices within it, no more
+// entries than pieces.
+func parseUpdate(up *pb.PieceUpdate, d digest.Digest, plan piece.Plan) (announcement, error) {
+	if up.GetDigest() != d.String() {
+		return announcement{}, fmt.Errorf("update for %q, not %s", up.GetDigest(), d)
+	}
+	if up.GetSize() != plan.Size || up.GetPieceSize() != plan.PieceSize {
+		return announcement{}, fmt.Errorf("piece plan %d/%d differs from %d/%d", up.GetSize(), up.GetPieceSize(), plan.Size, plan.PieceSize)
+	}
+	n := plan.Count()
+	if len(up.GetPieces()) > n || len(up.GetFetching()) > n {
+		return announcement{}, fmt.Errorf("%d pieces and %d fetching announced of %d", len(up.GetPieces()), len(up.GetFetching()), n)
+	}
+	a := announcement{complete: up.GetComplete(), has: make(map[int]uint32, len(up.GetPieces())), fetching: make([]int, 0, len(up.GetFetching()))}
+	for _, p := range up.GetPieces() {
+		if int64(p.GetIndex()) >= int64(n) {
+			return announcement{}, fmt.Errorf("piece %d of %d", p.GetIndex(), n)
+		}
+		a.has[int(p.GetIndex())] = p.GetChecksum()
+	}
+	for _, f := range up.GetFetching() {
+		if int64(f) >= int64(n) {
+			return announcement{}, fmt.Errorf("fetching piece %d of %d", f, n)
+		}
+		a.fetching = append(a.fetching, int(f))
+	}
+	return a, nil
 }
 
 func (s *Swarm) logPicks(d digest.Digest, run *collector.Run) {
