@@ -333,7 +333,14 @@ func TestMismatchWithPeerPiecesRefetchesFromUpstream(t *testing.T) {
 			run.SetUpstream(collector.NewUpstreamParent(good, "", "", req.Digest, nil), false)
 			peer := &liarParent{src: liar}
 			run.AddParent(peer)
-			run.AnnounceComplete(peer.ID())
+			// Its checksums match its lies.
+			plan := piece.PlanFor(int64(len(bad)))
+			crcs := map[int]uint32{}
+			for i := range plan.Count() {
+				off, n := plan.Range(i)
+				crcs[i] = piece.Checksum(bad[off : off+n])
+			}
+			run.AnnounceComplete(peer.ID(), crcs)
 			return run.Run(ctx)
 		},
 	})

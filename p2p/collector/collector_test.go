@@ -27,6 +27,9 @@ type fakeJob struct {
 	done   []bool
 	source []string
 	next   int
+	// checksumFails counts pieces refused by their expected checksum;
+	// wrongBytes those that passed it with bytes not the blob's.
+	checksumFails, wrongBytes int
 }
 
 func newJob(pieces int) *fakeJob {
@@ -53,9 +56,15 @@ func (j *fakeJob) Put(i int, r io.Reader, source string, want Expect) error {
 		return fmt.Errorf("piece %d: %d bytes", i, len(b))
 	}
 	if want.Known && piece.Checksum(b) != want.CRC {
+		j.mu.Lock()
+		j.checksumFails++
+		j.mu.Unlock()
 		return ErrChecksum
 	}
 	if !bytes.Equal(b, j.data[off:off+n]) {
+		j.mu.Lock()
+		j.wrongBytes++
+		j.mu.Unlock()
 		return errors.New("wrong bytes")
 	}
 	j.mu.Lock()
@@ -670,4 +679,43 @@ func TestReaderWaitRacesUpstream(t *testing.T) {
 			})
 		})
 	}
+}
+
+// A parent that lies consistently (wrong bytes, checksums of its wrong
+// bytes) is caught piece by piece once the owner's checksums are known: its
+// pieces fail against them, and it is blocked.
+func TestPiecesCheckedAgainstAuthority(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		job := newJob(4)
+		c := New(Options{Concurrency: 1, Rand: rand.New(rand.NewPCG(1, 2))})
+		r := c.NewRun(job)
+		liar := &fakeParent{id: "liar", job: job, corrupt: true}
+		owner := &fakeParent{id: "owner", job: job}
+		r.AddParent(liar)
+		r.AddParent(owner)
+		r.SetUpstream(&fakeParent{id: UpstreamID, job: job}, false)
+		r.SetAuthority("owner")
+		// The liar's checksums match its corrupt bytes.
+		lies := map[int]uint32{}
+		for i := range 4 {
+			off, n := job.plan.Range(i)
+			b := append([]byte(nil), job.data[off:off+n]...)
+			b[0] ^= 1
+			lies[i] = piece.Checksum(b)
+		}
+		r.AnnounceComplete("liar", lies)
+		r.Announce("owner", job.checksums(job.all()...), nil)
+		if err := r.Run(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if job.from("liar") != 0 || job.from("owner") != 4 {
+			t.Fatalf("pieces from liar %d, owner %d", job.from("liar"), job.from("owner"))
+		}
+		if liar.count() != 1 {
+			t.Errorf("the liar was asked %d times; blocked after its first bad piece it should be asked once", liar.count())
+		}
+		if job.checksumFails != 1 || job.wrongBytes != 0 {
+			t.Errorf("%d pieces refused by the owner's checksum, %d wrong pieces passed a checksum; want 1 and 0", job.checksumFails, job.wrongBytes)
+		}
+	})
 }

@@ -20,7 +20,7 @@ type parentQueue struct {
 	has      []bool      // per piece: announced
 	list     []int       // the announced pieces, in the order announced
 	crc      []uint32    // per piece: announced checksum
-	complete bool        // holds the whole verified blob; no piece checksums
+	complete bool        // holds the whole verified blob
 	fetching []bool      // per piece: the parent itself is fetching it now
 	offering int         // pieces it has that this node wants (refusals aside)
 	blocked  time.Time   // no pieces before this
@@ -65,6 +65,12 @@ type Run struct {
 	upstream      *parentQueue
 	allowUpstream bool
 	raced         []int // pieces readers waited on too long: from the upstream next
+	// authority is the parent whose piece checksums are trusted (the
+	// digest's owner, which read them from the upstream): a piece from any
+	// parent is checked against them, not against what its sender says.
+	authority   string
+	trusted     []uint32
+	trustedSeen []bool
 	firstHolder   []string // per piece: first parent that announced it (FCFS)
 	holders       []int    // per piece: parents that have it
 	fetchers      []int    // per piece: parents fetching it
@@ -96,6 +102,8 @@ func (c *Collector) NewRun(job Job) *Run {
 		inflight:    make([]bool, n),
 		fetches:     map[int]*fetchState{},
 		failures:    make([]int, n),
+		trusted:     make([]uint32, n),
+		trustedSeen: make([]bool, n),
 	}
 	for i := range n {
 		r.wantedPos[i] = -1
@@ -198,6 +206,9 @@ func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
 			}
 		}
 		pq.crc[i] = crc
+		if id == r.authority {
+			r.trusted[i], r.trustedSeen[i] = crc, true
+		}
 		if pq.fetching[i] {
 			pq.fetching[i] = false
 			r.fetchers[i]--
@@ -236,22 +247,40 @@ func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
 	}
 }
 
-// AnnounceComplete records that a parent holds the whole, verified blob.
-func (r *Run) AnnounceComplete(id string) {
+// AnnounceComplete records that a parent holds the whole, verified blob,
+// with the checksum of every piece.
+func (r *Run) AnnounceComplete(id string, crcs map[int]uint32) {
 	r.mu.Lock()
 	pq, ok := r.parents[id]
 	if ok {
 		pq.complete = true
 	}
 	r.mu.Unlock()
-	if !ok {
+	if ok {
+		r.Announce(id, crcs, []int{})
+	}
+}
+
+// SetAuthority names the parent whose piece checksums every piece is
+// checked against: the digest's owner. Its announcements so far and from
+// now on are trusted.
+func (r *Run) SetAuthority(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.authority == id {
 		return
 	}
-	all := make(map[int]uint32, r.n)
-	for i := 0; i < r.n; i++ {
-		all[i] = 0
+	r.authority = id
+	for i := range r.trustedSeen {
+		r.trustedSeen[i] = false
 	}
-	r.Announce(id, all, []int{})
+	if pq, ok := r.parents[id]; ok {
+		for i, has := range pq.has {
+			if has {
+				r.trusted[i], r.trustedSeen[i] = pq.crc[i], true
+			}
+		}
+	}
 }
 
 // Picks returns how many pieces and bytes came from each parent so far.
@@ -858,19 +887,25 @@ func (r *Run) fetch(ctx context.Context, i int, pq *parentQueue) error {
 		return stolen(ctx, err)
 	}
 	defer body.Close()
+	// A peer's piece is checked against the owner's checksum where the
+	// owner announced one (a checksum its sender could not choose), else
+	// against the sender's own, which catches accidents. The digest, at the
+	// end, catches the rest.
 	r.mu.Lock()
 	var crc uint32
 	known := !pq.upstream && pq.has[i]
 	if known {
 		crc = pq.crc[i]
+		if r.trustedSeen[i] {
+			crc = r.trusted[i]
+		}
 	}
-	complete := pq.complete
 	r.mu.Unlock()
 	var src io.Reader = io.LimitReader(body, n+1)
 	if fs != nil {
 		src = countingReader{r: src, n: &fs.read}
 	}
-	err = stolen(ctx, r.job.Put(i, src, pq.p.ID(), Expect{CRC: crc, Known: known && !pq.upstream && !complete}))
+	err = stolen(ctx, r.job.Put(i, src, pq.p.ID(), Expect{CRC: crc, Known: known}))
 	if err == nil && fs != nil {
 		if secs := r.c.opts.Now().Sub(fs.start).Seconds(); secs > 0 {
 			rate := float64(n) / secs

@@ -296,7 +296,7 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 	for {
 		up := &pb.PieceUpdate{Digest: d.String(), Size: snap.Plan.Size, PieceSize: snap.Plan.PieceSize, Complete: snap.Complete || s.opts.Faults.ClaimComplete}
 		for i, done := range snap.Done {
-			if done && !sent[i] && !snap.Complete {
+			if (done || up.Complete) && !sent[i] {
 				up.Pieces = append(up.Pieces, &pb.Piece{Index: uint32(i), Checksum: snap.CRC[i]})
 				sent[i] = true
 			}

@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -19,6 +20,7 @@ import (
 	"sync"
 	"time"
 
+	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/hashicorp/golang-lru/v2/expirable"
 	"github.com/opencontainers/go-digest"
 	"google.golang.org/grpc/codes"
@@ -78,6 +80,8 @@ type Swarm struct {
 	// private remembers digests this node could not fetch with its own
 	// credentials, so registering nodes fetch them themselves.
 	private *expirable.LRU[digest.Digest, struct{}]
+	// crcs holds stored blobs' piece checksums, for peers watching them.
+	crcs *lru.Cache[digest.Digest, []uint32]
 
 	mu   sync.Mutex
 	runs map[digest.Digest]*collector.Run
@@ -94,12 +98,14 @@ func New(opts Options) *Swarm {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	crcs, _ := lru.New[digest.Digest, []uint32](1024)
 	return &Swarm{
 		opts:    opts,
 		log:     opts.Logger.With("component", "swarm"),
 		runs:    map[digest.Digest]*collector.Run{},
 		tracker: tracker.New(nil),
 		private: expirable.NewLRU[digest.Digest, struct{}](4096, nil, time.Minute),
+		crcs:    crcs,
 	}
 }
 
@@ -195,7 +201,7 @@ func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) e
 					return
 				}
 				if a.complete {
-					run.AnnounceComplete(id)
+					run.AnnounceComplete(id, a.has)
 					return
 				}
 				run.Announce(id, a.has, a.fetching)
@@ -225,6 +231,7 @@ func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) e
 			if id == s.opts.Self.ID {
 				// This node owns the digest now: it goes upstream, and
 				// takes pieces from whoever registered.
+				run.SetAuthority("")
 				run.AllowUpstream(true)
 				for _, p := range s.tracker.Peers(d.String(), "", s.opts.MaxPeers) {
 					addParent(p.ID, p.Addr)
@@ -247,6 +254,9 @@ func (s *Swarm) Fill(ctx context.Context, job collector.Job, req task.Request) e
 			// The owner cannot fetch a private blob: the first node to ask
 			// fetches it with its client's credentials and seeds it.
 			run.AllowUpstream(resp.GetFetchYourself() && len(resp.GetPeers()) == 0)
+			// The owner's piece checksums, read from the upstream, are the
+			// ones every piece is checked against.
+			run.SetAuthority(id)
 			addParent(id, addrs[id])
 			for _, p := range resp.GetPeers() {
 				addParent(p.GetId(), p.GetAddr())
@@ -318,6 +328,9 @@ func parseUpdate(up *pb.PieceUpdate, d digest.Digest, plan piece.Plan) (announce
 			return announcement{}, fmt.Errorf("fetching piece %d of %d", f, n)
 		}
 		a.fetching = append(a.fetching, int(f))
+	}
+	if a.complete && len(a.has) != n {
+		return announcement{}, fmt.Errorf("complete, with checksums of %d of %d pieces", len(a.has), n)
 	}
 	return a, nil
 }
@@ -428,11 +441,16 @@ func (s *Swarm) caller(ctx context.Context, claimed string) (membership.Member, 
 func (s *Swarm) Snapshot(d digest.Digest) (peer.Snapshot, <-chan struct{}, bool) {
 	if size, err := s.opts.Store.Stat(d); err == nil {
 		plan := piece.PlanFor(size)
+		crcs, err := s.pieceChecksums(d, plan)
+		if err != nil {
+			s.log.Warn("checksumming a stored blob's pieces", "digest", d, "err", err)
+			return peer.Snapshot{}, nil, false
+		}
 		done := make([]bool, plan.Count())
 		for i := range done {
 			done[i] = true
 		}
-		return peer.Snapshot{Plan: plan, Done: done, CRC: make([]uint32, len(done)), Complete: true}, nil, true
+		return peer.Snapshot{Plan: plan, Done: done, CRC: crcs, Complete: true}, nil, true
 	}
 	if s.tasks == nil {
 		return peer.Snapshot{}, nil, false
@@ -452,6 +470,31 @@ func (s *Swarm) Snapshot(d digest.Digest) (peer.Snapshot, <-chan struct{}, bool)
 	}
 	s.mu.Unlock()
 	return snap, ch, true
+}
+
+// pieceChecksums are the piece checksums of a stored blob, computed once
+// (one read of the blob) and remembered.
+func (s *Swarm) pieceChecksums(d digest.Digest, plan piece.Plan) ([]uint32, error) {
+	if c, ok := s.crcs.Get(d); ok && len(c) == plan.Count() {
+		return c, nil
+	}
+	b, err := s.opts.Store.Get(d)
+	if err != nil {
+		return nil, err
+	}
+	defer b.Close()
+	crcs := make([]uint32, plan.Count())
+	buf := make([]byte, 1<<20)
+	for i := range crcs {
+		off, n := plan.Range(i)
+		h := piece.NewChecksum()
+		if _, err := io.CopyBuffer(h, io.NewSectionReader(b.File, off, n), buf); err != nil {
+			return nil, fmt.Errorf("swarm: checksum piece %d of %s: %w", i, d, err)
+		}
+		crcs[i] = h.Sum32()
+	}
+	s.crcs.Add(d, crcs)
+	return crcs, nil
 }
 
 // OpenPiece implements peer.Source.
