@@ -71,18 +71,18 @@ type Run struct {
 	authority   string
 	trusted     []uint32
 	trustedSeen []bool
-	firstHolder   []string // per piece: first parent that announced it (FCFS)
-	holders       []int    // per piece: parents that have it
-	fetchers      []int    // per piece: parents fetching it
-	wanted        []bool   // per piece: not done and not in flight
-	nwanted       int
-	wantedList    []int // the wanted pieces, in no order
-	wantedPos     []int // per piece: its index in wantedList, or -1
-	inflight      []bool
-	fetches       map[int]*fetchState // peer fetches in flight
-	failures      []int
-	sequential    bool
-	progress      time.Time // last piece done by a peer
+	firstHolder []string // per piece: first parent that announced it (FCFS)
+	holders     []int    // per piece: parents that have it
+	fetchers    []int    // per piece: parents fetching it
+	wanted      []bool   // per piece: not done and not in flight
+	nwanted     int
+	wantedList  []int // the wanted pieces, in no order
+	wantedPos   []int // per piece: its index in wantedList, or -1
+	inflight    []bool
+	fetches     map[int]*fetchState // peer fetches in flight
+	failures    []int
+	sequential  bool
+	progress    time.Time // last piece done by a peer
 }
 
 // NewRun starts the bookkeeping of a blob; Run fetches.
