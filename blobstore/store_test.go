@@ -189,17 +189,7 @@ func TestGC(t *testing.T) {
 			s := newStore(t, t.TempDir(), tt.opts)
 			var ds []digest.Digest
 			for i := 0; i < 4; i++ {
-				b, d := randBlob(t, size)
-				p, err := s.Ingest(ctx, d, piece.PlanFor(size))
-				if err != nil {
-					t.Fatal(err)
-				}
-				fill(t, p, b)
-				if err := p.Commit(d); err != nil {
-					t.Fatal(err)
-				}
-				p.Close()
-				ds = append(ds, d)
+				ds = append(ds, storeBlob(t, s, size))
 				if i == 2 {
 					clk.t = clk.t.Add(tt.advance)
 				}
@@ -231,6 +221,22 @@ func TestGC(t *testing.T) {
 			}
 		})
 	}
+}
+
+// storeBlob ingests and commits a random blob of size bytes.
+func storeBlob(t *testing.T, s *Store, size int64) digest.Digest {
+	t.Helper()
+	b, d := randBlob(t, int(size))
+	p, err := s.Ingest(context.Background(), d, piece.PlanFor(size))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fill(t, p, b)
+	if err := p.Commit(d); err != nil {
+		t.Fatal(err)
+	}
+	p.Close()
+	return d
 }
 
 func equalInts(a, b []int) bool {
@@ -296,17 +302,7 @@ func TestGCCountsPartialsAndManifests(t *testing.T) {
 	s := newStore(t, t.TempDir(), Options{HighWater: 3 * size, LowWater: 5 * size / 2, Now: clk.now})
 	var ds []digest.Digest
 	for i := 0; i < 2; i++ {
-		b, d := randBlob(t, size)
-		p, err := s.Ingest(ctx, d, piece.PlanFor(size))
-		if err != nil {
-			t.Fatal(err)
-		}
-		fill(t, p, b)
-		if err := p.Commit(d); err != nil {
-			t.Fatal(err)
-		}
-		p.Close()
-		ds = append(ds, d)
+		ds = append(ds, storeBlob(t, s, size))
 		clk.t = clk.t.Add(time.Second)
 	}
 	// A download in progress reserves 1500 bytes: 3500 in all.

@@ -16,6 +16,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/internal/fakeclock"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/piece"
 )
@@ -57,20 +58,24 @@ func (f *fakeSource) Blob(ctx context.Context, _, _ string, _ digest.Digest, off
 	return io.NopCloser(bytes.NewReader(b)), false, nil
 }
 
-func newManager(t *testing.T, src *fakeSource) (*Manager, *blobstore.Store) {
+func newManager(t *testing.T, src *fakeSource, mut ...func(*Options)) (*Manager, *blobstore.Store) {
 	t.Helper()
 	st, err := blobstore.Open(context.Background(), t.TempDir(), blobstore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := collector.New(collector.Options{Concurrency: 4, Attempts: 2})
-	m := NewManager(Options{
+	opts := Options{
 		Store: st,
 		Size:  func(context.Context, Request) (int64, error) { return int64(len(src.data)), nil },
 		Fill: func(ctx context.Context, job collector.Job, req Request) error {
 			return c.Collect(ctx, job, collector.NewUpstreamParent(src, req.Registry, req.Repo, req.Digest, req.Header))
 		},
-	})
+	}
+	for _, f := range mut {
+		f(&opts)
+	}
+	m := NewManager(opts)
 	t.Cleanup(m.Close)
 	return m, st
 }
@@ -386,39 +391,14 @@ func (l *liarParent) Fetch(ctx context.Context, _ int, off, n int64) (io.ReadClo
 	return rc, err
 }
 
-// fakeClock is a settable clock.
-type fakeClock struct {
-	mu  sync.Mutex
-	now time.Time
-}
-
-func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
-func (c *fakeClock) Add(d time.Duration) {
-	c.mu.Lock()
-	c.now = c.now.Add(d)
-	c.mu.Unlock()
-}
-
 // A download nobody reads and no peer wants is stopped after the idle
 // grace period, even while its upstream keeps it waiting; a reader or a
 // peer's interest keeps it going. Its pieces stay to resume.
 func TestIdleDownloadStopped(t *testing.T) {
 	data, d := blob(t, int(piece.MinSize)*2)
 	src := &fakeSource{data: data, gate: make(chan struct{})} // the upstream never sends
-	st, err := blobstore.Open(context.Background(), t.TempDir(), blobstore.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	clock := &fakeClock{now: time.Unix(1000, 0)}
-	c := collector.New(collector.Options{Concurrency: 2, Attempts: 2})
-	m := NewManager(Options{
-		Store: st, IdleStop: time.Minute, Now: clock.Now,
-		Size: func(context.Context, Request) (int64, error) { return int64(len(data)), nil },
-		Fill: func(ctx context.Context, job collector.Job, req Request) error {
-			return c.Collect(ctx, job, collector.NewUpstreamParent(src, req.Registry, req.Repo, req.Digest, req.Header))
-		},
-	})
-	t.Cleanup(m.Close)
+	clock := fakeclock.New(time.Unix(1000, 0))
+	m, _ := newManager(t, src, func(o *Options) { o.IdleStop, o.Now = time.Minute, clock.Now })
 	tk, err := m.Open(context.Background(), Request{Digest: d})
 	if err != nil {
 		t.Fatal(err)

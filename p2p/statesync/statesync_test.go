@@ -3,7 +3,6 @@ package statesync
 import (
 	"context"
 	"net"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -14,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
 
+	"github.com/registry-proxy/registry-proxy/internal/fakeclock"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 )
 
@@ -133,19 +133,8 @@ func TestServerEvictsLeastRecentSubscriber(t *testing.T) {
 	}
 }
 
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
 
-func (c *clock) now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
-func (c *clock) add(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
-func newSyncer(t *testing.T, clk *clock, capacity int, parents map[string]*parent) *Syncer {
+func newSyncer(t *testing.T, clk *fakeclock.Clock, capacity int, parents map[string]*parent) *Syncer {
 	clients := map[string]pb.HostSyncClient{}
 	for id, p := range parents {
 		clients[id] = p.client(t)
@@ -154,7 +143,7 @@ func newSyncer(t *testing.T, clk *clock, capacity int, parents map[string]*paren
 		HostID:   "child",
 		Interval: 10 * time.Millisecond,
 		Capacity: capacity,
-		Now:      clk.now,
+		Now:      clk.Now,
 		Dial: func(_ context.Context, addr string) (pb.HostSyncClient, func(), error) {
 			return clients[addr], func() {}, nil
 		},
@@ -177,7 +166,7 @@ func eventually(t *testing.T, what string, f func() bool) {
 func TestSyncerFollowsAndAges(t *testing.T) {
 	p := startParent(t, "p1", 10)
 	p.tx.Store(42)
-	clk := &clock{t: time.Unix(1000, 0)}
+	clk := fakeclock.New(time.Unix(1000, 0))
 	s := newSyncer(t, clk, 10, map[string]*parent{"p1": p})
 	if _, _, ok := s.State("p1"); ok {
 		t.Fatal("state of a parent not followed")
@@ -190,7 +179,7 @@ func TestSyncerFollowsAndAges(t *testing.T) {
 	// Parent gone: once the last state is older than three intervals it is unknown.
 	p.gs.Stop()
 	time.Sleep(30 * time.Millisecond) // let the stream end so no fresh state lands
-	clk.add(31 * time.Millisecond)
+	clk.Add(31 * time.Millisecond)
 	if _, age, ok := s.State("p1"); ok {
 		t.Fatalf("stale state (age %v) still reported", age)
 	}
@@ -198,7 +187,7 @@ func TestSyncerFollowsAndAges(t *testing.T) {
 
 func TestSyncerReconnects(t *testing.T) {
 	p := startParent(t, "p1", 10)
-	clk := &clock{t: time.Unix(1000, 0)}
+	clk := fakeclock.New(time.Unix(1000, 0))
 	s := newSyncer(t, clk, 10, map[string]*parent{"p1": p})
 	s.Follow("p1", "p1")
 	eventually(t, "state", func() bool { _, _, ok := s.State("p1"); return ok })
@@ -219,7 +208,7 @@ func TestSyncerCapacity(t *testing.T) {
 	for _, id := range []string{"a", "b", "c"} {
 		parents[id] = startParent(t, id, 10)
 	}
-	clk := &clock{t: time.Unix(1000, 0)}
+	clk := fakeclock.New(time.Unix(1000, 0))
 	s := newSyncer(t, clk, 2, parents)
 	s.Follow("a", "a")
 	s.Follow("b", "b")
