@@ -133,7 +133,6 @@ func TestServerEvictsLeastRecentSubscriber(t *testing.T) {
 	}
 }
 
-
 func newSyncer(t *testing.T, clk *fakeclock.Clock, capacity int, parents map[string]*parent) *Syncer {
 	clients := map[string]pb.HostSyncClient{}
 	for id, p := range parents {
