@@ -21,6 +21,7 @@ import (
 
 	"github.com/registry-proxy/registry-proxy/internal/fetch"
 	"github.com/registry-proxy/registry-proxy/internal/testregistry"
+	"github.com/registry-proxy/registry-proxy/p2p/owner"
 )
 
 var benchSize = flag.String("bench-size", "1GiB", "blob size for BenchmarkMirror")
@@ -287,5 +288,58 @@ func BenchmarkLoad(b *testing.B) {
 		px.stopProxy()
 		reg.Close()
 	}
+	b.ReportMetric(0, "ns/op")
+}
+
+// BenchmarkPeerTransfer measures what the cluster's mutual TLS costs a
+// transfer between peers: node B pulls a blob that node A holds (every
+// byte from A), with the cluster secret and with p2p.insecure, side by side.
+func BenchmarkPeerTransfer(b *testing.B) {
+	size, err := units.RAMInBytes(*benchSize)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var secs = map[string]float64{}
+	for i := 0; i < b.N; i++ {
+		for _, mode := range []string{"tls", "insecure"} {
+			reg := startRegistry(b)
+			d := pushBlob(b, reg, size, 61)
+			ids := []string{"node-a", "node-b"}
+			c := newCluster(b, reg, ids)
+			var extra []string
+			if mode == "insecure" {
+				c.secret = ""
+				extra = []string{"--config", writeTOML(b, "[p2p]\ninsecure = true\n")}
+			}
+			own := owner.Rank(d, ids)[0]
+			for j := range ids {
+				c.nodes = append(c.nodes, c.startNode(b, j, append(extra, "--log-level", "info")...))
+			}
+			c.waitMembers(b, 2)
+			src, dst := 0, 1
+			if ids[1] == own {
+				src, dst = 1, 0
+			}
+			if _, err := fetchVerified(c.url(src, "cluster/blob", d), d); err != nil {
+				b.Fatal(err)
+			}
+			waitComplete(b, c.nodes[src], digest.Digest(d))
+			syscall.Sync()
+			start := time.Now()
+			if _, err := fetchVerified(c.url(dst, "cluster/blob", d), d); err != nil {
+				b.Fatal(err)
+			}
+			took := time.Since(start)
+			st := stats(b, c.nodes[dst], d)
+			b.Logf("%s: %s from the peer in %v (%.0f MB/s), sources %v", mode, units.BytesSize(float64(size)), took.Round(time.Millisecond), mbps(size, took), st.Sources)
+			secs[mode] += took.Seconds()
+			for _, n := range c.nodes {
+				n.stopProxy()
+			}
+		}
+	}
+	b.ReportMetric(secs["insecure"]/secs["tls"], "tls-speed/insecure")
+	b.ReportMetric(float64(size)*float64(b.N)/secs["tls"]/1e6, "tls-MB/s")
+	b.ReportMetric(float64(size)*float64(b.N)/secs["insecure"]/1e6, "insecure-MB/s")
 	b.ReportMetric(0, "ns/op")
 }

@@ -52,7 +52,7 @@ func startCluster(t *testing.T, n int, extra ...string) *cluster {
 }
 
 // newCluster reserves peer addresses for ids; the test starts the nodes.
-func newCluster(t *testing.T, reg *testregistry.Registry, ids []string) *cluster {
+func newCluster(t testing.TB, reg *testregistry.Registry, ids []string) *cluster {
 	t.Helper()
 	c := &cluster{reg: reg, ids: ids, secret: writeSecret(t)}
 	for range ids {
@@ -65,13 +65,16 @@ func newCluster(t *testing.T, reg *testregistry.Registry, ids []string) *cluster
 	return c
 }
 
-func (c *cluster) startNode(t *testing.T, i int, extra ...string) *proxy {
+func (c *cluster) startNode(t testing.TB, i int, extra ...string) *proxy {
 	return c.startNodeBin(t, i, *proxyBin, extra...)
 }
 
 // startNodeBin starts node i from another build of the binary.
-func (c *cluster) startNodeBin(t *testing.T, i int, bin string, extra ...string) *proxy {
-	args := []string{"--upstream", clusterRegistry + "=" + c.reg.URL, "--node-id", c.ids[i], "--peer-listen", c.peers[i], "--cluster-secret", c.secret}
+func (c *cluster) startNodeBin(t testing.TB, i int, bin string, extra ...string) *proxy {
+	args := []string{"--upstream", clusterRegistry + "=" + c.reg.URL, "--node-id", c.ids[i], "--peer-listen", c.peers[i]}
+	if c.secret != "" {
+		args = append(args, "--cluster-secret", c.secret)
+	}
 	if i > 0 {
 		args = append(args, "--join", c.peers[0])
 	} else if len(c.peers) > 1 {
@@ -81,7 +84,7 @@ func (c *cluster) startNodeBin(t *testing.T, i int, bin string, extra ...string)
 }
 
 // waitMembers waits until every running node sees n members.
-func (c *cluster) waitMembers(t *testing.T, n int) {
+func (c *cluster) waitMembers(t testing.TB, n int) {
 	t.Helper()
 	var mirrors []string
 	for _, p := range c.nodes {
@@ -96,7 +99,7 @@ func (c *cluster) url(i int, repo, d string) string {
 	return "http://" + c.nodes[i].Addr + "/v2/" + repo + "/blobs/" + d + "?ns=" + clusterRegistry
 }
 
-func stats(t *testing.T, p *proxy, d string) task.Stats {
+func stats(t testing.TB, p *proxy, d string) task.Stats {
 	t.Helper()
 	st, err := probe.Blob(context.Background(), "http://"+p.Admin, d)
 	if err != nil {
@@ -144,7 +147,7 @@ func writeSecret(t testing.TB) string {
 	return p
 }
 
-func pushBlob(t *testing.T, reg *testregistry.Registry, size int64, seed uint64) string {
+func pushBlob(t testing.TB, reg *testregistry.Registry, size int64, seed uint64) string {
 	t.Helper()
 	d, err := reg.PushBlob(context.Background(), "cluster/blob", testregistry.RandomBytes(size, seed))
 	if err != nil {

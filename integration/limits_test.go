@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -95,4 +96,34 @@ func TestLimits(t *testing.T) {
 			t.Errorf("the connection over the cap: read %d, %v; want it closed", n, err)
 		}
 	})
+}
+
+// An upstream that trickles (and one that ignores Range, the whole-body
+// path) cannot keep a download going after every client left: it is
+// stopped after limits.idle_download, and its pieces stay.
+func TestTricklingUpstreamAbandoned(t *testing.T) {
+	for _, ignoreRange := range []bool{false, true} {
+		t.Run(fmt.Sprintf("ignore range %v", ignoreRange), func(t *testing.T) {
+			reg := startRegistry(t)
+			d, err := reg.PushBlob(context.Background(), "limits/blob", testregistry.RandomBytes(32<<20, 43))
+			if err != nil {
+				t.Fatal(err)
+			}
+			reg.SetPace(64 << 10) // 64 KiB/s a connection: minutes for the blob
+			reg.SetIgnoreRange(ignoreRange)
+			cfg := writeTOML(t, "[limits]\nidle_download = \"2s\"\n")
+			px := startProxy(t, "", "--config", cfg, "--upstream", "limits.invalid="+reg.URL)
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				getBlob(ctx, "http://"+px.Addr+"/v2/limits/blob/blobs/"+d+"?ns=limits.invalid")
+			}()
+			waitOutput(t, px.proc, `"msg":"blob download started"`, 10*time.Second)
+			cancel() // the client leaves
+			<-done
+			waitOutput(t, px.proc, "stopping a download nobody wants", 30*time.Second)
+			waitOutput(t, px.proc, `"msg":"blob download stopped"`, 30*time.Second)
+		})
+	}
 }
