@@ -10,8 +10,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -253,32 +251,21 @@ func BenchmarkLoad(b *testing.B) {
 			"--config", writeTOML(b, "[limits]\nclient_conns = 1024\n"))
 		rss0 := procStatus(b, px.cmd.Process.Pid, "VmRSS")
 		client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 600}}
-		var wg sync.WaitGroup
-		var failed atomic.Int64
-		start := make(chan struct{})
-		get := func(d string) {
-			defer wg.Done()
-			<-start
-			if _, err := fetch.Blob(ctx, client, "http://"+px.Addr+"/v2/load/blob/blobs/"+d+"?ns=load.invalid", digest.Digest(d)); err != nil {
-				failed.Add(1)
-			}
+		url := func(d string) fetch.Target {
+			return fetch.Target{URL: "http://" + px.Addr + "/v2/load/blob/blobs/" + d + "?ns=load.invalid", Digest: digest.Digest(d)}
 		}
+		var targets []fetch.Target
 		for range 500 {
-			wg.Add(1)
-			go get(big)
+			targets = append(targets, url(big))
 		}
 		for _, d := range small {
-			wg.Add(1)
-			go get(d)
+			targets = append(targets, url(d))
 		}
-		t0 := time.Now()
-		close(start)
-		wg.Wait()
-		took := time.Since(t0)
+		took, errs := fetch.All(ctx, client, targets)
 		hwm := procStatus(b, px.cmd.Process.Pid, "VmHWM")
 		client.CloseIdleConnections()
-		if n := failed.Load(); n > 0 {
-			b.Fatalf("%d responses failed", n)
+		if len(errs) > 0 {
+			b.Fatalf("%d responses failed, the first: %v", len(errs), errs[0])
 		}
 		copies := float64(reg.BlobBytes()) / float64(64<<20+50<<20)
 		b.Logf("500 clients x 64 MiB + 50 x 1 MiB: %v, proxy RSS %d -> peak %d KiB, upstream %.3f copies", took.Round(time.Millisecond), rss0, hwm, copies)

@@ -2,13 +2,10 @@ package proxy_test
 
 import (
 	"context"
-	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -16,6 +13,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/registry-proxy/registry-proxy/config"
+	"github.com/registry-proxy/registry-proxy/internal/fetch"
 	"github.com/registry-proxy/registry-proxy/internal/testregistry"
 )
 
@@ -49,37 +47,15 @@ func TestLoad(t *testing.T) {
 	hwm0 := vmHWM(t)
 
 	const clients = 500
-	start := make(chan struct{})
-	var wg sync.WaitGroup
-	errs := make(chan error, clients+others)
-	get := func(d string) {
-		defer wg.Done()
-		<-start
-		resp, err := client.Get(e.base + "/v2/library/app/blobs/" + d + e.ns)
-		if err != nil {
-			errs <- err
-			return
-		}
-		defer resp.Body.Close()
-		v := digest.Digest(d).Verifier()
-		if _, err := io.Copy(v, resp.Body); err != nil || resp.StatusCode != 200 || !v.Verified() {
-			errs <- fmt.Errorf("%s: status %d, err %v, verified %v", d, resp.StatusCode, err, v.Verified())
-		}
-	}
-	for i := 0; i < clients; i++ {
-		wg.Add(1)
-		go get(e.blobD)
+	var targets []fetch.Target
+	for range clients {
+		targets = append(targets, fetch.Target{URL: e.base + "/v2/library/app/blobs/" + e.blobD + e.ns, Digest: digest.Digest(e.blobD)})
 	}
 	for _, d := range ds {
-		wg.Add(1)
-		go get(d)
+		targets = append(targets, fetch.Target{URL: e.base + "/v2/library/app/blobs/" + d + e.ns, Digest: digest.Digest(d)})
 	}
-	t0 := time.Now()
-	close(start)
-	wg.Wait()
-	took := time.Since(t0)
-	close(errs)
-	for err := range errs {
+	took, errs := fetch.All(ctx, client, targets)
+	for _, err := range errs {
 		t.Error(err)
 	}
 	for _, d := range append(ds, e.blobD) {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -51,4 +52,34 @@ func Blob(ctx context.Context, client *http.Client, url string, d digest.Digest)
 		return Result{}, fmt.Errorf("GET %s: content does not match %s", url, d)
 	}
 	return Result{Bytes: int64(n) + rest, TTFB: ttfb, Total: time.Since(start), Source: resp.Header.Get("X-Registry-Proxy-Source")}, nil
+}
+
+// Target is one blob to fetch: its URL and digest.
+type Target struct {
+	URL    string
+	Digest digest.Digest
+}
+
+// All fetches every target at once (all requests released together) and
+// verifies each; it returns how long they took together and the errors.
+func All(ctx context.Context, client *http.Client, targets []Target) (time.Duration, []error) {
+	start := make(chan struct{})
+	errs := make([]error, len(targets))
+	var wg sync.WaitGroup
+	for i, tg := range targets {
+		wg.Go(func() {
+			<-start
+			_, errs[i] = Blob(ctx, client, tg.URL, tg.Digest)
+		})
+	}
+	t0 := time.Now()
+	close(start)
+	wg.Wait()
+	var out []error
+	for _, err := range errs {
+		if err != nil {
+			out = append(out, err)
+		}
+	}
+	return time.Since(t0), out
 }
