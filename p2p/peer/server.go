@@ -296,7 +296,9 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 	for {
 		up := &pb.PieceUpdate{Digest: d.String(), Size: snap.Plan.Size, PieceSize: snap.Plan.PieceSize, Complete: snap.Complete || s.opts.Faults.ClaimComplete}
 		for i, done := range snap.Done {
-			if (done || up.Complete) && !sent[i] {
+			// A complete update carries every piece's checksum, sent
+			// before or not: it stands alone.
+			if up.Complete || (done && !sent[i]) {
 				up.Pieces = append(up.Pieces, &pb.Piece{Index: uint32(i), Checksum: snap.CRC[i]})
 				sent[i] = true
 			}
