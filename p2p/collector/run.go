@@ -785,9 +785,14 @@ func (r *Run) watchFetch(ctx context.Context, i int, fs *fetchState) (stop func(
 			case <-t.C:
 			}
 			now, read := o.Now(), fs.read.Load()
-			if o.RaceAfter > 0 && now.Sub(fs.start) >= o.RaceAfter && read < fs.size && r.job.Next() == i {
-				fs.cancel(errRaced)
-				return
+			if el := now.Sub(fs.start); o.RaceAfter > 0 && el >= o.RaceAfter && read < fs.size && r.job.Next() == i {
+				// Unless what has come so far says the rest comes within
+				// another RaceAfter: a busy but moving parent keeps it.
+				rate := float64(read) / el.Seconds()
+				if rate <= 0 || float64(fs.size-read)/rate > o.RaceAfter.Seconds() {
+					fs.cancel(errRaced)
+					return
+				}
 			}
 			if o.MinRate > 0 && now.Sub(checked) >= o.RateWindow {
 				if float64(read-last) < o.MinRate*now.Sub(checked).Seconds() && read < fs.size {
