@@ -192,7 +192,9 @@ func TestEvilMember(t *testing.T) {
 		name, faults string
 		evidence     []string // one of these in the child's log
 	}{
-		{"corrupt and complete", "inflate,complete,corrupt", []string{"failed its digest"}},
+		// Caught piece by piece by the owner's checksums, or at the end by
+		// the digest.
+		{"corrupt and complete", "inflate,complete,corrupt", []string{"piece checksum mismatch", "failed its digest"}},
 		// Moved to a faster parent after a second, or, with none, taken
 		// away below pieces.min_rate.
 		{"trickling", "inflate,trickle=20000", []string{"below the minimum rate", "moving a slow piece"}},
