@@ -46,7 +46,7 @@ type fakeStream struct {
 	sent chan *pb.PieceUpdate
 }
 
-func (s *fakeStream) Context() context.Context      { return s.ctx }
+func (s *fakeStream) Context() context.Context     { return s.ctx }
 func (s *fakeStream) Send(u *pb.PieceUpdate) error { s.sent <- u; return nil }
 
 // The update that says complete carries every piece's checksum, also those
