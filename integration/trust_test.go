@@ -316,4 +316,13 @@ func TestNotAnOpenRelay(t *testing.T) {
 	if code, _ := get("/healthz"); code != 200 {
 		t.Fatalf("after the relay attempts: healthz %d", code)
 	}
+	// Operators' endpoints answer on the admin listener only.
+	if code, _ := get("/debug/members"); code != http.StatusNotFound {
+		t.Errorf("/debug/members on the mirror port: %d", code)
+	}
+	resp, err := http.Get("http://" + px.Admin + "/debug/members")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("/debug/members on the admin listener: %v %v", resp, err)
+	}
+	resp.Body.Close()
 }

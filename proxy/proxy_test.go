@@ -143,6 +143,8 @@ func TestRequests(t *testing.T) {
 		{"bad name", "GET", "/v2/Library/App/blobs/" + e.blobD + e.ns, nil, 400, "NAME_INVALID", nil, nil},
 		{"name too long", "GET", "/v2/" + strings.Repeat("a/", 130) + "b/blobs/" + e.blobD + e.ns, nil, 400, "NAME_INVALID", nil, nil},
 		{"bad ns", "GET", "/v2/library/app/blobs/" + e.blobD + "?ns=a/b", nil, 404, "NAME_UNKNOWN", nil, nil},
+		{"no debug on the mirror port: members", "GET", "/debug/members", nil, 404, "UNSUPPORTED", nil, nil},
+		{"no debug on the mirror port: blobs", "GET", "/debug/blobs/" + e.blobD, nil, 404, "UNSUPPORTED", nil, nil},
 		{"ns not allowed", "GET", "/v2/library/app/blobs/" + e.blobD + "?ns=127.0.0.1:22", nil, 404, "NAME_UNKNOWN", nil, nil},
 		{"ns metadata address", "GET", "/v2/library/app/manifests/latest?ns=169.254.169.254", nil, 404, "NAME_UNKNOWN", nil, nil},
 		{"push upload", "POST", "/v2/library/app/blobs/uploads/" + e.ns, nil, 405, "UNSUPPORTED", nil, nil},
