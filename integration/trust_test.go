@@ -3,11 +3,13 @@ package integration
 import (
 	"context"
 	"crypto/tls"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -325,4 +327,74 @@ func TestNotAnOpenRelay(t *testing.T) {
 		t.Fatalf("/debug/members on the admin listener: %v %v", resp, err)
 	}
 	resp.Body.Close()
+}
+
+// operatorCerts makes, with openssl as an operator would, a CA and a
+// certificate for each node id, and returns the directory holding
+// ca.crt, <id>.crt and <id>.key.
+func operatorCerts(t *testing.T, ids ...string) string {
+	t.Helper()
+	dir := t.TempDir()
+	ossl := func(args ...string) {
+		t.Helper()
+		cmd := exec.Command("openssl", args...)
+		cmd.Dir = dir
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("openssl %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+		"-days", "1", "-subj", "/CN=operator CA")
+	for _, id := range ids {
+		ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", id+".key", "-out", id+".csr", "-subj", "/CN="+id)
+		ossl("x509", "-req", "-in", id+".csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", id+".crt", "-days", "1")
+	}
+	return dir
+}
+
+// Peers with certificates from the operator's CA (p2p.tls) form a cluster
+// and share a blob; a node whose certificate comes from another CA gets
+// nothing from their peer ports, and a certificate naming another node is
+// refused at start-up.
+func TestOperatorCertificates(t *testing.T) {
+	need(t, func() bool { _, err := exec.LookPath("openssl"); return err == nil }(), "openssl")
+	ids := []string{"node-a", "node-b"}
+	certs := operatorCerts(t, ids...)
+	reg := startRegistry(t)
+	d := pushBlob(t, reg, 16<<20, 71)
+	c := newCluster(t, reg, ids)
+	c.secret = "" // certificates only
+	tlsConf := func(id string) string {
+		return writeTOML(t, fmt.Sprintf("[p2p.tls]\nca = %q\ncert = %q\nkey = %q\n", filepath.Join(certs, "ca.crt"),
+			filepath.Join(certs, id+".crt"), filepath.Join(certs, id+".key")))
+	}
+	for i, id := range ids {
+		c.nodes = append(c.nodes, c.startNode(t, i, "--config", tlsConf(id)))
+	}
+	c.waitMembers(t, 2)
+	for i := range ids {
+		if _, err := fetchVerified(c.url(i, "cluster/blob", d), d); err != nil {
+			t.Fatalf("pull through %s: %v", ids[i], err)
+		}
+	}
+	if got := reg.BlobBytes(); got != 16<<20 {
+		t.Errorf("upstream sent %d bytes for two pulls of a 16 MiB blob, want one copy", got)
+	}
+	// Another CA's certificate: refused by the peer port.
+	other := operatorCerts(t, "node-x")
+	id, err := trust.FromFiles(filepath.Join(other, "ca.crt"), filepath.Join(other, "node-x.crt"), filepath.Join(other, "node-x.key"), "node-x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: id.ClientConfig()}}
+	if resp, err := client.Get("https://" + c.peers[0] + "/pieces/" + d + "/0"); err == nil {
+		resp.Body.Close()
+		t.Errorf("a certificate of another CA got status %d", resp.StatusCode)
+	}
+	// A certificate that names another node: exit 2 at start.
+	out, err := exec.Command(*proxyBin, "serve", "--listen", "127.0.0.1:0", "--data-dir", t.TempDir(), "--node-id", "node-b",
+		"--peer-listen", "127.0.0.1:1", "--config", tlsConf("node-a")).CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() == 0 || !strings.Contains(string(out), "not this node") {
+		t.Errorf("a certificate for node-a on node-b: %v, %s", err, out)
+	}
 }

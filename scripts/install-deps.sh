@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests and benchmarks need on a fresh Debian machine:
-# Debian packages (containerd, runc, docker.io, iproute2), and into .tools/bin
+# Debian packages (containerd, runc, docker.io, iproute2, openssl), and into .tools/bin
 # crictl, staticcheck and a containerd 2.x daemon with its ctr. Idempotent:
 # what is present already is kept.
 set -euo pipefail
@@ -11,7 +11,7 @@ TOOLS="$PWD/.tools/bin"
 mkdir -p "$TOOLS"
 
 need_pkgs=()
-for p in containerd runc docker.io iproute2 procps; do
+for p in containerd runc docker.io iproute2 procps openssl; do
 	dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
