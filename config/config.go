@@ -63,15 +63,16 @@ type Credential struct {
 
 // P2P is the [p2p] table.
 type P2P struct {
-	PeerListen string   `toml:"peer_listen"`
-	Advertise  string   `toml:"advertise"`
-	Join       []string `toml:"join"`
-	NodeID     string   `toml:"node_id"`
-	Selector   string   `toml:"selector"`
-	MaxPeers   int      `toml:"max_peers"`
-	SecretFile string   `toml:"secret_file"`
-	Insecure   bool     `toml:"insecure"`
-	TLS        PeerTLS  `toml:"tls"`
+	PeerListen string        `toml:"peer_listen"`
+	Advertise  string        `toml:"advertise"`
+	Join       []string      `toml:"join"`
+	NodeID     string        `toml:"node_id"`
+	Selector   string        `toml:"selector"`
+	MaxPeers   int           `toml:"max_peers"`
+	SecretFile string        `toml:"secret_file"`
+	Insecure   bool          `toml:"insecure"`
+	AloneAfter time.Duration `toml:"alone_after"`
+	TLS        PeerTLS       `toml:"tls"`
 }
 
 // PeerTLS is the [p2p.tls] table: certificates from the operator's CA.
@@ -179,7 +180,7 @@ func Default() Config {
 		},
 		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1, MinRate: 256 << 10, RaceAfter: 5 * time.Second},
 		Store:  Store{GCInterval: 5 * time.Minute, MaxBlobSize: 64 << 30, PartialMaxAge: 24 * time.Hour},
-		P2P:    P2P{Join: []string{}, Selector: "state", MaxPeers: 32},
+		P2P:    P2P{Join: []string{}, Selector: "state", MaxPeers: 32, AloneAfter: 10 * time.Second},
 		Upload: Upload{Limit: 16, SuperSeed: true, Syncer: Syncer{Enable: true, Interval: 3 * time.Second, Capacity: 50}},
 		Admin:  Admin{Listen: "127.0.0.1:5001"},
 		Access: Access{Check: true, TTL: time.Minute},

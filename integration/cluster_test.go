@@ -2,6 +2,8 @@ package integration
 
 import (
 	"context"
+	"io"
+	"net/http"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -487,5 +489,45 @@ func TestClusterParentKilledMidTransfer(t *testing.T) {
 	t.Logf("puller's sources after %s died: %v", victim, st.Sources)
 	if st.Sources[victim] == 0 || st.Sources[victim] == size {
 		t.Errorf("the victim sent %d bytes: it should have died mid-transfer", st.Sources[victim])
+	}
+}
+
+// /readyz (admin listener): a node whose seed is not up yet is not ready; it
+// is once it has joined (fast, as it retries while alone). A node with no
+// seeds is ready at once.
+func TestReadyWhenJoined(t *testing.T) {
+	reg := startRegistry(t)
+	c := newCluster(t, reg, []string{"node-a", "node-b"})
+	readyz := func(p *proxy) (int, string) {
+		resp, err := http.Get("http://" + p.Admin + "/readyz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	cfg := writeTOML(t, "[p2p]\nalone_after = \"10m\"\n")
+	b := startProxy(t, "", "--upstream", clusterRegistry+"="+reg.URL, "--node-id", "node-b", "--peer-listen", c.peers[1],
+		"--cluster-secret", c.secret, "--join", c.peers[0], "--config", cfg)
+	if code, body := readyz(b); code != http.StatusServiceUnavailable {
+		t.Fatalf("node-b before its seed is up: %d %s", code, body)
+	}
+	// The seed: no --join of its own, so ready at once.
+	a := startProxy(t, "", "--upstream", clusterRegistry+"="+reg.URL, "--node-id", "node-a", "--peer-listen", c.peers[0],
+		"--cluster-secret", c.secret)
+	if code, body := readyz(a); code != http.StatusOK {
+		t.Fatalf("node-a without seeds: %d %s", code, body)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		code, body := readyz(b)
+		if code == http.StatusOK {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node-b not ready 30 s after its seed came up: %d %s", code, body)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

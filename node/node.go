@@ -136,6 +136,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		UpstreamTimeout: cfg.Upstream.Timeout,
 		WriteStall:      cfg.Limits.WriteStall,
 		Access:          checker,
+		Ready:           p2p.readyFunc(time.Now(), cfg.P2P.AloneAfter, len(cfg.P2P.Join) > 0),
 		Members:         p2p.membersFunc(),
 		Logger:          log,
 	})

@@ -236,3 +236,22 @@ func (p *peers) membersFunc() func() any {
 	}
 	return func() any { return p.members.Members() }
 }
+
+// readyFunc says whether the node is ready: it has joined another member, or
+// it has no seeds, or it has seen nobody for aloneAfter since started; nil
+// without peers (always ready once serving).
+func (p *peers) readyFunc(started time.Time, aloneAfter time.Duration, seeds bool) func() (bool, string) {
+	if p == nil {
+		return nil
+	}
+	return func() (bool, string) {
+		n := len(p.members.Members())
+		switch {
+		case n > 1, !seeds:
+			return true, ""
+		case time.Since(started) >= aloneAfter:
+			return true, ""
+		}
+		return false, fmt.Sprintf("joining the cluster: %d member seen, ready alone after %v\n", n, aloneAfter)
+	}
+}

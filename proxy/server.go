@@ -42,6 +42,9 @@ type Options struct {
 	// Access checks that a client may read cached content or content from
 	// peers; nil serves it to every client (access.check = false).
 	Access *access.Checker
+	// Ready says whether the node is ready for traffic, and why not; nil is
+	// always ready.
+	Ready func() (bool, string)
 	// Members lists the cluster's live nodes for /debug/members; may be nil.
 	Members func() any
 	Logger  *slog.Logger
@@ -112,6 +115,15 @@ func (s *Server) AdminHandler() http.Handler {
 		json.NewEncoder(w).Encode(m)
 	}).Methods(http.MethodGet)
 	r.HandleFunc("/healthz", healthz)
+	r.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if s.opts.Ready != nil {
+			if ok, why := s.opts.Ready(); !ok {
+				http.Error(w, why, http.StatusServiceUnavailable)
+				return
+			}
+		}
+		io.WriteString(w, "ready\n")
+	})
 	return r
 }
 

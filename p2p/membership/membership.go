@@ -34,9 +34,12 @@ type Options struct {
 	PeerAddr string
 	// Join lists seeds: peer addresses host:port, or dns:NAME:PORT.
 	Join []string
-	// Rejoin is how often seeds are tried again (and DNS re-resolved) while
-	// this node sees no other member, and always for DNS seeds.
+	// Rejoin is how often DNS seeds are re-resolved and joined, and the
+	// longest wait between tries while this node sees no other member.
 	Rejoin time.Duration
+	// RetryMin is the first wait before trying the seeds again while alone;
+	// it doubles up to Rejoin.
+	RetryMin time.Duration
 	// Resolve looks up a DNS name; net.DefaultResolver when nil.
 	Resolve func(ctx context.Context, host string) ([]string, error)
 	// Keys encrypt and authenticate gossip (AES, 16, 24 or 32 bytes): the
@@ -83,6 +86,9 @@ func Start(ctx context.Context, opts Options) (*Membership, error) {
 	}
 	if opts.Rejoin <= 0 {
 		opts.Rejoin = 15 * time.Second
+	}
+	if opts.RetryMin <= 0 {
+		opts.RetryMin = 200 * time.Millisecond
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -176,17 +182,34 @@ func (m *Membership) rejoin(ctx context.Context) {
 	for _, s := range m.opts.Join {
 		dns = dns || strings.HasPrefix(s, "dns:")
 	}
-	t := time.NewTicker(m.opts.Rejoin)
+	if len(m.opts.Join) == 0 {
+		return
+	}
+	// Alone, a node tries its seeds again soon and then less often: in a
+	// rollout every node starts at once and the seeds come up a moment
+	// later. Joined, it re-resolves DNS seeds every Rejoin.
+	wait := m.opts.RetryMin
+	t := time.NewTimer(wait)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			if dns || m.ml.NumMembers() <= 1 {
-				m.join(ctx)
-			}
 		}
+		alone := m.ml.NumMembers() <= 1
+		if alone || dns {
+			m.join(ctx)
+		}
+		switch {
+		case m.ml.NumMembers() > 1:
+			wait = m.opts.Rejoin
+		case alone:
+			wait = min(wait*2, m.opts.Rejoin)
+		default: // dropped to alone since the last try
+			wait = m.opts.RetryMin
+		}
+		t.Reset(wait)
 	}
 }
 

@@ -87,3 +87,34 @@ func TestJoinStaticAndDNS(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// A node whose seed starts after it (a rollout starts every node at once)
+// joins as soon as the seed is up: it retries fast while alone, well before
+// the Rejoin period it settles on once joined.
+func TestJoinRetriesFastWhileAlone(t *testing.T) {
+	a := freePeerAddr(t)
+	b := freePeerAddr(t)
+	mb, err := Start(context.Background(), Options{NodeID: "b", PeerAddr: b, Join: []string{a}, Rejoin: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mb.Close()
+	if n := len(mb.Members()); n != 1 {
+		t.Fatalf("b sees %d members before its seed exists", n)
+	}
+	// The seed comes up after b's first try failed; it does not join b.
+	ma, err := Start(context.Background(), Options{NodeID: "a", PeerAddr: a, Rejoin: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ma.Close()
+	up := time.Now()
+	deadline := up.Add(30 * time.Second) // half the Rejoin period
+	for len(mb.Members()) != 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("b did not join its seed within %v of it starting", time.Since(up))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("b joined %v after its seed started", time.Since(up).Round(time.Millisecond))
+}
