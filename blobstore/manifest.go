@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/internal/atomicfile"
 )
 
 func (s *Store) manifestPath(d digest.Digest) string {
@@ -26,10 +28,10 @@ func (s *Store) PutManifest(d digest.Digest, mediaType string, content []byte) e
 		return fmt.Errorf("blobstore: put manifest: %w", err)
 	}
 	// The type goes first: a manifest file present means its type is too.
-	if err := writeAtomic(path+".type", []byte(mediaType)); err != nil {
+	if err := atomicfile.Write(path+".type", []byte(mediaType), 0o644); err != nil {
 		return fmt.Errorf("blobstore: put manifest %s: %w", d, err)
 	}
-	if err := writeAtomic(path, content); err != nil {
+	if err := atomicfile.Write(path, content, 0o644); err != nil {
 		return fmt.Errorf("blobstore: put manifest %s: %w", d, err)
 	}
 	return nil
@@ -58,27 +60,4 @@ func (s *Store) GetManifest(d digest.Digest) (mediaType string, content []byte, 
 		return "", nil, ErrNotFound
 	}
 	return string(mt), content, nil
-}
-
-func writeAtomic(path string, b []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return err
-	}
-	return syncDir(filepath.Dir(path))
 }

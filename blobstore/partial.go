@@ -15,6 +15,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/registry-proxy/registry-proxy/internal/atomicfile"
 	"github.com/registry-proxy/registry-proxy/piece"
 )
 
@@ -338,7 +339,7 @@ func (p *Partial) Commit(verified digest.Digest) error {
 	if err := os.Rename(filepath.Join(p.dir, "data"), dst); err != nil {
 		return fmt.Errorf("blobstore: commit %s: rename: %w", p.digest, err)
 	}
-	if err := syncDir(filepath.Dir(dst)); err != nil {
+	if err := atomicfile.SyncDir(filepath.Dir(dst)); err != nil {
 		return fmt.Errorf("blobstore: commit %s: sync dir: %w", p.digest, err)
 	}
 	p.committed = true

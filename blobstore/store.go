@@ -287,13 +287,3 @@ func (s *Store) Delete(d digest.Digest) error {
 	}
 	return nil
 }
-
-// syncDir makes a rename or create in dir durable.
-func syncDir(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	return f.Sync()
-}

@@ -121,10 +121,18 @@ func startContainerd(t *testing.T, v containerdVersion, mirror string) *containe
 	daemon, ctr := v.daemon(t), v.ctr(t)
 	d := shortTemp(t, "rp-ctd-")
 	env := &containerdEnv{dir: d, sock: d + "/c.sock", hosts: d + "/certs.d", ctr: ctr}
-	writeHostsDir(t, env.hosts, mirroredRegistry, mirror)
 	cfg := filepath.Join(d, "config.toml")
 	if err := os.WriteFile(cfg, []byte(v.config(d)), 0o644); err != nil {
 		t.Fatal(err)
+	}
+	// The hosts files as an operator writes them: registry-proxy
+	// containerd-config, which also checks containerd's config_path. The
+	// registry's own server does not resolve, so a pull succeeds only
+	// through the mirror.
+	out := mustRun(t, time.Minute, *proxyBin, "containerd-config", "--containerd-config", cfg, "--config-path", env.hosts,
+		"--registry", mirroredRegistry, "--mirror", "http://"+mirror)
+	if !strings.Contains(out, "sets config_path = \""+env.hosts+"\"") {
+		t.Fatalf("containerd-config did not find %s's config_path: %s", v.name, out)
 	}
 	start(t, daemon, []string{"--config", cfg, "--log-level", "info"})
 	deadline := time.Now().Add(30 * time.Second)
@@ -230,7 +238,16 @@ func TestDockerdPullThroughMirror(t *testing.T) {
 	px := startProxy(t, "", "--upstream", "docker.io="+reg.URL, "--default-registry", "docker.io")
 	d := shortTemp(t, "rp-dkd-")
 	cfg := filepath.Join(d, "daemon.json")
-	os.WriteFile(cfg, []byte(fmt.Sprintf(`{"registry-mirrors": ["http://%s"]}`, px.Addr)), 0o644)
+	// An existing daemon.json with keys of its own: docker-config adds the
+	// mirror and keeps them (dockerd refuses to start on a key it does not know).
+	os.WriteFile(cfg, []byte(`{"log-level": "warn", "max-concurrent-downloads": 4}`), 0o644)
+	out := mustRun(t, time.Minute, *proxyBin, "docker-config", "--daemon-json", cfg, "--mirror", "http://"+px.Addr)
+	if !strings.Contains(out, "added http://"+px.Addr) {
+		t.Fatalf("docker-config: %s", out)
+	}
+	if b, _ := os.ReadFile(cfg); !strings.Contains(string(b), `"max-concurrent-downloads": 4`) || !strings.Contains(string(b), px.Addr) {
+		t.Fatalf("daemon.json after docker-config: %s", b)
+	}
 	host := "unix://" + d + "/docker.sock"
 	start(t, dockerd, []string{
 		"--config-file", cfg, "--data-root", d + "/data", "--exec-root", d + "/exec", "--pidfile", d + "/docker.pid",
@@ -247,7 +264,7 @@ func TestDockerdPullThroughMirror(t *testing.T) {
 		time.Sleep(300 * time.Millisecond)
 	}
 	before := reg.BlobBytes()
-	out := mustRun(t, 5*time.Minute, docker, "--host", host, "pull", "app:"+imageTag)
+	out = mustRun(t, 5*time.Minute, docker, "--host", host, "pull", "app:"+imageTag)
 	if !strings.Contains(out, img.Digest) {
 		t.Errorf("docker pull output lacks the manifest digest %s:\n%s", img.Digest, out)
 	}

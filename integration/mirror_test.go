@@ -25,6 +25,9 @@ func TestCLI(t *testing.T) {
 	os.WriteFile(bad, []byte("[pieces]\nconcurency = 3\n"), 0o644)
 	halfTLS := filepath.Join(t.TempDir(), "tls.toml")
 	os.WriteFile(halfTLS, []byte("[p2p.tls]\nca = \"/etc/ca.crt\"\n"), 0o644)
+	dryDir := t.TempDir()
+	brokenJSON := filepath.Join(t.TempDir(), "daemon.json")
+	os.WriteFile(brokenJSON, []byte("{"), 0o644)
 	shortSecret := filepath.Join(t.TempDir(), "short")
 	os.WriteFile(shortSecret, []byte("tooshort\n"), 0o600)
 	tests := []struct {
@@ -44,6 +47,10 @@ func TestCLI(t *testing.T) {
 		{[]string{"serve", "--peer-listen", "127.0.0.1:1", "--cluster-secret", "/nonexistent-secret"}, 2, "cluster secret"},
 		{[]string{"serve", "--peer-listen", "127.0.0.1:1", "--cluster-secret", shortSecret}, 2, "at least 16"},
 		{[]string{"secret"}, 0, ""},
+		{[]string{"containerd-config", "--dry-run", "--config-path", dryDir, "--containerd-config", "/nonexistent.toml"}, 0, `[host."http://127.0.0.1:5000"]`},
+		{[]string{"docker-config", "--dry-run", "--daemon-json", "/nonexistent/daemon.json", "--mirror", "http://m:5000"}, 0, `"http://m:5000"`},
+		{[]string{"docker-config", "--daemon-json", brokenJSON}, 1, "daemon.json"},
+		{[]string{"containerd-config", "--registry", "../etc", "--config-path", dryDir}, 1, "want a host"},
 		{[]string{"serve", "--peer-listen", "127.0.0.1:1", "--config", halfTLS}, 2, "p2p.tls: set ca, cert and key together"},
 	}
 	for _, tt := range tests {
@@ -55,6 +62,11 @@ func TestCLI(t *testing.T) {
 			}
 			if code != tt.code || !strings.Contains(string(out), tt.want) {
 				t.Fatalf("exit %d, output %q; want exit %d and %q", code, out, tt.code, tt.want)
+			}
+			if len(tt.args) > 0 && tt.args[0] == "containerd-config" && tt.code == 0 {
+				if entries, _ := os.ReadDir(dryDir); len(entries) != 0 {
+					t.Errorf("--dry-run wrote %d entries", len(entries))
+				}
 			}
 			if tt.code == 2 && len(tt.args) > 0 && tt.args[0] == "serve" && strings.Count(strings.TrimSpace(string(out)), "\n") > 0 {
 				t.Errorf("error is not one line: %q", out)

@@ -10,10 +10,12 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/registry-proxy/registry-proxy/clientconfig"
 	"github.com/registry-proxy/registry-proxy/config"
 	"github.com/registry-proxy/registry-proxy/node"
 	"github.com/registry-proxy/registry-proxy/p2p/trust"
@@ -22,9 +24,11 @@ import (
 const usage = `usage: registry-proxy <command> [flags]
 
 commands:
-  serve     run the mirror (registry-proxy serve --help for flags)
-  secret    print a new cluster secret (registry-proxy secret > FILE)
-  version   print the version
+  serve              run the mirror (registry-proxy serve --help for flags)
+  containerd-config  write hosts.toml files pointing containerd at the mirror
+  docker-config      add the mirror to dockerd's registry-mirrors in daemon.json
+  secret             print a new cluster secret (registry-proxy secret > FILE)
+  version            print the version
 `
 
 // errUsage marks errors that exit with status 2.
@@ -51,6 +55,10 @@ func run(args []string, stdout, stderr io.Writer) error {
 	switch args[0] {
 	case "serve":
 		return serve(args[1:], stderr)
+	case "containerd-config":
+		return containerdConfig(args[1:], stdout)
+	case "docker-config":
+		return dockerConfig(args[1:], stdout)
 	case "secret":
 		if len(args) > 1 {
 			return fmt.Errorf("secret takes no arguments: %w", errUsage)
@@ -169,4 +177,105 @@ func serve(args []string, stderr io.Writer) error {
 	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	return errors.Join(serveErr, n.Shutdown(sctx))
+}
+
+// subFlags is a flag set whose errors main reports in one line.
+func subFlags(name string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	return fs
+}
+
+func parseSub(fs *flag.FlagSet, args []string, stdout io.Writer) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintf(stdout, "usage: registry-proxy %s [flags]\n", fs.Name())
+			fs.SetOutput(stdout)
+			fs.PrintDefaults()
+			return err
+		}
+		return fmt.Errorf("%w: %w", err, errUsage)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q: %w", fs.Arg(0), errUsage)
+	}
+	return nil
+}
+
+func containerdConfig(args []string, stdout io.Writer) error {
+	fs := subFlags("containerd-config")
+	configPath := fs.String("config-path", "/etc/containerd/certs.d", "containerd's registry config_path")
+	mirror := fs.String("mirror", "http://127.0.0.1:5000", "the mirror's URL, as containerd reaches it")
+	ctdConfig := fs.String("containerd-config", "/etc/containerd/config.toml", "containerd's config file, to check its config_path")
+	dryRun := fs.Bool("dry-run", false, "print the files instead of writing them")
+	var registries []string
+	fs.Func("registry", "a registry to mirror (repeatable; default _default, every registry)", func(v string) error {
+		registries = append(registries, v)
+		return nil
+	})
+	if err := parseSub(fs, args, stdout); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	if len(registries) == 0 {
+		registries = []string{clientconfig.DefaultHost}
+	}
+	if *dryRun {
+		for _, r := range registries {
+			fmt.Fprintf(stdout, "--- %s\n%s", filepath.Join(*configPath, r, "hosts.toml"), clientconfig.HostsTOML(r, *mirror))
+		}
+	} else {
+		written, err := clientconfig.WriteHosts(*configPath, *mirror, registries)
+		for _, p := range written {
+			fmt.Fprintln(stdout, "wrote", p)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	b, err := os.ReadFile(*ctdConfig)
+	if err != nil {
+		fmt.Fprintf(stdout, "cannot read containerd's config (%v): make sure it sets\n%s\nand restart containerd\n", err, clientconfig.ConfigPathAdvice(3, *configPath))
+		return nil
+	}
+	set, err := clientconfig.ConfigPath(b)
+	if err != nil {
+		return err
+	}
+	switch {
+	case set == "":
+		fmt.Fprintf(stdout, "%s does not set config_path: add\n%s\nand restart containerd\n", *ctdConfig, clientconfig.ConfigPathAdvice(clientconfig.ConfigVersion(b), *configPath))
+	case filepath.Clean(set) != filepath.Clean(*configPath):
+		fmt.Fprintf(stdout, "%s sets config_path = %q, not %q: containerd will not read these files; use --config-path %s\n", *ctdConfig, set, *configPath, set)
+	default:
+		fmt.Fprintf(stdout, "%s sets config_path = %q: containerd reads these files for its next pull\n", *ctdConfig, set)
+	}
+	return nil
+}
+
+func dockerConfig(args []string, stdout io.Writer) error {
+	fs := subFlags("docker-config")
+	path := fs.String("daemon-json", "/etc/docker/daemon.json", "dockerd's daemon.json")
+	mirror := fs.String("mirror", "http://127.0.0.1:5000", "the mirror's URL, as dockerd reaches it")
+	dryRun := fs.Bool("dry-run", false, "print the result instead of writing it")
+	if err := parseSub(fs, args, stdout); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	out, changed, err := clientconfig.WriteDaemonJSON(*path, *mirror, *dryRun)
+	switch {
+	case err != nil:
+		return err
+	case *dryRun:
+		stdout.Write(out)
+	case changed:
+		fmt.Fprintf(stdout, "added %s to registry-mirrors in %s; restart dockerd to apply (dockerd uses mirrors for Docker Hub images only)\n", *mirror, *path)
+	default:
+		fmt.Fprintf(stdout, "%s already lists %s in registry-mirrors\n", *path, *mirror)
+	}
+	return nil
 }
