@@ -216,18 +216,20 @@ func (m *Manager) Open(ctx context.Context, req Request) (*Task, error) {
 		started:  time.Now(),
 		wantedAt: m.opts.Now(),
 	}
+	// Before the task is visible: StopIdle may stop one still opening.
+	t.ctx, t.stop = context.WithCancelCause(m.ctx)
 	m.tasks[req.Digest] = t
 	m.wg.Add(1) // held until run ends, or open fails
 	m.mu.Unlock()
 
 	if err := t.open(); err != nil {
+		t.stop(nil)
 		t.openErr = err
 		m.remove(t)
 		close(t.ready)
 		m.wg.Done()
 		return nil, err
 	}
-	t.ctx, t.stop = context.WithCancelCause(m.ctx)
 	m.log.Debug("blob download started", "digest", req.Digest, "size", t.plan.Size, "registry", req.Registry, "repo", req.Repo, "for_peers", req.ForPeers)
 	go t.run()
 	close(t.ready)
@@ -307,7 +309,7 @@ type Task struct {
 }
 
 func (t *Task) open() error {
-	ctx, cancel := context.WithTimeout(t.m.ctx, t.m.opts.OpenTimeout)
+	ctx, cancel := context.WithTimeout(t.ctx, t.m.opts.OpenTimeout)
 	defer cancel()
 	size, err := t.m.opts.Size(ctx, t.req)
 	if err != nil {

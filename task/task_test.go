@@ -430,3 +430,29 @@ func TestIdleDownloadStopped(t *testing.T) {
 		t.Error("the stopped download is still running")
 	}
 }
+
+// A download still learning its size can be stopped as idle too: the stop
+// ends the open, and the caller gets an error (it used to find no stop func).
+func TestIdleStopWhileOpening(t *testing.T) {
+	data, d := blob(t, int(piece.MinSize))
+	clock := fakeclock.New(time.Unix(1000, 0))
+	opening := make(chan struct{})
+	m, _ := newManager(t, &fakeSource{data: data}, func(o *Options) {
+		o.IdleStop, o.Now = time.Minute, clock.Now
+		o.Size = func(ctx context.Context, _ Request) (int64, error) {
+			close(opening)
+			<-ctx.Done()
+			return 0, ctx.Err()
+		}
+	})
+	errc := make(chan error, 1)
+	go func() { _, err := m.Open(context.Background(), Request{Digest: d}); errc <- err }()
+	<-opening
+	clock.Add(2 * time.Minute)
+	if n := m.StopIdle(); n != 1 {
+		t.Fatalf("stopped %d opening downloads, want 1", n)
+	}
+	if err := <-errc; err == nil {
+		t.Fatal("Open succeeded after the download was stopped")
+	}
+}
