@@ -20,7 +20,6 @@ type parentQueue struct {
 	has      []bool      // per piece: announced
 	list     []int       // the announced pieces, in the order announced
 	crc      []uint32    // per piece: announced checksum
-	complete bool        // holds the whole verified blob
 	fetching []bool      // per piece: the parent itself is fetching it now
 	offering int         // pieces it has that this node wants (refusals aside)
 	blocked  time.Time   // no pieces before this
@@ -248,17 +247,9 @@ func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
 }
 
 // AnnounceComplete records that a parent holds the whole, verified blob,
-// with the checksum of every piece.
+// with the checksum of every piece: it offers every piece.
 func (r *Run) AnnounceComplete(id string, crcs map[int]uint32) {
-	r.mu.Lock()
-	pq, ok := r.parents[id]
-	if ok {
-		pq.complete = true
-	}
-	r.mu.Unlock()
-	if ok {
-		r.Announce(id, crcs, []int{})
-	}
+	r.Announce(id, crcs, []int{})
 }
 
 // SetAuthority names the parent whose piece checksums every piece is
