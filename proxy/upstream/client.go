@@ -219,21 +219,20 @@ func (c *Client) BaseURL(registry string) (*url.URL, error) {
 
 // CheckRepository says whether this client would fetch repo of registry.
 func (c *Client) CheckRepository(registry, repo string) error {
-	if _, err := c.BaseURL(registry); err != nil {
-		return err
-	}
-	if !ValidRepository(repo) {
-		return fmt.Errorf("%w: %q", ErrBadRepository, repo)
-	}
-	return nil
+	_, err := c.repoBase(registry, repo)
+	return err
 }
 
 // repoBase is BaseURL for a valid repository name.
 func (c *Client) repoBase(registry, repo string) (*url.URL, error) {
-	if err := c.CheckRepository(registry, repo); err != nil {
+	u, err := c.BaseURL(registry)
+	if err != nil {
 		return nil, err
 	}
-	return c.BaseURL(registry)
+	if !ValidRepository(repo) {
+		return nil, fmt.Errorf("%w: %q", ErrBadRepository, repo)
+	}
+	return u, nil
 }
 
 // allowed matches a registry name against allowlist patterns.
@@ -293,6 +292,14 @@ func guardedDialer(local map[string]bool) func(ctx context.Context, network, add
 	}
 }
 
+// specialPrefixes are the special ranges netip has no predicate for.
+var specialPrefixes = [...]netip.Prefix{
+	netip.MustParsePrefix("100.64.0.0/10"), // CGNAT
+	netip.MustParsePrefix("198.18.0.0/15"), // benchmarking
+	netip.MustParsePrefix("0.0.0.0/8"),
+	netip.MustParsePrefix("240.0.0.0/4"),
+}
+
 // special is an address a mirror must not be made to reach by a name or a
 // redirect: loopback, link-local (cloud metadata), private, CGNAT,
 // unspecified, multicast, and the benchmarking range.
@@ -301,12 +308,7 @@ func special(ip netip.Addr) bool {
 		ip.IsUnspecified() || ip.IsMulticast() || ip.IsInterfaceLocalMulticast() {
 		return true
 	}
-	for _, p := range []netip.Prefix{
-		netip.MustParsePrefix("100.64.0.0/10"), // CGNAT
-		netip.MustParsePrefix("198.18.0.0/15"), // benchmarking
-		netip.MustParsePrefix("0.0.0.0/8"),
-		netip.MustParsePrefix("240.0.0.0/4"),
-	} {
+	for _, p := range specialPrefixes {
 		if p.Contains(ip) {
 			return true
 		}
