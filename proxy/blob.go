@@ -44,23 +44,13 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
 		s.headBlob(w, r, name, d)
 		return
 	}
-	if _, err := s.opts.Store.Stat(d); err == nil {
-		if !s.allowed(w, r, name, d, access.Blob, codeBlobUnknown) {
-			return
-		}
-		if s.serveStored(w, r, d) {
-			return
-		}
+	if _, err := s.opts.Store.Stat(d); err == nil && s.serveCached(w, r, name, d) {
+		return
 	}
 	req := task.Request{Digest: d, Registry: s.registry(r), Repo: name, Header: forwardHeaders(r)}
 	t, err := s.opts.Tasks.Open(r.Context(), req)
-	if errors.Is(err, task.ErrComplete) {
-		if !s.allowed(w, r, name, d, access.Blob, codeBlobUnknown) {
-			return
-		}
-		if s.serveStored(w, r, d) {
-			return
-		}
+	if errors.Is(err, task.ErrComplete) && s.serveCached(w, r, name, d) {
+		return
 	}
 	if err != nil {
 		s.writeUpstreamError(w, r, err, codeBlobUnknown)
@@ -72,6 +62,12 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.serveTask(w, r, t)
+}
+
+// serveCached answers with a complete blob from the store, if this client
+// may read it; false when it is not there (any more).
+func (s *Server) serveCached(w http.ResponseWriter, r *http.Request, repo string, d digest.Digest) bool {
+	return !s.allowed(w, r, repo, d, access.Blob, codeBlobUnknown) || s.serveStored(w, r, d)
 }
 
 // serveStored serves a complete blob (ranges, sendfile) if the store has it.

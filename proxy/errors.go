@@ -77,6 +77,7 @@ func (s *Server) writeUpstreamError(w http.ResponseWriter, r *http.Request, err 
 		}
 	case errors.Is(err, upstream.ErrUnknownRegistry):
 		// 404: the client falls back to its next host.
+		s.log.Debug("registry not served", "ns", r.URL.Query().Get("ns"), "err", err)
 		writeError(w, http.StatusNotFound, codeNameUnknown, "registry not served by this mirror")
 	case errors.Is(err, upstream.ErrBadRepository):
 		writeError(w, http.StatusBadRequest, codeNameInvalid, "invalid repository name")

@@ -190,8 +190,7 @@ func (s *Server) repo(w http.ResponseWriter, r *http.Request) (string, bool) {
 	}
 	if _, err := s.opts.Upstream.BaseURL(s.registry(r)); err != nil {
 		// Without a connection: the client falls back to its next host.
-		s.log.Debug("registry not served", "ns", s.registry(r), "err", err)
-		writeError(w, http.StatusNotFound, codeNameUnknown, "registry not served by this mirror")
+		s.writeUpstreamError(w, r, err, codeNameUnknown)
 		return "", false
 	}
 	return name, true
