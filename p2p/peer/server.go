@@ -283,8 +283,8 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 	if err != nil {
 		return status.Errorf(codes.InvalidArgument, "digest: %v", err)
 	}
-	if p, err := trust.FromContext(stream.Context()); err == nil && p.ID != "" && req.GetHostId() != "" && p.ID != req.GetHostId() {
-		return status.Errorf(codes.PermissionDenied, "host_id %q is not the node %q authenticated as", req.GetHostId(), p.ID)
+	if _, err := trust.Caller(stream.Context(), req.GetHostId()); errors.Is(err, trust.ErrNotSelf) {
+		return status.Error(codes.PermissionDenied, err.Error())
 	}
 	snap, changed, ok := s.opts.Source.Snapshot(d)
 	if !ok {

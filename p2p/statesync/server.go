@@ -7,6 +7,7 @@
 package statesync
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -77,8 +78,8 @@ func (s *Server) SyncHost(req *pb.SyncHostRequest, stream pb.HostSync_SyncHostSe
 		return status.Error(codes.InvalidArgument, "host_id is required")
 	}
 	// A member subscribes as itself only: it cannot push others out of the LRU.
-	if p, err := trust.FromContext(stream.Context()); err == nil && p.ID != "" && p.ID != req.GetHostId() {
-		return status.Errorf(codes.PermissionDenied, "host_id %q is not the node %q authenticated as", req.GetHostId(), p.ID)
+	if _, err := trust.Caller(stream.Context(), req.GetHostId()); errors.Is(err, trust.ErrNotSelf) {
+		return status.Error(codes.PermissionDenied, err.Error())
 	}
 	self := s.opts.Self()
 	if req.GetPeerId() != "" && req.GetPeerId() != self.GetId() {

@@ -413,17 +413,14 @@ func (s *Swarm) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Regi
 // an insecure peer port, the id it claims) must be a live member, and the
 // request must come from that member's address.
 func (s *Swarm) caller(ctx context.Context, claimed string) (membership.Member, error) {
-	p, err := trust.FromContext(ctx)
-	if err != nil {
+	p, err := trust.Caller(ctx, claimed)
+	switch {
+	case errors.Is(err, trust.ErrNotSelf):
+		return membership.Member{}, status.Error(codes.PermissionDenied, err.Error())
+	case err != nil:
 		return membership.Member{}, status.Error(codes.Unauthenticated, err.Error())
 	}
 	id := p.ID
-	if id == "" {
-		id = claimed
-	}
-	if claimed != "" && claimed != id {
-		return membership.Member{}, status.Errorf(codes.PermissionDenied, "host_id %q is not the node %q authenticated as", claimed, id)
-	}
 	for _, m := range s.opts.Members() {
 		if m.ID != id {
 			continue

@@ -44,6 +44,9 @@ var (
 	ErrNoSecret = errors.New("trust: no secret")
 	// ErrUnauthenticated means a request came without a verified peer certificate.
 	ErrUnauthenticated = errors.New("trust: peer not authenticated")
+	// ErrNotSelf means a request names a node id other than the one it
+	// authenticated as.
+	ErrNotSelf = errors.New("trust: request names another node")
 )
 
 // ReadSecretFile reads the secrets of a file, one per line; blank lines and
@@ -348,4 +351,21 @@ func FromContext(ctx context.Context) (Peer, error) {
 		out.ID = id
 	}
 	return out, nil
+}
+
+// Caller is who sent a gRPC request that names claimed as its node id: the
+// id its certificate names, which the claim must match when it makes one
+// (ErrNotSelf). On an insecure peer port the claim is all there is.
+func Caller(ctx context.Context, claimed string) (Peer, error) {
+	p, err := FromContext(ctx)
+	if err != nil {
+		return p, err
+	}
+	switch {
+	case p.ID == "":
+		p.ID = claimed
+	case claimed != "" && claimed != p.ID:
+		return p, fmt.Errorf("%w: host_id %q, authenticated as %q", ErrNotSelf, claimed, p.ID)
+	}
+	return p, nil
 }

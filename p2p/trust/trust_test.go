@@ -1,6 +1,7 @@
 package trust
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -16,6 +17,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
 )
 
 // handshake runs a TLS handshake between a client and a server config over
@@ -234,5 +238,33 @@ func TestOperatorCertificates(t *testing.T) {
 	// A certificate that names another node is refused at start-up.
 	if _, err := FromFiles(ca, filepath.Join(dir, "node-a.crt"), filepath.Join(dir, "node-a.key"), "node-b"); err == nil || !strings.Contains(err.Error(), "not this node") {
 		t.Fatalf("certificate for another node: %v", err)
+	}
+}
+
+func TestCaller(t *testing.T) {
+	addr := &net.TCPAddr{IP: net.ParseIP("127.0.0.2"), Port: 4000}
+	tlsCtx := func(id string) context.Context {
+		st := tls.ConnectionState{PeerCertificates: []*x509.Certificate{{Subject: pkix.Name{CommonName: id}}}}
+		return peer.NewContext(context.Background(), &peer.Peer{Addr: addr, AuthInfo: credentials.TLSInfo{State: st}})
+	}
+	plain := peer.NewContext(context.Background(), &peer.Peer{Addr: addr})
+	tests := []struct {
+		name    string
+		ctx     context.Context
+		claimed string
+		id      string
+		err     error
+	}{
+		{"tls, claims itself", tlsCtx("node-a"), "node-a", "node-a", nil},
+		{"tls, claims nothing", tlsCtx("node-a"), "", "node-a", nil},
+		{"tls, claims another", tlsCtx("node-a"), "node-b", "", ErrNotSelf},
+		{"insecure, the claim", plain, "node-b", "node-b", nil},
+		{"no peer", context.Background(), "node-a", "", ErrUnauthenticated},
+	}
+	for _, tt := range tests {
+		p, err := Caller(tt.ctx, tt.claimed)
+		if !errors.Is(err, tt.err) || (err == nil && (p.ID != tt.id || !p.IP.Equal(addr.IP))) {
+			t.Errorf("%s: Caller = %+v, %v", tt.name, p, err)
+		}
 	}
 }
