@@ -61,34 +61,10 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 			return nil, nil, fmt.Errorf("p2p: peer_listen %s is a wildcard: set advertise to the address peers reach", cfg.P2P.PeerListen)
 		}
 	}
-	var ident *trust.Identity
-	var gossipKeys [][]byte
-	if cfg.P2P.SecretFile != "" {
-		secrets, err := trust.ReadSecretFile(cfg.P2P.SecretFile)
-		if err != nil {
-			ln.Close()
-			return nil, nil, fmt.Errorf("p2p: %w", err)
-		}
-		if ident, err = trust.NewIdentity(secrets, id, time.Now()); err != nil {
-			ln.Close()
-			return nil, nil, fmt.Errorf("p2p: %w", err)
-		}
-		gossipKeys = trust.GossipKeys(secrets)
-		log.Info("peers authenticated by the cluster secret", "secrets", len(secrets), "file", cfg.P2P.SecretFile)
-	}
-	if t := cfg.P2P.TLS; t.Set() {
-		var err error
-		if ident, err = trust.FromFiles(t.CA, t.Cert, t.Key, id); err != nil {
-			ln.Close()
-			return nil, nil, fmt.Errorf("p2p: %w", err)
-		}
-		log.Info("peers authenticated by certificates of the operator's CA", "ca", t.CA, "cert", t.Cert)
-		if gossipKeys == nil {
-			log.Warn("gossip is not encrypted: p2p.tls without p2p.secret_file; peer ports still require certificates")
-		}
-	}
-	if ident == nil {
-		log.Warn("p2p.insecure: peer port and gossip are plaintext and unauthenticated; any host that reaches them is a member")
+	ident, gossipKeys, err := peerIdentity(cfg.P2P, id, log)
+	if err != nil {
+		ln.Close()
+		return nil, nil, fmt.Errorf("p2p: %w", err)
 	}
 	poolOpts := transfer.Options{}
 	var serverTLS *tls.Config
@@ -254,4 +230,43 @@ func (p *peers) readyFunc(started time.Time, aloneAfter time.Duration, seeds boo
 		}
 		return false, fmt.Sprintf("joining the cluster: %d member seen, ready alone after %v\n", n, aloneAfter)
 	}
+}
+
+// peerIdentity is what this node proves membership with: the gossip keys of
+// the cluster secret, and the peer port's certificate, from the operator's
+// CA when p2p.tls is set, else signed by the secret's CA. Both nil:
+// p2p.insecure.
+func peerIdentity(cfg config.P2P, id string, log *slog.Logger) (*trust.Identity, [][]byte, error) {
+	var secrets [][]byte
+	if cfg.SecretFile != "" {
+		var err error
+		if secrets, err = trust.ReadSecretFile(cfg.SecretFile); err != nil {
+			return nil, nil, err
+		}
+	}
+	var keys [][]byte
+	if secrets != nil {
+		keys = trust.GossipKeys(secrets)
+	}
+	switch {
+	case cfg.TLS.Set():
+		ident, err := trust.FromFiles(cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key, id)
+		if err != nil {
+			return nil, nil, err
+		}
+		log.Info("peers authenticated by certificates of the operator's CA", "ca", cfg.TLS.CA, "cert", cfg.TLS.Cert)
+		if keys == nil {
+			log.Warn("gossip is not encrypted: p2p.tls without p2p.secret_file; peer ports still require certificates")
+		}
+		return ident, keys, nil
+	case secrets != nil:
+		ident, err := trust.NewIdentity(secrets, id, time.Now())
+		if err != nil {
+			return nil, nil, err
+		}
+		log.Info("peers authenticated by the cluster secret", "secrets", len(secrets), "file", cfg.SecretFile)
+		return ident, keys, nil
+	}
+	log.Warn("p2p.insecure: peer port and gossip are plaintext and unauthenticated; any host that reaches them is a member")
+	return nil, nil, nil
 }
