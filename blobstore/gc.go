@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/internal/atomicfile"
 )
 
 // GCResult says what one collection did.
@@ -42,7 +44,7 @@ func (s *Store) otherUsage() (partials int64, manifests []manifestFile) {
 		}
 	}
 	filepath.WalkDir(filepath.Join(s.root, "manifests"), func(path string, de fs.DirEntry, err error) error {
-		if err != nil || de.IsDir() || strings.HasSuffix(path, ".type") || strings.Contains(de.Name(), ".tmp") {
+		if err != nil || de.IsDir() || strings.HasSuffix(path, ".type") || strings.HasPrefix(de.Name(), atomicfile.TempPrefix) {
 			return nil
 		}
 		if fi, err := de.Info(); err == nil {

@@ -28,6 +28,8 @@ import (
 
 	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/internal/atomicfile"
 )
 
 var (
@@ -161,7 +163,7 @@ func (s *Store) load(ctx context.Context) error {
 	// A crash between writing a manifest's temporary file and its rename
 	// leaves the temporary file: nothing refers to it.
 	filepath.WalkDir(filepath.Join(s.root, "manifests"), func(path string, d fs.DirEntry, err error) error {
-		if err == nil && !d.IsDir() && strings.HasPrefix(d.Name(), ".tmp-") {
+		if err == nil && !d.IsDir() && strings.HasPrefix(d.Name(), atomicfile.TempPrefix) {
 			os.Remove(path)
 		}
 		return nil

@@ -7,10 +7,14 @@ import (
 	"path/filepath"
 )
 
-// Write puts b at path with mode perm. Its temporary file is named
-// ".tmp-*" in the same directory.
+// TempPrefix starts the name of Write's temporary files; a crash can leave
+// one behind, for its directory's owner to sweep.
+const TempPrefix = ".tmp-"
+
+// Write puts b at path with mode perm, through a temporary file in the same
+// directory.
 func Write(path string, b []byte, perm os.FileMode) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
+	f, err := os.CreateTemp(filepath.Dir(path), TempPrefix+"*")
 	if err != nil {
 		return err
 	}
