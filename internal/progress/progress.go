@@ -32,11 +32,9 @@ func (p *Writer) arm() {
 	if p.stall <= 0 {
 		return
 	}
-	if err := p.rc.SetWriteDeadline(time.Now().Add(p.stall)); err == nil {
-		p.armed = true
-	} else if !errors.Is(err, http.ErrNotSupported) {
-		p.armed = true
-	}
+	// Armed unless the writer cannot take deadlines at all; Done clears it.
+	err := p.rc.SetWriteDeadline(time.Now().Add(p.stall))
+	p.armed = p.armed || !errors.Is(err, http.ErrNotSupported)
 }
 
 // Write implements io.Writer.
