@@ -293,9 +293,8 @@ func (r *Run) Weights() map[string]float64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	out := map[string]float64{}
-	for id := range r.parents {
-		st, ok := r.c.opts.State(id)
-		out[id] = Weight(st, ok)
+	for id, pq := range r.parents {
+		out[id] = r.weightLocked(pq)
 	}
 	return out
 }
