@@ -388,7 +388,7 @@ func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error 
 				case <-ctx.Done():
 				case <-ch:
 					r.mu.Lock()
-					finished := r.nwanted == 0 && len(r.fetches) == 0
+					finished := r.nwanted == 0 && !r.peerFetchingLocked()
 					r.mu.Unlock()
 					if d := idleCoalesce - time.Since(looked); d > 0 && !finished {
 						timer.Reset(d)
@@ -520,7 +520,7 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 	if r.nwanted == 0 {
 		// All done, or in flight with workers that finish it; a worker
 		// stays while a peer fetch runs, to move it if it is too slow.
-		return 0, nil, len(r.fetches) == 0
+		return 0, nil, !r.peerFetchingLocked()
 	}
 	now := r.c.opts.Now()
 	// A piece a reader waited on too long comes from the upstream, first.
@@ -560,6 +560,18 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 		pq.inflight++
 	}
 	return i, pq, false
+}
+
+// peerFetchingLocked reports whether a peer fetch is in flight: picked
+// already, though its worker may not have registered it in fetches yet (a
+// worker leaving in that window left no one to move a slow piece).
+func (r *Run) peerFetchingLocked() bool {
+	for _, pq := range r.order {
+		if pq.inflight > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // setWantedLocked keeps wanted and every parent's offering count in step.
