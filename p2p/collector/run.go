@@ -566,6 +566,9 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 // already, though its worker may not have registered it in fetches yet (a
 // worker leaving in that window left no one to move a slow piece).
 func (r *Run) peerFetchingLocked() bool {
+	if len(r.fetches) > 0 {
+		return true
+	}
 	for _, pq := range r.order {
 		if pq.inflight > 0 {
 			return true
