@@ -72,13 +72,14 @@ func (s *Store) GC(ctx context.Context) (GCResult, error) {
 		manifestBytes += m.size
 	}
 	s.mu.Lock()
+	high, low, maxAge := s.opts.HighWater, s.opts.LowWater, s.opts.MaxAge
 	var victims []digest.Digest
 	total := s.total + partials + manifestBytes
-	overSize := s.opts.HighWater > 0 && total > s.opts.HighWater
+	overSize := high > 0 && total > high
 	for _, d := range s.lru.Keys() { // oldest first
 		e, _ := s.lru.Peek(d)
-		old := s.opts.MaxAge > 0 && now.Sub(e.lastAccess) > s.opts.MaxAge
-		if !old && !(overSize && total > s.opts.LowWater) {
+		old := maxAge > 0 && now.Sub(e.lastAccess) > maxAge
+		if !old && !(overSize && total > low) {
 			if !overSize {
 				break // newer entries are younger still
 			}
@@ -112,8 +113,8 @@ func (s *Store) GC(ctx context.Context) (GCResult, error) {
 	}
 	// Manifests: past MaxAge, or oldest first while still above the mark.
 	for _, m := range manifests {
-		old := s.opts.MaxAge > 0 && now.Sub(m.mod) > s.opts.MaxAge
-		over := overSize && total > s.opts.LowWater
+		old := maxAge > 0 && now.Sub(m.mod) > maxAge
+		over := overSize && total > low
 		if !old && !over {
 			continue
 		}
@@ -132,6 +133,7 @@ func (s *Store) GC(ctx context.Context) (GCResult, error) {
 			errs = append(errs, err)
 		}
 	}
+	s.opts.Metrics.GC(res.Removed, res.Partials, res.Manifests, res.Freed)
 	if res.Removed > 0 || res.Partials > 0 || res.Manifests > 0 {
 		s.log.Info("gc", "removed", res.Removed, "freed", res.Freed, "partials", res.Partials, "manifests", res.Manifests)
 	}
@@ -188,13 +190,18 @@ func (s *Store) RunGC(ctx context.Context, interval time.Duration) {
 	}
 }
 
-// noSpace records a full disk: it asks RunGC to collect now and returns
-// the error callers branch on.
-func (s *Store) noSpace(what string, need int64, err error) error {
+// kickGC asks RunGC for a collection now.
+func (s *Store) kickGC() {
 	select {
 	case s.gcKick <- struct{}{}:
 	default:
 	}
+}
+
+// noSpace records a full disk: it asks RunGC to collect now and returns
+// the error callers branch on.
+func (s *Store) noSpace(what string, need int64, err error) error {
+	s.kickGC()
 	s.log.Error("disk full", "root", s.root, "need", need, "for", what, "err", err)
 	return fmt.Errorf("%w: %s needs %d bytes under %s: %w", ErrNoSpace, what, need, s.root, err)
 }

@@ -30,6 +30,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/registry-proxy/registry-proxy/internal/atomicfile"
+	"github.com/registry-proxy/registry-proxy/metrics"
 )
 
 var (
@@ -59,6 +60,8 @@ type Options struct {
 	// Now is the clock; time.Now when nil.
 	Now    func() time.Time
 	Logger *slog.Logger
+	// Metrics counts garbage collections; may be nil.
+	Metrics *metrics.Metrics
 }
 
 type entry struct {
@@ -81,6 +84,24 @@ type Store struct {
 	partials map[digest.Digest]*Partial            // partial blobs open for writing
 }
 
+// waterMarks puts a missing or too high low mark at 90% of the high one.
+func waterMarks(high, low int64) (int64, int64) {
+	if high > 0 && (low <= 0 || low > high) {
+		low = high * 9 / 10
+	}
+	return high, low
+}
+
+// SetLimits changes GC's marks and maximum age of a running store; the next
+// GC applies them.
+func (s *Store) SetLimits(high, low int64, maxAge time.Duration) {
+	s.mu.Lock()
+	s.opts.HighWater, s.opts.LowWater = waterMarks(high, low)
+	s.opts.MaxAge = maxAge
+	s.mu.Unlock()
+	s.kickGC()
+}
+
 // Open opens (creating if needed) the store at root and loads the index of
 // complete blobs. Partial blobs stay on disk until Ingest resumes them or GC
 // removes them.
@@ -91,9 +112,7 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	if opts.HighWater > 0 && (opts.LowWater <= 0 || opts.LowWater > opts.HighWater) {
-		opts.LowWater = opts.HighWater * 9 / 10
-	}
+	opts.HighWater, opts.LowWater = waterMarks(opts.HighWater, opts.LowWater)
 	for _, d := range []string{"blobs", "ingest", "manifests"} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
 			return nil, fmt.Errorf("blobstore: create %s: %w", d, err)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"reflect"
 	"sort"
 	"strings"
 	"time"
@@ -19,18 +20,19 @@ import (
 
 // Config is the whole configuration.
 type Config struct {
-	Listen          string   `toml:"listen"`
-	DataDir         string   `toml:"data_dir"`
-	DefaultRegistry string   `toml:"default_registry"`
-	Log             Log      `toml:"log"`
-	Upstream        Upstream `toml:"upstream"`
-	Pieces          Pieces   `toml:"pieces"`
-	Store           Store    `toml:"store"`
-	P2P             P2P      `toml:"p2p"`
-	Upload          Upload   `toml:"upload"`
-	Admin           Admin    `toml:"admin"`
-	Access          Access   `toml:"access"`
-	Limits          Limits   `toml:"limits"`
+	Listen          string        `toml:"listen"`
+	DataDir         string        `toml:"data_dir"`
+	DefaultRegistry string        `toml:"default_registry"`
+	ShutdownTimeout time.Duration `toml:"shutdown_timeout"`
+	Log             Log           `toml:"log"`
+	Upstream        Upstream      `toml:"upstream"`
+	Pieces          Pieces        `toml:"pieces"`
+	Store           Store         `toml:"store"`
+	P2P             P2P           `toml:"p2p"`
+	Upload          Upload        `toml:"upload"`
+	Admin           Admin         `toml:"admin"`
+	Access          Access        `toml:"access"`
+	Limits          Limits        `toml:"limits"`
 }
 
 // Limits is the [limits] table.
@@ -46,6 +48,7 @@ type Limits struct {
 // Admin is the [admin] table.
 type Admin struct {
 	Listen string `toml:"listen"`
+	Pprof  bool   `toml:"pprof"`
 }
 
 // Access is the [access] table.
@@ -166,6 +169,7 @@ func Default() Config {
 		Listen:          "127.0.0.1:5000",
 		DataDir:         "/var/lib/registry-proxy",
 		DefaultRegistry: "docker.io",
+		ShutdownTimeout: 25 * time.Second,
 		Log:             Log{Level: "info", Format: "text"},
 		Upstream: Upstream{
 			Registries:            map[string]string{},
@@ -228,6 +232,9 @@ func (c Config) Validate() error {
 	}
 	if c.DefaultRegistry == "" {
 		errs = append(errs, errors.New("default_registry: empty"))
+	}
+	if c.ShutdownTimeout <= 0 {
+		errs = append(errs, errors.New("shutdown_timeout: must be positive"))
 	}
 	switch strings.ToLower(c.Log.Level) {
 	case "debug", "info", "warn", "error":
@@ -316,4 +323,34 @@ func (c *Config) SetUpstream(v string) error {
 	}
 	c.Upstream.Registries[name] = u
 	return nil
+}
+
+// Changed lists the keys whose values differ between a and b, as dotted
+// TOML paths ("store.high_water"), sorted; a table of its own keys
+// (upstream.registries) counts as one key.
+func Changed(a, b Config) []string {
+	var out []string
+	changed(reflect.ValueOf(a), reflect.ValueOf(b), "", &out)
+	sort.Strings(out)
+	return out
+}
+
+func changed(a, b reflect.Value, prefix string, out *[]string) {
+	t := a.Type()
+	for i := range t.NumField() {
+		f := t.Field(i)
+		name := strings.Split(f.Tag.Get("toml"), ",")[0]
+		if name == "" || name == "-" {
+			continue
+		}
+		key := prefix + name
+		av, bv := a.Field(i), b.Field(i)
+		if av.Kind() == reflect.Struct && f.Type != reflect.TypeFor[time.Duration]() {
+			changed(av, bv, key+".", out)
+			continue
+		}
+		if !reflect.DeepEqual(av.Interface(), bv.Interface()) {
+			*out = append(*out, key)
+		}
+	}
 }

@@ -4,8 +4,10 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // The documented config.toml must be exactly the built-in defaults.
@@ -73,5 +75,27 @@ func TestValidate(t *testing.T) {
 		if err := c.SetUpstream(bad); err == nil {
 			t.Errorf("SetUpstream(%q) accepted", bad)
 		}
+	}
+}
+
+func TestChanged(t *testing.T) {
+	a := Default()
+	for _, tc := range []struct {
+		name string
+		edit func(*Config)
+		want []string
+	}{
+		{"nothing", func(*Config) {}, nil},
+		{"nested and top level", func(c *Config) { c.Store.HighWater = 1; c.Log.Level = "debug"; c.Listen = ":1" }, []string{"listen", "log.level", "store.high_water"}},
+		{"a map is one key", func(c *Config) { c.Upstream.Registries = map[string]string{"x": "http://x"} }, []string{"upstream.registries"}},
+		{"two levels down", func(c *Config) { c.Upload.Syncer.Interval = time.Hour }, []string{"upload.syncer.interval"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := Default()
+			tc.edit(&b)
+			if got := Changed(a, b); !slices.Equal(got, tc.want) {
+				t.Errorf("Changed = %v, want %v", got, tc.want)
+			}
+		})
 	}
 }

@@ -10,12 +10,15 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
 	"github.com/registry-proxy/registry-proxy/config"
 	"github.com/registry-proxy/registry-proxy/internal/connlimit"
+	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/proxy"
 	"github.com/registry-proxy/registry-proxy/proxy/access"
@@ -28,19 +31,21 @@ var Version = "dev"
 
 // Node is a running registry-proxy.
 type Node struct {
-	cfg    config.Config
-	log    *slog.Logger
-	ln     net.Listener
-	srv    *http.Server
-	admLn  net.Listener
-	adm    *http.Server
-	store  *blobstore.Store
-	up     *upstream.Client
-	tasks  *task.Manager
-	p2p    *peers
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	errc   chan error
+	cfg   config.Config
+	log   *slog.Logger
+	ln    net.Listener
+	srv   *http.Server
+	admLn net.Listener
+	adm   *http.Server
+	store *blobstore.Store
+	up    *upstream.Client
+	tasks *task.Manager
+	p2p   *peers
+	// draining is set once Shutdown starts: /readyz says so.
+	draining *atomic.Bool
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	errc     chan error
 }
 
 // Start opens the store, binds the listener and starts serving.
@@ -48,7 +53,9 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
+	m := metrics.New(Version)
 	store, err := blobstore.Open(ctx, cfg.DataDir, blobstore.Options{
+		Metrics:       m,
 		HighWater:     int64(cfg.Store.HighWater),
 		LowWater:      int64(cfg.Store.LowWater),
 		MaxAge:        cfg.Store.MaxAge,
@@ -67,6 +74,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		Backoff:               cfg.Upstream.Backoff,
 		RedirectTTL:           cfg.Upstream.RedirectTTL,
 		UserAgent:             "registry-proxy/" + Version,
+		Metrics:               m,
 		Logger:                log,
 	})
 	if err != nil {
@@ -80,7 +88,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	peerUp := up.WithNodeCredentials(creds)
 	var checker *access.Checker
 	if cfg.Access.Check {
-		checker = access.New(access.Options{Upstream: up, TTL: cfg.Access.TTL, Timeout: cfg.Upstream.Timeout})
+		checker = access.New(access.Options{Upstream: up, TTL: cfg.Access.TTL, Timeout: cfg.Upstream.Timeout, Metrics: m})
 	}
 	taskOpts := task.Options{
 		Store: store,
@@ -101,6 +109,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		MaxTasks:       cfg.Limits.Tasks,
 		MaxPerRegistry: cfg.Limits.TasksPerRegistry,
 		IdleStop:       cfg.Limits.IdleDownload,
+		Metrics:        m,
 		Logger:         log,
 	}
 	collOpts := collector.Options{
@@ -112,6 +121,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		RaceAfter:           cfg.Pieces.RaceAfter,
 		Attempts:            cfg.Pieces.Attempts,
 		Selector:            cfg.P2P.Selector,
+		Metrics:             m,
 		Logger:              log,
 	}
 	var p2p *peers
@@ -123,10 +133,11 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		}
 		tasks = task.NewManager(taskOpts)
 	} else {
-		if p2p, tasks, err = startPeers(ctx, cfg, store, up, peerUp, collOpts, taskOpts, log); err != nil {
+		if p2p, tasks, err = startPeers(ctx, cfg, store, up, peerUp, collOpts, taskOpts, m, log); err != nil {
 			return nil, err
 		}
 	}
+	draining := new(atomic.Bool)
 	srv := proxy.New(proxy.Options{
 		Upstream:        up,
 		Store:           store,
@@ -136,10 +147,16 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		UpstreamTimeout: cfg.Upstream.Timeout,
 		WriteStall:      cfg.Limits.WriteStall,
 		Access:          checker,
-		Ready:           p2p.readyFunc(time.Now(), cfg.P2P.AloneAfter, len(cfg.P2P.Join) > 0),
+		Ready:           readyFunc(draining, p2p.readyFunc(time.Now(), cfg.P2P.AloneAfter, len(cfg.P2P.Join) > 0)),
 		Members:         p2p.membersFunc(),
+		Running:         tasks.Running,
+		Metrics:         m,
+		Pprof:           cfg.Admin.Pprof,
 		Logger:          log,
 	})
+	m.GaugeFunc("tasks_in_flight", "Blob downloads running now.", func() float64 { return float64(len(tasks.Running())) })
+	m.GaugeFunc("store_bytes", "Bytes of complete blobs in the store.", func() float64 { _, b := store.Usage(); return float64(b) })
+	m.GaugeFunc("store_blobs", "Complete blobs in the store.", func() float64 { n, _ := store.Usage(); return float64(n) })
 	rawLn, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		tasks.Close()
@@ -161,15 +178,16 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		}
 	}
 	n := &Node{
-		cfg:   cfg,
-		log:   log,
-		ln:    ln,
-		store: store,
-		up:    up,
-		tasks: tasks,
-		p2p:   p2p,
-		errc:  make(chan error, 2),
-		admLn: admLn,
+		cfg:      cfg,
+		log:      log,
+		ln:       ln,
+		store:    store,
+		up:       up,
+		tasks:    tasks,
+		p2p:      p2p,
+		errc:     make(chan error, 2),
+		admLn:    admLn,
+		draining: draining,
 		srv: &http.Server{
 			Handler:           srv.Handler(),
 			ReadHeaderTimeout: 10 * time.Second,
@@ -228,22 +246,91 @@ func (n *Node) Store() *blobstore.Store { return n.store }
 // Err reports a serving failure; it is closed when serving stops.
 func (n *Node) Err() <-chan error { return n.errc }
 
-// Shutdown stops accepting requests, lets running ones finish until ctx ends,
-// then stops the downloads (their pieces stay on disk to resume).
+// Shutdown drains the node: it leaves the cluster (peers stop choosing it)
+// and says so on /readyz, starts no new download, stops accepting requests,
+// and lets client responses and uploads to peers in flight finish until ctx
+// ends. Then it stops the downloads (their pieces stay on disk to resume).
 func (n *Node) Shutdown(ctx context.Context) error {
-	err := n.srv.Shutdown(ctx)
-	if err != nil {
+	start := time.Now()
+	n.draining.Store(true)
+	var errs []error
+	if err := n.p2p.leave(); err != nil {
+		errs = append(errs, fmt.Errorf("leaving the cluster: %w", err))
+	}
+	n.tasks.Drain()
+	running := len(n.tasks.Running())
+	n.log.Info("draining: left the cluster, finishing client responses and uploads", "downloads", running, "deadline", deadlineOf(ctx))
+	var wg sync.WaitGroup
+	var peerErr error
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		peerErr = n.p2p.shutdownServer(ctx)
+	}()
+	mirrorErr := n.srv.Shutdown(ctx)
+	wg.Wait()
+	if mirrorErr != nil || peerErr != nil {
+		n.log.Warn("drain deadline passed; cutting off the rest", "after", time.Since(start).Round(time.Millisecond))
 		n.srv.Close()
+		errs = append(errs, mirrorErr)
+	} else {
+		n.log.Info("drained", "after", time.Since(start).Round(time.Millisecond))
 	}
 	if n.adm != nil {
 		n.adm.Close()
 	}
 	n.tasks.Close()
 	n.up.Close()
-	err = errors.Join(err, n.p2p.close(ctx))
+	errs = append(errs, n.p2p.close(ctx))
 	n.cancel()
 	n.wg.Wait()
-	return err
+	return errors.Join(errs...)
+}
+
+func deadlineOf(ctx context.Context) any {
+	if d, ok := ctx.Deadline(); ok {
+		return time.Until(d).Round(time.Second)
+	}
+	return "none"
+}
+
+// readyFunc is not ready while draining, else as joined says.
+func readyFunc(draining *atomic.Bool, joined func() (bool, string)) func() (bool, string) {
+	return func() (bool, string) {
+		if draining.Load() {
+			return false, "shutting down\n"
+		}
+		if joined == nil {
+			return true, ""
+		}
+		return joined()
+	}
+}
+
+// Reloadable are the keys Reload applies to a running node (log.level is
+// applied by the caller, who owns the logger).
+var Reloadable = []string{"log.level", "store.high_water", "store.low_water", "store.max_age", "upload.limit", "upload.rate"}
+
+// Reload applies what may change while running from cfg, which must have
+// been loaded the way the running configuration was. It returns the keys
+// it applied and the changed keys that need a restart.
+func (n *Node) Reload(cfg config.Config) (applied, restart []string, err error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, nil, fmt.Errorf("config: %w", err)
+	}
+	for _, k := range config.Changed(n.cfg, cfg) {
+		if slices.Contains(Reloadable, k) {
+			applied = append(applied, k)
+		} else {
+			restart = append(restart, k)
+		}
+	}
+	n.cfg.Log.Level = cfg.Log.Level
+	n.cfg.Store.HighWater, n.cfg.Store.LowWater, n.cfg.Store.MaxAge = cfg.Store.HighWater, cfg.Store.LowWater, cfg.Store.MaxAge
+	n.cfg.Upload.Limit, n.cfg.Upload.Rate = cfg.Upload.Limit, cfg.Upload.Rate
+	n.store.SetLimits(int64(cfg.Store.HighWater), int64(cfg.Store.LowWater), cfg.Store.MaxAge)
+	n.p2p.setUpload(cfg.Upload.Limit, uint64(cfg.Upload.Rate))
+	return applied, restart, nil
 }
 
 // PeerAddr is the peer address, empty without peers.

@@ -13,6 +13,8 @@ import (
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
 	"github.com/registry-proxy/registry-proxy/config"
+	"github.com/registry-proxy/registry-proxy/inspect"
+	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
 	"github.com/registry-proxy/registry-proxy/p2p/membership"
@@ -33,6 +35,7 @@ type peers struct {
 	members   *membership.Membership
 	pool      *transfer.Pool
 	syncer    *statesync.Syncer
+	meter     *hoststate.Meter
 	server    *peer.Server
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
@@ -40,7 +43,7 @@ type peers struct {
 }
 
 func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, up, peerUp *upstream.Client,
-	collOpts collector.Options, taskOpts task.Options, log *slog.Logger) (*peers, *task.Manager, error) {
+	collOpts collector.Options, taskOpts task.Options, m *metrics.Metrics, log *slog.Logger) (*peers, *task.Manager, error) {
 	id := cfg.P2P.NodeID
 	if id == "" {
 		h, err := os.Hostname()
@@ -83,6 +86,7 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		UploadLimit: cfg.Upload.Limit,
 		UploadRate:  uint64(cfg.Upload.Rate),
 	})
+	p.meter = meter
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
@@ -104,6 +108,15 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 			st, _, ok := p.syncer.State(parent)
 			return st, ok
 		}
+		m.GaugeFunc("statesync_parents", "Parents whose host state this node follows over SyncHost.", func() float64 { return float64(p.syncer.Following()) })
+		m.ParentWeights(func() map[string]float64 {
+			w := map[string]float64{}
+			for _, id := range p.syncer.Parents() {
+				st, _, ok := p.syncer.State(id)
+				w[id] = collector.Weight(st, ok)
+			}
+			return w
+		})
 	}
 	if p.members, err = membership.Start(ctx, membership.Options{NodeID: id, PeerAddr: addr, Join: cfg.P2P.Join, Keys: gossipKeys, Logger: log}); err != nil {
 		ln.Close()
@@ -167,12 +180,14 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		Capacity: cfg.Upload.Syncer.Capacity,
 		Logger:   log,
 	})
+	m.GaugeFunc("statesync_subscribers", "Nodes following this node's host state over SyncHost.", func() float64 { return float64(hostSync.Subscribers()) })
+	m.GaugeFunc("peer_uploads_in_flight", "Pieces being sent to peers now.", func() float64 { return float64(meter.Uploads()) })
 	var ledger *seeding.Ledger
 	if cfg.Upload.SuperSeed {
 		ledger = seeding.New(seeding.Options{})
 	}
 	p.server = peer.NewServer(peer.Options{Source: sw, Meter: meter, Ledger: ledger, HostSync: hostSync, Tracker: sw, TLS: serverTLS,
-		WriteStall: cfg.Limits.WriteStall, Faults: faults, Logger: log})
+		WriteStall: cfg.Limits.WriteStall, Faults: faults, Metrics: m, Logger: log})
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
@@ -181,6 +196,29 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		}
 	}()
 	return p, tasks, nil
+}
+
+// leave announces that this node leaves the cluster; uploads in flight go on.
+func (p *peers) leave() error {
+	if p == nil {
+		return nil
+	}
+	return p.members.Leave()
+}
+
+// shutdownServer lets the uploads in flight finish until ctx ends.
+func (p *peers) shutdownServer(ctx context.Context) error {
+	if p == nil {
+		return nil
+	}
+	return p.server.Shutdown(ctx)
+}
+
+// setUpload applies upload.limit and upload.rate to a running node.
+func (p *peers) setUpload(limit int, bps uint64) {
+	if p != nil {
+		p.meter.SetUpload(limit, bps)
+	}
 }
 
 func (p *peers) close(ctx context.Context) error {
@@ -210,7 +248,23 @@ func (p *peers) membersFunc() func() any {
 	if p == nil {
 		return nil
 	}
-	return func() any { return p.members.Members() }
+	return func() any {
+		ms := p.members.Members()
+		out := make([]inspect.Member, 0, len(ms))
+		for _, m := range ms {
+			v := inspect.Member{ID: m.ID, Addr: m.Addr, Self: m.ID == p.self.ID}
+			if p.syncer != nil && !v.Self {
+				st, age, ok := p.syncer.State(m.ID)
+				v.Followed = ok
+				if ok {
+					v.State, v.StateAge = st, age.Seconds()
+				}
+				v.Weight = collector.Weight(st, ok)
+			}
+			out = append(out, v)
+		}
+		return out
+	}
 }
 
 // readyFunc says whether the node is ready: it has joined another member, or

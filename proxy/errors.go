@@ -93,6 +93,9 @@ func (s *Server) writeUpstreamError(w http.ResponseWriter, r *http.Request, err 
 		s.log.Warn("download refused", "method", r.Method, "path", r.URL.Path, "err", err)
 		w.Header().Set("Retry-After", "1")
 		writeError(w, http.StatusServiceUnavailable, codeUnavailable, "this mirror node runs as many downloads as it may")
+	case errors.Is(err, task.ErrDraining):
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusServiceUnavailable, codeUnavailable, "this mirror node is shutting down")
 	case errors.Is(err, task.ErrTooLarge):
 		writeError(w, http.StatusForbidden, codeDenied, err.Error())
 	case errors.Is(err, context.DeadlineExceeded):

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/http/pprof"
 	"regexp"
 	"strconv"
 	"strings"
@@ -21,6 +22,7 @@ import (
 	_ "crypto/sha512"
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/proxy/access"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
 	"github.com/registry-proxy/registry-proxy/task"
@@ -47,7 +49,14 @@ type Options struct {
 	Ready func() (bool, string)
 	// Members lists the cluster's live nodes for /debug/members; may be nil.
 	Members func() any
-	Logger  *slog.Logger
+	// Running lists the downloads in flight for /debug/tasks; may be nil.
+	Running func() []task.Stats
+	// Metrics counts requests and bytes served from the cache, and is
+	// served on /metrics; may be nil.
+	Metrics *metrics.Metrics
+	// Pprof serves net/http/pprof under /debug/pprof/ on the admin listener.
+	Pprof  bool
+	Logger *slog.Logger
 }
 
 // Server serves the mirror API.
@@ -114,6 +123,22 @@ func (s *Server) AdminHandler() http.Handler {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(m)
 	}).Methods(http.MethodGet)
+	r.HandleFunc("/debug/tasks", func(w http.ResponseWriter, _ *http.Request) {
+		running := []task.Stats{}
+		if s.opts.Running != nil {
+			running = s.opts.Running()
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(running)
+	}).Methods(http.MethodGet)
+	r.Handle("/metrics", s.opts.Metrics.Handler())
+	if s.opts.Pprof {
+		r.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		r.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		r.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		r.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		r.PathPrefix("/debug/pprof/").HandlerFunc(pprof.Index)
+	}
 	r.HandleFunc("/healthz", healthz)
 	r.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if s.opts.Ready != nil {
@@ -277,6 +302,10 @@ func (s *Server) logRequests(next http.Handler) http.Handler {
 			if p != nil {
 				status = -1 // aborted
 			}
+			s.opts.Metrics.Request(requestKind(r.URL.Path), r.Method, status)
+			if w.Header().Get("X-Registry-Proxy-Source") == "cache" {
+				s.opts.Metrics.BlobBytes(metrics.SourceCache, sr.bytes)
+			}
 			s.log.Log(r.Context(), logLevel(status), "request",
 				"method", r.Method, "path", r.URL.Path, "ns", r.URL.Query().Get("ns"),
 				"range", r.Header.Get("Range"), "status", status, "bytes", sr.bytes,
@@ -287,6 +316,19 @@ func (s *Server) logRequests(next http.Handler) http.Handler {
 		}()
 		next.ServeHTTP(sr, r)
 	})
+}
+
+// requestKind is a request's route, a label of bounded cardinality.
+func requestKind(path string) string {
+	switch {
+	case path == "/v2" || path == "/v2/":
+		return "base"
+	case strings.Contains(path, "/manifests/"):
+		return "manifest"
+	case strings.Contains(path, "/blobs/"):
+		return "blob"
+	}
+	return "other"
 }
 
 func isDigestRef(ref string) bool { return strings.Contains(ref, ":") }

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -20,6 +21,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/piece"
 )
@@ -33,6 +35,8 @@ var (
 	ErrTooLarge = errors.New("task: blob too large")
 	// ErrTooMany means the node runs as many downloads as it may.
 	ErrTooMany = errors.New("task: too many downloads at once")
+	// ErrDraining means the node is shutting down and starts no download.
+	ErrDraining = errors.New("task: shutting down")
 	// ErrUnwanted stops a download that no reader and no peer wanted for
 	// the idle grace period; its pieces stay to resume.
 	ErrUnwanted = errors.New("task: stopped, nobody wants the blob")
@@ -73,6 +77,8 @@ type Options struct {
 	// Now is the clock; time.Now when nil.
 	Now    func() time.Time
 	Logger *slog.Logger
+	// Metrics counts bytes by source and ended downloads; may be nil.
+	Metrics *metrics.Metrics
 }
 
 // Manager runs at most one task per digest.
@@ -83,9 +89,10 @@ type Manager struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu     sync.Mutex
-	tasks  map[digest.Digest]*Task
-	recent *lru.Cache[digest.Digest, Stats]
+	mu       sync.Mutex
+	draining bool
+	tasks    map[digest.Digest]*Task
+	recent   *lru.Cache[digest.Digest, Stats]
 }
 
 // NewManager returns a manager; Close stops its tasks.
@@ -238,6 +245,9 @@ func (m *Manager) Open(ctx context.Context, req Request) (*Task, error) {
 
 // admitLocked refuses a new download beyond the caps.
 func (m *Manager) admitLocked(registry string) error {
+	if m.draining {
+		return ErrDraining
+	}
 	if m.opts.MaxTasks > 0 && len(m.tasks) >= m.opts.MaxTasks {
 		return fmt.Errorf("%w: %d running", ErrTooMany, len(m.tasks))
 	}
@@ -263,6 +273,31 @@ func (m *Manager) remove(t *Task) {
 	m.mu.Unlock()
 }
 
+// Drain refuses new downloads (ErrDraining) from now on; running ones go on.
+func (m *Manager) Drain() {
+	m.mu.Lock()
+	m.draining = true
+	m.mu.Unlock()
+}
+
+// Running returns the accounting of every running task, oldest first.
+func (m *Manager) Running() []Stats {
+	m.mu.Lock()
+	tasks := make([]*Task, 0, len(m.tasks))
+	for _, t := range m.tasks {
+		tasks = append(tasks, t)
+	}
+	m.mu.Unlock()
+	out := make([]Stats, 0, len(tasks))
+	for _, t := range tasks {
+		st := t.Stats()
+		st.Registry, st.Repo = t.req.Registry, t.req.Repo
+		out = append(out, st)
+	}
+	slices.SortFunc(out, func(a, b Stats) int { return a.Started.Compare(b.Started) })
+	return out
+}
+
 // Stats returns the accounting of the running or a recent task for d.
 func (m *Manager) Stats(d digest.Digest) (Stats, bool) {
 	if t, ok := m.Lookup(d); ok {
@@ -274,6 +309,8 @@ func (m *Manager) Stats(d digest.Digest) (Stats, bool) {
 // Stats is where a blob's bytes came from.
 type Stats struct {
 	Digest   digest.Digest    `json:"digest"`
+	Registry string           `json:"registry,omitempty"`
+	Repo     string           `json:"repo,omitempty"`
 	Size     int64            `json:"size"`
 	State    string           `json:"state"` // downloading, complete, failed
 	Sources  map[string]int64 `json:"sources"`
@@ -363,6 +400,11 @@ func (t *Task) Put(i int, r io.Reader, source string, want collector.Expect) err
 	t.sources[source] += n
 	t.broadcastLocked()
 	t.mu.Unlock()
+	kind := metrics.SourcePeer
+	if source == collector.UpstreamID {
+		kind = metrics.SourceUpstream
+	}
+	t.m.opts.Metrics.BlobBytes(kind, n)
 	return nil
 }
 
@@ -579,10 +621,13 @@ func (t *Task) finish(err error) {
 	switch {
 	case err == nil:
 		t.m.log.Info("blob complete", attrs...)
+		t.m.opts.Metrics.Blob("complete", st.Duration)
 	case errors.Is(err, context.Canceled), errors.Is(err, ErrUnwanted):
 		t.m.log.Info("blob download stopped", append(attrs, "why", err)...)
+		t.m.opts.Metrics.Blob("stopped", st.Duration)
 	default:
 		t.m.log.Error("blob download failed", append(attrs, "err", err)...)
+		t.m.opts.Metrics.Blob("failed", st.Duration)
 	}
 }
 

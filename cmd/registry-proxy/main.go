@@ -3,6 +3,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -11,14 +12,18 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/registry-proxy/registry-proxy/clientconfig"
 	"github.com/registry-proxy/registry-proxy/config"
+	"github.com/registry-proxy/registry-proxy/inspect"
 	"github.com/registry-proxy/registry-proxy/node"
+	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/p2p/trust"
+	"github.com/registry-proxy/registry-proxy/task"
 )
 
 const usage = `usage: registry-proxy <command> [flags]
@@ -27,6 +32,8 @@ commands:
   serve              run the mirror (registry-proxy serve --help for flags)
   containerd-config  write hosts.toml files pointing containerd at the mirror
   docker-config      add the mirror to dockerd's registry-mirrors in daemon.json
+  peers              the cluster's members, their host state and weights, refreshed like top
+  status             this node's downloads in flight: progress and bytes by source
   secret             print a new cluster secret (registry-proxy secret > FILE)
   version            print the version
 `
@@ -59,6 +66,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return containerdConfig(args[1:], stdout)
 	case "docker-config":
 		return dockerConfig(args[1:], stdout)
+	case "peers", "status":
+		return inspectCmd(args[0], args[1:], stdout)
 	case "secret":
 		if len(args) > 1 {
 			return fmt.Errorf("secret takes no arguments: %w", errUsage)
@@ -91,6 +100,7 @@ func loadConfig(args []string, stderr io.Writer) (config.Config, error) {
 	nodeID := fs.String("node-id", "", "this node's name in the cluster, default the host name (p2p.node_id)")
 	selector := fs.String("selector", "", "parent selection: state or fcfs (p2p.selector)")
 	secret := fs.String("cluster-secret", "", "file holding the cluster secret: authenticates and encrypts peers (p2p.secret_file)")
+	grace := fs.Duration("shutdown-timeout", 0, "how long a stopping node finishes client responses and uploads (shutdown_timeout)")
 	admin := fs.String("admin-listen", "", "address of the operators' endpoints /debug/*, /healthz (admin.listen)")
 	var upstreams []string
 	fs.Func("upstream", "NAME=URL: fetch registry NAME from URL (repeatable; upstream.registries)", func(v string) error {
@@ -123,6 +133,9 @@ func loadConfig(args []string, stderr io.Writer) (config.Config, error) {
 			*dst = v
 		}
 	}
+	if *grace > 0 {
+		cfg.ShutdownTimeout = *grace
+	}
 	if *join != "" {
 		cfg.P2P.Join = strings.Split(*join, ",")
 	}
@@ -142,8 +155,7 @@ func loadConfig(args []string, stderr io.Writer) (config.Config, error) {
 	return cfg, nil
 }
 
-func newLogger(c config.Log, w io.Writer) *slog.Logger {
-	var lvl slog.Level
+func newLogger(c config.Log, lvl *slog.LevelVar, w io.Writer) *slog.Logger {
 	lvl.UnmarshalText([]byte(c.Level)) // validated already
 	opts := &slog.HandlerOptions{Level: lvl}
 	if c.Format == "json" {
@@ -160,7 +172,8 @@ func serve(args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	log := newLogger(cfg.Log, stderr)
+	level := new(slog.LevelVar)
+	log := newLogger(cfg.Log, level, stderr)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
@@ -168,15 +181,50 @@ func serve(args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	var serveErr error
-	select {
-	case <-ctx.Done():
-		log.Info("shutting down")
-	case serveErr = <-n.Err():
+wait:
+	for {
+		select {
+		case <-hup:
+			reload(n, args, level, log)
+		case <-ctx.Done():
+			log.Info("shutting down", "grace", cfg.ShutdownTimeout)
+			break wait
+		case serveErr = <-n.Err():
+			break wait
+		}
 	}
-	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	return errors.Join(serveErr, n.Shutdown(sctx))
+}
+
+// reload reads the configuration again, with the same flags, and applies
+// what may change while running; it says what needs a restart.
+func reload(n *node.Node, args []string, level *slog.LevelVar, log *slog.Logger) {
+	cfg, err := loadConfig(args, io.Discard)
+	if err != nil {
+		log.Error("SIGHUP: configuration not reloaded", "err", err)
+		return
+	}
+	applied, restart, err := n.Reload(cfg)
+	if err != nil {
+		log.Error("SIGHUP: configuration not reloaded", "err", err)
+		return
+	}
+	if slices.Contains(applied, "log.level") {
+		level.UnmarshalText([]byte(cfg.Log.Level))
+	}
+	attrs := []any{"applied", applied}
+	if len(restart) > 0 {
+		attrs = append(attrs, "need_restart", restart)
+		log.Warn("SIGHUP: configuration reloaded; some changed keys take effect only after a restart", attrs...)
+		return
+	}
+	log.Info("SIGHUP: configuration reloaded", attrs...)
 }
 
 // subFlags is a flag set whose errors main reports in one line.
@@ -278,4 +326,59 @@ func dockerConfig(args []string, stdout io.Writer) error {
 		fmt.Fprintf(stdout, "%s already lists %s in registry-mirrors\n", *path, *mirror)
 	}
 	return nil
+}
+
+// inspectCmd prints `peers` or `status` from a running node's admin listener.
+func inspectCmd(name string, args []string, stdout io.Writer) error {
+	fs := subFlags(name)
+	admin := fs.String("admin", "127.0.0.1:5001", "the node's admin listener (admin.listen)")
+	interval := fs.Duration("interval", 2*time.Second, "refresh period when stdout is a terminal")
+	once := fs.Bool("once", false, "print once and exit (the default when stdout is not a terminal)")
+	asJSON := fs.Bool("json", false, "print the admin listener's JSON once")
+	if err := parseSub(fs, args, stdout); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	base := *admin
+	if !strings.Contains(base, "://") {
+		base = "http://" + base
+	}
+	c := inspect.Client{Base: base}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	render := func(w io.Writer) error {
+		var v any
+		var err error
+		if name == "peers" {
+			var ms []inspect.Member
+			if ms, err = c.Members(ctx); err == nil && !*asJSON {
+				return inspect.WritePeers(w, ms)
+			}
+			v = ms
+		} else {
+			var ts []task.Stats
+			if ts, err = c.Tasks(ctx); err == nil && !*asJSON {
+				return inspect.WriteStatus(w, ts, collector.UpstreamID)
+			}
+			v = ts
+		}
+		if err != nil {
+			return err
+		}
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	}
+	return inspect.Watch(ctx, stdout, *interval, *once || *asJSON || !isTerminal(stdout), render)
+}
+
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }

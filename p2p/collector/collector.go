@@ -22,6 +22,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/piece"
 )
@@ -130,6 +131,8 @@ type Options struct {
 	Now    func() time.Time
 	Rand   *rand.Rand
 	Logger *slog.Logger
+	// Metrics counts piece fetches; may be nil.
+	Metrics *metrics.Metrics
 }
 
 // Collector fetches the missing pieces of jobs.

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 )
 
@@ -416,7 +417,9 @@ func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error 
 		}
 		// There may be more: let a parked worker look.
 		r.wakeOne()
+		began := r.c.opts.Now()
 		err := r.fetch(ctx, i, pq)
+		r.c.opts.Metrics.Piece(parentKind(pq), pieceResult(ctx, err), r.c.opts.Now().Sub(began))
 		var whole *ErrWhole
 		if errors.As(err, &whole) {
 			return r.streamWhole(whole, pq, cancel)
@@ -425,6 +428,35 @@ func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error 
 			return err
 		}
 	}
+}
+
+func parentKind(pq *parentQueue) string {
+	if pq.upstream {
+		return metrics.SourceUpstream
+	}
+	return metrics.SourcePeer
+}
+
+// pieceResult names a fetch's outcome for the metrics.
+func pieceResult(ctx context.Context, err error) string {
+	var whole *ErrWhole
+	switch {
+	case err == nil:
+		return "ok"
+	case errors.As(err, &whole):
+		return "whole"
+	case errors.Is(err, ErrBusy):
+		return "busy"
+	case errors.Is(err, errTooSlow):
+		return "slow"
+	case errors.Is(err, errRaced):
+		return "raced"
+	case errors.Is(err, ErrElsewhere), errors.Is(err, errStolen):
+		return "elsewhere"
+	case ctx.Err() != nil:
+		return "cancelled"
+	}
+	return "failed"
 }
 
 func (r *Run) wakeOne() {

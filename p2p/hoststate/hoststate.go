@@ -72,6 +72,9 @@ type Meter struct {
 	opts    Options
 	limiter *rate.Limiter
 	uploads atomic.Int32
+	// The upload limits, changed by SetUpload while running.
+	uploadLimit atomic.Int32
+	uploadRate  atomic.Uint64
 
 	mu       sync.Mutex
 	prevAt   time.Time
@@ -89,21 +92,38 @@ func New(opts Options) *Meter {
 	if opts.UploadLimit <= 0 {
 		opts.UploadLimit = 16
 	}
-	m := &Meter{opts: opts}
-	if opts.UploadRate > 0 {
-		// A burst of one 4 MiB piece write at a time keeps pacing smooth.
-		m.limiter = rate.NewLimiter(rate.Limit(opts.UploadRate), 4<<20)
-	}
+	// A burst of one 4 MiB piece write at a time keeps pacing smooth.
+	m := &Meter{opts: opts, limiter: rate.NewLimiter(rate.Inf, 4<<20)}
+	m.SetUpload(opts.UploadLimit, opts.UploadRate)
 	return m
 }
 
+// SetUpload changes the upload slots (0 keeps them) and the upload rate in
+// bytes/s (0: none) of a running meter.
+func (m *Meter) SetUpload(limit int, bps uint64) {
+	if limit > 0 {
+		m.uploadLimit.Store(int32(limit))
+	}
+	m.uploadRate.Store(bps)
+	if bps > 0 {
+		m.limiter.SetLimit(rate.Limit(bps))
+	} else {
+		m.limiter.SetLimit(rate.Inf)
+	}
+}
+
 // Limiter is the upload token bucket, nil when uploads are not limited.
-func (m *Meter) Limiter() *rate.Limiter { return m.limiter }
+func (m *Meter) Limiter() *rate.Limiter {
+	if m.uploadRate.Load() == 0 {
+		return nil
+	}
+	return m.limiter
+}
 
 // BeginUpload counts one upload in flight; call done when it ends. It fails
 // with ErrBusy at the upload limit.
 func (m *Meter) BeginUpload() (done func(), err error) {
-	if n := m.uploads.Add(1); int(n) > m.opts.UploadLimit {
+	if n := m.uploads.Add(1); n > m.uploadLimit.Load() {
 		m.uploads.Add(-1)
 		return nil, ErrBusy
 	}
@@ -135,13 +155,13 @@ func (m *Meter) Sample(ctx context.Context) (State, error) {
 		MaxTxBps:        pick(m.opts.MaxTxBps, speed),
 		MaxRxBps:        pick(m.opts.MaxRxBps, speed),
 		UploadsInFlight: uint32(max(m.uploads.Load(), 0)),
-		UploadLimit:     uint32(m.opts.UploadLimit),
-		UploadRateLimit: m.opts.UploadRate,
+		UploadLimit:     uint32(m.uploadLimit.Load()),
+		UploadRateLimit: m.uploadRate.Load(),
 		FreeBytes:       free,
 		MeasuredAt:      now,
 	}
-	if m.opts.UploadRate > 0 && (st.MaxTxBps == 0 || m.opts.UploadRate < st.MaxTxBps) {
-		st.MaxTxBps = m.opts.UploadRate
+	if r := st.UploadRateLimit; r > 0 && (st.MaxTxBps == 0 || r < st.MaxTxBps) {
+		st.MaxTxBps = r
 	}
 	if dt := now.Sub(m.prevAt).Seconds(); !m.prevAt.IsZero() && dt > 0 {
 		st.RxBps = perSecond(m.prevRx, rx, dt)

@@ -54,8 +54,9 @@ type Membership struct {
 	opts   Options
 	log    *slog.Logger
 	ml     *memberlist.Memberlist
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	leaveOnce sync.Once
 }
 
 // GossipAddr derives the gossip address from a peer address: port + 1.
@@ -230,8 +231,20 @@ func (m *Membership) Self() string { return m.opts.NodeID }
 func (m *Membership) Close() error {
 	m.cancel()
 	m.wg.Wait()
-	err := m.ml.Leave(2 * time.Second)
-	return errors.Join(err, m.ml.Shutdown())
+	return errors.Join(m.Leave(), m.ml.Shutdown())
+}
+
+// Leave tells the cluster this node is leaving, so peers stop choosing it,
+// and stops rejoining; the node still knows the others until Close. Later
+// calls do nothing.
+func (m *Membership) Leave() error {
+	var err error
+	m.leaveOnce.Do(func() {
+		m.cancel()
+		m.wg.Wait()
+		err = m.ml.Leave(2 * time.Second)
+	})
+	return err
 }
 
 // logWriter sends memberlist's log lines to slog: errors as warnings, the

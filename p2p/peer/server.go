@@ -30,6 +30,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/registry-proxy/registry-proxy/internal/progress"
+	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/p2p/seeding"
@@ -80,6 +81,8 @@ type Options struct {
 	// with -tags faults, for tests of what children do with a lying member.
 	Faults Faults
 	Logger *slog.Logger
+	// Metrics counts uploads; may be nil.
+	Metrics *metrics.Metrics
 }
 
 // Server is the peer endpoint.
@@ -162,11 +165,14 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "bad piece index", http.StatusBadRequest)
 		return
 	}
+	result, sentBytes := "error", int64(0)
+	defer func() { s.opts.Metrics.Upload(result, sentBytes) }()
 	uploads := 0
 	if s.opts.Meter != nil {
 		uploads = s.opts.Meter.Uploads()
 		done, err := s.opts.Meter.BeginUpload()
 		if err != nil {
+			result = "busy"
 			w.Header().Set("Retry-After", "1")
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
@@ -176,6 +182,7 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 	f, off, n, release, err := s.opts.Source.OpenPiece(d, i)
 	if err != nil {
 		if errors.Is(err, ErrNoPiece) {
+			result = "absent"
 			http.Error(w, "piece not here", http.StatusNotFound)
 			return
 		}
@@ -190,6 +197,7 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 		offers := func(j int) bool { return snap.Seeding || snap.Complete || (j < len(snap.Done) && snap.Done[j]) }
 		undo, ok := s.opts.Ledger.Begin(d, i, snap.Plan.Count(), offers, uploads)
 		if !ok {
+			result = "conflict"
 			http.Error(w, "piece already sent to another peer; fetch it from there", http.StatusConflict)
 			return
 		}
@@ -219,13 +227,14 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 	}
 	// To an *http.response with an *os.File behind a LimitedReader the
 	// kernel's sendfile does the copy.
-	if _, err := io.Copy(dst, &io.LimitedReader{R: f, N: n}); err != nil {
+	sentBytes, err = io.Copy(dst, &io.LimitedReader{R: f, N: n})
+	if err != nil {
 		if r.Context().Err() == nil {
 			s.log.Debug("sending piece", "digest", d, "piece", i, "err", err)
 		}
 		return
 	}
-	sent = true
+	sent, result = true, "ok"
 }
 
 // Faults are the lies a test node tells its peers.

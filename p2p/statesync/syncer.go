@@ -97,6 +97,9 @@ func (s *Syncer) Follow(id, addr string) {
 	}()
 }
 
+// Parents lists the ids of the parents followed.
+func (s *Syncer) Parents() []string { return s.parents.Keys() }
+
 // Following is the number of parents followed.
 func (s *Syncer) Following() int { return s.parents.Len() }
 

@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/golang-lru/v2/expirable"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
 )
 
@@ -49,6 +50,8 @@ type Options struct {
 	// a registry outage does not stop a node serving its cache to the
 	// clients it served before.
 	StaleTTL time.Duration
+	// Metrics counts checks by result; may be nil.
+	Metrics *metrics.Metrics
 }
 
 // Checker answers and remembers access questions.
@@ -97,6 +100,11 @@ func keyOf(hdr http.Header, registry, repo string, d digest.Digest, kind Kind) k
 func (c *Checker) Check(ctx context.Context, registry, repo string, d digest.Digest, kind Kind, hdr http.Header) error {
 	k := keyOf(hdr, registry, repo, d, kind)
 	if err, ok := c.cache.Get(k); ok {
+		if err == nil {
+			c.opts.Metrics.AccessCheck("cached_allowed")
+		} else {
+			c.opts.Metrics.AccessCheck("cached_refused")
+		}
 		return err
 	}
 	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
@@ -120,15 +128,19 @@ func (c *Checker) Check(ctx context.Context, registry, repo string, d digest.Dig
 	switch {
 	case err == nil:
 		c.remember(k)
+		c.opts.Metrics.AccessCheck("allowed")
 		return nil
 	case errors.As(err, &se) && se.Code >= 400 && se.Code < 500 && se.Code != http.StatusTooManyRequests:
 		c.cache.Add(k, err)
 		c.stale.Remove(k)
+		c.opts.Metrics.AccessCheck("refused")
 		return err
 	case c.stale.Contains(k):
 		// No answer: this credential was allowed this content before.
+		c.opts.Metrics.AccessCheck("stale_allowed")
 		return nil
 	default:
+		c.opts.Metrics.AccessCheck("error")
 		return fmt.Errorf("access: asking the upstream: %w", err)
 	}
 }

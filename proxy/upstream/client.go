@@ -23,6 +23,7 @@ import (
 
 	"github.com/hashicorp/golang-lru/v2/expirable"
 	"github.com/opencontainers/go-digest"
+	"github.com/registry-proxy/registry-proxy/metrics"
 )
 
 var (
@@ -93,6 +94,8 @@ type Options struct {
 	// no bound.
 	MaxConnsPerHost int
 	Logger          *slog.Logger
+	// Metrics counts requests by host and status; may be nil.
+	Metrics *metrics.Metrics
 }
 
 // Client talks to upstream registries.
@@ -105,6 +108,7 @@ type Client struct {
 	allow      []string
 	redirects  *expirable.LRU[string, *url.URL]
 	log        *slog.Logger
+	metrics    *metrics.Metrics
 	// auth answers challenges with this node's own credentials; nil passes
 	// the caller's Authorization through and a 401 back.
 	auth *nodeAuth
@@ -183,6 +187,7 @@ func New(opts Options) (*Client, error) {
 		ua:         opts.UserAgent,
 		redirects:  expirable.NewLRU[string, *url.URL](4096, nil, opts.RedirectTTL),
 		log:        opts.Logger.With("component", "upstream"),
+		metrics:    opts.Metrics,
 	}, nil
 }
 
@@ -547,6 +552,11 @@ func (c *Client) do(ctx context.Context, method, rawURL string, hdr http.Header,
 			req.Header.Set("User-Agent", c.ua)
 		}
 		resp, err := c.http.Do(req)
+		if resp != nil {
+			c.metrics.Upstream(req.URL.Host, method, resp.StatusCode)
+		} else if ctx.Err() == nil {
+			c.metrics.Upstream(req.URL.Host, method, 0)
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil, ctx.Err()

@@ -1,0 +1,228 @@
+// Package metrics holds registry-proxy's Prometheus metrics, one registry per
+// node (no package state, so many nodes can run in one test process). Every
+// method is safe on a nil *Metrics, which records nothing: components take
+// one optionally. docs/metrics.md says what each metric means.
+package metrics
+
+import (
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+const ns = "registry_proxy"
+
+// Sources of a blob's bytes.
+const (
+	SourceCache    = "cache"
+	SourcePeer     = "peer"
+	SourceUpstream = "upstream"
+)
+
+// Metrics is one node's metrics.
+type Metrics struct {
+	reg *prometheus.Registry
+
+	blobBytes      *prometheus.CounterVec
+	uploadBytes    prometheus.Counter
+	uploads        *prometheus.CounterVec
+	pieces         *prometheus.CounterVec
+	pieceSeconds   *prometheus.HistogramVec
+	blobs          *prometheus.CounterVec
+	blobSeconds    *prometheus.HistogramVec
+	requests       *prometheus.CounterVec
+	upstream       *prometheus.CounterVec
+	accessChecks   *prometheus.CounterVec
+	gcRuns         prometheus.Counter
+	gcRemoved      *prometheus.CounterVec
+	gcFreed        prometheus.Counter
+	parentWeightsC *weightCollector
+}
+
+// New returns the metrics of a node running version.
+func New(version string) *Metrics {
+	m := &Metrics{reg: prometheus.NewRegistry()}
+	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	f := factory{m.reg}
+	build := f.gaugeVec("build_info", "Always 1; the version label is the running build.", "version")
+	build.WithLabelValues(version).Set(1)
+	m.blobBytes = f.counterVec("blob_bytes_total",
+		"Bytes of blobs by where they came from: cache (served to clients from the store), peer and upstream (pieces downloaded into the node).", "source")
+	m.uploadBytes = f.counter("peer_upload_bytes_total", "Bytes of pieces sent to peers.")
+	m.uploads = f.counterVec("peer_uploads_total", "Piece requests from peers, by result: ok, busy (upload slots full), absent, conflict (already sent elsewhere), error.", "result")
+	m.pieces = f.counterVec("pieces_total",
+		"Piece fetches by parent kind (peer, upstream) and result: ok, busy, slow, raced, elsewhere, failed.", "parent", "result")
+	m.pieceSeconds = f.histogramVec("piece_duration_seconds", "Time to fetch one piece that arrived, by parent kind.",
+		prometheus.ExponentialBuckets(0.01, 2, 14), "parent")
+	m.blobs = f.counterVec("blob_downloads_total", "Blob downloads (tasks) ended, by result: complete, stopped, failed.", "result")
+	m.blobSeconds = f.histogramVec("blob_download_duration_seconds", "Duration of blob downloads, by result.",
+		prometheus.ExponentialBuckets(0.05, 2, 14), "result")
+	m.requests = f.counterVec("http_requests_total", "Mirror requests by kind (manifest, blob, base, other), method and status code.", "kind", "method", "code")
+	m.upstream = f.counterVec("upstream_requests_total", "Requests to upstream registries by host, method and status code (error: no answer).", "host", "method", "code")
+	m.accessChecks = f.counterVec("access_checks_total",
+		"Access checks of a client against the upstream, by result: allowed, refused, cached_allowed, cached_refused, stale_allowed (upstream unreachable, allowed before), error.", "result")
+	m.gcRuns = f.counter("store_gc_runs_total", "Garbage collections of the blob store.")
+	m.gcRemoved = f.counterVec("store_gc_removed_total", "Items garbage collection removed, by kind: blob, partial, manifest.", "kind")
+	m.gcFreed = f.counter("store_gc_freed_bytes_total", "Bytes of blobs garbage collection removed.")
+	return m
+}
+
+type factory struct{ reg prometheus.Registerer }
+
+func (f factory) counter(name, help string) prometheus.Counter {
+	c := prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: name, Help: help})
+	f.reg.MustRegister(c)
+	return c
+}
+
+func (f factory) counterVec(name, help string, labels ...string) *prometheus.CounterVec {
+	c := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: name, Help: help}, labels)
+	f.reg.MustRegister(c)
+	return c
+}
+
+func (f factory) gaugeVec(name, help string, labels ...string) *prometheus.GaugeVec {
+	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: name, Help: help}, labels)
+	f.reg.MustRegister(g)
+	return g
+}
+
+func (f factory) histogramVec(name, help string, buckets []float64, labels ...string) *prometheus.HistogramVec {
+	h := prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Name: name, Help: help, Buckets: buckets}, labels)
+	f.reg.MustRegister(h)
+	return h
+}
+
+// Handler serves the metrics in Prometheus' text format.
+func (m *Metrics) Handler() http.Handler {
+	if m == nil {
+		return http.NotFoundHandler()
+	}
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
+}
+
+// Gatherer returns the registry, for tests and the demo; nil on nil.
+func (m *Metrics) Gatherer() prometheus.Gatherer {
+	if m == nil {
+		return nil
+	}
+	return m.reg
+}
+
+// GaugeFunc registers a gauge read from f at each scrape: values that a
+// component already keeps (tasks in flight, store bytes).
+func (m *Metrics) GaugeFunc(name, help string, f func() float64) {
+	if m == nil {
+		return
+	}
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Name: name, Help: help}, f))
+}
+
+// ParentWeights registers the gauge of each followed parent's weight, read
+// from f at each scrape.
+func (m *Metrics) ParentWeights(f func() map[string]float64) {
+	if m == nil {
+		return
+	}
+	m.parentWeightsC = &weightCollector{
+		desc: prometheus.NewDesc(ns+"_parent_weight", "The weight this node gives each followed parent from its latest host state (bytes/s it expects the parent to send).", []string{"parent"}, nil),
+		f:    f,
+	}
+	m.reg.MustRegister(m.parentWeightsC)
+}
+
+type weightCollector struct {
+	desc *prometheus.Desc
+	f    func() map[string]float64
+}
+
+func (c *weightCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c *weightCollector) Collect(ch chan<- prometheus.Metric) {
+	for id, w := range c.f() {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, w, id)
+	}
+}
+
+// BlobBytes counts n bytes of a blob from source.
+func (m *Metrics) BlobBytes(source string, n int64) {
+	if m == nil || n <= 0 {
+		return
+	}
+	m.blobBytes.WithLabelValues(source).Add(float64(n))
+}
+
+// Upload counts one piece request from a peer and the bytes sent.
+func (m *Metrics) Upload(result string, n int64) {
+	if m == nil {
+		return
+	}
+	m.uploads.WithLabelValues(result).Inc()
+	if n > 0 {
+		m.uploadBytes.Add(float64(n))
+	}
+}
+
+// Piece counts one piece fetch; took is observed for pieces that arrived.
+func (m *Metrics) Piece(parent, result string, took time.Duration) {
+	if m == nil {
+		return
+	}
+	m.pieces.WithLabelValues(parent, result).Inc()
+	if result == "ok" {
+		m.pieceSeconds.WithLabelValues(parent).Observe(took.Seconds())
+	}
+}
+
+// Blob counts one ended download.
+func (m *Metrics) Blob(result string, took time.Duration) {
+	if m == nil {
+		return
+	}
+	m.blobs.WithLabelValues(result).Inc()
+	m.blobSeconds.WithLabelValues(result).Observe(took.Seconds())
+}
+
+// Request counts one mirror request.
+func (m *Metrics) Request(kind, method string, code int) {
+	if m == nil {
+		return
+	}
+	m.requests.WithLabelValues(kind, method, strconv.Itoa(code)).Inc()
+}
+
+// Upstream counts one request to an upstream host; code 0 is no answer.
+func (m *Metrics) Upstream(host, method string, code int) {
+	if m == nil {
+		return
+	}
+	c := "error"
+	if code > 0 {
+		c = strconv.Itoa(code)
+	}
+	m.upstream.WithLabelValues(host, method, c).Inc()
+}
+
+// AccessCheck counts one access check.
+func (m *Metrics) AccessCheck(result string) {
+	if m == nil {
+		return
+	}
+	m.accessChecks.WithLabelValues(result).Inc()
+}
+
+// GC counts one garbage collection.
+func (m *Metrics) GC(blobs, partials, manifests int, freed int64) {
+	if m == nil {
+		return
+	}
+	m.gcRuns.Inc()
+	m.gcRemoved.WithLabelValues("blob").Add(float64(blobs))
+	m.gcRemoved.WithLabelValues("partial").Add(float64(partials))
+	m.gcRemoved.WithLabelValues("manifest").Add(float64(manifests))
+	m.gcFreed.Add(float64(freed))
+}
