@@ -51,9 +51,9 @@ type Options struct {
 
 // Membership is this node's view of the cluster.
 type Membership struct {
-	opts   Options
-	log    *slog.Logger
-	ml     *memberlist.Memberlist
+	opts      Options
+	log       *slog.Logger
+	ml        *memberlist.Memberlist
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 	leaveOnce sync.Once
