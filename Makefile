@@ -11,12 +11,23 @@ PKGS    := ./...
 BENCH_SIZE  ?= 1GiB
 BENCH_COUNT ?= 1
 
-.PHONY: all build deps tools demo test unit integration lint vet staticcheck bench bench-cluster bench-sim fuzz fmt clean proto
+.PHONY: all build image deps tools demo test unit integration lint vet staticcheck bench bench-cluster bench-sim fuzz fmt clean proto
 
 all: build
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/registry-proxy ./cmd/registry-proxy
+
+# The container image: a static binary on no base image, as an OCI layout
+# (bin/image/oci) and a tarball for `ctr images import` / `docker load`
+# (bin/image/registry-proxy.tar). No daemon needed.
+IMAGE_REF  ?= registry-proxy:$(VERSION)
+IMAGE_ARCH ?= $(shell $(GO) env GOARCH)
+image:
+	CGO_ENABLED=0 GOOS=linux GOARCH=$(IMAGE_ARCH) $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o bin/image/registry-proxy-linux-$(IMAGE_ARCH) ./cmd/registry-proxy
+	rm -rf bin/image/oci
+	$(GO) run ./cmd/image -binary bin/image/registry-proxy-linux-$(IMAGE_ARCH) -version $(VERSION) -arch $(IMAGE_ARCH) \
+		-layout bin/image/oci -tar bin/image/registry-proxy.tar -ref $(IMAGE_REF)
 
 deps:
 	$(GO) mod download

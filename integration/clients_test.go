@@ -62,6 +62,8 @@ type containerdVersion struct {
 	daemon func(t *testing.T) string
 	ctr    func(t *testing.T) string
 	config func(dir string) string
+	// env is the daemon's environment beyond the test's.
+	env func(t *testing.T) []string
 }
 
 var containerds = []containerdVersion{
@@ -90,6 +92,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 		name:   "containerd-2.x",
 		daemon: func(t *testing.T) string { return tool(t, "containerd2") },
 		ctr:    func(t *testing.T) string { return tool(t, "ctr2") },
+		// Its own runc shim first on PATH, before Debian's 1.x one.
+		env: func(t *testing.T) []string {
+			shim := tool(t, "containerd-shim-runc-v2", filepath.Join(filepath.Dir(tool(t, "containerd2")), "..", "containerd2-shim"))
+			return []string{"PATH=" + filepath.Dir(shim) + ":" + os.Getenv("PATH")}
+		},
 		config: func(d string) string {
 			return fmt.Sprintf(`version = 3
 root = "%[1]s/root"
@@ -134,7 +141,11 @@ func startContainerd(t *testing.T, v containerdVersion, mirror string) *containe
 	if !strings.Contains(out, "sets config_path = \""+env.hosts+"\"") {
 		t.Fatalf("containerd-config did not find %s's config_path: %s", v.name, out)
 	}
-	start(t, daemon, []string{"--config", cfg, "--log-level", "info"})
+	var daemonEnv []string
+	if v.env != nil {
+		daemonEnv = v.env(t)
+	}
+	start(t, daemon, []string{"--config", cfg, "--log-level", "info"}, daemonEnv...)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if _, err := run(t, 5*time.Second, ctr, "--address", env.sock, "version"); err == nil {

@@ -47,3 +47,10 @@ if [ ! -x "$TOOLS/containerd2" ] || [ ! -x "$TOOLS/ctr2" ]; then
 	mv "$tmp/ctr" "$TOOLS/ctr2"
 	rm -rf "$tmp"
 fi
+# Its runc shim, in a directory of its own that the tests put first on the
+# daemon's PATH (Debian's /usr/bin/containerd-shim-runc-v2 is 1.x's).
+if [ ! -x "$PWD/.tools/containerd2-shim/containerd-shim-runc-v2" ]; then
+	echo "install-deps: go install containerd-shim-runc-v2 $CONTAINERD2_VERSION"
+	GOBIN="$PWD/.tools/containerd2-shim" go install \
+		"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD2_VERSION"
+fi

@@ -23,6 +23,10 @@ import (
 	"github.com/registry-proxy/registry-proxy/node"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/p2p/trust"
+
+	// CA roots compiled in, used where the host has none: the container
+	// image has no base image.
+	_ "golang.org/x/crypto/x509roots/fallback"
 	"github.com/registry-proxy/registry-proxy/task"
 )
 
