@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and benchmarks need on a fresh Debian machine:
 # Debian packages (containerd, runc, docker.io, iproute2, openssl), and into .tools/bin
-# crictl, staticcheck and a containerd 2.x daemon with its ctr. Idempotent:
+# crictl, staticcheck, helm, kubeconform and a containerd 2.x daemon with its
+# ctr and runc shim. Idempotent:
 # what is present already is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,10 @@ go_install() { # name module@version [tags]
 }
 go_install crictl sigs.k8s.io/cri-tools/cmd/crictl@v1.37.0
 go_install staticcheck honnef.co/go/tools/cmd/staticcheck@v0.8.2
+# The chart's tests: helm template, and kubeconform against the Kubernetes
+# API schemas (built by the test from k8s.io/kubernetes' OpenAPI document).
+go_install helm helm.sh/helm/v3/cmd/helm@v3.22.0
+go_install kubeconform github.com/yannh/kubeconform/cmd/kubeconform@v0.8.0
 # containerd 2.x goes under its own name so it never shadows Debian's 1.x.
 if [ ! -x "$TOOLS/containerd2" ] || [ ! -x "$TOOLS/ctr2" ]; then
 	tmp=$(mktemp -d)
