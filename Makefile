@@ -11,7 +11,7 @@ PKGS    := ./...
 BENCH_SIZE  ?= 1GiB
 BENCH_COUNT ?= 1
 
-.PHONY: all build image deps tools demo test unit integration lint vet staticcheck bench bench-cluster bench-sim fuzz fmt clean proto
+.PHONY: all build image deps tools demo test unit integration lint vet staticcheck bench bench-cluster bench-coldstart bench-sim fuzz fmt clean proto
 
 all: build
 
@@ -75,6 +75,14 @@ bench-cluster: tools
 	$(GO) test -run '^$$' -bench Cluster -benchtime 1x -timeout 150m -v ./integration/ \
 		-cluster-nodes $(CLUSTER_NODES) -cluster-size $(CLUSTER_SIZE) -cluster-up $(CLUSTER_UP) \
 		-cluster-origin $(CLUSTER_ORIGIN) -cluster-runs $(CLUSTER_RUNS) -cluster-scenarios $(CLUSTER_SCENARIOS)
+
+# Cold start: COLD_NODES proxies in network namespaces started at the same
+# instant; seconds until all see each other and are ready, and upstream
+# copies of the pull that follows (root).
+COLD_NODES ?= 8
+COLD_RUNS  ?= 3
+bench-coldstart: tools
+	$(GO) test -run '^$$' -bench ColdStart -benchtime 1x -timeout 30m -v ./integration/ -cold-nodes $(COLD_NODES) -cold-runs $(COLD_RUNS)
 
 # The simulator: the real collector, owner ranking, tracker and host-state
 # meter over a simulated network, at thousands of nodes. Results under

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -169,6 +170,16 @@ func short(d string) string {
 func bar(pct float64, width int) string {
 	n := min(max(int(pct/100*float64(width)+0.5), 0), width)
 	return "[" + strings.Repeat("#", n) + strings.Repeat(".", width-n) + "]"
+}
+
+// IsTerminal reports whether w is a terminal, where a display may redraw.
+func IsTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }
 
 // Watch calls render into a buffer and writes it to w, every interval until

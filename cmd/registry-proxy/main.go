@@ -26,8 +26,8 @@ import (
 
 	// CA roots compiled in, used where the host has none: the container
 	// image has no base image.
-	_ "golang.org/x/crypto/x509roots/fallback"
 	"github.com/registry-proxy/registry-proxy/task"
+	_ "golang.org/x/crypto/x509roots/fallback"
 )
 
 const usage = `usage: registry-proxy <command> [flags]
@@ -375,14 +375,5 @@ func inspectCmd(name string, args []string, stdout io.Writer) error {
 		enc.SetIndent("", "  ")
 		return enc.Encode(v)
 	}
-	return inspect.Watch(ctx, stdout, *interval, *once || *asJSON || !isTerminal(stdout), render)
-}
-
-func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
-	if !ok {
-		return false
-	}
-	fi, err := f.Stat()
-	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+	return inspect.Watch(ctx, stdout, *interval, *once || *asJSON || !inspect.IsTerminal(stdout), render)
 }

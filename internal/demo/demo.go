@@ -9,12 +9,15 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"text/tabwriter"
 	"time"
 
@@ -22,10 +25,12 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/registry-proxy/registry-proxy/config"
+	"github.com/registry-proxy/registry-proxy/inspect"
 	"github.com/registry-proxy/registry-proxy/internal/fetch"
 	"github.com/registry-proxy/registry-proxy/internal/ports"
 	"github.com/registry-proxy/registry-proxy/internal/probe"
 	"github.com/registry-proxy/registry-proxy/internal/testregistry"
+	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/node"
 	"github.com/registry-proxy/registry-proxy/p2p/trust"
 )
@@ -118,6 +123,12 @@ func Run(ctx context.Context, o Options) error {
 		return err
 	}
 	fmt.Fprintln(out)
+	before := make([]metrics.Values, len(admins))
+	for i, a := range admins {
+		if before[i], err = metrics.Scrape(ctx, a+"/metrics"); err != nil {
+			return err
+		}
+	}
 
 	type round struct{ name, base, ns string }
 	rounds := []round{{"direct from upstream (no mirror)", reg.URL, ""}}
@@ -129,11 +140,12 @@ func Run(ctx context.Context, o Options) error {
 	rounds = append(rounds, round{"node-1, warm", mirrors[0], ns})
 	for _, round := range rounds {
 		reg.ResetCounters()
-		res, took, err := pull(ctx, round.base, round.ns, img)
+		fmt.Fprintf(out, "== %s\n", round.name)
+		res, took, err := pull(ctx, out, round.base, round.ns, img, total)
 		if err != nil {
 			return fmt.Errorf("%s: %w", round.name, err)
 		}
-		fmt.Fprintf(out, "== %s: %s in %v (%.0f MB/s), upstream sent %s of blobs\n", round.name,
+		fmt.Fprintf(out, "   %s in %v (%.0f MB/s), upstream sent %s of blobs\n",
 			units.HumanSize(float64(total)), took.Round(time.Millisecond), float64(total)/took.Seconds()/1e6, units.HumanSize(float64(reg.BlobBytes())))
 		tw := tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "layer\tsize\ttime\tMB/s\tfirst byte\tserved from\tbytes by source")
@@ -154,7 +166,84 @@ func Run(ctx context.Context, o Options) error {
 	}
 	fmt.Fprintln(out, "served from: fetch = downloaded in pieces now and streamed while arriving; cache = complete, verified blob on disk.")
 	fmt.Fprintln(out, "bytes by source: upstream = the registry; node-N = pieces from that peer. Each digest has one owner node that alone goes upstream.")
-	return nil
+	fmt.Fprintln(out)
+	return movedMetrics(ctx, out, admins, before)
+}
+
+// movedMetrics prints the registry_proxy_ metrics that changed on any node
+// since before, as each node's /metrics shows them (docs/metrics.md).
+func movedMetrics(ctx context.Context, out io.Writer, admins []string, before []metrics.Values) error {
+	rows := map[string][]float64{}
+	for i, a := range admins {
+		after, err := metrics.Scrape(ctx, a+"/metrics")
+		if err != nil {
+			return err
+		}
+		for _, c := range metrics.Moved(before[i], after) {
+			if rows[c.Series] == nil {
+				rows[c.Series] = make([]float64, len(admins))
+			}
+			rows[c.Series][i] = c.After - c.Before
+		}
+	}
+	series := slices.Sorted(maps.Keys(rows))
+	fmt.Fprintln(out, "== metrics that moved during the pulls (change per node, from each admin listener's /metrics)")
+	tw := tabwriter.NewWriter(out, 2, 4, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprint(tw, "series\t")
+	for i := range admins {
+		fmt.Fprintf(tw, "node-%d\t", i+1)
+	}
+	fmt.Fprintln(tw)
+	for _, s := range series {
+		if strings.Contains(s, "_duration_seconds_sum") {
+			continue // the _count says how many; the sum alone tells little
+		}
+		fmt.Fprintf(tw, "%s\t", strings.TrimPrefix(s, "registry_proxy_"))
+		for _, v := range rows[s] {
+			switch {
+			case v == 0:
+				fmt.Fprint(tw, "\t")
+			case strings.Contains(s, "bytes"):
+				fmt.Fprintf(tw, "%s\t", units.HumanSize(v))
+			case strings.Contains(s, "weight"):
+				fmt.Fprintf(tw, "%s/s\t", units.HumanSize(v))
+			default:
+				fmt.Fprintf(tw, "%g\t", v)
+			}
+		}
+		fmt.Fprintln(tw)
+	}
+	return tw.Flush()
+}
+
+// progressBar redraws one line with the bytes done of total until stop is
+// closed, then ends the line.
+func progressBar(out io.Writer, done *atomic.Int64, total int64, stop <-chan struct{}, finished chan<- struct{}) {
+	defer close(finished)
+	start := time.Now()
+	t := time.NewTicker(150 * time.Millisecond)
+	defer t.Stop()
+	draw := func() {
+		n := done.Load()
+		pct := 100 * float64(n) / float64(max(total, 1))
+		w := int(pct / 100 * 40)
+		fmt.Fprintf(out, "\r   [%s%s] %5.1f%%  %s of %s  %.0f MB/s ", strings.Repeat("#", min(w, 40)), strings.Repeat(".", max(40-w, 0)), pct,
+			units.HumanSize(float64(n)), units.HumanSize(float64(total)), float64(n)/max(time.Since(start).Seconds(), 1e-3)/1e6)
+	}
+	// Redrawn only on a terminal; a log gets the last state.
+	live := inspect.IsTerminal(out)
+	for {
+		select {
+		case <-stop:
+			draw()
+			fmt.Fprintln(out)
+			return
+		case <-t.C:
+			if live {
+				draw()
+			}
+		}
+	}
 }
 
 type layerResult struct {
@@ -167,8 +256,12 @@ type layerResult struct {
 // pull fetches the image as containerd does: resolve the tag with HEAD, the
 // manifest by digest, then config and layers, three at a time, each checked
 // against its digest.
-func pull(ctx context.Context, base, ns string, img *testregistry.Image) ([]layerResult, time.Duration, error) {
+func pull(ctx context.Context, out io.Writer, base, ns string, img *testregistry.Image, total int64) ([]layerResult, time.Duration, error) {
 	start := time.Now()
+	var done atomic.Int64
+	stop, finished := make(chan struct{}), make(chan struct{})
+	go progressBar(out, &done, total, stop, finished)
+	defer func() { close(stop); <-finished }()
 	accept := "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*"
 	req, _ := http.NewRequestWithContext(ctx, http.MethodHead, base+"/v2/demo/app/manifests/v1"+ns, nil)
 	req.Header.Set("Accept", accept)
@@ -197,7 +290,7 @@ func pull(ctx context.Context, base, ns string, img *testregistry.Image) ([]laye
 			sem <- struct{}{}
 			defer func() { <-sem }()
 			d := digest.Digest(l.Digest)
-			r, err := fetch.Blob(ctx, http.DefaultClient, base+"/v2/demo/app/blobs/"+l.Digest+ns, d)
+			r, err := fetch.BlobCounting(ctx, http.DefaultClient, base+"/v2/demo/app/blobs/"+l.Digest+ns, d, &done)
 			res[i] = layerResult{digest: d, size: l.Size, took: r.Total, ttfb: r.TTFB, source: r.Source}
 			errs[i] = err
 		}()

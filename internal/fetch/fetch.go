@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -23,6 +24,12 @@ type Result struct {
 
 // Blob GETs url and verifies the body against d.
 func Blob(ctx context.Context, client *http.Client, url string, d digest.Digest) (Result, error) {
+	return BlobCounting(ctx, client, url, d, nil)
+}
+
+// BlobCounting is Blob adding the body's bytes to n as they arrive (n may
+// be nil): a progress bar's source.
+func BlobCounting(ctx context.Context, client *http.Client, url string, d digest.Digest, n *atomic.Int64) (Result, error) {
 	start := time.Now()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
@@ -36,11 +43,15 @@ func Blob(ctx context.Context, client *http.Client, url string, d digest.Digest)
 	if resp.StatusCode != http.StatusOK {
 		return Result{}, fmt.Errorf("GET %s: %s", url, resp.Status)
 	}
-	v := d.Verifier()
+	var v io.Writer = d.Verifier()
+	verified := v.(digest.Verifier)
+	if n != nil {
+		v = io.MultiWriter(v, counter{n})
+	}
 	buf := make([]byte, 1<<20)
-	n, rerr := resp.Body.Read(buf)
+	first, rerr := resp.Body.Read(buf)
 	ttfb := time.Since(start)
-	v.Write(buf[:n])
+	v.Write(buf[:first])
 	if rerr != nil && rerr != io.EOF {
 		return Result{}, fmt.Errorf("GET %s: %w", url, rerr)
 	}
@@ -48,10 +59,17 @@ func Blob(ctx context.Context, client *http.Client, url string, d digest.Digest)
 	if err != nil {
 		return Result{}, fmt.Errorf("GET %s: %w", url, err)
 	}
-	if !v.Verified() {
+	if !verified.Verified() {
 		return Result{}, fmt.Errorf("GET %s: content does not match %s", url, d)
 	}
-	return Result{Bytes: int64(n) + rest, TTFB: ttfb, Total: time.Since(start), Source: resp.Header.Get("X-Registry-Proxy-Source")}, nil
+	return Result{Bytes: int64(first) + rest, TTFB: ttfb, Total: time.Since(start), Source: resp.Header.Get("X-Registry-Proxy-Source")}, nil
+}
+
+type counter struct{ n *atomic.Int64 }
+
+func (c counter) Write(b []byte) (int, error) {
+	c.n.Add(int64(len(b)))
+	return len(b), nil
 }
 
 // Target is one blob to fetch: its URL and digest.
