@@ -30,7 +30,7 @@ var (
 // ready, and what the first pull cost the upstream.
 type coldResult struct {
 	Joined, Ready, Pull float64 // seconds from the start of every process; the pull's from its own start
-	Copies            float64 // upstream blob bytes / blob size
+	Copies              float64 // upstream blob bytes / blob size
 }
 
 // runColdStart starts n registry-proxies in network namespaces at the same
