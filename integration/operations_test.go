@@ -92,6 +92,22 @@ func TestOperatorView(t *testing.T) {
 		t.Errorf("node-a: %v SyncHost subscribers", n)
 	}
 
+	// Every metric a node serves is documented.
+	doc, err := os.ReadFile("../docs/metrics.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for series := range scrape(t, b) {
+		name, _, _ := strings.Cut(series, "{")
+		if !strings.HasPrefix(name, "registry_proxy_") {
+			continue
+		}
+		name = strings.TrimSuffix(strings.TrimSuffix(name, "_count"), "_sum")
+		if !strings.Contains(string(doc), "`"+name+"`") {
+			t.Errorf("%s is not in docs/metrics.md", name)
+		}
+	}
+
 	// registry-proxy peers, as JSON and as the table.
 	out := mustRun(t, 30*time.Second, *proxyBin, "peers", "--admin", b.Admin, "--json")
 	var ms []inspect.Member
