@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -330,27 +331,37 @@ func (c *Config) SetUpstream(v string) error {
 // (upstream.registries) counts as one key.
 func Changed(a, b Config) []string {
 	var out []string
-	changed(reflect.ValueOf(a), reflect.ValueOf(b), "", &out)
+	av, bv := reflect.ValueOf(a), reflect.ValueOf(b)
+	leaves(av.Type(), "", nil, func(key string, index []int) {
+		if !reflect.DeepEqual(av.FieldByIndex(index).Interface(), bv.FieldByIndex(index).Interface()) {
+			out = append(out, key)
+		}
+	})
 	sort.Strings(out)
 	return out
 }
 
-func changed(a, b reflect.Value, prefix string, out *[]string) {
-	t := a.Type()
+// Keys lists every key, as dotted TOML paths; a table of the user's own
+// keys (upstream.registries) is one key.
+func Keys() []string {
+	var out []string
+	leaves(reflect.TypeFor[Config](), "", nil, func(key string, _ []int) { out = append(out, key) })
+	return out
+}
+
+// leaves calls f with each key of the struct type t and its field index.
+func leaves(t reflect.Type, prefix string, index []int, f func(key string, index []int)) {
 	for i := range t.NumField() {
-		f := t.Field(i)
-		name := strings.Split(f.Tag.Get("toml"), ",")[0]
+		field := t.Field(i)
+		name := strings.Split(field.Tag.Get("toml"), ",")[0]
 		if name == "" || name == "-" {
 			continue
 		}
-		key := prefix + name
-		av, bv := a.Field(i), b.Field(i)
-		if av.Kind() == reflect.Struct && f.Type != reflect.TypeFor[time.Duration]() {
-			changed(av, bv, key+".", out)
+		idx := append(slices.Clone(index), i)
+		if field.Type.Kind() == reflect.Struct && field.Type != reflect.TypeFor[time.Duration]() {
+			leaves(field.Type, prefix+name+".", idx, f)
 			continue
 		}
-		if !reflect.DeepEqual(av.Interface(), bv.Interface()) {
-			*out = append(*out, key)
-		}
+		f(prefix+name, idx)
 	}
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/registry-proxy/registry-proxy/internal/netlab"
 	"github.com/registry-proxy/registry-proxy/internal/probe"
+	"github.com/registry-proxy/registry-proxy/internal/report"
 )
 
 var (
@@ -168,20 +169,11 @@ func BenchmarkColdStart(b *testing.B) {
 			joined, ready, pull, copies = append(joined, r.Joined), append(ready, r.Ready), append(pull, r.Pull), append(copies, r.Copies)
 		}
 	}
-	b.ReportMetric(median(joined), "joined-s")
-	b.ReportMetric(median(ready), "ready-s")
-	b.ReportMetric(median(pull), "pull-s")
-	b.ReportMetric(median(copies), "copies")
+	b.ReportMetric(report.MedianOf(joined), "joined-s")
+	b.ReportMetric(report.MedianOf(ready), "ready-s")
+	b.ReportMetric(report.MedianOf(pull), "pull-s")
+	b.ReportMetric(report.MedianOf(copies), "copies")
 	b.ReportMetric(0, "ns/op")
-}
-
-func median(v []float64) float64 {
-	s := slices.Clone(v)
-	slices.Sort(s)
-	if len(s) == 0 {
-		return 0
-	}
-	return s[len(s)/2]
 }
 
 // The cold start CI runs: 4 nodes at once join each other, become ready,

@@ -10,6 +10,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 
@@ -107,14 +108,17 @@ func Median(runs []Run, f func(Run) float64) float64 {
 	for _, r := range runs {
 		v = append(v, f(r))
 	}
-	sort.Float64s(v)
+	return MedianOf(v)
+}
+
+// MedianOf is the median of v (0 for none); v is left as it was.
+func MedianOf(v []float64) float64 {
 	if len(v) == 0 {
 		return 0
 	}
-	if len(v)%2 == 1 {
-		return v[len(v)/2]
-	}
-	return (v[len(v)/2-1] + v[len(v)/2]) / 2
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return medianOf(s)
 }
 
 // Group splits runs by scenario then mode, each in first-seen order.
