@@ -350,3 +350,25 @@ func TestGCCountsPartialsAndManifests(t *testing.T) {
 		t.Errorf("the newest manifest went: %v", err)
 	}
 }
+
+func TestSetLimits(t *testing.T) {
+	ctx := context.Background()
+	const size = 1000
+	s := newStore(t, t.TempDir(), Options{})
+	for range 4 {
+		storeBlob(t, s, size)
+	}
+	if _, err := s.GC(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := s.Usage(); n != 4 {
+		t.Fatalf("%d blobs without marks", n)
+	}
+	s.SetLimits(2*size, 0, 0) // low water: 90% of high
+	if _, err := s.GC(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n, b := s.Usage(); n != 1 || b > 2*size*9/10 {
+		t.Errorf("after SetLimits(2000): %d blobs, %d bytes", n, b)
+	}
+}

@@ -456,3 +456,15 @@ func TestIdleStopWhileOpening(t *testing.T) {
 		t.Fatal("Open succeeded after the download was stopped")
 	}
 }
+
+func TestDrainRefusesNewDownloads(t *testing.T) {
+	data, d := blob(t, int(piece.MinSize))
+	m, _ := newManager(t, &fakeSource{data: data})
+	m.Drain()
+	if _, err := m.Open(context.Background(), Request{Digest: d}); !errors.Is(err, ErrDraining) {
+		t.Fatalf("Open while draining: %v", err)
+	}
+	if r := m.Running(); len(r) != 0 {
+		t.Errorf("running after a refused open: %v", r)
+	}
+}

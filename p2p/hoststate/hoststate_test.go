@@ -117,3 +117,33 @@ func TestSysCounters(t *testing.T) {
 		t.Fatalf("virtual link speed = %d", s)
 	}
 }
+
+func TestSetUpload(t *testing.T) {
+	m := New(Options{Counters: &fakeCounters{}, UploadLimit: 1})
+	if m.Limiter() != nil {
+		t.Fatal("a limiter without a rate")
+	}
+	done, err := m.BeginUpload()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.BeginUpload(); !errors.Is(err, ErrBusy) {
+		t.Fatalf("second upload at limit 1: %v", err)
+	}
+	m.SetUpload(2, 1<<20)
+	if _, err := m.BeginUpload(); err != nil {
+		t.Fatalf("second upload at limit 2: %v", err)
+	}
+	done()
+	if l := m.Limiter(); l == nil || l.Limit() != 1<<20 {
+		t.Fatalf("limiter after SetUpload: %v", l)
+	}
+	st, _ := m.Sample(context.Background())
+	if st.UploadLimit != 2 || st.UploadRateLimit != 1<<20 || st.MaxTxBps != 1<<20 {
+		t.Errorf("state after SetUpload: %+v", st)
+	}
+	m.SetUpload(0, 0) // 0 keeps the slots, removes the rate
+	if m.Limiter() != nil || m.State().UploadLimit != 2 {
+		t.Errorf("after SetUpload(0, 0): limiter %v, state %+v", m.Limiter(), m.State())
+	}
+}
