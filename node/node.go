@@ -91,19 +91,8 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		checker = access.New(access.Options{Upstream: up, TTL: cfg.Access.TTL, Timeout: cfg.Upstream.Timeout, Metrics: m})
 	}
 	taskOpts := task.Options{
-		Store: store,
-		Size: func(ctx context.Context, r task.Request) (int64, error) {
-			if r.ForPeers {
-				return peerUp.BlobSize(ctx, r.Registry, r.Repo, r.Digest, nil)
-			}
-			size, err := up.BlobSize(ctx, r.Registry, r.Repo, r.Digest, r.Header)
-			if err == nil && checker != nil {
-				// The client that opened the task just read the blob's
-				// HEAD upstream with its own credentials.
-				checker.Allow(r.Registry, r.Repo, r.Digest, access.Blob, r.Header)
-			}
-			return size, err
-		},
+		Store:          store,
+		Sizer:          blobSizer{up: up, peerUp: peerUp, checker: checker},
 		OpenTimeout:    cfg.Upstream.Timeout,
 		MaxBlobSize:    int64(cfg.Store.MaxBlobSize),
 		MaxTasks:       cfg.Limits.Tasks,
@@ -127,10 +116,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	var p2p *peers
 	var tasks *task.Manager
 	if cfg.P2P.PeerListen == "" {
-		coll := collector.New(collOpts)
-		taskOpts.Fill = func(ctx context.Context, job collector.Job, r task.Request) error {
-			return coll.Collect(ctx, job, collector.NewUpstreamParent(up, r.Registry, r.Repo, r.Digest, r.Header))
-		}
+		taskOpts.Filler = task.UpstreamFiller{Collector: collector.New(collOpts), Upstream: up}
 		tasks = task.NewManager(taskOpts)
 	} else {
 		if p2p, tasks, err = startPeers(ctx, cfg, store, up, peerUp, collOpts, taskOpts, m, log); err != nil {
@@ -227,6 +213,27 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	}
 	log.Info("registry-proxy serving", attrs...)
 	return n, nil
+}
+
+// blobSizer learns a new download's size: with the client's credentials,
+// which also answers the access check for it, or with this node's own for a
+// download on peers' behalf.
+type blobSizer struct {
+	up, peerUp *upstream.Client
+	checker    *access.Checker
+}
+
+func (s blobSizer) BlobSize(ctx context.Context, r task.Request) (int64, error) {
+	if r.ForPeers {
+		return s.peerUp.BlobSize(ctx, r.Registry, r.Repo, r.Digest, nil)
+	}
+	size, err := s.up.BlobSize(ctx, r.Registry, r.Repo, r.Digest, r.Header)
+	if err == nil && s.checker != nil {
+		// The client that opened the task just read the blob's HEAD
+		// upstream with its own credentials.
+		s.checker.Allow(r.Registry, r.Repo, r.Digest, access.Blob, r.Header)
+	}
+	return size, err
 }
 
 // Addr is the mirror's listening address.

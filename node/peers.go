@@ -23,6 +23,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/p2p/seeding"
 	"github.com/registry-proxy/registry-proxy/p2p/statesync"
 	"github.com/registry-proxy/registry-proxy/p2p/swarm"
+	"github.com/registry-proxy/registry-proxy/p2p/tracker"
 	"github.com/registry-proxy/registry-proxy/p2p/transfer"
 	"github.com/registry-proxy/registry-proxy/p2p/trust"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
@@ -147,25 +148,36 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 			}
 		}()
 	}
-	swOpts := swarm.Options{
+	// One tracker: the server records who registers for the digests this
+	// node owns, and its downloads of them take pieces from those nodes.
+	registrations := tracker.New(nil)
+	dlOpts := swarm.DownloaderOptions{
 		Self:         p.self,
-		Members:      p.members.Members,
-		Pool:         p.pool,
+		Members:      p.members,
+		Transport:    p.pool,
 		Collector:    collector.New(collOpts),
-		Store:        store,
+		Tracker:      registrations,
 		Upstream:     up,
 		PeerUpstream: peerUp,
-		Registries:   up,
 		MaxPeers:     cfg.P2P.MaxPeers,
 		Logger:       log,
 	}
 	if p.syncer != nil {
-		swOpts.Follow = p.syncer.Follow
+		dlOpts.Follower = p.syncer
 	}
-	sw := swarm.New(swOpts)
-	taskOpts.Fill = sw.Fill
+	downloads := swarm.NewDownloader(dlOpts)
+	taskOpts.Filler = downloads
 	tasks := task.NewManager(taskOpts)
-	sw.Bind(tasks)
+	sw := swarm.NewServer(swarm.ServerOptions{
+		Members:    p.members,
+		Tracker:    registrations,
+		Store:      store,
+		Tasks:      tasks,
+		Downloads:  downloads,
+		Registries: up,
+		MaxPeers:   cfg.P2P.MaxPeers,
+		Logger:     log,
+	})
 
 	faults, inflate := injectedFaults(log)
 	hostSync := statesync.NewServer(statesync.ServerOptions{

@@ -26,15 +26,10 @@ func FuzzRequest(f *testing.F) {
 		f.Fatal(err)
 	}
 	up, _ := upstream.New(upstream.Options{Registries: map[string]string{"docker.io": "http://127.0.0.1:9"}, Attempts: 1})
-	c := collector.New(collector.Options{Attempts: 1})
 	tasks := task.NewManager(task.Options{
-		Store: st,
-		Size: func(ctx context.Context, r task.Request) (int64, error) {
-			return up.BlobSize(ctx, r.Registry, r.Repo, r.Digest, r.Header)
-		},
-		Fill: func(ctx context.Context, job collector.Job, r task.Request) error {
-			return c.Collect(ctx, job, collector.NewUpstreamParent(up, r.Registry, r.Repo, r.Digest, r.Header))
-		},
+		Store:  st,
+		Sizer:  task.UpstreamSizer{Upstream: up},
+		Filler: task.UpstreamFiller{Collector: collector.New(collector.Options{Attempts: 1}), Upstream: up},
 	})
 	f.Cleanup(tasks.Close)
 	h := proxy.New(proxy.Options{Upstream: up, Store: st, Tasks: tasks, UpstreamTimeout: time.Second}).Handler()

@@ -47,6 +47,7 @@ func newEnv(t *testing.T, mut func(*config.Config)) *env {
 	}
 	cfg := config.Default()
 	cfg.Listen = "127.0.0.1:0"
+	cfg.Admin.Listen = "127.0.0.1:0" // not the default port: tests run side by side
 	cfg.DataDir = t.TempDir()
 	cfg.Upstream.Registries = map[string]string{"test.invalid": reg.URL}
 	cfg.DefaultRegistry = "test.invalid"

@@ -57,13 +57,47 @@ type Request struct {
 	UpstreamOnly bool
 }
 
+// Sizer learns a blob's size before its download starts (a HEAD upstream).
+type Sizer interface {
+	BlobSize(ctx context.Context, req Request) (int64, error)
+}
+
+// Filler collects the missing pieces of a download: from the upstream alone
+// (UpstreamFiller), or across the cluster (the swarm's downloader).
+type Filler interface {
+	Fill(ctx context.Context, job collector.Job, req Request) error
+}
+
+// UpstreamFiller fills a download from the upstream alone: a node without
+// peers.
+type UpstreamFiller struct {
+	Collector *collector.Collector
+	Upstream  collector.BlobSource
+}
+
+// Fill implements Filler.
+func (f UpstreamFiller) Fill(ctx context.Context, job collector.Job, req Request) error {
+	return f.Collector.Collect(ctx, job, collector.NewUpstreamParent(f.Upstream, req.Registry, req.Repo, req.Digest, req.Header))
+}
+
+// UpstreamSizer asks the upstream with the request's own headers.
+type UpstreamSizer struct{ Upstream BlobSizer }
+
+// BlobSizer is the upstream's HEAD of a blob; *upstream.Client is one.
+type BlobSizer interface {
+	BlobSize(ctx context.Context, registry, repo string, d digest.Digest, hdr http.Header) (int64, error)
+}
+
+// BlobSize implements Sizer.
+func (s UpstreamSizer) BlobSize(ctx context.Context, req Request) (int64, error) {
+	return s.Upstream.BlobSize(ctx, req.Registry, req.Repo, req.Digest, req.Header)
+}
+
 // Options configure a Manager.
 type Options struct {
-	Store *blobstore.Store
-	// Size learns a blob's size (a HEAD upstream).
-	Size func(ctx context.Context, req Request) (int64, error)
-	// Fill collects the missing pieces of job.
-	Fill func(ctx context.Context, job collector.Job, req Request) error
+	Store  *blobstore.Store
+	Sizer  Sizer
+	Filler Filler
 	// OpenTimeout bounds learning the size of a new blob.
 	OpenTimeout time.Duration
 	// MaxBlobSize refuses larger blobs; zero means no limit.
@@ -348,7 +382,7 @@ type Task struct {
 func (t *Task) open() error {
 	ctx, cancel := context.WithTimeout(t.ctx, t.m.opts.OpenTimeout)
 	defer cancel()
-	size, err := t.m.opts.Size(ctx, t.req)
+	size, err := t.m.opts.Sizer.BlobSize(ctx, t.req)
 	if err != nil {
 		return err
 	}
@@ -509,7 +543,7 @@ func (t *Task) Touch() {
 func (t *Task) collect() error {
 	ctx, cancel := context.WithCancelCause(t.ctx)
 	fillDone := make(chan error, 1)
-	go func() { fillDone <- t.m.opts.Fill(ctx, t, t.req) }()
+	go func() { fillDone <- t.m.opts.Filler.Fill(ctx, t, t.req) }()
 	err := t.verify(ctx, fillDone)
 	if errors.Is(context.Cause(ctx), ErrUnwanted) {
 		err = ErrUnwanted

@@ -64,13 +64,10 @@ func newManager(t *testing.T, src *fakeSource, mut ...func(*Options)) (*Manager,
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := collector.New(collector.Options{Concurrency: 4, Attempts: 2})
 	opts := Options{
-		Store: st,
-		Size:  func(context.Context, Request) (int64, error) { return int64(len(src.data)), nil },
-		Fill: func(ctx context.Context, job collector.Job, req Request) error {
-			return c.Collect(ctx, job, collector.NewUpstreamParent(src, req.Registry, req.Repo, req.Digest, req.Header))
-		},
+		Store:  st,
+		Sizer:  fixedSize(len(src.data)),
+		Filler: UpstreamFiller{Collector: collector.New(collector.Options{Concurrency: 4, Attempts: 2}), Upstream: src},
 	}
 	for _, f := range mut {
 		f(&opts)
@@ -78,6 +75,27 @@ func newManager(t *testing.T, src *fakeSource, mut ...func(*Options)) (*Manager,
 	m := NewManager(opts)
 	t.Cleanup(m.Close)
 	return m, st
+}
+
+// fixedSize is every blob's size.
+type fixedSize int64
+
+func (s fixedSize) BlobSize(context.Context, Request) (int64, error) { return int64(s), nil }
+
+// blockingSize says it was asked by closing asked, then waits for the end.
+type blockingSize struct{ asked chan struct{} }
+
+func (s blockingSize) BlobSize(ctx context.Context, _ Request) (int64, error) {
+	close(s.asked)
+	<-ctx.Done()
+	return 0, ctx.Err()
+}
+
+// fillFunc is a Filler written in place.
+type fillFunc func(ctx context.Context, job collector.Job, req Request) error
+
+func (f fillFunc) Fill(ctx context.Context, job collector.Job, req Request) error {
+	return f(ctx, job, req)
 }
 
 func blob(t *testing.T, n int) ([]byte, digest.Digest) {
@@ -325,8 +343,8 @@ func TestMismatchWithPeerPiecesRefetchesFromUpstream(t *testing.T) {
 	c := collector.New(collector.Options{Concurrency: 2})
 	m := NewManager(Options{
 		Store: st,
-		Size:  func(context.Context, Request) (int64, error) { return int64(len(data)), nil },
-		Fill: func(ctx context.Context, job collector.Job, req Request) error {
+		Sizer: fixedSize(len(data)),
+		Filler: fillFunc(func(ctx context.Context, job collector.Job, req Request) error {
 			mu.Lock()
 			upstreamOnly = append(upstreamOnly, req.UpstreamOnly)
 			mu.Unlock()
@@ -347,7 +365,7 @@ func TestMismatchWithPeerPiecesRefetchesFromUpstream(t *testing.T) {
 			}
 			run.AnnounceComplete(peer.ID(), crcs)
 			return run.Run(ctx)
-		},
+		}),
 	})
 	defer m.Close()
 	tk, err := m.Open(context.Background(), Request{Digest: d})
@@ -439,11 +457,7 @@ func TestIdleStopWhileOpening(t *testing.T) {
 	opening := make(chan struct{})
 	m, _ := newManager(t, &fakeSource{data: data}, func(o *Options) {
 		o.IdleStop, o.Now = time.Minute, clock.Now
-		o.Size = func(ctx context.Context, _ Request) (int64, error) {
-			close(opening)
-			<-ctx.Done()
-			return 0, ctx.Err()
-		}
+		o.Sizer = blockingSize{opening}
 	})
 	errc := make(chan error, 1)
 	go func() { _, err := m.Open(context.Background(), Request{Digest: d}); errc <- err }()

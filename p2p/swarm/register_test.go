@@ -24,7 +24,12 @@ import (
 
 const testDigest = "sha256:2222222222222222222222222222222222222222222222222222222222222222"
 
-func newRegisterSwarm(t testing.TB) *Swarm {
+// staticMembers is a fixed membership.
+type staticMembers []membership.Member
+
+func (m staticMembers) Members() []membership.Member { return m }
+
+func newRegisterSwarm(t testing.TB) *Server {
 	t.Helper()
 	store, err := blobstore.Open(context.Background(), t.TempDir(), blobstore.Options{})
 	if err != nil {
@@ -34,10 +39,9 @@ func newRegisterSwarm(t testing.TB) *Swarm {
 	if err != nil {
 		t.Fatal(err)
 	}
-	members := []membership.Member{{ID: "owner", Addr: "127.0.0.1:7000"}, {ID: "child", Addr: "127.0.0.2:7000"}}
-	return New(Options{
-		Self:       members[0],
-		Members:    func() []membership.Member { return members },
+	members := staticMembers{{ID: "owner", Addr: "127.0.0.1:7000"}, {ID: "child", Addr: "127.0.0.2:7000"}}
+	return NewServer(ServerOptions{
+		Members:    members,
 		Store:      store,
 		Registries: up,
 	})
@@ -84,7 +88,7 @@ func TestRegisterValidates(t *testing.T) {
 	if _, err := s.Register(from("127.0.0.2"), req); err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range s.tracker.Peers(testDigest, "", 10) {
+	for _, p := range s.opts.Tracker.Peers(testDigest, "", 10) {
 		if p.Addr != "127.0.0.2:7000" {
 			t.Errorf("tracker hands out %s for %s, a claimed address", p.Addr, p.ID)
 		}

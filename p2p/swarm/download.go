@@ -1,0 +1,321 @@
+package swarm
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/p2p/collector"
+	"github.com/registry-proxy/registry-proxy/p2p/membership"
+	"github.com/registry-proxy/registry-proxy/p2p/owner"
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/p2p/tracker"
+	"github.com/registry-proxy/registry-proxy/piece"
+	"github.com/registry-proxy/registry-proxy/task"
+)
+
+// DownloaderOptions configure a Downloader.
+type DownloaderOptions struct {
+	Self      membership.Member
+	Members   Members
+	Transport Transport
+	Collector *collector.Collector
+	// Follower follows parents' host state; may be nil.
+	Follower Follower
+	// Tracker holds the registrations of the digests this node owns (the
+	// Server's): as owner, a download takes pieces from them.
+	Tracker  *tracker.Tracker
+	Upstream collector.BlobSource
+	// PeerUpstream is the upstream with this node's own credentials, for
+	// fetches on peers' behalf (task.Request.ForPeers).
+	PeerUpstream collector.BlobSource
+	// MaxPeers bounds the parents one download follows.
+	MaxPeers int
+	// Refresh is how often a download re-checks its owner and peer list.
+	Refresh time.Duration
+	Logger  *slog.Logger
+}
+
+// Downloader fills this node's downloads from the cluster; it is the task
+// manager's Filler.
+type Downloader struct {
+	opts DownloaderOptions
+	log  *slog.Logger
+
+	mu   sync.Mutex
+	runs map[digest.Digest]*collector.Run
+}
+
+// NewDownloader returns a downloader.
+func NewDownloader(opts DownloaderOptions) *Downloader {
+	if opts.MaxPeers <= 0 {
+		opts.MaxPeers = 32
+	}
+	if opts.Refresh <= 0 {
+		opts.Refresh = time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.Tracker == nil {
+		opts.Tracker = tracker.New(nil)
+	}
+	return &Downloader{opts: opts, log: opts.Logger.With("component", "swarm"), runs: map[digest.Digest]*collector.Run{}}
+}
+
+// Progress reports what the running download of d fetches now, and whether
+// it may go to the upstream (it seeds the blob); ok is false when none runs.
+func (s *Downloader) Progress(d digest.Digest) (fetching []int, seeding, ok bool) {
+	s.mu.Lock()
+	run := s.runs[d]
+	s.mu.Unlock()
+	if run == nil {
+		return nil, false, false
+	}
+	return run.InFlight(), run.UpstreamAllowed(), true
+}
+
+// Fill collects job's pieces from the cluster; it implements task.Filler.
+func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Request) error {
+	d := req.Digest
+	run := s.opts.Collector.NewRun(job)
+	src := s.opts.Upstream
+	if req.ForPeers && s.opts.PeerUpstream != nil {
+		src = s.opts.PeerUpstream
+	}
+	run.SetUpstream(collector.NewUpstreamParent(src, req.Registry, req.Repo, d, req.Header), req.UpstreamOnly)
+	s.mu.Lock()
+	s.runs[d] = run
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		if s.runs[d] == run {
+			delete(s.runs, d)
+		}
+		s.mu.Unlock()
+	}()
+	if req.UpstreamOnly {
+		return run.Run(ctx)
+	}
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	var wmu sync.Mutex
+	watching := map[string]bool{}
+	// pending holds parents whose first update has not arrived yet.
+	pending := map[string]bool{}
+	pendingDone := make(chan struct{}, 1)
+	plan := job.Plan()
+	addParent := func(id, addr string) {
+		if id == s.opts.Self.ID || addr == "" {
+			return
+		}
+		wmu.Lock()
+		// Each refresh names up to MaxPeers new registrants; following
+		// them all would grow with the cluster (every announcement of
+		// every peer reaches every node). The owner comes first.
+		if watching[id] || len(watching) > s.opts.MaxPeers {
+			wmu.Unlock()
+			return
+		}
+		watching[id] = true
+		pending[id] = true
+		wmu.Unlock()
+		arrived := func() {
+			wmu.Lock()
+			if pending[id] {
+				delete(pending, id)
+				if len(pending) == 0 {
+					select {
+					case pendingDone <- struct{}{}:
+					default:
+					}
+				}
+			}
+			wmu.Unlock()
+		}
+		run.AddParent(s.opts.Transport.Parent(id, addr, d))
+		if s.opts.Follower != nil {
+			s.opts.Follower.Follow(id, addr)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer arrived()
+			wctx, wcancel := context.WithCancel(ctx)
+			defer wcancel()
+			ignored := false
+			err := s.opts.Transport.Watch(wctx, addr, d, s.opts.Self.ID, func(up *pb.PieceUpdate) {
+				defer arrived()
+				if ignored {
+					return
+				}
+				a, err := parseUpdate(up, d, plan)
+				if err != nil {
+					// This peer alone is ignored for the rest of the download:
+					// it stays in watching, so it is not added again.
+					s.log.Warn("ignoring a peer's piece updates", "peer", id, "digest", d, "err", err)
+					ignored = true
+					run.RemoveParent(id)
+					wcancel()
+					return
+				}
+				if a.complete {
+					run.AnnounceComplete(id, a.has)
+					return
+				}
+				run.Announce(id, a.has, a.fetching)
+			})
+			if ctx.Err() != nil || ignored {
+				return
+			}
+			if err != nil {
+				s.log.Debug("piece stream ended", "peer", id, "digest", d, "err", err)
+				run.RemoveParent(id)
+			}
+			wmu.Lock()
+			delete(watching, id)
+			wmu.Unlock()
+		}()
+	}
+
+	coordinate := func() {
+		members := s.opts.Members.Members()
+		addrs := map[string]string{}
+		ids := make([]string, 0, len(members))
+		for _, m := range members {
+			addrs[m.ID] = m.Addr
+			ids = append(ids, m.ID)
+		}
+		for _, id := range owner.Rank(d.String(), ids) {
+			if id == s.opts.Self.ID {
+				// This node owns the digest now: it goes upstream, and
+				// takes pieces from whoever registered.
+				run.SetAuthority("")
+				run.AllowUpstream(true)
+				for _, p := range s.opts.Tracker.Peers(d.String(), "", s.opts.MaxPeers) {
+					addParent(p.ID, p.Addr)
+				}
+				return
+			}
+			rctx, rcancel := context.WithTimeout(ctx, 3*time.Second)
+			resp, err := s.opts.Transport.Register(rctx, addrs[id], &pb.RegisterRequest{
+				Digest: d.String(), HostId: s.opts.Self.ID, Addr: s.opts.Self.Addr,
+				Registry: req.Registry, Repository: req.Repo,
+			})
+			rcancel()
+			if err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				s.log.Warn("owner did not answer; trying the next in rank", "owner", id, "digest", d, "err", err)
+				continue
+			}
+			// The owner cannot fetch a private blob: the first node to ask
+			// fetches it with its client's credentials and seeds it.
+			run.AllowUpstream(resp.GetFetchYourself() && len(resp.GetPeers()) == 0)
+			// The owner's piece checksums, read from the upstream, are the
+			// ones every piece is checked against.
+			run.SetAuthority(id)
+			addParent(id, addrs[id])
+			for _, p := range resp.GetPeers() {
+				addParent(p.GetId(), p.GetAddr())
+			}
+			return
+		}
+		s.log.Warn("no owner answered; fetching from upstream", "digest", d)
+		run.AllowUpstream(true)
+	}
+
+	coordinate()
+	// Let the parents found so far announce what they have before the first
+	// pieces are chosen, or the first announcer takes every worker.
+	wmu.Lock()
+	waiting := len(pending) > 0
+	wmu.Unlock()
+	if waiting {
+		select {
+		case <-pendingDone:
+		case <-time.After(500 * time.Millisecond):
+		case <-ctx.Done():
+		}
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- run.Run(ctx) }()
+	t := time.NewTicker(s.opts.Refresh)
+	defer t.Stop()
+	for {
+		select {
+		case err := <-errc:
+			s.logPicks(d, run)
+			return err
+		case <-t.C:
+			coordinate()
+		}
+	}
+}
+
+// announcement is a parent's piece update, checked.
+type announcement struct {
+	has      map[int]uint32
+	fetching []int
+	complete bool
+}
+
+// parseUpdate checks a piece update from a parent against this node's plan
+// of the blob: the same digest and plan, piece indices within it, no more
+// entries than pieces.
+func parseUpdate(up *pb.PieceUpdate, d digest.Digest, plan piece.Plan) (announcement, error) {
+	if up.GetDigest() != d.String() {
+		return announcement{}, fmt.Errorf("update for %q, not %s", up.GetDigest(), d)
+	}
+	if up.GetSize() != plan.Size || up.GetPieceSize() != plan.PieceSize {
+		return announcement{}, fmt.Errorf("piece plan %d/%d differs from %d/%d", up.GetSize(), up.GetPieceSize(), plan.Size, plan.PieceSize)
+	}
+	n := plan.Count()
+	if len(up.GetPieces()) > n || len(up.GetFetching()) > n {
+		return announcement{}, fmt.Errorf("%d pieces and %d fetching announced of %d", len(up.GetPieces()), len(up.GetFetching()), n)
+	}
+	a := announcement{complete: up.GetComplete(), has: make(map[int]uint32, len(up.GetPieces())), fetching: make([]int, 0, len(up.GetFetching()))}
+	for _, p := range up.GetPieces() {
+		if int64(p.GetIndex()) >= int64(n) {
+			return announcement{}, fmt.Errorf("piece %d of %d", p.GetIndex(), n)
+		}
+		a.has[int(p.GetIndex())] = p.GetChecksum()
+	}
+	for _, f := range up.GetFetching() {
+		if int64(f) >= int64(n) {
+			return announcement{}, fmt.Errorf("fetching piece %d of %d", f, n)
+		}
+		a.fetching = append(a.fetching, int(f))
+	}
+	if a.complete && len(a.has) != n {
+		return announcement{}, fmt.Errorf("complete, with checksums of %d of %d pieces", len(a.has), n)
+	}
+	return a, nil
+}
+
+func (s *Downloader) logPicks(d digest.Digest, run *collector.Run) {
+	picks := run.Picks()
+	attrs := []any{"digest", d}
+	keys := make([]string, 0, len(picks))
+	for k := range picks {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		attrs = append(attrs, "pieces_from_"+k, picks[k])
+	}
+	for k, w := range run.Weights() {
+		attrs = append(attrs, "weight_"+k, w)
+	}
+	s.log.Info("pieces by parent", attrs...)
+}

@@ -1,0 +1,260 @@
+package swarm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	lru "github.com/hashicorp/golang-lru/v2"
+	"github.com/hashicorp/golang-lru/v2/expirable"
+	"github.com/opencontainers/go-digest"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/p2p/membership"
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/p2p/peer"
+	"github.com/registry-proxy/registry-proxy/p2p/tracker"
+	"github.com/registry-proxy/registry-proxy/p2p/trust"
+	"github.com/registry-proxy/registry-proxy/piece"
+	"github.com/registry-proxy/registry-proxy/proxy/upstream"
+	"github.com/registry-proxy/registry-proxy/task"
+)
+
+// Tasks opens and finds this node's downloads; *task.Manager is one.
+type Tasks interface {
+	Open(ctx context.Context, req task.Request) (*task.Task, error)
+	Lookup(d digest.Digest) (*task.Task, bool)
+}
+
+// Downloads tells what a running download fetches now; *Downloader is one.
+type Downloads interface {
+	Progress(d digest.Digest) (fetching []int, seeding, ok bool)
+}
+
+// ServerOptions configure a Server.
+type ServerOptions struct {
+	Members Members
+	// Tracker records the nodes that register for the digests this node
+	// owns (shared with the Downloader).
+	Tracker *tracker.Tracker
+	Store   *blobstore.Store
+	// Tasks starts the owner's downloads and serves running ones' pieces;
+	// nil serves stored blobs only.
+	Tasks Tasks
+	// Downloads adds what running downloads fetch to their snapshots; may
+	// be nil.
+	Downloads Downloads
+	// Registries checks a registry and repository a peer names before this
+	// node fetches anything for it.
+	Registries RegistryChecker
+	// MaxPeers bounds the peer list an owner hands out.
+	MaxPeers int
+	Logger   *slog.Logger
+}
+
+// Server is this node's side for its peers: the tracker of the digests it
+// owns (pb.TrackerServer) and the pieces it has (peer.Source).
+type Server struct {
+	pb.UnimplementedTrackerServer
+	opts ServerOptions
+	log  *slog.Logger
+	// private remembers digests this node could not fetch with its own
+	// credentials, so registering nodes fetch them themselves.
+	private *expirable.LRU[digest.Digest, struct{}]
+	// crcs holds stored blobs' piece checksums, for peers watching them.
+	crcs *lru.Cache[digest.Digest, []uint32]
+}
+
+// NewServer returns a server.
+func NewServer(opts ServerOptions) *Server {
+	if opts.MaxPeers <= 0 {
+		opts.MaxPeers = 32
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.Tracker == nil {
+		opts.Tracker = tracker.New(nil)
+	}
+	crcs, _ := lru.New[digest.Digest, []uint32](1024)
+	return &Server{
+		opts:    opts,
+		log:     opts.Logger.With("component", "swarm"),
+		private: expirable.NewLRU[digest.Digest, struct{}](4096, nil, time.Minute),
+		crcs:    crcs,
+	}
+}
+
+// Register implements pb.TrackerServer: a node fetching a digest this node
+// owns. The owner starts fetching the blob itself if no download runs here,
+// with its own credentials. The registering node is recorded under the id
+// its certificate names and the address gossip knows for it, nothing it
+// merely claims.
+func (s *Server) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
+	d, err := digest.Parse(req.GetDigest())
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "digest: %v", err)
+	}
+	who, err := s.caller(ctx, req.GetHostId())
+	if err != nil {
+		return nil, err
+	}
+	if s.opts.Registries != nil {
+		if err := s.opts.Registries.CheckRepository(req.GetRegistry(), req.GetRepository()); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "%v", err)
+		}
+	}
+	resp := &pb.RegisterResponse{}
+	for _, p := range s.opts.Tracker.Peers(d.String(), who.ID, s.opts.MaxPeers) {
+		resp.Peers = append(resp.Peers, &pb.PeerRef{Id: p.ID, Addr: p.Addr})
+	}
+	s.opts.Tracker.Add(d.String(), tracker.Peer{ID: who.ID, Addr: who.Addr, Seen: time.Now()})
+
+	if size, err := s.opts.Store.Stat(d); err == nil {
+		resp.Size = size
+		return resp, nil
+	}
+	if s.opts.Tasks == nil {
+		return resp, nil
+	}
+	if s.private.Contains(d) {
+		resp.FetchYourself = true
+		return resp, nil
+	}
+	t, err := s.opts.Tasks.Open(ctx, task.Request{Digest: d, Registry: req.GetRegistry(), Repo: req.GetRepository(), ForPeers: true})
+	var se *upstream.StatusError
+	switch {
+	case errors.Is(err, task.ErrComplete):
+		resp.Size, _ = s.opts.Store.Stat(d)
+	case errors.As(err, &se) && (se.Code == http.StatusUnauthorized || se.Code == http.StatusForbidden || se.Code == http.StatusNotFound):
+		// Private, or not visible to this node's credentials: the node whose
+		// client asked fetches it with that client's credentials.
+		s.private.Add(d, struct{}{})
+		s.log.Info("owner cannot fetch with its own credentials; the registering node fetches it", "digest", d, "registry", req.GetRegistry(), "repo", req.GetRepository(), "status", se.Code, "node", who.ID)
+		resp.FetchYourself = true
+	case errors.Is(err, task.ErrTooLarge):
+		return nil, status.Errorf(codes.InvalidArgument, "%v", err)
+	case err != nil:
+		return nil, status.Errorf(codes.Unavailable, "owner cannot fetch %s: %v", d, err)
+	default:
+		resp.Size = t.Size()
+	}
+	return resp, nil
+}
+
+// caller is the member behind a request: the id it authenticated with (on
+// an insecure peer port, the id it claims) must be a live member, and the
+// request must come from that member's address.
+func (s *Server) caller(ctx context.Context, claimed string) (membership.Member, error) {
+	p, err := trust.Caller(ctx, claimed)
+	switch {
+	case errors.Is(err, trust.ErrNotSelf):
+		return membership.Member{}, status.Error(codes.PermissionDenied, err.Error())
+	case err != nil:
+		return membership.Member{}, status.Error(codes.Unauthenticated, err.Error())
+	}
+	id := p.ID
+	for _, m := range s.opts.Members.Members() {
+		if m.ID != id {
+			continue
+		}
+		host, _, err := net.SplitHostPort(m.Addr)
+		if ip := net.ParseIP(host); err == nil && ip != nil && p.IP != nil && !ip.Equal(p.IP) {
+			return membership.Member{}, status.Errorf(codes.PermissionDenied, "node %q is a member at %s, the request came from %s", id, m.Addr, p.IP)
+		}
+		return m, nil
+	}
+	return membership.Member{}, status.Errorf(codes.PermissionDenied, "node %q is not a member", id)
+}
+
+// Snapshot implements peer.Source.
+func (s *Server) Snapshot(d digest.Digest) (peer.Snapshot, <-chan struct{}, bool) {
+	if size, err := s.opts.Store.Stat(d); err == nil {
+		plan := piece.PlanFor(size)
+		crcs, err := s.pieceChecksums(d, plan)
+		if err != nil {
+			s.log.Warn("checksumming a stored blob's pieces", "digest", d, "err", err)
+			return peer.Snapshot{}, nil, false
+		}
+		done := make([]bool, plan.Count())
+		for i := range done {
+			done[i] = true
+		}
+		return peer.Snapshot{Plan: plan, Done: done, CRC: crcs, Complete: true}, nil, true
+	}
+	if s.opts.Tasks == nil {
+		return peer.Snapshot{}, nil, false
+	}
+	t, ok := s.opts.Tasks.Lookup(d)
+	if !ok {
+		return peer.Snapshot{}, nil, false
+	}
+	t.Touch() // a peer watches it: keep it going with no reader here
+	ch := t.Changed()
+	done, crc := t.Pieces()
+	snap := peer.Snapshot{Plan: t.Plan(), Done: done, CRC: crc}
+	if s.opts.Downloads != nil {
+		snap.Fetching, snap.Seeding, _ = s.opts.Downloads.Progress(d)
+	}
+	return snap, ch, true
+}
+
+// pieceChecksums are the piece checksums of a stored blob, computed once
+// (one read of the blob) and remembered.
+func (s *Server) pieceChecksums(d digest.Digest, plan piece.Plan) ([]uint32, error) {
+	if c, ok := s.crcs.Get(d); ok && len(c) == plan.Count() {
+		return c, nil
+	}
+	b, err := s.opts.Store.Get(d)
+	if err != nil {
+		return nil, err
+	}
+	defer b.Close()
+	crcs := make([]uint32, plan.Count())
+	buf := make([]byte, 1<<20)
+	for i := range crcs {
+		off, n := plan.Range(i)
+		h := piece.NewChecksum()
+		if _, err := io.CopyBuffer(h, io.NewSectionReader(b.File, off, n), buf); err != nil {
+			return nil, fmt.Errorf("swarm: checksum piece %d of %s: %w", i, d, err)
+		}
+		crcs[i] = h.Sum32()
+	}
+	s.crcs.Add(d, crcs)
+	return crcs, nil
+}
+
+// OpenPiece implements peer.Source.
+func (s *Server) OpenPiece(d digest.Digest, i int) (*os.File, int64, int64, func(), error) {
+	if b, err := s.opts.Store.Get(d); err == nil {
+		plan := piece.PlanFor(b.Size)
+		if i >= plan.Count() {
+			b.Close()
+			return nil, 0, 0, nil, peer.ErrNoPiece
+		}
+		off, n := plan.Range(i)
+		return b.File, off, n, func() { b.Close() }, nil
+	}
+	if s.opts.Tasks == nil {
+		return nil, 0, 0, nil, peer.ErrNoPiece
+	}
+	t, ok := s.opts.Tasks.Lookup(d)
+	if !ok || i >= t.Plan().Count() || !t.Has(i) {
+		return nil, 0, 0, nil, peer.ErrNoPiece
+	}
+	t.Touch()
+	f, err := t.OpenFile()
+	if err != nil {
+		return nil, 0, 0, nil, fmt.Errorf("swarm: open %s: %w", d, err)
+	}
+	off, n := t.Plan().Range(i)
+	return f, off, n, func() { f.Close() }, nil
+}
