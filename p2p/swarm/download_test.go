@@ -1,0 +1,307 @@
+package swarm
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"testing/synctest"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/p2p/collector"
+	"github.com/registry-proxy/registry-proxy/p2p/membership"
+	"github.com/registry-proxy/registry-proxy/p2p/owner"
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/piece"
+	"github.com/registry-proxy/registry-proxy/task"
+)
+
+// memJob is a download held in memory.
+type memJob struct {
+	d    digest.Digest
+	plan piece.Plan
+
+	mu     sync.Mutex
+	data   []byte
+	done   []bool
+	source map[string]int // pieces by parent
+}
+
+func newMemJob(d digest.Digest, size int64) *memJob {
+	plan := piece.PlanFor(size)
+	return &memJob{d: d, plan: plan, data: make([]byte, size), done: make([]bool, plan.Count()), source: map[string]int{}}
+}
+
+func (j *memJob) Digest() digest.Digest { return j.d }
+func (j *memJob) Plan() piece.Plan      { return j.plan }
+func (j *memJob) Next() int             { return -1 }
+
+func (j *memJob) Has(i int) bool {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.done[i]
+}
+
+func (j *memJob) Put(i int, r io.Reader, source string, want collector.Expect) error {
+	off, n := j.plan.Range(i)
+	b, err := io.ReadAll(io.LimitReader(r, n+1))
+	if err != nil {
+		return err
+	}
+	if int64(len(b)) != n {
+		return fmt.Errorf("piece %d: %d bytes, want %d", i, len(b), n)
+	}
+	if want.Known && piece.Checksum(b) != want.CRC {
+		return collector.ErrChecksum
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	copy(j.data[off:], b)
+	if !j.done[i] {
+		j.done[i] = true
+		j.source[source]++
+	}
+	return nil
+}
+
+// fakeNode is another member as the transport reaches it.
+type fakeNode struct {
+	down     bool                 // Register and Watch fail
+	resp     *pb.RegisterResponse // Register's answer
+	updates  []*pb.PieceUpdate    // sent on Watch, then the stream waits
+	fetches  atomic.Int64
+	watchers atomic.Int64
+}
+
+// fakeCluster is the transport: every other node by address, the blob they
+// hold, and the Register requests seen.
+type fakeCluster struct {
+	nodes map[string]*fakeNode
+	data  []byte
+
+	mu       sync.Mutex
+	register []string // addresses, in order
+	requests []*pb.RegisterRequest
+}
+
+func (c *fakeCluster) Register(_ context.Context, addr string, req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
+	c.mu.Lock()
+	c.register = append(c.register, addr)
+	c.requests = append(c.requests, req)
+	c.mu.Unlock()
+	n := c.nodes[addr]
+	if n == nil || n.down {
+		return nil, errors.New("connection refused")
+	}
+	return n.resp, nil
+}
+
+func (c *fakeCluster) Watch(ctx context.Context, addr string, _ digest.Digest, _ string, fn func(*pb.PieceUpdate)) error {
+	n := c.nodes[addr]
+	if n == nil || n.down {
+		return errors.New("connection refused")
+	}
+	n.watchers.Add(1)
+	for _, up := range n.updates {
+		fn(up)
+	}
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+func (c *fakeCluster) Parent(id, addr string, _ digest.Digest) collector.Parent {
+	return &peerParent{id: id, node: c.nodes[addr], data: c.data}
+}
+
+func (c *fakeCluster) registered() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Clone(c.register)
+}
+
+type peerParent struct {
+	id   string
+	node *fakeNode
+	data []byte
+}
+
+func (p *peerParent) ID() string { return p.id }
+
+func (p *peerParent) Fetch(_ context.Context, _ int, off, n int64) (io.ReadCloser, error) {
+	p.node.fetches.Add(1)
+	return io.NopCloser(bytes.NewReader(p.data[off : off+n])), nil
+}
+
+// countingUpstream is the registry.
+type countingUpstream struct {
+	data  []byte
+	bytes atomic.Int64
+}
+
+func (u *countingUpstream) Blob(_ context.Context, _, _ string, _ digest.Digest, off, n int64, _ http.Header) (io.ReadCloser, bool, error) {
+	u.bytes.Add(n)
+	return io.NopCloser(bytes.NewReader(u.data[off : off+n])), false, nil
+}
+
+// complete is a node's update saying it has the whole blob.
+func complete(d digest.Digest, data []byte) *pb.PieceUpdate {
+	plan := piece.PlanFor(int64(len(data)))
+	up := &pb.PieceUpdate{Digest: d.String(), Size: plan.Size, PieceSize: plan.PieceSize, Complete: true}
+	for i := range plan.Count() {
+		off, n := plan.Range(i)
+		up.Pieces = append(up.Pieces, &pb.Piece{Index: uint32(i), Checksum: piece.Checksum(data[off : off+n])})
+	}
+	return up
+}
+
+// ranked returns n member ids, in the digest's owner order.
+func ranked(d digest.Digest, n int) []string {
+	var ids []string
+	for i := range n {
+		ids = append(ids, fmt.Sprintf("node-%d", i))
+	}
+	return owner.Rank(d.String(), ids)
+}
+
+func addrOf(id string) string { return id + ":7000" }
+
+func TestDownloader(t *testing.T) {
+	data := make([]byte, 3*piece.MinSize+5)
+	rng := rand.NewChaCha8([32]byte{1})
+	rng.Read(data)
+	d := digest.FromBytes(data)
+	rank := ranked(d, 4)
+	for _, tc := range []struct {
+		name string
+		self int // this node's place in rank
+		// nodes by rank place: nil is not set up (down).
+		setup         func(c *fakeCluster, d digest.Digest)
+		wantRegister  []int // rank places asked, in order
+		wantUpstream  bool  // every byte from the upstream
+		wantFrom      int   // else: every piece from this rank place
+		wantNoFetches []int // rank places never fetched from
+	}{
+		{
+			name: "this node owns the digest: the upstream, nobody asked",
+			self: 0, wantUpstream: true,
+		},
+		{
+			name: "the owner answers and has the blob",
+			self: 2,
+			setup: func(c *fakeCluster, d digest.Digest) {
+				c.nodes[addrOf(rank[0])] = &fakeNode{resp: &pb.RegisterResponse{Size: int64(len(data))}, updates: []*pb.PieceUpdate{complete(d, data)}}
+			},
+			wantRegister: []int{0}, wantFrom: 0,
+		},
+		{
+			name: "the owner is down: the next in rank",
+			self: 3,
+			setup: func(c *fakeCluster, d digest.Digest) {
+				c.nodes[addrOf(rank[0])] = &fakeNode{down: true}
+				c.nodes[addrOf(rank[1])] = &fakeNode{resp: &pb.RegisterResponse{}, updates: []*pb.PieceUpdate{complete(d, data)}}
+			},
+			wantRegister: []int{0, 1}, wantFrom: 1,
+		},
+		{
+			name: "nobody answers: the upstream",
+			self: 3,
+			setup: func(c *fakeCluster, _ digest.Digest) {
+				for _, id := range rank[:3] {
+					c.nodes[addrOf(id)] = &fakeNode{down: true}
+				}
+			},
+			wantRegister: []int{0, 1, 2}, wantUpstream: true,
+		},
+		{
+			name: "the owner cannot fetch a private blob: this node does",
+			self: 1,
+			setup: func(c *fakeCluster, _ digest.Digest) {
+				c.nodes[addrOf(rank[0])] = &fakeNode{resp: &pb.RegisterResponse{FetchYourself: true}}
+			},
+			wantRegister: []int{0}, wantUpstream: true,
+		},
+		{
+			name: "a peer announcing another blob is ignored",
+			self: 3,
+			setup: func(c *fakeCluster, d digest.Digest) {
+				c.nodes[addrOf(rank[0])] = &fakeNode{
+					resp:    &pb.RegisterResponse{Peers: []*pb.PeerRef{{Id: rank[1], Addr: addrOf(rank[1])}}},
+					updates: []*pb.PieceUpdate{complete(d, data)},
+				}
+				other := complete(digest.FromString("another blob"), data)
+				c.nodes[addrOf(rank[1])] = &fakeNode{updates: []*pb.PieceUpdate{other}}
+			},
+			wantRegister: []int{0}, wantFrom: 0, wantNoFetches: []int{1},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				self := rank[tc.self]
+				c := &fakeCluster{nodes: map[string]*fakeNode{}, data: data}
+				if tc.setup != nil {
+					tc.setup(c, d)
+				}
+				var members staticMembers
+				for _, id := range rank {
+					members = append(members, membership.Member{ID: id, Addr: addrOf(id)})
+				}
+				up := &countingUpstream{data: data}
+				dl := NewDownloader(DownloaderOptions{
+					Self: membership.Member{ID: self, Addr: addrOf(self)}, Members: members, Transport: c,
+					Collector: collector.New(collector.Options{Concurrency: 4, Logger: slog.New(slog.DiscardHandler)}),
+					Upstream:  up, Logger: slog.New(slog.DiscardHandler),
+				})
+				job := newMemJob(d, int64(len(data)))
+				if err := dl.Fill(context.Background(), job, task.Request{Digest: d, Registry: "reg.test", Repo: "team/app"}); err != nil {
+					t.Fatalf("Fill: %v", err)
+				}
+				if !bytes.Equal(job.data, data) {
+					t.Fatal("the job's bytes differ from the blob")
+				}
+				var want []string
+				for _, k := range tc.wantRegister {
+					want = append(want, addrOf(rank[k]))
+				}
+				if got := c.registered(); !slices.Equal(got, want) {
+					t.Errorf("registered with %v, want %v", got, want)
+				}
+				for _, req := range c.requests {
+					if req.GetHostId() != self || req.GetAddr() != addrOf(self) || req.GetDigest() != d.String() ||
+						req.GetRegistry() != "reg.test" || req.GetRepository() != "team/app" {
+						t.Errorf("register request %v", req)
+					}
+				}
+				switch {
+				case tc.wantUpstream:
+					if got := up.bytes.Load(); got != int64(len(data)) {
+						t.Errorf("upstream sent %d bytes, want %d (pieces by parent %v)", got, len(data), job.source)
+					}
+				default:
+					if got := up.bytes.Load(); got != 0 {
+						t.Errorf("upstream sent %d bytes, want 0 (pieces by parent %v)", got, job.source)
+					}
+					if got := job.source[rank[tc.wantFrom]]; got != job.plan.Count() {
+						t.Errorf("%d of %d pieces from %s; by parent %v", got, job.plan.Count(), rank[tc.wantFrom], job.source)
+					}
+				}
+				for _, k := range tc.wantNoFetches {
+					if n := c.nodes[addrOf(rank[k])]; n.fetches.Load() != 0 {
+						t.Errorf("%s was fetched from %d times", rank[k], n.fetches.Load())
+					}
+				}
+				if _, _, ok := dl.Progress(d); ok {
+					t.Error("the download is still listed after Fill returned")
+				}
+			})
+		})
+	}
+}
