@@ -84,8 +84,8 @@ COLD_RUNS  ?= 3
 bench-coldstart: tools
 	$(GO) test -run '^$$' -bench ColdStart -benchtime 1x -timeout 30m -v ./integration/ -cold-nodes $(COLD_NODES) -cold-runs $(COLD_RUNS)
 
-# The simulator: the real collector, owner ranking, tracker and host-state
-# meter over a simulated network, at thousands of nodes. Results under
+# The simulator: each node's real downloader, collector, owner ranking,
+# tracker and host-state meter over a simulated network, at thousands of nodes. Results under
 # results/sim-<time>/. SIM_VALIDATE=<results/cluster-...> instead compares the
 # simulator with a namespace run at the same setup.
 SIM_NODES     ?= 100,1000,2600

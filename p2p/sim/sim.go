@@ -1,8 +1,10 @@
 // Package sim is a discrete-event simulation of a registry-proxy cluster
-// pulling one blob. It runs the project's own piece collector, owner ranking,
-// tracker and host-state meter over a simulated network of hosts with upload
-// and download capacities and a one-way latency; only the transport (gRPC
-// streams, HTTP piece requests, disks) is replaced.
+// pulling one blob. Each node runs the project's own download coordinator
+// (swarm.Downloader: owner ranking, registration, following parents,
+// refreshes), piece collector, tracker and host-state meter over a simulated
+// network of hosts with upload and download capacities and a one-way
+// latency; only the transport (gRPC streams, HTTP piece requests, disks) is
+// replaced, behind swarm.Transport.
 //
 // Run must be called inside a testing/synctest bubble: the bubble's fake
 // clock is the simulation clock, and it advances whenever every simulated
@@ -18,6 +20,8 @@ import (
 	"log/slog"
 	"math"
 	"math/rand/v2"
+	"net/http"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -28,11 +32,14 @@ import (
 	"github.com/registry-proxy/registry-proxy/internal/report"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
+	"github.com/registry-proxy/registry-proxy/p2p/membership"
 	"github.com/registry-proxy/registry-proxy/p2p/owner"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/p2p/seeding"
+	"github.com/registry-proxy/registry-proxy/p2p/swarm"
 	"github.com/registry-proxy/registry-proxy/p2p/tracker"
 	"github.com/registry-proxy/registry-proxy/piece"
+	"github.com/registry-proxy/registry-proxy/task"
 )
 
 // Direct is the mode in which every node pulls from the upstream alone.
@@ -220,6 +227,8 @@ type simulation struct {
 	ids    []string
 	loaded []*node
 	owner  string
+	// members are every node, ids as addresses.
+	members []membership.Member
 }
 
 func newSim(cfg Config) *simulation {
@@ -242,6 +251,7 @@ func newSim(cfg Config) *simulation {
 		s.nodes = append(s.nodes, n)
 		s.byID[n.id] = n
 		s.ids = append(s.ids, n.id)
+		s.members = append(s.members, membership.Member{ID: n.id, Addr: n.id})
 	}
 	// Slow and loaded parents are drawn at random, but never the owner: a
 	// slow owner measures the owner, not the parent selection.
@@ -288,9 +298,23 @@ func newSim(cfg Config) *simulation {
 			Rand:                rand.New(rand.NewPCG(cfg.Seed, uint64(k))),
 			Logger:              slog.New(slog.DiscardHandler),
 		})
+		n.dl = swarm.NewDownloader(swarm.DownloaderOptions{
+			Self:      membership.Member{ID: n.id, Addr: n.id},
+			Members:   s,
+			Transport: transport{n},
+			Collector: n.coll,
+			Tracker:   n.tracker,
+			Upstream:  upstream{s: s, n: n},
+			MaxPeers:  cfg.MaxPeers,
+			Refresh:   cfg.Refresh,
+			Logger:    slog.New(slog.DiscardHandler),
+		})
 	}
 	return s
 }
+
+// Members implements swarm.Members: every node, always alive.
+func (s *simulation) Members() []membership.Member { return s.members }
 
 // state is what a child knows of a parent: its last SyncHost message.
 func (s *simulation) state(id string) (*pb.HostState, bool) {
@@ -313,13 +337,19 @@ type node struct {
 	published atomic.Pointer[pb.HostState]
 	ledger    *seeding.Ledger
 
-	mu        sync.Mutex
-	job       *job
-	run       *collector.Run
-	watchers  []*node
-	following map[string]bool
-	done      chan struct{}
-	err       error
+	dl *swarm.Downloader
+
+	mu       sync.Mutex
+	job      *job
+	watchers []*watcher
+	done     chan struct{}
+	err      error
+}
+
+// watcher is a node following another's pieces: updates queue here, and
+// the watching node's Watch call hands them to its downloader.
+type watcher struct {
+	updates chan *pb.PieceUpdate
 }
 
 // publishState samples the meter every second and sends the state to
@@ -352,8 +382,6 @@ func (c simCounters) LinkSpeed(context.Context) (uint64, error) { return 0, nil 
 func (c simCounters) DiskRead(context.Context) (uint64, error)  { return 0, nil }
 func (c simCounters) Free(context.Context) (uint64, error)      { return 1 << 40, nil }
 
-func (n *node) isOwner() bool { return n.s.owner == n.id }
-
 // pull is a client on this node reading the whole blob.
 func (n *node) pull(ctx context.Context) error {
 	t := n.open()
@@ -375,11 +403,9 @@ func (n *node) open() *job {
 		return n.job
 	}
 	n.job = newJob(n)
-	n.run = n.coll.NewRun(n.job)
 	n.done = make(chan struct{})
-	n.following = map[string]bool{}
 	go func() {
-		err := n.fill(n.s.ctx)
+		err := n.dl.Fill(n.s.ctx, n.job, task.Request{Digest: n.s.digest, UpstreamOnly: n.s.cfg.Selector == Direct})
 		n.mu.Lock()
 		n.err = err
 		n.mu.Unlock()
@@ -388,107 +414,92 @@ func (n *node) open() *job {
 	return n.job
 }
 
-// fill mirrors swarm.Fill: find the owner, register, follow the peers it
-// names, let them announce, collect, and re-register every refresh.
-func (n *node) fill(ctx context.Context) error {
-	s := n.s
-	n.run.SetUpstream(&upstreamParent{s: s, n: n}, s.cfg.Selector == Direct)
-	if s.cfg.Selector == Direct {
-		return n.run.Run(ctx)
-	}
-	coordinate := func() {
-		// Every node ranks the same members, as owner.Rank does for the
-		// live members in the swarm; computed once per simulation.
-		own := s.owner
-		if own == n.id {
-			n.run.AllowUpstream(true)
-			for _, p := range n.tracker.Peers(s.digest.String(), "", s.cfg.MaxPeers) {
-				n.follow(s.byID[p.ID])
-			}
-			return
-		}
-		o := s.byID[own]
-		time.Sleep(s.cfg.Latency)
-		peers := o.register(n)
-		time.Sleep(s.cfg.Latency)
-		n.run.AllowUpstream(false)
-		n.follow(o)
-		for _, p := range peers {
-			n.follow(s.byID[p.ID])
-		}
-	}
-	coordinate()
-	time.Sleep(2 * s.cfg.Latency) // the first announcements
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	errc := make(chan error, 1)
-	go func() { errc <- n.run.Run(ctx) }()
-	t := time.NewTicker(s.cfg.Refresh)
-	defer t.Stop()
-	for {
-		select {
-		case err := <-errc:
-			return err
-		case <-t.C:
-			coordinate()
-		}
-	}
-}
+// transport is the simulated network as swarm.Transport: one node's calls
+// to the others, each one latency away.
+type transport struct{ n *node }
 
-// register is the owner's tracker: record the node, start this node's own
+// Register is the owner's tracker: record the node, start the owner's own
 // download, and name the newest registrants.
-func (n *node) register(from *node) []tracker.Peer {
-	peers := n.tracker.Peers(n.s.digest.String(), from.id, n.s.cfg.MaxPeers)
-	n.tracker.Add(n.s.digest.String(), tracker.Peer{ID: from.id, Addr: from.id, Seen: time.Now()})
-	n.open()
-	return peers
+func (t transport) Register(ctx context.Context, addr string, _ *pb.RegisterRequest) (*pb.RegisterResponse, error) {
+	o := t.n.s.byID[addr]
+	if err := sleep(ctx, t.n.s.cfg.Latency); err != nil {
+		return nil, err
+	}
+	d := t.n.s.digest.String()
+	resp := &pb.RegisterResponse{}
+	for _, p := range o.tracker.Peers(d, t.n.id, t.n.s.cfg.MaxPeers) {
+		resp.Peers = append(resp.Peers, &pb.PeerRef{Id: p.ID, Addr: p.Addr})
+	}
+	o.tracker.Add(d, tracker.Peer{ID: t.n.id, Addr: t.n.id, Seen: time.Now()})
+	o.open()
+	return resp, sleep(ctx, t.n.s.cfg.Latency)
 }
 
-// follow makes n a watcher of p's pieces: p becomes one of n's parents.
-func (n *node) follow(p *node) {
-	if p == nil || p == n {
-		return
-	}
-	n.mu.Lock()
-	// As swarm.Fill: at most MaxPeers parents besides the owner.
-	if n.following[p.id] || len(n.following) > n.s.cfg.MaxPeers {
-		n.mu.Unlock()
-		return
-	}
-	n.following[p.id] = true
-	run := n.run
-	n.mu.Unlock()
-	run.AddParent(&peerParent{s: n.s, from: p, to: n})
-
+// Watch follows the pieces of the node at addr: what it holds now, then
+// each new piece, each one latency after it happened, as WatchPieces does.
+func (t transport) Watch(ctx context.Context, addr string, _ digest.Digest, _ string, fn func(*pb.PieceUpdate)) error {
+	p := t.n.s.byID[addr]
+	w := &watcher{updates: make(chan *pb.PieceUpdate, t.n.s.plan.Count()+1)}
 	p.mu.Lock()
-	p.watchers = append(p.watchers, n)
-	var have map[int]uint32
+	p.watchers = append(p.watchers, w)
+	var have []int
 	if p.job != nil {
-		have = p.job.snapshot()
+		have = p.job.held()
 	}
 	p.mu.Unlock()
-	if len(have) > 0 {
-		time.AfterFunc(n.s.cfg.Latency, func() { run.Announce(p.id, have, nil) })
+	defer p.unwatch(w)
+	first := p.update(have)
+	time.AfterFunc(t.n.s.cfg.Latency, func() { w.updates <- first })
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case up := <-w.updates:
+			fn(up)
+		}
 	}
 }
 
-// announce tells p's watchers, one latency later, that piece i is done.
+// Parent is the node at addr as a parent of this one.
+func (t transport) Parent(id, _ string, _ digest.Digest) collector.Parent {
+	return &peerParent{s: t.n.s, from: t.n.s.byID[id], to: t.n}
+}
+
+func (n *node) unwatch(w *watcher) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.watchers = slices.DeleteFunc(n.watchers, func(x *watcher) bool { return x == w })
+}
+
+// update is a piece update naming pieces (checksums are not simulated) and
+// what this node fetches now.
+func (n *node) update(pieces []int) *pb.PieceUpdate {
+	up := &pb.PieceUpdate{Digest: n.s.digest.String(), Size: n.s.plan.Size, PieceSize: n.s.plan.PieceSize}
+	for _, i := range pieces {
+		up.Pieces = append(up.Pieces, &pb.Piece{Index: uint32(i)})
+	}
+	fetching, _, _ := n.dl.Progress(n.s.digest)
+	for _, i := range fetching {
+		up.Fetching = append(up.Fetching, uint32(i))
+	}
+	return up
+}
+
+// announce tells n's watchers, one latency later, that piece i is done.
 func (n *node) announce(i int) {
 	n.mu.Lock()
-	watchers := append([]*node(nil), n.watchers...)
-	run := n.run
+	watchers := slices.Clone(n.watchers)
 	n.mu.Unlock()
 	if len(watchers) == 0 {
 		return
 	}
-	has := map[int]uint32{i: 0}
-	fetching := run.InFlight()
+	up := n.update([]int{i})
 	time.AfterFunc(n.s.cfg.Latency, func() {
 		for _, w := range watchers {
-			w.mu.Lock()
-			r := w.run
-			w.mu.Unlock()
-			r.Announce(n.id, has, fetching)
+			select {
+			case w.updates <- up:
+			default: // a watcher that stopped reading has gone
+			}
 		}
 	})
 }
@@ -539,13 +550,14 @@ func (j *job) Put(i int, r io.Reader, _ string, _ collector.Expect) error {
 	return nil
 }
 
-func (j *job) snapshot() map[int]uint32 {
+// held lists the pieces the node holds.
+func (j *job) held() []int {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	out := map[int]uint32{}
+	var out []int
 	for i, ok := range j.have {
 		if ok {
-			out[i] = 0
+			out = append(out, i)
 		}
 	}
 	return out
@@ -557,21 +569,20 @@ type body struct{}
 func (*body) Read([]byte) (int, error) { return 0, io.EOF }
 func (*body) Close() error             { return nil }
 
-type upstreamParent struct {
+// upstream is the registry as a node's blob source.
+type upstream struct {
 	s *simulation
 	n *node
 }
 
-func (p *upstreamParent) ID() string { return collector.UpstreamID }
-
-func (p *upstreamParent) Fetch(ctx context.Context, _ int, _, size int64) (io.ReadCloser, error) {
-	if err := sleep(ctx, 2*p.s.cfg.Latency); err != nil {
-		return nil, err
+func (u upstream) Blob(ctx context.Context, _, _ string, _ digest.Digest, _, size int64, _ http.Header) (io.ReadCloser, bool, error) {
+	if err := sleep(ctx, 2*u.s.cfg.Latency); err != nil {
+		return nil, false, err
 	}
-	if err := p.s.net.transfer(ctx, p.s.origin, p.n.h, size); err != nil {
-		return nil, err
+	if err := u.s.net.transfer(ctx, u.s.origin, u.n.h, size); err != nil {
+		return nil, false, err
 	}
-	return &body{}, nil
+	return &body{}, false, nil
 }
 
 // peerParent is node from as a parent of node to.
@@ -599,8 +610,10 @@ func (p *peerParent) Fetch(ctx context.Context, i int, _, size int64) (_ io.Read
 	}
 	defer done()
 	if l := p.from.ledger; l != nil {
+		// As the peer server: a node fetching from the upstream offers
+		// every piece.
 		offers := j.Has
-		if p.from.isOwner() {
+		if _, seeding, _ := p.from.dl.Progress(p.s.digest); seeding {
 			offers = func(int) bool { return true }
 		}
 		undo, ok := l.Begin(p.s.digest, i, p.s.plan.Count(), offers, uploads)
