@@ -167,18 +167,6 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 	}
 	result, sentBytes := "error", int64(0)
 	defer func() { s.opts.Metrics.Upload(result, sentBytes) }()
-	uploads := 0
-	if s.opts.Meter != nil {
-		uploads = s.opts.Meter.Uploads()
-		done, err := s.opts.Meter.BeginUpload()
-		if err != nil {
-			result = "busy"
-			w.Header().Set("Retry-After", "1")
-			http.Error(w, err.Error(), http.StatusServiceUnavailable)
-			return
-		}
-		defer done()
-	}
 	f, off, n, release, err := s.opts.Source.OpenPiece(d, i)
 	if err != nil {
 		if errors.Is(err, ErrNoPiece) {
@@ -191,22 +179,26 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer release()
-	sent := false
+	count, offers := 0, func(int) bool { return true }
 	if s.opts.Ledger != nil {
 		snap, _, _ := s.opts.Source.Snapshot(d)
-		offers := func(j int) bool { return snap.Seeding || snap.Complete || (j < len(snap.Done) && snap.Done[j]) }
-		undo, ok := s.opts.Ledger.Begin(d, i, snap.Plan.Count(), offers, uploads)
-		if !ok {
-			result = "conflict"
-			http.Error(w, "piece already sent to another peer; fetch it from there", http.StatusConflict)
-			return
-		}
-		defer func() {
-			if !sent {
-				undo()
-			}
-		}()
+		count = snap.Plan.Count()
+		offers = func(j int) bool { return snap.Seeding || snap.Complete || (j < len(snap.Done) && snap.Done[j]) }
 	}
+	admitted, err := Admission{Meter: s.opts.Meter, Ledger: s.opts.Ledger}.Admit(d, i, count, offers)
+	switch {
+	case errors.Is(err, hoststate.ErrBusy):
+		result = "busy"
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+		return
+	case errors.Is(err, ErrSentElsewhere):
+		result = "conflict"
+		http.Error(w, err.Error(), http.StatusConflict)
+		return
+	}
+	sent := false
+	defer func() { admitted(sent) }()
 	if _, err := f.Seek(off, io.SeekStart); err != nil {
 		http.Error(w, "cannot read piece", http.StatusInternalServerError)
 		return

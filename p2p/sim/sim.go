@@ -35,6 +35,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/p2p/membership"
 	"github.com/registry-proxy/registry-proxy/p2p/owner"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/p2p/peer"
 	"github.com/registry-proxy/registry-proxy/p2p/seeding"
 	"github.com/registry-proxy/registry-proxy/p2p/swarm"
 	"github.com/registry-proxy/registry-proxy/p2p/tracker"
@@ -603,29 +604,20 @@ func (p *peerParent) Fetch(ctx context.Context, i int, _, size int64) (_ io.Read
 	if j == nil || !j.Has(i) {
 		return nil, errNoPiece
 	}
-	uploads := int(p.from.meter.State().UploadsInFlight)
-	done, err := p.from.meter.BeginUpload()
-	if err != nil {
+	// As the peer server: a node fetching from the upstream offers every
+	// piece.
+	offers := j.Has
+	if _, seeding, _ := p.from.dl.Progress(p.s.digest); seeding {
+		offers = func(int) bool { return true }
+	}
+	admitted, err := peer.Admission{Meter: p.from.meter, Ledger: p.from.ledger}.Admit(p.s.digest, i, p.s.plan.Count(), offers)
+	switch {
+	case errors.Is(err, hoststate.ErrBusy):
 		return nil, collector.ErrBusy
+	case errors.Is(err, peer.ErrSentElsewhere):
+		return nil, collector.ErrElsewhere
 	}
-	defer done()
-	if l := p.from.ledger; l != nil {
-		// As the peer server: a node fetching from the upstream offers
-		// every piece.
-		offers := j.Has
-		if _, seeding, _ := p.from.dl.Progress(p.s.digest); seeding {
-			offers = func(int) bool { return true }
-		}
-		undo, ok := l.Begin(p.s.digest, i, p.s.plan.Count(), offers, uploads)
-		if !ok {
-			return nil, collector.ErrElsewhere
-		}
-		defer func() {
-			if err != nil {
-				undo()
-			}
-		}()
-	}
+	defer func() { admitted(err == nil) }()
 	if err := sleep(ctx, 2*p.s.cfg.Latency); err != nil {
 		return nil, err
 	}

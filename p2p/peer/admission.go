@@ -1,0 +1,50 @@
+package peer
+
+import (
+	"errors"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
+	"github.com/registry-proxy/registry-proxy/p2p/seeding"
+)
+
+// ErrSentElsewhere means super-seeding refuses a piece this node sent to
+// another peer just now: the asking peer takes it from there.
+var ErrSentElsewhere = errors.New("peer: piece already sent to another peer; fetch it from there")
+
+// Admission decides whether this node uploads a piece now: a free upload
+// slot (the meter; hoststate.ErrBusy when full) and, with super-seeding,
+// the ledger. The peer server and the simulator both admit through it.
+type Admission struct {
+	Meter  *hoststate.Meter // nil: no slot limit
+	Ledger *seeding.Ledger  // nil: no super-seeding
+}
+
+// Admit reserves the upload of piece i of d, a blob of count pieces of which
+// this node can send those offers says. done releases it; a piece that was
+// not sent is taken off the ledger again.
+func (a Admission) Admit(d digest.Digest, i, count int, offers func(int) bool) (done func(sent bool), err error) {
+	uploads := 0
+	releaseSlot := func() {}
+	if a.Meter != nil {
+		uploads = a.Meter.Uploads()
+		if releaseSlot, err = a.Meter.BeginUpload(); err != nil {
+			return nil, err
+		}
+	}
+	undo := func() {}
+	if a.Ledger != nil {
+		var ok bool
+		if undo, ok = a.Ledger.Begin(d, i, count, offers, uploads); !ok {
+			releaseSlot()
+			return nil, ErrSentElsewhere
+		}
+	}
+	return func(sent bool) {
+		if !sent {
+			undo()
+		}
+		releaseSlot()
+	}, nil
+}
