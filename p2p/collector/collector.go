@@ -137,9 +137,10 @@ type Options struct {
 
 // Collector fetches the missing pieces of jobs.
 type Collector struct {
-	opts Options
-	log  *slog.Logger
-	rmu  sync.Mutex // guards opts.Rand
+	opts   Options
+	log    *slog.Logger
+	policy policy
+	rmu    sync.Mutex // guards opts.Rand
 }
 
 // New returns a collector.
@@ -192,7 +193,7 @@ func New(opts Options) *Collector {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	return &Collector{opts: opts, log: opts.Logger.With("component", "collector")}
+	return &Collector{opts: opts, log: opts.Logger.With("component", "collector"), policy: policyFor(opts.Selector)}
 }
 
 // Collect fetches every missing piece of job from one parent (the upstream,

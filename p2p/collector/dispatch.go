@@ -1,0 +1,223 @@
+package collector
+
+// Dispatch: the workers that pick a (piece, parent) and fetch it.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/registry-proxy/registry-proxy/metrics"
+)
+
+var errAllDone = errors.New("all pieces done")
+
+// Run fetches until every piece is done, a piece fails every attempt, or
+// ctx ends.
+func (r *Run) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var wg sync.WaitGroup
+	for w := 0; w < min(r.c.opts.Concurrency, r.n); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := r.worker(ctx, cancel); err != nil {
+				cancel(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil && !errors.Is(err, errAllDone) {
+		return err
+	}
+	for i := 0; i < r.n; i++ {
+		if !r.job.Has(i) {
+			return fmt.Errorf("collector: piece %d missing after collection", i)
+		}
+	}
+	return nil
+}
+
+// Idle workers: one watches for changes (announcements, finished pieces,
+// policy) and re-checks every idleTick; the others park until a worker that
+// found work wakes the next one. Every worker re-checking on every change
+// costs a cluster's worth of announcements times the workers.
+// The watcher re-checks at most every idleCoalesce, so a burst of
+// announcements costs one look.
+const (
+	idleTick     = 250 * time.Millisecond
+	idleCoalesce = 10 * time.Millisecond
+)
+
+func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error {
+	timer := time.NewTimer(idleTick)
+	defer timer.Stop()
+	// Whoever leaves passes the turn on, so parked workers see the end too.
+	defer r.wakeOne()
+	for {
+		// A cancelled run stops here: its fetches would fail at once and
+		// the loop would spin.
+		if ctx.Err() != nil {
+			return nil
+		}
+		r.mu.Lock()
+		i, pq, done := r.pickLocked()
+		ch := r.changed
+		watch := false
+		if pq == nil && !done {
+			// Nothing any parent may send now: take a piece away from a
+			// parent too slow to send it, then wait.
+			r.stealLocked()
+			if !r.watching {
+				r.watching, watch = true, true
+			}
+		}
+		r.mu.Unlock()
+		if done {
+			return nil
+		}
+		if pq == nil {
+			timer.Reset(idleTick)
+			if watch {
+				looked := time.Now()
+				select {
+				case <-ctx.Done():
+				case <-ch:
+					r.mu.Lock()
+					finished := r.nwanted == 0 && !r.peerFetchingLocked()
+					r.mu.Unlock()
+					if d := idleCoalesce - time.Since(looked); d > 0 && !finished {
+						timer.Reset(d)
+						select {
+						case <-ctx.Done():
+						case <-timer.C:
+						}
+					}
+				case <-timer.C:
+				}
+				r.mu.Lock()
+				r.watching = false
+				r.mu.Unlock()
+			} else {
+				select {
+				case <-ctx.Done():
+				case <-r.parked:
+				case <-timer.C: // a safety net; the watcher wakes parked workers
+				}
+			}
+			if ctx.Err() != nil {
+				return nil
+			}
+			continue
+		}
+		// There may be more: let a parked worker look.
+		r.wakeOne()
+		began := r.c.opts.Now()
+		err := r.fetch(ctx, i, pq)
+		r.c.opts.Metrics.Piece(parentKind(pq), pieceResult(ctx, err), r.c.opts.Now().Sub(began))
+		var whole *ErrWhole
+		if errors.As(err, &whole) {
+			return r.streamWhole(whole, pq, cancel)
+		}
+		if err := r.finish(ctx, i, pq, err); err != nil {
+			return err
+		}
+	}
+}
+
+func parentKind(pq *parentQueue) string {
+	if pq.upstream {
+		return metrics.SourceUpstream
+	}
+	return metrics.SourcePeer
+}
+
+// pieceResult names a fetch's outcome for the metrics.
+func pieceResult(ctx context.Context, err error) string {
+	var whole *ErrWhole
+	switch {
+	case err == nil:
+		return "ok"
+	case errors.As(err, &whole):
+		return "whole"
+	case errors.Is(err, ErrBusy):
+		return "busy"
+	case errors.Is(err, errTooSlow):
+		return "slow"
+	case errors.Is(err, errRaced):
+		return "raced"
+	case errors.Is(err, ErrElsewhere), errors.Is(err, errStolen):
+		return "elsewhere"
+	case ctx.Err() != nil:
+		return "cancelled"
+	}
+	return "failed"
+}
+
+func (r *Run) wakeOne() {
+	select {
+	case r.parked <- struct{}{}:
+	default:
+	}
+}
+
+// pickLocked chooses the next piece and parent. done means nothing is left
+// to pick; a nil parent means wait.
+func (r *Run) pickLocked() (int, *parentQueue, bool) {
+	if r.sequential {
+		return 0, nil, true
+	}
+	if r.nwanted == 0 {
+		// All done, or in flight with workers that finish it; a worker
+		// stays while a peer fetch runs, to move it if it is too slow.
+		return 0, nil, !r.peerFetchingLocked()
+	}
+	now := r.c.opts.Now()
+	// A piece a reader waited on too long comes from the upstream, first.
+	for len(r.raced) > 0 && r.upstream != nil && r.upstream.inflight < r.c.opts.UpstreamConcurrency {
+		i := r.raced[0]
+		r.raced = r.raced[1:]
+		if r.wanted[i] {
+			r.inflight[i] = true
+			r.setWantedLocked(i, false)
+			r.upstream.inflight++
+			return i, r.upstream, false
+		}
+	}
+	i, pq, win := r.c.policy.pick(r, now)
+	stalled := now.Sub(r.progress) > r.c.opts.StallTimeout
+	if pq == nil && r.upstream != nil && r.upstream.inflight < min(r.c.opts.UpstreamConcurrency, 1+r.upstream.picks) &&
+		(r.allowUpstream || len(r.parents) == 0 || stalled) {
+		if win == nil {
+			win = r.windowLocked(1)
+		}
+		if stalled && !r.allowUpstream {
+			r.c.log.Warn("no peer sent a piece in time; taking it from the upstream", "digest", r.job.Digest(), "piece", win[0], "stalled", now.Sub(r.progress).Round(time.Millisecond))
+		}
+		i, pq = win[0], r.upstream
+	}
+	if pq != nil {
+		r.inflight[i] = true
+		r.setWantedLocked(i, false)
+		pq.inflight++
+	}
+	return i, pq, false
+}
+
+// peerFetchingLocked reports whether a peer fetch is in flight: picked
+// already, though its worker may not have registered it in fetches yet (a
+// worker leaving in that window left no one to move a slow piece).
+func (r *Run) peerFetchingLocked() bool {
+	if len(r.fetches) > 0 {
+		return true
+	}
+	for _, pq := range r.order {
+		if pq.inflight > 0 {
+			return true
+		}
+	}
+	return false
+}

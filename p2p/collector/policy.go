@@ -1,0 +1,171 @@
+package collector
+
+// The selection policies: which parent sends which piece next.
+
+import (
+	"time"
+
+	"github.com/registry-proxy/registry-proxy/p2p/pb"
+)
+
+// measuredFactor bounds a parent's weight by what this node measured from
+// it: a parent's own report of spare bandwidth is believed up to this many
+// times the rate its pieces actually came at.
+const measuredFactor = 4
+
+// weightLocked is pq's selection weight: its host state, capped by what
+// this node measured from it.
+func (r *Run) weightLocked(pq *parentQueue) float64 {
+	st, ok := r.c.opts.State(pq.p.ID())
+	w := Weight(st, ok)
+	if pq.measured > 0 {
+		w = min(w, measuredFactor*pq.measured)
+	}
+	return w
+}
+
+// policy chooses the next piece and the peer parent to send it; a nil
+// parent means no peer may send a wanted piece now. win is the readers'
+// window it looked at, of which the upstream takes the first (nil: none).
+type policy interface {
+	pick(r *Run, now time.Time) (i int, pq *parentQueue, win []int)
+}
+
+// policyFor is the policy a Selector names (validated in New).
+func policyFor(selector string) policy {
+	if selector == SelectorFCFS {
+		return fcfsPolicy{}
+	}
+	return statePolicy{}
+}
+
+// fcfsPolicy sends each piece of the readers' window, in order, from the
+// first parent that announced it (the next in join order if that one sent
+// it elsewhere).
+type fcfsPolicy struct{}
+
+func (fcfsPolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
+	win := r.windowLocked(r.c.opts.Window)
+	for _, i := range win {
+		first, ok := r.parents[r.firstHolder[i]]
+		if !ok {
+			continue
+		}
+		if first.offers(i, now) {
+			if r.available(first, now) {
+				return i, first, win
+			}
+			continue
+		}
+		// The first holder sent it elsewhere: the next parent, in the order
+		// they joined, that offers it.
+		for _, o := range r.order {
+			if r.available(o, now) && o.offers(i, now) {
+				return i, o, win
+			}
+		}
+	}
+	return 0, nil, win
+}
+
+// statePolicy chooses a parent by weighted random choice on its host state
+// (capped by the rate measured from it), then its best piece (bestPiece).
+type statePolicy struct{}
+
+func (statePolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
+	type cand struct {
+		pq     *parentQueue
+		weight float64
+	}
+	var cands []cand
+	var total float64
+	for _, pq := range r.order {
+		if pq.offering > 0 && r.available(pq, now) {
+			w := r.weightLocked(pq)
+			cands = append(cands, cand{pq, w})
+			total += w
+		}
+	}
+	cursor := r.cursor()
+	// A chosen parent may offer nothing after all (it refused every piece
+	// it has for now): choose again without it.
+	for len(cands) > 0 {
+		x := r.c.float64() * total
+		k := len(cands) - 1
+		for j, c := range cands {
+			if x < c.weight {
+				k = j
+				break
+			}
+			x -= c.weight
+		}
+		if i := r.bestPiece(cands[k].pq, cursor, now); i >= 0 {
+			return i, cands[k].pq, nil
+		}
+		total -= cands[k].weight
+		cands = append(cands[:k], cands[k+1:]...)
+	}
+	return 0, nil, nil
+}
+
+// bestPiece takes of the wanted pieces the parent offers one the readers
+// need next (within Urgent of the cursor), else the one the fewest other
+// nodes are fetching, then the rarest, then the nearest the readers. Rarest
+// first over the whole blob, not a window: when every node wanted the same
+// few pieces next, the few nodes holding them would serve the whole cluster.
+func (r *Run) bestPiece(pq *parentQueue, cursor int, now time.Time) int {
+	best, bestKey := -1, [4]int{}
+	// Whichever is shorter: what the parent has, or what this node wants.
+	candidates := r.wantedList
+	if len(pq.list) < len(candidates) {
+		candidates = pq.list
+	}
+	for _, i := range candidates {
+		if !r.wanted[i] || !pq.offers(i, now) {
+			continue
+		}
+		dist := (i - cursor + r.n) % r.n
+		urgent := 1
+		if dist < r.c.opts.Urgent {
+			urgent = 0
+		}
+		key := [4]int{urgent, r.fetchers[i], r.holders[i], dist}
+		if best < 0 || less(key, bestKey) {
+			best, bestKey = i, key
+		}
+	}
+	return best
+}
+
+func less(a, b [4]int) bool {
+	for k := range a {
+		if a[k] != b[k] {
+			return a[k] < b[k]
+		}
+	}
+	return false
+}
+
+// Weight is a parent's share of the next choice: its spare upload bandwidth
+// (with a floor of 1/20 of the maximum, so a busy parent still gets a
+// little), divided by one plus its uploads in flight per upload slot, halved
+// when its disk reads above 80% of its network maximum. An unknown state
+// counts as an idle 1 Gbit/s host's floor: usable, but below any parent known
+// to have spare bandwidth.
+func Weight(st *pb.HostState, ok bool) float64 {
+	const assumedMax = 125e6 // bytes/s: 1 Gbit/s
+	if !ok || st == nil {
+		return assumedMax / 20
+	}
+	maxTx := float64(st.GetMaxTxBandwidth())
+	if maxTx <= 0 {
+		maxTx = assumedMax
+	}
+	spare := max(maxTx-float64(st.GetTxBandwidth()), maxTx/20)
+	slots := float64(max(st.GetUploadLimit(), 1))
+	w := spare / (1 + 4*float64(st.GetUploadsInFlight())/slots)
+	if float64(st.GetDiskReadBandwidth()) > 0.8*maxTx {
+		w /= 2
+	}
+	return w
+}
