@@ -62,7 +62,8 @@ bench: tools
 	$(GO) test -run '^$$' -bench . -benchtime 1x -count $(BENCH_COUNT) -timeout 60m ./integration/ -bench-size $(BENCH_SIZE)
 
 # Cluster scenarios (a: all at once, b: slow parents, c: containerd pulls an
-# image, d: waves) on real processes in network namespaces with tc limits
+# image, d: waves, e: slow parents, the owner among them) on real processes in
+# network namespaces with tc limits
 # (root), each in modes state, fcfs and direct, CLUSTER_RUNS times. Results:
 # JSON per run, summary.md and plots under results/cluster-<time>/.
 CLUSTER_NODES     ?= 8
@@ -70,7 +71,7 @@ CLUSTER_SIZE      ?= 256MiB
 CLUSTER_UP        ?= 25MB
 CLUSTER_ORIGIN    ?= 25MB
 CLUSTER_RUNS      ?= 3
-CLUSTER_SCENARIOS ?= a,b,c,d
+CLUSTER_SCENARIOS ?= a,b,c,d,e
 bench-cluster: tools
 	$(GO) test -run '^$$' -bench Cluster -benchtime 1x -timeout 150m -v ./integration/ \
 		-cluster-nodes $(CLUSTER_NODES) -cluster-size $(CLUSTER_SIZE) -cluster-up $(CLUSTER_UP) \

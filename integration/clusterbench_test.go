@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -48,19 +49,20 @@ var (
 
 // clusterSpec is one run of one scenario in one mode.
 type clusterSpec struct {
-	Scenario string
-	Mode     string // state, fcfs, direct
-	Repeat   int
-	Nodes    int
-	Size     int64   // the blob, scenarios a, b, d
-	Layers   []int64 // the image's layer files, scenario c
-	NodeBps  int64
-	Origin   int64
-	Slow     int    // b: slow parents
-	SlowKind string // b: throttle or load
-	Waves    int
-	Gap      time.Duration
-	Ctr      int // c: nodes pulling with containerd
+	Scenario  string
+	Mode      string // state, fcfs, direct
+	Repeat    int
+	Nodes     int
+	Size      int64   // the blob, scenarios a, b, d
+	Layers    []int64 // the image's layer files, scenario c
+	NodeBps   int64
+	Origin    int64
+	Slow      int    // b, e: slow parents
+	SlowKind  string // b, e: throttle or load
+	SlowOwner bool   // e: the digest's owner is one of the slow
+	Waves     int
+	Gap       time.Duration
+	Ctr       int // c: nodes pulling with containerd
 }
 
 // undoer runs cleanups newest first, on the way out or on an interrupt.
@@ -187,10 +189,14 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 	for i := range ids {
 		ids[i] = fmt.Sprintf("node-%02d", i+1)
 	}
-	// Slow parents are never the owner: a slow owner measures the owner,
-	// not the parent selection.
+	// In scenario b slow parents are never the owner: that measures the
+	// parent selection; scenario e makes the owner one of them, which
+	// measures who seeds.
 	slow := map[int]bool{}
 	own := owner.Rank(blobs[0].digest, ids)[0]
+	if sp.SlowOwner && sp.Slow > 0 {
+		slow[slices.Index(ids, own)] = true
+	}
 	for i := 0; i < sp.Nodes && len(slow) < sp.Slow; i++ {
 		if ids[i] != own {
 			slow[i] = true
@@ -365,6 +371,9 @@ func (sp clusterSpec) note() string {
 	if sp.Slow > 0 && sp.SlowKind == "throttle" {
 		n = append(n, fmt.Sprintf("%d parents upload at 1/10 of the link", sp.Slow))
 	}
+	if sp.SlowOwner {
+		n = append(n, "the digest's owner among them")
+	}
 	if sp.Slow > 0 && sp.SlowKind == "load" {
 		n = append(n, fmt.Sprintf("%d parents' uploads loaded by 4 background transfers each", sp.Slow))
 	}
@@ -490,12 +499,14 @@ func BenchmarkCluster(b *testing.B) {
 					case "a":
 					case "b":
 						sp.Slow, sp.SlowKind = *cbSlow, *cbSlowKind
+					case "e":
+						sp.Slow, sp.SlowKind, sp.SlowOwner = *cbSlow, *cbSlowKind, true
 					case "c":
 						sp.Layers, sp.Ctr = layers, *cbCtr
 					case "d":
 						sp.Waves, sp.Gap = *cbWaves, *cbWaveGap
 					default:
-						b.Fatalf("unknown scenario %q (a, b, c, d)", sc)
+						b.Fatalf("unknown scenario %q (a, b, c, d, e)", sc)
 					}
 					r := runCluster(b, sp)
 					all = append(all, r)
