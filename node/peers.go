@@ -168,7 +168,7 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	downloads := swarm.NewDownloader(dlOpts)
 	taskOpts.Filler = downloads
 	tasks := task.NewManager(taskOpts)
-	sw := swarm.NewServer(swarm.ServerOptions{
+	srvOpts := swarm.ServerOptions{
 		Members:    p.members,
 		Tracker:    registrations,
 		Store:      store,
@@ -177,7 +177,14 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		Registries: up,
 		MaxPeers:   cfg.P2P.MaxPeers,
 		Logger:     log,
-	})
+	}
+	if p.syncer != nil && cfg.P2P.Selector == collector.SelectorState {
+		// State-aware seeding: a slow owner hands pieces to faster nodes
+		// to read from the upstream.
+		srvOpts.Delegations = &swarm.Delegations{}
+		srvOpts.Uploads = uploads{meter: meter, syncer: p.syncer}
+	}
+	sw := swarm.NewServer(srvOpts)
 
 	faults, inflate := injectedFaults(log)
 	hostSync := statesync.NewServer(statesync.ServerOptions{
@@ -208,6 +215,23 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		}
 	}()
 	return p, tasks, nil
+}
+
+// uploads are upload capacities: this node's from its meter, the others'
+// from the host state they stream.
+type uploads struct {
+	meter  *hoststate.Meter
+	syncer *statesync.Syncer
+}
+
+func (u uploads) OwnUpload() float64 { return float64(u.meter.State().MaxTxBps) }
+
+func (u uploads) UploadOf(id string) float64 {
+	st, _, ok := u.syncer.State(id)
+	if !ok {
+		return 0
+	}
+	return float64(st.GetMaxTxBandwidth())
 }
 
 // leave announces that this node leaves the cluster; uploads in flight go on.

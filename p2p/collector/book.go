@@ -23,6 +23,18 @@ type parentQueue struct {
 	measured float64
 }
 
+// firstWantedLocked is the first wanted piece from the readers' cursor on
+// (wrapping) that ok accepts.
+func (r *Run) firstWantedLocked(ok func(int) bool) (int, bool) {
+	start := r.cursor()
+	for k := range r.n {
+		if i := (start + k) % r.n; r.wanted[i] && ok(i) {
+			return i, true
+		}
+	}
+	return 0, false
+}
+
 // windowLocked returns up to limit wanted pieces from the readers' cursor
 // on (wrapping), in order.
 func (r *Run) windowLocked(limit int) (win []int) {

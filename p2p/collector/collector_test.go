@@ -719,3 +719,73 @@ func TestPiecesCheckedAgainstAuthority(t *testing.T) {
 		}
 	})
 }
+
+// A delegate reads its granted pieces from the upstream even though the
+// upstream is not its to use, and a peer that has every piece sends the
+// rest.
+func TestGrantedPiecesFromUpstream(t *testing.T) {
+	job := newJob(8)
+	r := newCollector(SelectorState, nil).NewRun(job)
+	up := &fakeParent{id: UpstreamID, job: job}
+	r.SetUpstream(up, false)
+	r.AddParent(&fakeParent{id: "peer", job: job})
+	r.Announce("peer", job.checksums(job.all()...), nil)
+	r.GrantUpstream([]int{1, 5, 99}) // 99: not a piece, ignored
+	run(t, r)
+	for i, src := range job.source {
+		want := "peer"
+		if i == 1 || i == 5 {
+			want = UpstreamID
+		}
+		if src != want {
+			t.Errorf("piece %d from %s, want %s", i, src, want)
+		}
+	}
+}
+
+// The owner leaves denied pieces to its delegates: it reads the others
+// from the upstream and takes the denied ones from the delegate once it
+// announces them.
+func TestDeniedPiecesWaitForTheDelegate(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		job := newJob(6)
+		c := New(Options{Concurrency: 2, Rand: rand.New(rand.NewPCG(1, 2))})
+		r := c.NewRun(job)
+		up := &fakeParent{id: UpstreamID, job: job}
+		r.SetUpstream(up, true)
+		r.DenyUpstream([]int{0, 3})
+		r.AddParent(&fakeParent{id: "delegate", job: job})
+		errc := make(chan error, 1)
+		go func() { errc <- r.Run(context.Background()) }()
+		synctest.Wait()
+		if n := job.from(UpstreamID); n != 4 {
+			t.Fatalf("%d pieces from the upstream before the delegate announced, want the 4 not denied", n)
+		}
+		r.Announce("delegate", job.checksums(0, 3), nil)
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+		if job.source[0] != "delegate" || job.source[3] != "delegate" {
+			t.Errorf("denied pieces from %s and %s, want the delegate", job.source[0], job.source[3])
+		}
+	})
+}
+
+// A delegate that never sends leaves the owner to the upstream after
+// StallTimeout: denied pieces still arrive.
+func TestDeniedPiecesAfterStall(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		job := newJob(4)
+		r := New(Options{Concurrency: 2, StallTimeout: 10 * time.Second}).NewRun(job)
+		r.SetUpstream(&fakeParent{id: UpstreamID, job: job}, true)
+		r.DenyUpstream([]int{2})
+		r.AddParent(&fakeParent{id: "delegate", job: job})
+		start := time.Now()
+		if err := r.Run(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if job.from(UpstreamID) != 4 || time.Since(start) < 10*time.Second {
+			t.Errorf("%d from the upstream after %v", job.from(UpstreamID), time.Since(start))
+		}
+	})
+}

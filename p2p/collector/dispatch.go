@@ -187,17 +187,35 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 			return i, r.upstream, false
 		}
 	}
+	upstreamRoom := r.upstream != nil && r.upstream.inflight < min(r.c.opts.UpstreamConcurrency, 1+r.upstream.picks)
+	// Pieces delegated to this node come from the upstream first: no peer
+	// has them before it does.
+	if upstreamRoom && r.granted != nil {
+		if i, ok := r.firstWantedLocked(func(i int) bool { return r.granted[i] }); ok {
+			r.inflight[i] = true
+			r.setWantedLocked(i, false)
+			r.upstream.inflight++
+			return i, r.upstream, false
+		}
+	}
 	i, pq, win := r.c.policy.pick(r, now)
 	stalled := now.Sub(r.progress) > r.c.opts.StallTimeout
-	if pq == nil && r.upstream != nil && r.upstream.inflight < min(r.c.opts.UpstreamConcurrency, 1+r.upstream.picks) &&
-		(r.allowUpstream || len(r.parents) == 0 || stalled) {
-		if win == nil {
-			win = r.windowLocked(1)
+	if pq == nil && upstreamRoom && (r.allowUpstream || len(r.parents) == 0 || stalled) {
+		ok := true
+		switch {
+		case r.denied != nil && !stalled:
+			i, ok = r.firstWantedLocked(func(i int) bool { return !r.denied[i] })
+		case win != nil:
+			i = win[0]
+		default:
+			i = r.windowLocked(1)[0]
 		}
-		if stalled && !r.allowUpstream {
-			r.c.log.Warn("no peer sent a piece in time; taking it from the upstream", "digest", r.job.Digest(), "piece", win[0], "stalled", now.Sub(r.progress).Round(time.Millisecond))
+		if ok {
+			if stalled && !r.allowUpstream {
+				r.c.log.Warn("no peer sent a piece in time; taking it from the upstream", "digest", r.job.Digest(), "piece", i, "stalled", now.Sub(r.progress).Round(time.Millisecond))
+			}
+			pq = r.upstream
 		}
-		i, pq = win[0], r.upstream
 	}
 	if pq != nil {
 		r.inflight[i] = true

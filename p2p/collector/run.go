@@ -43,6 +43,10 @@ type Run struct {
 	failures    []int
 	sequential  bool
 	progress    time.Time // last piece done by a peer
+	// granted: pieces this node reads from the upstream as the owner's
+	// delegate, before any peer piece; denied: pieces the owner left to
+	// its delegates, from the upstream only when stalled. Nil until set.
+	granted, denied []bool
 }
 
 // NewRun starts the bookkeeping of a blob; Run fetches.
@@ -92,6 +96,37 @@ func (r *Run) SetUpstream(p Parent, allowed bool) {
 }
 
 // AllowUpstream lets pieces no peer has come from the upstream (or stops it).
+// GrantUpstream has this node read pieces from the upstream itself (the
+// owner delegated them), as soon as the upstream has room.
+func (r *Run) GrantUpstream(pieces []int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.granted = mark(r.granted, r.n, pieces)
+	r.broadcastLocked()
+}
+
+// DenyUpstream leaves pieces to the delegates that read them from the
+// upstream: this node takes them from those peers, and from the upstream
+// only when no peer sends anything for StallTimeout.
+func (r *Run) DenyUpstream(pieces []int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.denied = mark(r.denied, r.n, pieces)
+	r.broadcastLocked()
+}
+
+func mark(set []bool, n int, pieces []int) []bool {
+	if set == nil {
+		set = make([]bool, n)
+	}
+	for _, i := range pieces {
+		if i >= 0 && i < n {
+			set[i] = true
+		}
+	}
+	return set
+}
+
 func (r *Run) AllowUpstream(allowed bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -322,6 +357,14 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 	if !pq.upstream {
 		pq.blocked = r.c.opts.Now().Add(r.c.opts.BlockFor)
 		r.c.log.Warn("piece failed, blocking parent", "digest", r.job.Digest(), "piece", i, "parent", pq.p.ID(), "for", r.c.opts.BlockFor, "err", err)
+		return nil
+	}
+	if r.granted != nil && r.granted[i] && !r.allowUpstream {
+		// This node cannot read the pieces delegated to it (its client's
+		// credentials, say): it gives them back and takes them from peers;
+		// the owner reads them once it sees nobody send them.
+		r.granted = nil
+		r.c.log.Warn("cannot read delegated pieces from the upstream; leaving them to the owner", "digest", r.job.Digest(), "piece", i, "err", err)
 		return nil
 	}
 	r.failures[i]++

@@ -598,8 +598,15 @@ type RegisterResponse struct {
 	// repository): the registering node fetches it from the upstream itself,
 	// with its client's credentials, unless a listed peer has it, and seeds it.
 	FetchYourself bool `protobuf:"varint,3,opt,name=fetch_yourself,json=fetchYourself,proto3" json:"fetch_yourself,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Pieces the registering node reads from the upstream itself, as the
+	// owner's delegate: set when the owner's upload is much slower than the
+	// registering node's, so that first copies leave the cluster's upstream
+	// readers through faster uploads. The owner leaves these pieces to it
+	// (and takes them from it); each piece is still read from the upstream
+	// about once.
+	UpstreamPieces []uint32 `protobuf:"varint,4,rep,packed,name=upstream_pieces,json=upstreamPieces,proto3" json:"upstream_pieces,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *RegisterResponse) Reset() {
@@ -653,6 +660,13 @@ func (x *RegisterResponse) GetFetchYourself() bool {
 	return false
 }
 
+func (x *RegisterResponse) GetUpstreamPieces() []uint32 {
+	if x != nil {
+		return x.UpstreamPieces
+	}
+	return nil
+}
+
 var File_p2p_pb_p2p_proto protoreflect.FileDescriptor
 
 const file_p2p_pb_p2p_proto_rawDesc = "" +
@@ -703,11 +717,12 @@ const file_p2p_pb_p2p_proto_rawDesc = "" +
 	"repositoryJ\x04\b\x06\x10\aR\rauthorization\"-\n" +
 	"\aPeerRef\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
-	"\x04addr\x18\x02 \x01(\tR\x04addr\"\x82\x01\n" +
+	"\x04addr\x18\x02 \x01(\tR\x04addr\"\xab\x01\n" +
 	"\x10RegisterResponse\x12\x12\n" +
 	"\x04size\x18\x01 \x01(\x03R\x04size\x123\n" +
 	"\x05peers\x18\x02 \x03(\v2\x1d.registryproxy.p2p.v1.PeerRefR\x05peers\x12%\n" +
-	"\x0efetch_yourself\x18\x03 \x01(\bR\rfetchYourself2[\n" +
+	"\x0efetch_yourself\x18\x03 \x01(\bR\rfetchYourself\x12'\n" +
+	"\x0fupstream_pieces\x18\x04 \x03(\rR\x0eupstreamPieces2[\n" +
 	"\bHostSync\x12O\n" +
 	"\bSyncHost\x12%.registryproxy.p2p.v1.SyncHostRequest\x1a\x1a.registryproxy.p2p.v1.Host0\x012f\n" +
 	"\x06Pieces\x12\\\n" +

@@ -60,6 +60,11 @@ type Config struct {
 	// Throttled nodes upload at a tenth of Up; Loaded nodes run
 	// background uploads (LoadFlows of them) to a host outside the swarm.
 	Throttled, Loaded, LoadFlows int
+	// SlowOwner makes the digest's owner one of the Throttled nodes.
+	SlowOwner bool
+	// NoDelegation turns state-aware seeding off (a slow owner hands no
+	// pieces to faster nodes), to measure what it brings.
+	NoDelegation bool
 	// Spread draws each node's Up uniformly from [Up·(1−Spread), Up·(1+Spread)].
 	Spread float64
 	// Waves start the nodes in that many equal groups, WaveGap apart.
@@ -254,8 +259,9 @@ func newSim(cfg Config) *simulation {
 		s.ids = append(s.ids, n.id)
 		s.members = append(s.members, membership.Member{ID: n.id, Addr: n.id})
 	}
-	// Slow and loaded parents are drawn at random, but never the owner: a
-	// slow owner measures the owner, not the parent selection.
+	// Slow and loaded parents are drawn at random, and never the owner (a
+	// slow owner measures who seeds, not the parent selection) unless
+	// SlowOwner asks for it.
 	own := owner.Rank(s.digest.String(), s.ids)[0]
 	s.owner = own
 	others := make([]*node, 0, len(s.nodes))
@@ -265,6 +271,10 @@ func newSim(cfg Config) *simulation {
 		}
 	}
 	rng.Shuffle(len(others), func(i, j int) { others[i], others[j] = others[j], others[i] })
+	if cfg.SlowOwner && cfg.Throttled > 0 {
+		s.byID[own].h.up /= 10
+		cfg.Throttled--
+	}
 	for k, n := range others {
 		switch {
 		case k < cfg.Throttled:
@@ -299,6 +309,9 @@ func newSim(cfg Config) *simulation {
 			Rand:                rand.New(rand.NewPCG(cfg.Seed, uint64(k))),
 			Logger:              slog.New(slog.DiscardHandler),
 		})
+		if cfg.Selector == collector.SelectorState && !cfg.NoDelegation {
+			n.delegations = &swarm.Delegations{}
+		}
 		n.dl = swarm.NewDownloader(swarm.DownloaderOptions{
 			Self:      membership.Member{ID: n.id, Addr: n.id},
 			Members:   s,
@@ -339,6 +352,8 @@ type node struct {
 	ledger    *seeding.Ledger
 
 	dl *swarm.Downloader
+	// delegations: state-aware seeding as owner (state mode, as the node).
+	delegations *swarm.Delegations
 
 	mu       sync.Mutex
 	job      *job
@@ -432,7 +447,19 @@ func (t transport) Register(ctx context.Context, addr string, _ *pb.RegisterRequ
 		resp.Peers = append(resp.Peers, &pb.PeerRef{Id: p.ID, Addr: p.Addr})
 	}
 	o.tracker.Add(d, tracker.Peer{ID: t.n.id, Addr: t.n.id, Seen: time.Now()})
-	o.open()
+	j := o.open()
+	if o.delegations != nil {
+		uploads := func() map[string]float64 {
+			m := map[string]float64{}
+			for _, id := range t.n.s.ids {
+				if st, ok := t.n.s.state(id); ok && id != o.id {
+					m[id] = float64(st.GetMaxTxBandwidth())
+				}
+			}
+			return m
+		}
+		resp.UpstreamPieces = o.delegations.Register(o.dl, t.n.s.digest, j.done(), t.n.id, float64(o.meter.State().MaxTxBps), uploads)
+	}
 	return resp, sleep(ctx, t.n.s.cfg.Latency)
 }
 
@@ -549,6 +576,13 @@ func (j *job) Put(i int, r io.Reader, _ string, _ collector.Expect) error {
 	j.mu.Unlock()
 	j.n.announce(i)
 	return nil
+}
+
+// done is, per piece, whether the node holds it.
+func (j *job) done() []bool {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return slices.Clone(j.have)
 }
 
 // held lists the pieces the node holds.

@@ -66,3 +66,30 @@ func TestBound(t *testing.T) {
 		}
 	}
 }
+
+// A slow owner no longer caps the cluster: it hands faster nodes pieces to
+// read from the upstream (swarm.Delegations), which still sends about one
+// copy.
+func TestSlowOwnerDelegates(t *testing.T) {
+	const size = 128 << 20
+	cfg := Config{Nodes: 6, Size: size, Up: 25e6, Down: 25e6, OriginUp: 25e6, Latency: time.Millisecond, Seed: 3,
+		Selector: collector.SelectorState, Throttled: 2, SlowOwner: true}
+	with := simulate(t, cfg)
+	cfg.NoDelegation = true
+	without := simulate(t, cfg)
+	for _, r := range []struct {
+		name string
+		res  Result
+	}{{"delegation", with}, {"owner alone", without}} {
+		t.Logf("%s: p50 %v max %v bound %v (max %.2f× bound), upstream %.3f×", r.name, Quantile(r.res.Completion, .5), Quantile(r.res.Completion, 1),
+			r.res.Bound, float64(Quantile(r.res.Completion, 1))/float64(r.res.Bound), float64(r.res.UpstreamBytes)/size)
+	}
+	if with.UpstreamBytes > size*105/100 {
+		t.Errorf("with delegation the upstream sent %.3f× the blob", float64(with.UpstreamBytes)/size)
+	}
+	// Simulated time: no machine noise. Without delegation every first copy
+	// crosses the owner's tenth of an upload (about 12× the bound).
+	if Quantile(with.Completion, 1) > Quantile(without.Completion, 1)/3 {
+		t.Errorf("with delegation the last node took %v, without %v: want at most a third", Quantile(with.Completion, 1), Quantile(without.Completion, 1))
+	}
+}

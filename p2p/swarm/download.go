@@ -49,6 +49,8 @@ type Downloader struct {
 
 	mu   sync.Mutex
 	runs map[digest.Digest]*collector.Run
+	// delegated are pieces this node, as owner, left to delegates.
+	delegated map[digest.Digest][]int
 }
 
 // NewDownloader returns a downloader.
@@ -65,7 +67,19 @@ func NewDownloader(opts DownloaderOptions) *Downloader {
 	if opts.Tracker == nil {
 		opts.Tracker = tracker.New(nil)
 	}
-	return &Downloader{opts: opts, log: opts.Logger.With("component", "swarm"), runs: map[digest.Digest]*collector.Run{}}
+	return &Downloader{opts: opts, log: opts.Logger.With("component", "swarm"), runs: map[digest.Digest]*collector.Run{}, delegated: map[digest.Digest][]int{}}
+}
+
+// Delegate leaves pieces of d to the nodes that read them from the upstream
+// as this owner's delegates (Server.Register): the download takes them from
+// those peers.
+func (s *Downloader) Delegate(d digest.Digest, pieces []int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.delegated[d] = append(s.delegated[d], pieces...)
+	if run := s.runs[d]; run != nil {
+		run.DenyUpstream(pieces)
+	}
 }
 
 // Progress reports what the running download of d fetches now, and whether
@@ -91,11 +105,15 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 	run.SetUpstream(collector.NewUpstreamParent(src, req.Registry, req.Repo, d, req.Header), req.UpstreamOnly)
 	s.mu.Lock()
 	s.runs[d] = run
+	if p := s.delegated[d]; len(p) > 0 && !req.UpstreamOnly {
+		run.DenyUpstream(p)
+	}
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
 		if s.runs[d] == run {
 			delete(s.runs, d)
+			delete(s.delegated, d)
 		}
 		s.mu.Unlock()
 	}()
@@ -222,6 +240,13 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 			// The owner cannot fetch a private blob: the first node to ask
 			// fetches it with its client's credentials and seeds it.
 			run.AllowUpstream(resp.GetFetchYourself() && len(resp.GetPeers()) == 0)
+			if up := resp.GetUpstreamPieces(); len(up) > 0 {
+				pieces := make([]int, len(up))
+				for k, i := range up {
+					pieces[k] = int(i)
+				}
+				run.GrantUpstream(pieces)
+			}
 			// The owner's piece checksums, read from the upstream, are the
 			// ones every piece is checked against.
 			run.SetAuthority(id)

@@ -305,3 +305,40 @@ func TestDownloader(t *testing.T) {
 		})
 	}
 }
+
+// A node the owner delegated pieces to reads them from the upstream, and
+// the rest from the owner.
+func TestDownloaderReadsDelegatedPieces(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		data := make([]byte, 4*piece.MinSize)
+		rand.NewChaCha8([32]byte{2}).Read(data)
+		d := digest.FromBytes(data)
+		rank := ranked(d, 2)
+		c := &fakeCluster{nodes: map[string]*fakeNode{}, data: data}
+		// The owner has the pieces it did not delegate (it leaves the
+		// others to this node), and the upstream is not this node's to use.
+		partial := complete(d, data)
+		partial.Complete = false
+		partial.Pieces = []*pb.Piece{partial.Pieces[0], partial.Pieces[2]}
+		c.nodes[addrOf(rank[0])] = &fakeNode{resp: &pb.RegisterResponse{UpstreamPieces: []uint32{1, 3}}, updates: []*pb.PieceUpdate{partial}}
+		up := &countingUpstream{data: data}
+		dl := NewDownloader(DownloaderOptions{
+			Self: membership.Member{ID: rank[1], Addr: addrOf(rank[1])}, Members: staticMembers{{ID: rank[0], Addr: addrOf(rank[0])}, {ID: rank[1], Addr: addrOf(rank[1])}},
+			Transport: c, Collector: collector.New(collector.Options{Concurrency: 4, Logger: slog.New(slog.DiscardHandler)}),
+			Upstream: up, Logger: slog.New(slog.DiscardHandler),
+		})
+		job := newMemJob(d, int64(len(data)))
+		if err := dl.Fill(context.Background(), job, task.Request{Digest: d}); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(job.data, data) {
+			t.Fatal("the job's bytes differ from the blob")
+		}
+		if got := up.bytes.Load(); got != 2*piece.MinSize {
+			t.Errorf("upstream sent %d bytes, want the two delegated pieces (%d)", got, 2*piece.MinSize)
+		}
+		if got := job.source[rank[0]]; got != 2 {
+			t.Errorf("%d pieces from the owner, want 2 (by parent %v)", got, job.source)
+		}
+	})
+}

@@ -34,9 +34,18 @@ type Tasks interface {
 	Lookup(d digest.Digest) (*task.Task, bool)
 }
 
-// Downloads tells what a running download fetches now; *Downloader is one.
+// Downloads tells what a running download fetches now, and leaves pieces
+// to delegates; *Downloader is one.
 type Downloads interface {
 	Progress(d digest.Digest) (fetching []int, seeding, ok bool)
+	Delegate(d digest.Digest, pieces []int)
+}
+
+// Uploads are upload capacities in bytes/s, 0 when unknown: this node's and
+// another member's (from the host state it streams).
+type Uploads interface {
+	OwnUpload() float64
+	UploadOf(id string) float64
 }
 
 // ServerOptions configure a Server.
@@ -57,7 +66,11 @@ type ServerOptions struct {
 	Registries RegistryChecker
 	// MaxPeers bounds the peer list an owner hands out.
 	MaxPeers int
-	Logger   *slog.Logger
+	// Delegations and Uploads let a slow owner hand pieces to faster
+	// registering nodes to read from the upstream; either nil: never.
+	Delegations *Delegations
+	Uploads     Uploads
+	Logger      *slog.Logger
 }
 
 // Server is this node's side for its peers: the tracker of the digests it
@@ -146,8 +159,30 @@ func (s *Server) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Reg
 		return nil, status.Errorf(codes.Unavailable, "owner cannot fetch %s: %v", d, err)
 	default:
 		resp.Size = t.Size()
+		resp.UpstreamPieces = s.delegate(d, t, who.ID)
 	}
 	return resp, nil
+}
+
+// delegate hands node pieces of t to read from the upstream when this
+// owner's upload is much the slower (Delegations).
+func (s *Server) delegate(d digest.Digest, t *task.Task, node string) []uint32 {
+	if s.opts.Delegations == nil || s.opts.Uploads == nil || s.opts.Downloads == nil {
+		return nil
+	}
+	done, _ := t.Pieces()
+	uploads := func() map[string]float64 {
+		m := map[string]float64{}
+		for _, member := range s.opts.Members.Members() {
+			m[member.ID] = s.opts.Uploads.UploadOf(member.ID)
+		}
+		return m
+	}
+	pieces := s.opts.Delegations.Register(s.opts.Downloads, d, done, node, s.opts.Uploads.OwnUpload(), uploads)
+	if len(pieces) > 0 {
+		s.log.Debug("pieces delegated", "digest", d, "node", node, "pieces", len(pieces), "of", len(done))
+	}
+	return pieces
 }
 
 // caller is the member behind a request: the id it authenticated with (on

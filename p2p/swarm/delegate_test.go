@@ -1,0 +1,104 @@
+package swarm
+
+import (
+	"slices"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// fakeDownloads is the owner's download: pieces in flight, and what it left
+// to delegates.
+type fakeDownloads struct {
+	fetching  []int
+	delegated map[string][]int // by call, in order
+	calls     int
+}
+
+func (f *fakeDownloads) Progress(digest.Digest) ([]int, bool, bool) { return f.fetching, true, true }
+func (f *fakeDownloads) Delegate(_ digest.Digest, pieces []int) {
+	f.calls++
+	if f.delegated == nil {
+		f.delegated = map[string][]int{}
+	}
+	f.delegated[string(rune('0'+f.calls))] = pieces
+}
+
+func ints(v []uint32) []int {
+	out := make([]int, len(v))
+	for k, x := range v {
+		out[k] = int(x)
+	}
+	return out
+}
+
+func TestDelegations(t *testing.T) {
+	d := digest.FromString("blob")
+	const count = 12
+	fast := func() map[string]float64 {
+		return map[string]float64{"a": 30e6, "b": 30e6, "c": 60e6, "slow": 4e6, "unknown": 0}
+	}
+	t.Run("a slow owner splits the pieces it has not started among the fast members", func(t *testing.T) {
+		ds := &Delegations{}
+		dl := &fakeDownloads{fetching: []int{1}}
+		done := make([]bool, count)
+		done[0] = true
+		got := map[string][]int{}
+		for _, node := range []string{"c", "slow", "a", "b"} {
+			got[node] = ints(ds.Register(dl, d, done, node, 3e6, fast))
+		}
+		if len(got["slow"]) != 0 {
+			t.Errorf("a member no faster than the owner got %v", got["slow"])
+		}
+		// 10 free pieces (0 done, 1 in flight), by upload 30:30:60.
+		if len(got["a"]) != 2 && len(got["a"]) != 3 || len(got["b"]) != 2 && len(got["b"]) != 3 || len(got["c"]) != 5 {
+			t.Errorf("shares a %v, b %v, c %v; want about 2.5, 2.5, 5", got["a"], got["b"], got["c"])
+		}
+		var all []int
+		for _, p := range got {
+			all = append(all, p...)
+		}
+		slices.Sort(all)
+		if want := []int{2, 3, 4, 5, 6, 7, 8, 9, 10, 11}; !slices.Equal(all, want) {
+			t.Errorf("delegated %v, want every free piece once: %v", all, want)
+		}
+		if dl.calls != 3 {
+			t.Errorf("the owner's download was told %d times, want once per delegate", dl.calls)
+		}
+		// Registering again: the same pieces, the download not told again.
+		if again := ints(ds.Register(dl, d, done, "c", 3e6, fast)); !slices.Equal(again, got["c"]) || dl.calls != 3 {
+			t.Errorf("c again: %v (first %v), %d calls", again, got["c"], dl.calls)
+		}
+	})
+	t.Run("a share claimed late leaves what the owner started since", func(t *testing.T) {
+		ds := &Delegations{}
+		dl := &fakeDownloads{}
+		done := make([]bool, count)
+		first := ints(ds.Register(dl, d, done, "c", 3e6, fast))
+		planned := len(first)
+		for i := range done {
+			done[i] = !slices.Contains(first, i) // the owner did everything else meanwhile
+		}
+		if late := ds.Register(dl, d, done, "a", 3e6, fast); len(late) != 0 {
+			t.Errorf("a claimed %v after the owner had started them all (c had %d)", late, planned)
+		}
+	})
+	t.Run("no delegation", func(t *testing.T) {
+		for _, tc := range []struct {
+			name    string
+			ownerUp float64
+			node    string
+		}{
+			{"the owner is fast enough", 20e6, "a"},
+			{"the owner's upload is unknown", 0, "c"},
+			{"the node's upload is unknown", 3e6, "unknown"},
+			{"the node is not in the membership's uploads", 3e6, "stranger"},
+		} {
+			ds := &Delegations{}
+			dl := &fakeDownloads{}
+			if got := ds.Register(dl, d, make([]bool, count), tc.node, tc.ownerUp, fast); len(got) != 0 || dl.calls != 0 {
+				t.Errorf("%s: delegated %v", tc.name, got)
+			}
+		}
+	})
+}
