@@ -150,6 +150,10 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	defer cancel()
 	bg.Go(func() { s.net.run(ctx) })
 	for _, n := range s.nodes {
+		// Nodes have run before the pull: every state is out before it
+		// starts, as in the namespace harness.
+		_, _ = n.meter.Sample(ctx)
+		n.published.Store(n.meter.State().Proto())
 		bg.Go(func() { n.publishState(ctx) })
 	}
 	for _, n := range s.loaded {
