@@ -31,6 +31,7 @@ type Config struct {
 	Store           Store         `toml:"store"`
 	P2P             P2P           `toml:"p2p"`
 	Upload          Upload        `toml:"upload"`
+	Download        Download      `toml:"download"`
 	Admin           Admin         `toml:"admin"`
 	Access          Access        `toml:"access"`
 	Limits          Limits        `toml:"limits"`
@@ -88,6 +89,11 @@ type PeerTLS struct {
 
 // Set reports whether operator certificates are configured.
 func (t PeerTLS) Set() bool { return t.CA != "" || t.Cert != "" || t.Key != "" }
+
+// Download is the [download] table.
+type Download struct {
+	Rate Size `toml:"rate"`
+}
 
 // Upload is the [upload] table.
 type Upload struct {

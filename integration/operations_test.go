@@ -281,3 +281,36 @@ func TestDrainOnSigterm(t *testing.T) {
 		}
 	}
 }
+
+// download.rate paces a node's piece downloads, and SIGHUP changes it.
+func TestDownloadRate(t *testing.T) {
+	reg := startRegistry(t)
+	const size = 12 << 20
+	var ds []string
+	for i := range 2 {
+		d, err := reg.PushBlob(context.Background(), "rate/blob", testregistry.RandomBytes(size, uint64(60+i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ds = append(ds, d)
+	}
+	cfg := writeTOML(t, "[download]\nrate = \"2MiB\"\n")
+	px := startProxy(t, "", "--config", cfg, "--upstream", "rate.invalid="+reg.URL)
+	url := func(d string) string { return "http://" + px.Addr + "/v2/rate/blob/blobs/" + d + "?ns=rate.invalid" }
+	start := time.Now()
+	if _, err := fetchVerified(url(ds[0]), ds[0]); err != nil {
+		t.Fatal(err)
+	}
+	// The bucket starts with 4 MiB; the rest comes at 2 MiB/s at most.
+	if took, least := time.Since(start), 4*time.Second; took < least {
+		t.Errorf("12 MiB at download.rate 2MiB took %v, less than %v", took, least)
+	}
+	if err := os.WriteFile(cfg, []byte("[download]\nrate = \"0\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	px.cmd.Process.Signal(syscall.SIGHUP)
+	eventually(t, 10*time.Second, "no reload logged", func() bool { return strings.Contains(px.output(), `"applied":["download.rate"]`) })
+	if _, err := fetchVerified(url(ds[1]), ds[1]); err != nil {
+		t.Fatal(err)
+	}
+}

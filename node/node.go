@@ -18,6 +18,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/blobstore"
 	"github.com/registry-proxy/registry-proxy/config"
 	"github.com/registry-proxy/registry-proxy/internal/connlimit"
+	"github.com/registry-proxy/registry-proxy/internal/pace"
 	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/proxy"
@@ -41,6 +42,8 @@ type Node struct {
 	up    *upstream.Client
 	tasks *task.Manager
 	p2p   *peers
+	// download paces piece downloads (download.rate).
+	download *pace.Limiter
 	// draining is set once Shutdown starts: /readyz says so.
 	draining *atomic.Bool
 	cancel   context.CancelFunc
@@ -101,7 +104,9 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		Metrics:        m,
 		Logger:         log,
 	}
+	download := pace.New(uint64(cfg.Download.Rate))
 	collOpts := collector.Options{
+		Download:            download,
 		Concurrency:         cfg.Pieces.Concurrency,
 		PerParent:           cfg.Pieces.PerParent,
 		UpstreamConcurrency: cfg.Pieces.Upstream,
@@ -171,6 +176,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		up:       up,
 		tasks:    tasks,
 		p2p:      p2p,
+		download: download,
 		errc:     make(chan error, 2),
 		admLn:    admLn,
 		draining: draining,
@@ -316,7 +322,7 @@ func readyFunc(draining *atomic.Bool, joined func() (bool, string)) func() (bool
 
 // Reloadable are the keys Reload applies to a running node (log.level is
 // applied by the caller, who owns the logger).
-var Reloadable = []string{"log.level", "store.high_water", "store.low_water", "store.max_age", "upload.limit", "upload.rate"}
+var Reloadable = []string{"download.rate", "log.level", "store.high_water", "store.low_water", "store.max_age", "upload.limit", "upload.rate"}
 
 // Reload applies what may change while running from cfg, which must have
 // been loaded the way the running configuration was. It returns the keys
@@ -335,6 +341,9 @@ func (n *Node) Reload(cfg config.Config) (applied, restart []string, err error) 
 	n.cfg.Log.Level = cfg.Log.Level
 	n.cfg.Store.HighWater, n.cfg.Store.LowWater, n.cfg.Store.MaxAge = cfg.Store.HighWater, cfg.Store.LowWater, cfg.Store.MaxAge
 	n.cfg.Upload.Limit, n.cfg.Upload.Rate = cfg.Upload.Limit, cfg.Upload.Rate
+	n.cfg.Download.Rate = cfg.Download.Rate
+	n.download.Set(uint64(cfg.Download.Rate))
+	n.p2p.setDownload(uint64(cfg.Download.Rate))
 	n.store.SetLimits(int64(cfg.Store.HighWater), int64(cfg.Store.LowWater), cfg.Store.MaxAge)
 	n.p2p.setUpload(cfg.Upload.Limit, uint64(cfg.Upload.Rate))
 	return applied, restart, nil

@@ -22,6 +22,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/registry-proxy/registry-proxy/internal/pace"
 	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/piece"
@@ -131,6 +132,9 @@ type Options struct {
 	Now    func() time.Time
 	Rand   *rand.Rand
 	Logger *slog.Logger
+	// Download paces every piece this node downloads, from peers and the
+	// upstream (download.rate); nil: unpaced.
+	Download *pace.Limiter
 	// Metrics counts piece fetches; may be nil.
 	Metrics *metrics.Metrics
 }

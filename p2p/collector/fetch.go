@@ -71,7 +71,7 @@ func (r *Run) fetch(ctx context.Context, i int, pq *parentQueue) error {
 		}
 	}
 	r.mu.Unlock()
-	var src io.Reader = io.LimitReader(body, n+1)
+	var src io.Reader = r.c.opts.Download.Reader(ctx, io.LimitReader(body, n+1))
 	if fs != nil {
 		src = countingReader{r: src, n: &fs.read}
 	}
@@ -116,8 +116,8 @@ func (c *cancelOnClose) Close() error {
 // streamWhole fills every missing piece from a body that holds the whole
 // blob; the other workers stop picking.
 func (r *Run) streamWhole(whole *ErrWhole, pq *parentQueue, cancel context.CancelCauseFunc) error {
-	body := whole.Body
-	defer body.Close()
+	defer whole.Body.Close()
+	body := r.c.opts.Download.Reader(context.Background(), whole.Body) // the body ends with the run
 	r.mu.Lock()
 	first := !r.sequential
 	r.sequential = true

@@ -12,8 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"golang.org/x/time/rate"
-
+	"github.com/registry-proxy/registry-proxy/internal/pace"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 )
 
@@ -36,6 +35,7 @@ type State struct {
 	UploadsInFlight    uint32
 	UploadLimit        uint32 // concurrent piece uploads allowed
 	UploadRateLimit    uint64 // token bucket bytes/s, 0 none
+	DownloadRateLimit  uint64 // download.rate bytes/s, 0 none
 	DiskReadBps        uint64
 	FreeBytes          uint64
 	MeasuredAt         time.Time
@@ -45,7 +45,7 @@ type State struct {
 func (s State) Proto() *pb.HostState {
 	return &pb.HostState{
 		TxBandwidth: s.TxBps, RxBandwidth: s.RxBps, MaxTxBandwidth: s.MaxTxBps, MaxRxBandwidth: s.MaxRxBps,
-		UploadsInFlight: s.UploadsInFlight, UploadLimit: s.UploadLimit, UploadRateLimit: s.UploadRateLimit,
+		UploadsInFlight: s.UploadsInFlight, UploadLimit: s.UploadLimit, UploadRateLimit: s.UploadRateLimit, DownloadRateLimit: s.DownloadRateLimit,
 		DiskReadBandwidth: s.DiskReadBps, FreeBytes: s.FreeBytes, MeasuredAt: s.MeasuredAt.UnixNano(),
 	}
 }
@@ -62,6 +62,9 @@ type Options struct {
 	// UploadRate limits upload bytes/s with a token bucket; 0 means none.
 	// When set it is the reported maximum tx.
 	UploadRate uint64
+	// DownloadRate is the node's download limit (download.rate), bytes/s;
+	// 0 means none. When set it is the reported maximum rx.
+	DownloadRate uint64
 }
 
 // ErrBusy means the host is at its upload limit.
@@ -70,11 +73,11 @@ var ErrBusy = errors.New("hoststate: upload limit reached")
 // Meter keeps the latest State and counts uploads.
 type Meter struct {
 	opts    Options
-	limiter *rate.Limiter
+	upload  *pace.Limiter
 	uploads atomic.Int32
-	// The upload limits, changed by SetUpload while running.
-	uploadLimit atomic.Int32
-	uploadRate  atomic.Uint64
+	// The limits, changed by SetUpload and SetDownload while running.
+	uploadLimit  atomic.Int32
+	downloadRate atomic.Uint64
 
 	mu       sync.Mutex
 	prevAt   time.Time
@@ -92,11 +95,15 @@ func New(opts Options) *Meter {
 	if opts.UploadLimit <= 0 {
 		opts.UploadLimit = 16
 	}
-	// A burst of one 4 MiB piece write at a time keeps pacing smooth.
-	m := &Meter{opts: opts, limiter: rate.NewLimiter(rate.Inf, 4<<20)}
+	m := &Meter{opts: opts, upload: pace.New(0)}
 	m.SetUpload(opts.UploadLimit, opts.UploadRate)
+	m.SetDownload(opts.DownloadRate)
 	return m
 }
+
+// SetDownload changes the download limit reported to children (the
+// collector's pace.Limiter applies it).
+func (m *Meter) SetDownload(bps uint64) { m.downloadRate.Store(bps) }
 
 // SetUpload changes the upload slots (0 keeps them) and the upload rate in
 // bytes/s (0: none) of a running meter.
@@ -104,21 +111,11 @@ func (m *Meter) SetUpload(limit int, bps uint64) {
 	if limit > 0 {
 		m.uploadLimit.Store(int32(limit))
 	}
-	m.uploadRate.Store(bps)
-	if bps > 0 {
-		m.limiter.SetLimit(rate.Limit(bps))
-	} else {
-		m.limiter.SetLimit(rate.Inf)
-	}
+	m.upload.Set(bps)
 }
 
-// Limiter is the upload token bucket, nil when uploads are not limited.
-func (m *Meter) Limiter() *rate.Limiter {
-	if m.uploadRate.Load() == 0 {
-		return nil
-	}
-	return m.limiter
-}
+// Upload paces uploads to peers (upload.rate).
+func (m *Meter) Upload() *pace.Limiter { return m.upload }
 
 // BeginUpload counts one upload in flight; call done when it ends. It fails
 // with ErrBusy at the upload limit.
@@ -152,16 +149,20 @@ func (m *Meter) Sample(ctx context.Context) (State, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	st := State{
-		MaxTxBps:        pick(m.opts.MaxTxBps, speed),
-		MaxRxBps:        pick(m.opts.MaxRxBps, speed),
-		UploadsInFlight: uint32(max(m.uploads.Load(), 0)),
-		UploadLimit:     uint32(m.uploadLimit.Load()),
-		UploadRateLimit: m.uploadRate.Load(),
-		FreeBytes:       free,
-		MeasuredAt:      now,
+		MaxTxBps:          pick(m.opts.MaxTxBps, speed),
+		MaxRxBps:          pick(m.opts.MaxRxBps, speed),
+		UploadsInFlight:   uint32(max(m.uploads.Load(), 0)),
+		UploadLimit:       uint32(m.uploadLimit.Load()),
+		UploadRateLimit:   m.upload.Rate(),
+		DownloadRateLimit: m.downloadRate.Load(),
+		FreeBytes:         free,
+		MeasuredAt:        now,
 	}
 	if r := st.UploadRateLimit; r > 0 && (st.MaxTxBps == 0 || r < st.MaxTxBps) {
 		st.MaxTxBps = r
+	}
+	if r := st.DownloadRateLimit; r > 0 && (st.MaxRxBps == 0 || r < st.MaxRxBps) {
+		st.MaxRxBps = r
 	}
 	if dt := now.Sub(m.prevAt).Seconds(); !m.prevAt.IsZero() && dt > 0 {
 		st.RxBps = perSecond(m.prevRx, rx, dt)

@@ -120,8 +120,8 @@ func TestSysCounters(t *testing.T) {
 
 func TestSetUpload(t *testing.T) {
 	m := New(Options{Counters: &fakeCounters{}, UploadLimit: 1})
-	if m.Limiter() != nil {
-		t.Fatal("a limiter without a rate")
+	if m.Upload().Rate() != 0 {
+		t.Fatal("an upload rate without one set")
 	}
 	done, err := m.BeginUpload()
 	if err != nil {
@@ -135,15 +135,19 @@ func TestSetUpload(t *testing.T) {
 		t.Fatalf("second upload at limit 2: %v", err)
 	}
 	done()
-	if l := m.Limiter(); l == nil || l.Limit() != 1<<20 {
-		t.Fatalf("limiter after SetUpload: %v", l)
+	if r := m.Upload().Rate(); r != 1<<20 {
+		t.Fatalf("upload rate after SetUpload: %d", r)
 	}
 	st, _ := m.Sample(context.Background())
 	if st.UploadLimit != 2 || st.UploadRateLimit != 1<<20 || st.MaxTxBps != 1<<20 {
 		t.Errorf("state after SetUpload: %+v", st)
 	}
 	m.SetUpload(0, 0) // 0 keeps the slots, removes the rate
-	if m.Limiter() != nil || m.State().UploadLimit != 2 {
-		t.Errorf("after SetUpload(0, 0): limiter %v, state %+v", m.Limiter(), m.State())
+	if m.Upload().Rate() != 0 || m.State().UploadLimit != 2 {
+		t.Errorf("after SetUpload(0, 0): rate %d, state %+v", m.Upload().Rate(), m.State())
+	}
+	m.SetDownload(3 << 20)
+	if st, _ := m.Sample(context.Background()); st.DownloadRateLimit != 3<<20 || st.MaxRxBps != 3<<20 || st.Proto().GetDownloadRateLimit() != 3<<20 {
+		t.Errorf("after SetDownload: %+v", st)
 	}
 }

@@ -157,9 +157,11 @@ type HostState struct {
 	DiskReadBandwidth uint64 `protobuf:"varint,8,opt,name=disk_read_bandwidth,json=diskReadBandwidth,proto3" json:"disk_read_bandwidth,omitempty"`
 	FreeBytes         uint64 `protobuf:"varint,9,opt,name=free_bytes,json=freeBytes,proto3" json:"free_bytes,omitempty"`
 	// When the state was measured, Unix nanoseconds.
-	MeasuredAt    int64 `protobuf:"varint,10,opt,name=measured_at,json=measuredAt,proto3" json:"measured_at,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	MeasuredAt int64 `protobuf:"varint,10,opt,name=measured_at,json=measuredAt,proto3" json:"measured_at,omitempty"`
+	// Download token bucket in bytes/s (download.rate), 0 when none.
+	DownloadRateLimit uint64 `protobuf:"varint,11,opt,name=download_rate_limit,json=downloadRateLimit,proto3" json:"download_rate_limit,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *HostState) Reset() {
@@ -258,6 +260,13 @@ func (x *HostState) GetFreeBytes() uint64 {
 func (x *HostState) GetMeasuredAt() int64 {
 	if x != nil {
 		return x.MeasuredAt
+	}
+	return 0
+}
+
+func (x *HostState) GetDownloadRateLimit() uint64 {
+	if x != nil {
+		return x.DownloadRateLimit
 	}
 	return 0
 }
@@ -678,7 +687,7 @@ const file_p2p_pb_p2p_proto_rawDesc = "" +
 	"\x04Host\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04addr\x18\x02 \x01(\tR\x04addr\x125\n" +
-	"\x05state\x18\x03 \x01(\v2\x1f.registryproxy.p2p.v1.HostStateR\x05state\"\x90\x03\n" +
+	"\x05state\x18\x03 \x01(\v2\x1f.registryproxy.p2p.v1.HostStateR\x05state\"\xc0\x03\n" +
 	"\tHostState\x12!\n" +
 	"\ftx_bandwidth\x18\x01 \x01(\x04R\vtxBandwidth\x12!\n" +
 	"\frx_bandwidth\x18\x02 \x01(\x04R\vrxBandwidth\x12(\n" +
@@ -692,7 +701,8 @@ const file_p2p_pb_p2p_proto_rawDesc = "" +
 	"free_bytes\x18\t \x01(\x04R\tfreeBytes\x12\x1f\n" +
 	"\vmeasured_at\x18\n" +
 	" \x01(\x03R\n" +
-	"measuredAt\"E\n" +
+	"measuredAt\x12.\n" +
+	"\x13download_rate_limit\x18\v \x01(\x04R\x11downloadRateLimit\"E\n" +
 	"\x12WatchPiecesRequest\x12\x16\n" +
 	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x17\n" +
 	"\ahost_id\x18\x02 \x01(\tR\x06hostId\"9\n" +

@@ -214,8 +214,8 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 	if s.opts.Faults.TrickleBps > 0 {
 		dst = &pacedWriter{w: dst, ctx: r.Context(), lim: rate.NewLimiter(rate.Limit(s.opts.Faults.TrickleBps), 1024)}
 	}
-	if s.opts.Meter != nil && s.opts.Meter.Limiter() != nil {
-		dst = &pacedWriter{w: dst, ctx: r.Context(), lim: s.opts.Meter.Limiter()}
+	if s.opts.Meter != nil {
+		dst = s.opts.Meter.Upload().Writer(r.Context(), dst)
 	}
 	// To an *http.response with an *os.File behind a LimitedReader the
 	// kernel's sendfile does the copy.
