@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -333,5 +334,56 @@ func BenchmarkPeerTransfer(b *testing.B) {
 	b.ReportMetric(secs["insecure"]/secs["tls"], "tls-speed/insecure")
 	b.ReportMetric(float64(size)*float64(b.N)/secs["tls"]/1e6, "tls-MB/s")
 	b.ReportMetric(float64(size)*float64(b.N)/secs["insecure"]/1e6, "insecure-MB/s")
+	b.ReportMetric(0, "ns/op")
+}
+
+// BenchmarkServePeers: nine nodes on loopback pull one cold blob at once;
+// the digest's owner reads it from the upstream while it serves the other
+// eight and its own client. Reports the owner's peak RSS (and its growth
+// from start) and the time for all nine.
+func BenchmarkServePeers(b *testing.B) {
+	size, err := units.RAMInBytes(*benchSize)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var peak, growth, secs float64
+	for range b.N {
+		reg := startRegistry(b)
+		d := pushBlob(b, reg, size, 71)
+		var ids []string
+		for i := range 9 {
+			ids = append(ids, fmt.Sprintf("node-%d", i))
+		}
+		own := slices.Index(ids, owner.Rank(d, ids)[0])
+		c := newCluster(b, reg, ids)
+		for j := range ids {
+			c.nodes = append(c.nodes, c.startNode(b, j, "--log-level", "info"))
+		}
+		c.waitMembers(b, len(ids))
+		pid := c.nodes[own].cmd.Process.Pid
+		rss0 := procStatus(b, pid, "VmRSS")
+		var targets []fetch.Target
+		for j := range ids {
+			targets = append(targets, fetch.Target{URL: c.url(j, "cluster/blob", d), Digest: digest.Digest(d)})
+		}
+		took, errs := fetch.All(context.Background(), http.DefaultClient, targets)
+		if len(errs) > 0 {
+			b.Fatalf("%d pulls failed, the first: %v", len(errs), errs[0])
+		}
+		hwm := procStatus(b, pid, "VmHWM")
+		st := stats(b, c.nodes[own], d)
+		b.Logf("9 nodes, %s cold: %v; the owner (%s, sources %v) RSS %d KiB at start, peak %d KiB; upstream %.3f copies",
+			units.BytesSize(float64(size)), took.Round(time.Millisecond), ids[own], st.Sources, rss0, hwm, float64(reg.BlobBytes())/float64(size))
+		peak += float64(hwm) / 1024
+		growth += float64(hwm-rss0) / 1024
+		secs += took.Seconds()
+		for _, n := range c.nodes {
+			n.stopProxy()
+		}
+	}
+	n := float64(b.N)
+	b.ReportMetric(peak/n, "owner-peak-rss-MiB")
+	b.ReportMetric(growth/n, "owner-rss-growth-MiB")
+	b.ReportMetric(secs/n, "s")
 	b.ReportMetric(0, "ns/op")
 }
