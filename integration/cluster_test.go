@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -71,18 +72,33 @@ func (c *cluster) startNode(t testing.TB, i int, extra ...string) *proxy {
 	return c.startNodeBin(t, i, *proxyBin, extra...)
 }
 
-// startNodeBin starts node i from another build of the binary.
+// startNodeBin starts node i from another build of the binary. A peer
+// port reserved free but taken before the node bound it (another process's
+// connection) gets new ports, a few times.
 func (c *cluster) startNodeBin(t testing.TB, i int, bin string, extra ...string) *proxy {
-	args := []string{"--upstream", clusterRegistry + "=" + c.reg.URL, "--node-id", c.ids[i], "--peer-listen", c.peers[i]}
-	if c.secret != "" {
-		args = append(args, "--cluster-secret", c.secret)
+	t.Helper()
+	for attempt := 1; ; attempt++ {
+		args := []string{"--upstream", clusterRegistry + "=" + c.reg.URL, "--node-id", c.ids[i], "--peer-listen", c.peers[i]}
+		if c.secret != "" {
+			args = append(args, "--cluster-secret", c.secret)
+		}
+		if i > 0 {
+			args = append(args, "--join", c.peers[0])
+		} else if len(c.peers) > 1 {
+			args = append(args, "--join", c.peers[1])
+		}
+		px, err := tryStartProxyBin(t, bin, "", append(args, extra...)...)
+		if err == nil {
+			return px
+		}
+		if !errors.Is(err, errPortTaken) || attempt == 3 {
+			t.Fatal(err)
+		}
+		t.Logf("%s: peer port %s taken meanwhile; new ports", c.ids[i], c.peers[i])
+		if c.peers[i], err = ports.FreePair("127.0.0.1"); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if i > 0 {
-		args = append(args, "--join", c.peers[0])
-	} else if len(c.peers) > 1 {
-		args = append(args, "--join", c.peers[1])
-	}
-	return startProxyBin(t, bin, "", append(args, extra...)...)
 }
 
 // waitMembers waits until every running node sees n members.

@@ -9,6 +9,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -266,6 +267,21 @@ func startProxy(t testing.TB, dataDir string, args ...string) *proxy {
 // startProxyBin is startProxy with another build of the binary.
 func startProxyBin(t testing.TB, bin, dataDir string, args ...string) *proxy {
 	t.Helper()
+	px, err := tryStartProxyBin(t, bin, dataDir, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return px
+}
+
+// errPortTaken is a proxy that exited because an address it was given was
+// taken in the meantime (a port reserved free, then used by another
+// process's connection): the caller may start it again on other ports.
+var errPortTaken = errors.New("address already in use")
+
+// tryStartProxyBin is startProxyBin returning why the proxy did not start.
+func tryStartProxyBin(t testing.TB, bin, dataDir string, args ...string) (*proxy, error) {
+	t.Helper()
 	if dataDir == "" {
 		dataDir = t.TempDir()
 	}
@@ -307,11 +323,14 @@ func startProxyBin(t testing.TB, bin, dataDir string, args ...string) *proxy {
 	case a := <-addr:
 		px.Addr, px.Admin = a[0], a[1]
 	case <-p.done:
-		t.Fatalf("registry-proxy exited: %s", p.output())
+		if out := p.output(); strings.Contains(out, "address already in use") {
+			return nil, fmt.Errorf("registry-proxy exited: %w: %s", errPortTaken, out)
+		}
+		return nil, fmt.Errorf("registry-proxy exited: %s", p.output())
 	case <-time.After(30 * time.Second):
-		t.Fatalf("registry-proxy did not start: %s", p.output())
+		return nil, fmt.Errorf("registry-proxy did not start: %s", p.output())
 	}
-	return px
+	return px, nil
 }
 
 func (p *proxy) stopProxy() {
