@@ -21,12 +21,21 @@ type Limiter struct {
 	bps atomic.Uint64
 }
 
-// New returns a limiter at bps bytes/s (0: unlimited).
-func New(bps uint64) *Limiter {
-	l := &Limiter{lim: rate.NewLimiter(rate.Inf, 4<<20)}
+// New returns a limiter at bps bytes/s (0: unlimited) whose bucket holds
+// 4 MiB: a piece's worth may go at once after a pause.
+func New(bps uint64) *Limiter { return NewBurst(bps, 4<<20) }
+
+// NewBurst is New with a bucket of burst bytes: a small one paces from the
+// first byte.
+func NewBurst(bps uint64, burst int) *Limiter {
+	l := &Limiter{lim: rate.NewLimiter(rate.Inf, burst)}
 	l.Set(bps)
 	return l
 }
+
+// step is the most bytes one wait takes: a chunk, and never more than the
+// bucket holds.
+func (l *Limiter) step() int { return min(chunk, l.lim.Burst()) }
 
 // Set changes the rate of a running limiter.
 func (l *Limiter) Set(bps uint64) {
@@ -77,8 +86,8 @@ type reader struct {
 }
 
 func (p *reader) Read(b []byte) (int, error) {
-	if len(b) > chunk {
-		b = b[:chunk]
+	if n := p.l.step(); len(b) > n {
+		b = b[:n]
 	}
 	n, err := p.r.Read(b)
 	if n > 0 {
@@ -98,7 +107,7 @@ type writer struct {
 func (p *writer) Write(b []byte) (int, error) {
 	written := 0
 	for len(b) > 0 {
-		c := b[:min(len(b), chunk)]
+		c := b[:min(len(b), p.l.step())]
 		if err := p.l.wait(p.ctx, len(c)); err != nil {
 			return written, err
 		}

@@ -69,3 +69,24 @@ func TestCancelled(t *testing.T) {
 		t.Error("a cancelled read at 1 byte/s returned no error")
 	}
 }
+
+// A small bucket paces from the first byte, in steps it can hold.
+func TestSmallBurst(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		l := NewBurst(4096, 1024)
+		start := time.Now()
+		if _, err := l.Writer(context.Background(), io.Discard).Write(make([]byte, 8192)); err != nil {
+			t.Fatal(err)
+		}
+		if took := time.Since(start); took < 1750*time.Millisecond {
+			t.Errorf("8 KiB at 4 KiB/s with a 1 KiB bucket took %v", took)
+		}
+		start = time.Now()
+		if _, err := io.Copy(io.Discard, l.Reader(context.Background(), bytes.NewReader(make([]byte, 8192)))); err != nil {
+			t.Fatal(err)
+		}
+		if took := time.Since(start); took < 1750*time.Millisecond {
+			t.Errorf("reading 8 KiB at 4 KiB/s with a 1 KiB bucket took %v", took)
+		}
+	})
+}

@@ -21,7 +21,6 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
-	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
@@ -29,6 +28,7 @@ import (
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 
+	"github.com/registry-proxy/registry-proxy/internal/pace"
 	"github.com/registry-proxy/registry-proxy/internal/progress"
 	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
@@ -212,7 +212,7 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 		dst = &corruptWriter{w: dst}
 	}
 	if s.opts.Faults.TrickleBps > 0 {
-		dst = &pacedWriter{w: dst, ctx: r.Context(), lim: rate.NewLimiter(rate.Limit(s.opts.Faults.TrickleBps), 1024)}
+		dst = pace.NewBurst(uint64(s.opts.Faults.TrickleBps), 1024).Writer(r.Context(), dst)
 	}
 	if s.opts.Meter != nil {
 		dst = s.opts.Meter.Upload().Writer(r.Context(), dst)
@@ -251,31 +251,6 @@ func (c *corruptWriter) Write(b []byte) (int, error) {
 		b = append([]byte{b[0] ^ 0xff}, b[1:]...)
 	}
 	return c.w.Write(b)
-}
-
-// pacedWriter holds uploads to a rate.
-type pacedWriter struct {
-	w   io.Writer
-	ctx context.Context
-	lim *rate.Limiter
-}
-
-func (p *pacedWriter) Write(b []byte) (int, error) {
-	lim := p.lim
-	written := 0
-	for len(b) > 0 {
-		chunk := b[:min(len(b), 256<<10, lim.Burst())]
-		if err := lim.WaitN(p.ctx, len(chunk)); err != nil {
-			return written, err
-		}
-		n, err := p.w.Write(chunk)
-		written += n
-		if err != nil {
-			return written, err
-		}
-		b = b[len(chunk):]
-	}
-	return written, nil
 }
 
 // WatchPieces implements pb.PiecesServer.
