@@ -181,9 +181,7 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 		i := r.raced[0]
 		r.raced = r.raced[1:]
 		if r.wanted[i] {
-			r.inflight[i] = true
-			r.setWantedLocked(i, false)
-			r.upstream.inflight++
+			r.takeLocked(i, r.upstream)
 			return i, r.upstream, false
 		}
 	}
@@ -192,9 +190,7 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 	// has them before it does.
 	if upstreamRoom && r.granted != nil {
 		if i, ok := r.firstWantedLocked(func(i int) bool { return r.granted[i] }); ok {
-			r.inflight[i] = true
-			r.setWantedLocked(i, false)
-			r.upstream.inflight++
+			r.takeLocked(i, r.upstream)
 			return i, r.upstream, false
 		}
 	}
@@ -218,11 +214,16 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 		}
 	}
 	if pq != nil {
-		r.inflight[i] = true
-		r.setWantedLocked(i, false)
-		pq.inflight++
+		r.takeLocked(i, pq)
 	}
 	return i, pq, false
+}
+
+// takeLocked hands piece i to parent pq: in flight, no longer wanted.
+func (r *Run) takeLocked(i int, pq *parentQueue) {
+	r.inflight[i] = true
+	r.setWantedLocked(i, false)
+	pq.inflight++
 }
 
 // peerFetchingLocked reports whether a peer fetch is in flight: picked
