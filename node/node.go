@@ -145,7 +145,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		Pprof:           cfg.Admin.Pprof,
 		Logger:          log,
 	})
-	m.GaugeFunc("tasks_in_flight", "Blob downloads running now.", func() float64 { return float64(len(tasks.Running())) })
+	m.GaugeFunc("tasks_in_flight", "Blob downloads running now.", func() float64 { return float64(tasks.Len()) })
 	m.GaugeFunc("store_bytes", "Bytes of complete blobs in the store.", func() float64 { _, b := store.Usage(); return float64(b) })
 	m.GaugeFunc("store_blobs", "Complete blobs in the store.", func() float64 { n, _ := store.Usage(); return float64(n) })
 	rawLn, err := net.Listen("tcp", cfg.Listen)
@@ -271,7 +271,7 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		errs = append(errs, fmt.Errorf("leaving the cluster: %w", err))
 	}
 	n.tasks.Drain()
-	running := len(n.tasks.Running())
+	running := n.tasks.Len()
 	n.log.Info("draining: left the cluster, finishing client responses and uploads", "downloads", running, "deadline", deadlineOf(ctx))
 	var wg sync.WaitGroup
 	var peerErr error

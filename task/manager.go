@@ -306,6 +306,13 @@ func (m *Manager) Drain() {
 	m.mu.Unlock()
 }
 
+// Len is the number of running tasks.
+func (m *Manager) Len() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.tasks)
+}
+
 // Running returns the accounting of every running task, oldest first.
 func (m *Manager) Running() []Stats {
 	m.mu.Lock()
