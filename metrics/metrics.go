@@ -27,20 +27,19 @@ const (
 type Metrics struct {
 	reg *prometheus.Registry
 
-	blobBytes      *prometheus.CounterVec
-	uploadBytes    prometheus.Counter
-	uploads        *prometheus.CounterVec
-	pieces         *prometheus.CounterVec
-	pieceSeconds   *prometheus.HistogramVec
-	blobs          *prometheus.CounterVec
-	blobSeconds    *prometheus.HistogramVec
-	requests       *prometheus.CounterVec
-	upstream       *prometheus.CounterVec
-	accessChecks   *prometheus.CounterVec
-	gcRuns         prometheus.Counter
-	gcRemoved      *prometheus.CounterVec
-	gcFreed        prometheus.Counter
-	parentWeightsC *weightCollector
+	blobBytes    *prometheus.CounterVec
+	uploadBytes  prometheus.Counter
+	uploads      *prometheus.CounterVec
+	pieces       *prometheus.CounterVec
+	pieceSeconds *prometheus.HistogramVec
+	blobs        *prometheus.CounterVec
+	blobSeconds  *prometheus.HistogramVec
+	requests     *prometheus.CounterVec
+	upstream     *prometheus.CounterVec
+	accessChecks *prometheus.CounterVec
+	gcRuns       prometheus.Counter
+	gcRemoved    *prometheus.CounterVec
+	gcFreed      prometheus.Counter
 }
 
 // New returns the metrics of a node running version.
@@ -128,11 +127,10 @@ func (m *Metrics) ParentWeights(f func() map[string]float64) {
 	if m == nil {
 		return
 	}
-	m.parentWeightsC = &weightCollector{
+	m.reg.MustRegister(&weightCollector{
 		desc: prometheus.NewDesc(ns+"_parent_weight", "The weight this node gives each followed parent from its latest host state (bytes/s it expects the parent to send).", []string{"parent"}, nil),
 		f:    f,
-	}
-	m.reg.MustRegister(m.parentWeightsC)
+	})
 }
 
 type weightCollector struct {

@@ -229,8 +229,6 @@ func (m *Membership) Self() string { return m.opts.NodeID }
 
 // Close leaves the cluster and stops gossip.
 func (m *Membership) Close() error {
-	m.cancel()
-	m.wg.Wait()
 	return errors.Join(m.Leave(), m.ml.Shutdown())
 }
 
