@@ -14,7 +14,6 @@ import (
 
 	"github.com/registry-proxy/registry-proxy/inspect"
 	"github.com/registry-proxy/registry-proxy/internal/probe"
-	"github.com/registry-proxy/registry-proxy/internal/testregistry"
 	"github.com/registry-proxy/registry-proxy/metrics"
 )
 
@@ -167,18 +166,11 @@ func TestOperatorView(t *testing.T) {
 func TestSighupReload(t *testing.T) {
 	reg := startRegistry(t)
 	const size = 8 << 20
-	var ds []string
-	for i := range 3 {
-		d, err := reg.PushBlob(context.Background(), "reload/blob", testregistry.RandomBytes(size, uint64(40+i)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		ds = append(ds, d)
-	}
+	ds := []string{pushBlob(t, reg, size, 40), pushBlob(t, reg, size, 41), pushBlob(t, reg, size, 42)}
 	cfg := writeTOML(t, "[upstream]\ntimeout = \"1m\"\n")
 	px := startProxy(t, "", "--config", cfg, "--upstream", "reload.invalid="+reg.URL)
 	for _, d := range ds {
-		if _, err := fetchVerified("http://"+px.Addr+"/v2/reload/blob/blobs/"+d+"?ns=reload.invalid", d); err != nil {
+		if _, err := fetchVerified("http://"+px.Addr+"/v2/cluster/blob/blobs/"+d+"?ns=reload.invalid", d); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -286,17 +278,10 @@ func TestDrainOnSigterm(t *testing.T) {
 func TestDownloadRate(t *testing.T) {
 	reg := startRegistry(t)
 	const size = 12 << 20
-	var ds []string
-	for i := range 2 {
-		d, err := reg.PushBlob(context.Background(), "rate/blob", testregistry.RandomBytes(size, uint64(60+i)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		ds = append(ds, d)
-	}
+	ds := []string{pushBlob(t, reg, size, 60), pushBlob(t, reg, size, 61)}
 	cfg := writeTOML(t, "[download]\nrate = \"2MiB\"\n")
 	px := startProxy(t, "", "--config", cfg, "--upstream", "rate.invalid="+reg.URL)
-	url := func(d string) string { return "http://" + px.Addr + "/v2/rate/blob/blobs/" + d + "?ns=rate.invalid" }
+	url := func(d string) string { return "http://" + px.Addr + "/v2/cluster/blob/blobs/" + d + "?ns=rate.invalid" }
 	start := time.Now()
 	if _, err := fetchVerified(url(ds[0]), ds[0]); err != nil {
 		t.Fatal(err)
