@@ -151,7 +151,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	rawLn, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		tasks.Close()
-		p2p.close(context.Background())
+		p2p.close()
 		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
 	}
 	cl := connlimit.New(rawLn, cfg.Limits.ClientConns)
@@ -164,7 +164,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		if admLn, err = net.Listen("tcp", cfg.Admin.Listen); err != nil {
 			ln.Close()
 			tasks.Close()
-			p2p.close(context.Background())
+			p2p.close()
 			return nil, fmt.Errorf("admin listen %s: %w", cfg.Admin.Listen, err)
 		}
 	}
@@ -285,7 +285,7 @@ func (n *Node) Shutdown(ctx context.Context) error {
 	if mirrorErr != nil || peerErr != nil {
 		n.log.Warn("drain deadline passed; cutting off the rest", "after", time.Since(start).Round(time.Millisecond))
 		n.srv.Close()
-		errs = append(errs, mirrorErr)
+		errs = append(errs, mirrorErr, peerErr)
 	} else {
 		n.log.Info("drained", "after", time.Since(start).Round(time.Millisecond))
 	}
@@ -294,7 +294,7 @@ func (n *Node) Shutdown(ctx context.Context) error {
 	}
 	n.tasks.Close()
 	n.up.Close()
-	errs = append(errs, n.p2p.close(ctx))
+	errs = append(errs, n.p2p.close())
 	n.cancel()
 	n.wg.Wait()
 	return errors.Join(errs...)

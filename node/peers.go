@@ -122,7 +122,7 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	}
 	if p.members, err = membership.Start(ctx, membership.Options{NodeID: id, PeerAddr: addr, Join: cfg.P2P.Join, Keys: gossipKeys, Logger: log}); err != nil {
 		ln.Close()
-		p.close(ctx)
+		p.close()
 		return nil, nil, err
 	}
 	if p.syncer != nil {
@@ -265,14 +265,15 @@ func (p *peers) setDownload(bps uint64) {
 	}
 }
 
-func (p *peers) close(ctx context.Context) error {
+func (p *peers) close() error {
 	if p == nil {
 		return nil
 	}
 	var errs []error
 	p.closeOnce.Do(func() {
 		if p.server != nil {
-			errs = append(errs, p.server.Shutdown(ctx))
+			// Uploads had their time in shutdownServer: what is left is cut.
+			errs = append(errs, p.server.Close())
 		}
 		if p.members != nil {
 			errs = append(errs, p.members.Close())

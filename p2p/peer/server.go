@@ -148,10 +148,17 @@ func (s *Server) Serve(ln net.Listener) error {
 	return err
 }
 
-// Shutdown stops serving; streams are cut.
+// Shutdown stops serving; streams are cut, piece uploads in flight finish
+// until ctx ends.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.grpc.Stop()
 	return s.http.Shutdown(ctx)
+}
+
+// Close stops serving and cuts every connection, uploads in flight too.
+func (s *Server) Close() error {
+	s.grpc.Stop()
+	return s.http.Close()
 }
 
 func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
