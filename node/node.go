@@ -342,8 +342,7 @@ func (n *Node) Reload(cfg config.Config) (applied, restart []string, err error) 
 	n.cfg.Store.HighWater, n.cfg.Store.LowWater, n.cfg.Store.MaxAge = cfg.Store.HighWater, cfg.Store.LowWater, cfg.Store.MaxAge
 	n.cfg.Upload.Limit, n.cfg.Upload.Rate = cfg.Upload.Limit, cfg.Upload.Rate
 	n.cfg.Download.Rate = cfg.Download.Rate
-	n.download.Set(uint64(cfg.Download.Rate))
-	n.p2p.setDownload(uint64(cfg.Download.Rate))
+	n.download.Set(uint64(cfg.Download.Rate)) // the meter reports it from there
 	n.store.SetLimits(int64(cfg.Store.HighWater), int64(cfg.Store.LowWater), cfg.Store.MaxAge)
 	n.p2p.setUpload(cfg.Upload.Limit, uint64(cfg.Upload.Rate))
 	return applied, restart, nil

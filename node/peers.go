@@ -81,12 +81,12 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	p.cancel = cancel
 
 	meter := hoststate.New(hoststate.Options{
-		Counters:     hoststate.SysCounters{Iface: cfg.Upload.Interface, DataDir: cfg.DataDir},
-		MaxTxBps:     uint64(cfg.Upload.MaxTx),
-		MaxRxBps:     uint64(cfg.Upload.MaxRx),
-		UploadLimit:  cfg.Upload.Limit,
-		UploadRate:   uint64(cfg.Upload.Rate),
-		DownloadRate: uint64(cfg.Download.Rate),
+		Counters:    hoststate.SysCounters{Iface: cfg.Upload.Interface, DataDir: cfg.DataDir},
+		MaxTxBps:    uint64(cfg.Upload.MaxTx),
+		MaxRxBps:    uint64(cfg.Upload.MaxRx),
+		UploadLimit: cfg.Upload.Limit,
+		UploadRate:  uint64(cfg.Upload.Rate),
+		Download:    collOpts.Download,
 	})
 	p.meter = meter
 	p.wg.Add(1)
@@ -255,13 +255,6 @@ func (p *peers) shutdownServer(ctx context.Context) error {
 func (p *peers) setUpload(limit int, bps uint64) {
 	if p != nil {
 		p.meter.SetUpload(limit, bps)
-	}
-}
-
-// setDownload reports download.rate to children.
-func (p *peers) setDownload(bps uint64) {
-	if p != nil {
-		p.meter.SetDownload(bps)
 	}
 }
 

@@ -62,9 +62,9 @@ type Options struct {
 	// UploadRate limits upload bytes/s with a token bucket; 0 means none.
 	// When set it is the reported maximum tx.
 	UploadRate uint64
-	// DownloadRate is the node's download limit (download.rate), bytes/s;
-	// 0 means none. When set it is the reported maximum rx.
-	DownloadRate uint64
+	// Download is the node's download limit (download.rate), read at each
+	// sample; nil means none. When set it is the reported maximum rx.
+	Download *pace.Limiter
 }
 
 // ErrBusy means the host is at its upload limit.
@@ -75,9 +75,8 @@ type Meter struct {
 	opts    Options
 	upload  *pace.Limiter
 	uploads atomic.Int32
-	// The limits, changed by SetUpload and SetDownload while running.
-	uploadLimit  atomic.Int32
-	downloadRate atomic.Uint64
+	// The upload slots, changed by SetUpload while running.
+	uploadLimit atomic.Int32
 
 	mu       sync.Mutex
 	prevAt   time.Time
@@ -97,13 +96,8 @@ func New(opts Options) *Meter {
 	}
 	m := &Meter{opts: opts, upload: pace.New(0)}
 	m.SetUpload(opts.UploadLimit, opts.UploadRate)
-	m.SetDownload(opts.DownloadRate)
 	return m
 }
-
-// SetDownload changes the download limit reported to children (the
-// collector's pace.Limiter applies it).
-func (m *Meter) SetDownload(bps uint64) { m.downloadRate.Store(bps) }
 
 // SetUpload changes the upload slots (0 keeps them) and the upload rate in
 // bytes/s (0: none) of a running meter.
@@ -154,7 +148,7 @@ func (m *Meter) Sample(ctx context.Context) (State, error) {
 		UploadsInFlight:   uint32(max(m.uploads.Load(), 0)),
 		UploadLimit:       uint32(m.uploadLimit.Load()),
 		UploadRateLimit:   m.upload.Rate(),
-		DownloadRateLimit: m.downloadRate.Load(),
+		DownloadRateLimit: m.opts.Download.Rate(),
 		FreeBytes:         free,
 		MeasuredAt:        now,
 	}

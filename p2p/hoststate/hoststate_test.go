@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/registry-proxy/registry-proxy/internal/pace"
 )
 
 type fakeCounters struct {
@@ -146,8 +148,16 @@ func TestSetUpload(t *testing.T) {
 	if m.Upload().Rate() != 0 || m.State().UploadLimit != 2 {
 		t.Errorf("after SetUpload(0, 0): rate %d, state %+v", m.Upload().Rate(), m.State())
 	}
-	m.SetDownload(3 << 20)
+}
+
+func TestDownloadRateReported(t *testing.T) {
+	down := pace.New(0)
+	m := New(Options{Counters: &fakeCounters{}, Download: down})
+	if st, _ := m.Sample(context.Background()); st.DownloadRateLimit != 0 || st.MaxRxBps != 0 {
+		t.Errorf("without a rate: %+v", st)
+	}
+	down.Set(3 << 20) // as a reload does
 	if st, _ := m.Sample(context.Background()); st.DownloadRateLimit != 3<<20 || st.MaxRxBps != 3<<20 || st.Proto().GetDownloadRateLimit() != 3<<20 {
-		t.Errorf("after SetDownload: %+v", st)
+		t.Errorf("after the rate changed: %+v", st)
 	}
 }
