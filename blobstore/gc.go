@@ -173,16 +173,33 @@ func (s *Store) gcPartials(now time.Time) (int, error) {
 	return n, errors.Join(errs...)
 }
 
-// RunGC collects every interval until ctx ends.
+// RunGC collects every interval until ctx ends. With an external store it
+// also drops this store's copies of the blobs the external store holds,
+// when that changes and at each interval.
 func (s *Store) RunGC(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
+	var changed <-chan struct{}
+	if s.opts.External != nil {
+		changed = s.opts.External.Changed()
+		s.dropShadowed()
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		case <-s.gcKick:
+		case <-changed:
+			changed = s.opts.External.Changed()
+			s.dropShadowed()
+			s.mu.Lock()
+			s.notifyLocked() // Complete changed with the external store
+			s.mu.Unlock()
+			continue
+		}
+		if changed != nil {
+			s.dropShadowed()
 		}
 		if _, err := s.GC(ctx); err != nil {
 			s.log.Warn("gc failed", "err", err)

@@ -16,6 +16,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"math"
@@ -62,6 +63,30 @@ type Options struct {
 	Logger *slog.Logger
 	// Metrics counts garbage collections; may be nil.
 	Metrics *metrics.Metrics
+	// External is a read-only store beside this one (the node's containerd
+	// content store); nil: none.
+	External External
+}
+
+// Content is an open blob's bytes. This store's blobs and containerd's
+// blob files are *os.File, which the kernel's sendfile can send.
+type Content interface {
+	io.Reader
+	io.ReaderAt
+	io.Seeker
+	io.Closer
+}
+
+// External is a read-only store of complete, verified blobs beside this
+// one: Get and Stat find its blobs too, and this store drops its own copy
+// of a blob the external store holds, so a blob is on the disk once. GC
+// never touches the external store's blobs.
+type External interface {
+	Stat(d digest.Digest) (int64, bool)
+	Open(ctx context.Context, d digest.Digest) (Content, int64, error)
+	// Blobs lists what it holds; Changed is closed when that changes.
+	Blobs() map[digest.Digest]int64
+	Changed() <-chan struct{}
 }
 
 type entry struct {
@@ -82,6 +107,20 @@ type Store struct {
 	total    int64                                 // bytes of complete blobs
 	inUse    map[digest.Digest]int                 // open readers per complete blob
 	partials map[digest.Digest]*Partial            // partial blobs open for writing
+	changed  chan struct{}                         // closed when the complete blobs change
+}
+
+// Changed returns a channel closed at the next change of the complete
+// blobs (Complete), the external store's included while RunGC runs.
+func (s *Store) Changed() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.changed
+}
+
+func (s *Store) notifyLocked() {
+	close(s.changed)
+	s.changed = make(chan struct{})
 }
 
 // waterMarks puts a missing or too high low mark at 90% of the high one.
@@ -133,6 +172,7 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		lru:      l,
 		inUse:    map[digest.Digest]int{},
 		partials: map[digest.Digest]*Partial{},
+		changed:  make(chan struct{}),
 	}
 	if err := s.load(ctx); err != nil {
 		return nil, err
@@ -204,27 +244,32 @@ func (s *Store) blobPath(d digest.Digest) string {
 // Blob is an open complete blob. Close it when done; GC never removes a blob
 // that is open.
 type Blob struct {
-	*os.File
+	Content
 	Size    int64
 	ModTime time.Time
-	release func()
-	once    sync.Once
+	// External: the blob is the external store's (containerd's).
+	External bool
+	release  func()
+	once     sync.Once
 }
 
 // Close closes the file and lets GC consider the blob again.
 func (b *Blob) Close() error {
-	err := b.File.Close()
-	b.once.Do(b.release)
+	err := b.Content.Close()
+	if b.release != nil {
+		b.once.Do(b.release)
+	}
 	return err
 }
 
-// Get opens a complete blob for reading.
-func (s *Store) Get(d digest.Digest) (*Blob, error) {
+// Get opens a complete blob for reading: this store's, else the external
+// store's.
+func (s *Store) Get(ctx context.Context, d digest.Digest) (*Blob, error) {
 	s.mu.Lock()
 	e, ok := s.lru.Get(d)
 	if !ok {
 		s.mu.Unlock()
-		return nil, ErrNotFound
+		return s.getExternal(ctx, d)
 	}
 	s.inUse[d]++
 	now := s.opts.Now()
@@ -241,7 +286,7 @@ func (s *Store) Get(d digest.Digest) (*Blob, error) {
 		release()
 		if errors.Is(err, fs.ErrNotExist) {
 			s.forget(d)
-			return nil, ErrNotFound
+			return s.getExternal(ctx, d)
 		}
 		return nil, fmt.Errorf("blobstore: open %s: %w", d, err)
 	}
@@ -249,18 +294,81 @@ func (s *Store) Get(d digest.Digest) (*Blob, error) {
 		// mtime carries the access order across restarts; written at most hourly.
 		_ = os.Chtimes(f.Name(), now, now)
 	}
-	return &Blob{File: f, Size: e.size, ModTime: now, release: release}, nil
+	return &Blob{Content: f, Size: e.size, ModTime: now, release: release}, nil
 }
 
-// Stat returns the size of a complete blob.
+func (s *Store) getExternal(ctx context.Context, d digest.Digest) (*Blob, error) {
+	if s.opts.External == nil {
+		return nil, ErrNotFound
+	}
+	if _, ok := s.opts.External.Stat(d); !ok {
+		return nil, ErrNotFound
+	}
+	c, size, err := s.opts.External.Open(ctx, d)
+	if err != nil {
+		// Gone since it was listed, or containerd is restarting: as if
+		// it were not there; the caller fetches it.
+		s.log.Debug("external store cannot open a blob it lists", "digest", d, "err", err)
+		return nil, ErrNotFound
+	}
+	return &Blob{Content: c, Size: size, ModTime: s.opts.Now(), External: true}, nil
+}
+
+// Stat returns the size of a complete blob, this store's or the external
+// store's.
 func (s *Store) Stat(d digest.Digest) (int64, error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	e, ok := s.lru.Peek(d)
-	if !ok {
-		return 0, ErrNotFound
+	s.mu.Unlock()
+	if ok {
+		return e.size, nil
 	}
-	return e.size, nil
+	if s.opts.External != nil {
+		if size, ok := s.opts.External.Stat(d); ok {
+			return size, nil
+		}
+	}
+	return 0, ErrNotFound
+}
+
+// Complete lists every complete blob with its size, this store's and the
+// external store's.
+func (s *Store) Complete() map[digest.Digest]int64 {
+	out := map[digest.Digest]int64{}
+	if s.opts.External != nil {
+		out = s.opts.External.Blobs()
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, d := range s.lru.Keys() {
+		if e, ok := s.lru.Peek(d); ok {
+			out[d] = e.size
+		}
+	}
+	return out
+}
+
+// dropShadowed removes this store's copy of each blob the external store
+// holds at the same size; a copy being read stays until the next call.
+func (s *Store) dropShadowed() {
+	ext := s.opts.External.Blobs()
+	s.mu.Lock()
+	var drop []digest.Digest
+	for _, d := range s.lru.Keys() {
+		if e, ok := s.lru.Peek(d); ok && ext[d] == e.size && e.size > 0 {
+			drop = append(drop, d)
+		}
+	}
+	s.mu.Unlock()
+	for _, d := range drop {
+		switch err := s.Delete(d); {
+		case err == nil:
+			s.log.Debug("blob is in containerd's content store; own copy removed", "digest", d)
+		case errors.Is(err, ErrBusy), errors.Is(err, ErrNotFound):
+		default:
+			s.log.Warn("removing a copy containerd holds", "digest", d, "err", err)
+		}
+	}
 }
 
 // Usage returns the number and total bytes of complete blobs.
@@ -284,10 +392,11 @@ func (s *Store) forget(d digest.Digest) {
 	if e, ok := s.lru.Peek(d); ok {
 		s.total -= e.size
 		s.lru.Remove(d)
+		s.notifyLocked()
 	}
 }
 
-// Delete removes a complete blob unless it is being read.
+// Delete removes a complete blob of this store's unless it is being read.
 func (s *Store) Delete(d digest.Digest) error {
 	s.mu.Lock()
 	if s.inUse[d] > 0 {
@@ -298,6 +407,7 @@ func (s *Store) Delete(d digest.Digest) error {
 	if ok {
 		s.total -= e.size
 		s.lru.Remove(d)
+		s.notifyLocked()
 	}
 	s.mu.Unlock()
 	if !ok {

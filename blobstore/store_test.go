@@ -69,7 +69,7 @@ func TestCommitAndGet(t *testing.T) {
 	if _, err := s.Ingest(ctx, d, piece.PlanFor(int64(len(b)))); !errors.Is(err, ErrBusy) {
 		t.Fatalf("second Ingest: %v, want ErrBusy", err)
 	}
-	if _, err := s.Get(d); !errors.Is(err, ErrNotFound) {
+	if _, err := s.Get(context.Background(), d); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("Get before commit: %v", err)
 	}
 	if err := p.Commit(d); err == nil {
@@ -79,7 +79,7 @@ func TestCommitAndGet(t *testing.T) {
 	if err := p.Commit(digest.FromString("other")); !errors.Is(err, ErrDigestMismatch) {
 		t.Fatalf("Commit with wrong digest: %v", err)
 	}
-	if _, err := s.Get(d); !errors.Is(err, ErrNotFound) {
+	if _, err := s.Get(context.Background(), d); !errors.Is(err, ErrNotFound) {
 		t.Fatal("blob visible after refused commit")
 	}
 	if err := p.Commit(d); err != nil {
@@ -92,7 +92,7 @@ func TestCommitAndGet(t *testing.T) {
 
 	// Reopen: the blob survives a restart.
 	s2 := newStore(t, root, Options{})
-	blob, err := s2.Get(d)
+	blob, err := s2.Get(context.Background(), d)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -196,7 +196,7 @@ func TestGC(t *testing.T) {
 				clk.t = clk.t.Add(time.Second)
 			}
 			if tt.hold >= 0 {
-				b, err := s.Get(ds[tt.hold])
+				b, err := s.Get(context.Background(), ds[tt.hold])
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -32,6 +32,7 @@ type Config struct {
 	P2P             P2P           `toml:"p2p"`
 	Upload          Upload        `toml:"upload"`
 	Download        Download      `toml:"download"`
+	Containerd      Containerd    `toml:"containerd"`
 	Admin           Admin         `toml:"admin"`
 	Access          Access        `toml:"access"`
 	Limits          Limits        `toml:"limits"`
@@ -45,6 +46,18 @@ type Limits struct {
 	UpstreamConnsPerHost int           `toml:"upstream_conns_per_host"`
 	ClientConns          int           `toml:"client_conns"`
 	IdleDownload         time.Duration `toml:"idle_download"`
+}
+
+// DefaultContainerdAddress is containerd's usual socket: used when it
+// exists at start.
+const DefaultContainerdAddress = "/run/containerd/containerd.sock"
+
+// Containerd is the [containerd] table.
+type Containerd struct {
+	Address      string        `toml:"address"`
+	Namespaces   []string      `toml:"namespaces"`
+	ContentDir   string        `toml:"content_dir"`
+	ListInterval time.Duration `toml:"list_interval"`
 }
 
 // Admin is the [admin] table.
@@ -193,6 +206,8 @@ func Default() Config {
 		Store:  Store{GCInterval: 5 * time.Minute, MaxBlobSize: 64 << 30, PartialMaxAge: 24 * time.Hour},
 		P2P:    P2P{Join: []string{}, Selector: "state", MaxPeers: 32, AloneAfter: 10 * time.Second},
 		Upload: Upload{Limit: 16, SuperSeed: true, Syncer: Syncer{Enable: true, Interval: 3 * time.Second, Capacity: 50}},
+		Containerd: Containerd{Address: DefaultContainerdAddress, Namespaces: []string{"k8s.io"},
+			ContentDir: "/var/lib/containerd/io.containerd.content.v1.content", ListInterval: 10 * time.Second},
 		Admin:  Admin{Listen: "127.0.0.1:5001"},
 		Access: Access{Check: true, TTL: time.Minute},
 		Limits: Limits{WriteStall: time.Minute, Tasks: 256, TasksPerRegistry: 128, UpstreamConnsPerHost: 64, ClientConns: 256, IdleDownload: 2 * time.Minute},
@@ -309,6 +324,9 @@ func (c Config) Validate() error {
 	}
 	if c.Access.Check && c.Access.TTL <= 0 {
 		errs = append(errs, errors.New("access.ttl: must be positive"))
+	}
+	if c.Containerd.Address != "" && (len(c.Containerd.Namespaces) == 0 || slices.Contains(c.Containerd.Namespaces, "") || c.Containerd.ListInterval <= 0) {
+		errs = append(errs, errors.New("containerd: namespaces must name at least one namespace, list_interval be positive"))
 	}
 	if c.Store.LowWater > c.Store.HighWater && c.Store.HighWater > 0 {
 		errs = append(errs, errors.New("store.low_water: above high_water"))

@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -285,7 +286,12 @@ func tryStartProxyBin(t testing.TB, bin, dataDir string, args ...string) (*proxy
 	if dataDir == "" {
 		dataDir = t.TempDir()
 	}
-	all := append([]string{"serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", dataDir, "--log-format", "json", "--log-level", "debug"}, args...)
+	all := []string{"serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", dataDir, "--log-format", "json", "--log-level", "debug"}
+	if !slices.Contains(args, "--containerd-address") {
+		// Not the machine's containerd, should it run one.
+		all = append(all, "--containerd-address", "none")
+	}
+	all = append(all, args...)
 	p := &proc{done: make(chan struct{})}
 	p.cmd = exec.Command(bin, all...)
 	pr, pw := io.Pipe()

@@ -18,9 +18,10 @@ const ns = "registry_proxy"
 
 // Sources of a blob's bytes.
 const (
-	SourceCache    = "cache"
-	SourcePeer     = "peer"
-	SourceUpstream = "upstream"
+	SourceCache      = "cache"
+	SourceContainerd = "containerd"
+	SourcePeer       = "peer"
+	SourceUpstream   = "upstream"
 )
 
 // Metrics is one node's metrics.

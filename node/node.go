@@ -10,13 +10,16 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/opencontainers/go-digest"
 	"github.com/registry-proxy/registry-proxy/blobstore"
 	"github.com/registry-proxy/registry-proxy/config"
+	"github.com/registry-proxy/registry-proxy/ctrstore"
 	"github.com/registry-proxy/registry-proxy/internal/connlimit"
 	"github.com/registry-proxy/registry-proxy/internal/pace"
 	"github.com/registry-proxy/registry-proxy/metrics"
@@ -57,7 +60,15 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		return nil, fmt.Errorf("config: %w", err)
 	}
 	m := metrics.New(Version)
+	ctd := openContainerd(cfg.Containerd, log)
+	var external blobstore.External
+	if ctd != nil {
+		external = containerdContent{ctd}
+		m.GaugeFunc("containerd_blobs", "Blobs in containerd's content store (the configured namespaces) that this node serves; 0 while containerd is unreachable.",
+			func() float64 { return float64(ctd.Len()) })
+	}
 	store, err := blobstore.Open(ctx, cfg.DataDir, blobstore.Options{
+		External:      external,
 		Metrics:       m,
 		HighWater:     int64(cfg.Store.HighWater),
 		LowWater:      int64(cfg.Store.LowWater),
@@ -190,6 +201,13 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	}
 	gcCtx, cancel := context.WithCancel(context.Background())
 	n.cancel = cancel
+	if ctd != nil {
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			ctd.Run(gcCtx)
+		}()
+	}
 	n.wg.Add(2)
 	go func() {
 		defer n.wg.Done()
@@ -219,6 +237,27 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	}
 	log.Info("registry-proxy serving", attrs...)
 	return n, nil
+}
+
+// openContainerd returns containerd's content store as configured, nil when
+// it is off, or the default socket does not exist.
+func openContainerd(c config.Containerd, log *slog.Logger) *ctrstore.Store {
+	if c.Address == "" {
+		return nil
+	}
+	if _, err := os.Stat(c.Address); err != nil && c.Address == config.DefaultContainerdAddress {
+		log.Info("no containerd socket; containerd's content store is not served", "address", c.Address, "err", err)
+		return nil
+	}
+	return ctrstore.New(ctrstore.Options{Address: c.Address, Namespaces: c.Namespaces, ContentDir: c.ContentDir, ListInterval: c.ListInterval, Logger: log})
+}
+
+// containerdContent is containerd's content store as the blob store's
+// external store.
+type containerdContent struct{ *ctrstore.Store }
+
+func (c containerdContent) Open(ctx context.Context, d digest.Digest) (blobstore.Content, int64, error) {
+	return c.Store.Open(ctx, d)
 }
 
 // blobSizer learns a new download's size: with the client's credentials,

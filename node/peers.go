@@ -32,12 +32,14 @@ import (
 
 // peers is the P2P side of a node.
 type peers struct {
-	self      membership.Member
-	members   *membership.Membership
-	pool      *transfer.Pool
-	syncer    *statesync.Syncer
-	meter     *hoststate.Meter
-	server    *peer.Server
+	self    membership.Member
+	members *membership.Membership
+	pool    *transfer.Pool
+	syncer  *statesync.Syncer
+	meter   *hoststate.Meter
+	server  *peer.Server
+	// swarm fetches blobs for preheat requests.
+	swarm     *swarm.Server
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 	closeOnce sync.Once
@@ -186,6 +188,15 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		srvOpts.Uploads = uploads{meter: meter, syncer: p.syncer}
 	}
 	sw := swarm.NewServer(srvOpts)
+	p.swarm = sw
+	m.GaugeFunc("tracker_holdings", "Blobs other nodes announced they hold complete, among the digests this node owns (one per node and blob).",
+		func() float64 { return float64(registrations.Held()) })
+	announcer := swarm.NewAnnouncer(swarm.AnnouncerOptions{Self: id, Members: p.members, Holdings: store, Transport: p.pool, Logger: log})
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		announcer.Run(bg)
+	}()
 
 	faults, inflate := injectedFaults(log)
 	hostSync := statesync.NewServer(statesync.ServerOptions{

@@ -15,6 +15,7 @@ import (
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
 	"github.com/registry-proxy/registry-proxy/internal/progress"
+	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/proxy/access"
 	"github.com/registry-proxy/registry-proxy/task"
 )
@@ -72,7 +73,7 @@ func (s *Server) serveCached(w http.ResponseWriter, r *http.Request, repo string
 
 // serveStored serves a complete blob (ranges, sendfile) if the store has it.
 func (s *Server) serveStored(w http.ResponseWriter, r *http.Request, d digest.Digest) bool {
-	b, err := s.opts.Store.Get(d)
+	b, err := s.opts.Store.Get(r.Context(), d)
 	if err != nil {
 		if !errors.Is(err, blobstore.ErrNotFound) {
 			s.log.Error("reading stored blob", "digest", d, "err", err)
@@ -83,14 +84,18 @@ func (s *Server) serveStored(w http.ResponseWriter, r *http.Request, d digest.Di
 	pw := progress.New(w, s.opts.WriteStall)
 	defer pw.Done()
 	w = pw
-	w.Header().Set("X-Registry-Proxy-Source", "cache")
+	source := metrics.SourceCache
+	if b.External {
+		source = metrics.SourceContainerd
+	}
+	w.Header().Set("X-Registry-Proxy-Source", source)
 	if r.Header.Get("Range") != "" || r.Header.Get("If-None-Match") != "" {
-		http.ServeContent(w, r, "", time.Time{}, b.File)
+		http.ServeContent(w, r, "", time.Time{}, b.Content)
 		return true
 	}
 	w.Header().Set("Content-Length", contentLength(b.Size))
 	w.WriteHeader(http.StatusOK)
-	if _, err := s.copyOut(w, r, b.File); err != nil {
+	if _, err := s.copyOut(w, r, b.Content); err != nil {
 		s.logSendError(r, d, err)
 	}
 	return true

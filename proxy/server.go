@@ -303,8 +303,8 @@ func (s *Server) logRequests(next http.Handler) http.Handler {
 				status = -1 // aborted
 			}
 			s.opts.Metrics.Request(requestKind(r.URL.Path), r.Method, status)
-			if w.Header().Get("X-Registry-Proxy-Source") == "cache" {
-				s.opts.Metrics.BlobBytes(metrics.SourceCache, sr.bytes)
+			if src := w.Header().Get("X-Registry-Proxy-Source"); src == metrics.SourceCache || src == metrics.SourceContainerd {
+				s.opts.Metrics.BlobBytes(src, sr.bytes)
 			}
 			s.log.Log(r.Context(), logLevel(status), "request",
 				"method", r.Method, "path", r.URL.Path, "ns", r.URL.Query().Get("ns"),

@@ -123,7 +123,7 @@ func TestConcurrentReadersShareOneDownload(t *testing.T) {
 				shared.Store(tk)
 			}
 			if errors.Is(err, ErrComplete) {
-				b, err := st.Get(d)
+				b, err := st.Get(context.Background(), d)
 				if err != nil {
 					errs <- err
 					return
@@ -386,7 +386,7 @@ func TestMismatchWithPeerPiecesRefetchesFromUpstream(t *testing.T) {
 	if len(upstreamOnly) != 2 || upstreamOnly[0] || !upstreamOnly[1] {
 		t.Fatalf("fills %v, want a peer fill then an upstream-only one", upstreamOnly)
 	}
-	b, err := st.Get(d)
+	b, err := st.Get(context.Background(), d)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -106,6 +106,13 @@ func loadConfig(args []string, stderr io.Writer) (config.Config, error) {
 	secret := fs.String("cluster-secret", "", "file holding the cluster secret: authenticates and encrypts peers (p2p.secret_file)")
 	grace := fs.Duration("shutdown-timeout", 0, "how long a stopping node finishes client responses and uploads (shutdown_timeout)")
 	admin := fs.String("admin-listen", "", "address of the operators' endpoints /debug/*, /healthz (admin.listen)")
+	ctdAddress := fs.String("containerd-address", "", `containerd's socket, whose content store is served; "none": off (containerd.address)`)
+	ctdContent := fs.String("containerd-content-dir", "", "containerd's content directory, read directly when readable (containerd.content_dir)")
+	var ctdNamespaces []string
+	fs.Func("containerd-namespace", "containerd namespace whose content is served (repeatable; containerd.namespaces)", func(v string) error {
+		ctdNamespaces = append(ctdNamespaces, v)
+		return nil
+	})
 	var upstreams []string
 	fs.Func("upstream", "NAME=URL: fetch registry NAME from URL (repeatable; upstream.registries)", func(v string) error {
 		upstreams = append(upstreams, v)
@@ -132,13 +139,23 @@ func loadConfig(args []string, stderr io.Writer) (config.Config, error) {
 	}
 	for dst, v := range map[*string]string{&cfg.Listen: *listen, &cfg.DataDir: *dataDir, &cfg.DefaultRegistry: *defReg, &cfg.Log.Level: *level, &cfg.Log.Format: *format,
 		&cfg.P2P.PeerListen: *peerListen, &cfg.P2P.NodeID: *nodeID, &cfg.P2P.Selector: *selector,
-		&cfg.P2P.SecretFile: *secret, &cfg.Admin.Listen: *admin} {
+		&cfg.P2P.SecretFile: *secret, &cfg.Admin.Listen: *admin, &cfg.Containerd.ContentDir: *ctdContent} {
 		if v != "" {
 			*dst = v
 		}
 	}
 	if *grace > 0 {
 		cfg.ShutdownTimeout = *grace
+	}
+	switch *ctdAddress {
+	case "":
+	case "none":
+		cfg.Containerd.Address = ""
+	default:
+		cfg.Containerd.Address = *ctdAddress
+	}
+	if len(ctdNamespaces) > 0 {
+		cfg.Containerd.Namespaces = ctdNamespaces
 	}
 	if *join != "" {
 		cfg.P2P.Join = strings.Split(*join, ",")

@@ -676,6 +676,278 @@ func (x *RegisterResponse) GetUpstreamPieces() []uint32 {
 	return nil
 }
 
+type HeldBlob struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Digest        string                 `protobuf:"bytes,1,opt,name=digest,proto3" json:"digest,omitempty"`
+	Size          int64                  `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HeldBlob) Reset() {
+	*x = HeldBlob{}
+	mi := &file_p2p_pb_p2p_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HeldBlob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HeldBlob) ProtoMessage() {}
+
+func (x *HeldBlob) ProtoReflect() protoreflect.Message {
+	mi := &file_p2p_pb_p2p_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HeldBlob.ProtoReflect.Descriptor instead.
+func (*HeldBlob) Descriptor() ([]byte, []int) {
+	return file_p2p_pb_p2p_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *HeldBlob) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *HeldBlob) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+type AnnounceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The announcing node; the owner checks it against what the node
+	// authenticated as, and takes the address gossip knows for it.
+	HostId        string      `protobuf:"bytes,1,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
+	Blobs         []*HeldBlob `protobuf:"bytes,2,rep,name=blobs,proto3" json:"blobs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AnnounceRequest) Reset() {
+	*x = AnnounceRequest{}
+	mi := &file_p2p_pb_p2p_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AnnounceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AnnounceRequest) ProtoMessage() {}
+
+func (x *AnnounceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_p2p_pb_p2p_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AnnounceRequest.ProtoReflect.Descriptor instead.
+func (*AnnounceRequest) Descriptor() ([]byte, []int) {
+	return file_p2p_pb_p2p_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *AnnounceRequest) GetHostId() string {
+	if x != nil {
+		return x.HostId
+	}
+	return ""
+}
+
+func (x *AnnounceRequest) GetBlobs() []*HeldBlob {
+	if x != nil {
+		return x.Blobs
+	}
+	return nil
+}
+
+type AnnounceResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AnnounceResponse) Reset() {
+	*x = AnnounceResponse{}
+	mi := &file_p2p_pb_p2p_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AnnounceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AnnounceResponse) ProtoMessage() {}
+
+func (x *AnnounceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_p2p_pb_p2p_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AnnounceResponse.ProtoReflect.Descriptor instead.
+func (*AnnounceResponse) Descriptor() ([]byte, []int) {
+	return file_p2p_pb_p2p_proto_rawDescGZIP(), []int{11}
+}
+
+type PreheatRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	HostId        string                 `protobuf:"bytes,1,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
+	Registry      string                 `protobuf:"bytes,2,opt,name=registry,proto3" json:"registry,omitempty"`
+	Repository    string                 `protobuf:"bytes,3,opt,name=repository,proto3" json:"repository,omitempty"`
+	Digest        string                 `protobuf:"bytes,4,opt,name=digest,proto3" json:"digest,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PreheatRequest) Reset() {
+	*x = PreheatRequest{}
+	mi := &file_p2p_pb_p2p_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PreheatRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PreheatRequest) ProtoMessage() {}
+
+func (x *PreheatRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_p2p_pb_p2p_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PreheatRequest.ProtoReflect.Descriptor instead.
+func (*PreheatRequest) Descriptor() ([]byte, []int) {
+	return file_p2p_pb_p2p_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *PreheatRequest) GetHostId() string {
+	if x != nil {
+		return x.HostId
+	}
+	return ""
+}
+
+func (x *PreheatRequest) GetRegistry() string {
+	if x != nil {
+		return x.Registry
+	}
+	return ""
+}
+
+func (x *PreheatRequest) GetRepository() string {
+	if x != nil {
+		return x.Repository
+	}
+	return ""
+}
+
+func (x *PreheatRequest) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+type PreheatProgress struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Size  int64                  `protobuf:"varint,1,opt,name=size,proto3" json:"size,omitempty"`
+	// Bytes of verified pieces so far.
+	Done int64 `protobuf:"varint,2,opt,name=done,proto3" json:"done,omitempty"`
+	// The blob is complete and verified on the node.
+	Complete      bool `protobuf:"varint,3,opt,name=complete,proto3" json:"complete,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PreheatProgress) Reset() {
+	*x = PreheatProgress{}
+	mi := &file_p2p_pb_p2p_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PreheatProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PreheatProgress) ProtoMessage() {}
+
+func (x *PreheatProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_p2p_pb_p2p_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PreheatProgress.ProtoReflect.Descriptor instead.
+func (*PreheatProgress) Descriptor() ([]byte, []int) {
+	return file_p2p_pb_p2p_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *PreheatProgress) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *PreheatProgress) GetDone() int64 {
+	if x != nil {
+		return x.Done
+	}
+	return 0
+}
+
+func (x *PreheatProgress) GetComplete() bool {
+	if x != nil {
+		return x.Complete
+	}
+	return false
+}
+
 var File_p2p_pb_p2p_proto protoreflect.FileDescriptor
 
 const file_p2p_pb_p2p_proto_rawDesc = "" +
@@ -732,13 +1004,33 @@ const file_p2p_pb_p2p_proto_rawDesc = "" +
 	"\x04size\x18\x01 \x01(\x03R\x04size\x123\n" +
 	"\x05peers\x18\x02 \x03(\v2\x1d.registryproxy.p2p.v1.PeerRefR\x05peers\x12%\n" +
 	"\x0efetch_yourself\x18\x03 \x01(\bR\rfetchYourself\x12'\n" +
-	"\x0fupstream_pieces\x18\x04 \x03(\rR\x0eupstreamPieces2[\n" +
+	"\x0fupstream_pieces\x18\x04 \x03(\rR\x0eupstreamPieces\"6\n" +
+	"\bHeldBlob\x12\x16\n" +
+	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x12\n" +
+	"\x04size\x18\x02 \x01(\x03R\x04size\"`\n" +
+	"\x0fAnnounceRequest\x12\x17\n" +
+	"\ahost_id\x18\x01 \x01(\tR\x06hostId\x124\n" +
+	"\x05blobs\x18\x02 \x03(\v2\x1e.registryproxy.p2p.v1.HeldBlobR\x05blobs\"\x12\n" +
+	"\x10AnnounceResponse\"}\n" +
+	"\x0ePreheatRequest\x12\x17\n" +
+	"\ahost_id\x18\x01 \x01(\tR\x06hostId\x12\x1a\n" +
+	"\bregistry\x18\x02 \x01(\tR\bregistry\x12\x1e\n" +
+	"\n" +
+	"repository\x18\x03 \x01(\tR\n" +
+	"repository\x12\x16\n" +
+	"\x06digest\x18\x04 \x01(\tR\x06digest\"U\n" +
+	"\x0fPreheatProgress\x12\x12\n" +
+	"\x04size\x18\x01 \x01(\x03R\x04size\x12\x12\n" +
+	"\x04done\x18\x02 \x01(\x03R\x04done\x12\x1a\n" +
+	"\bcomplete\x18\x03 \x01(\bR\bcomplete2[\n" +
 	"\bHostSync\x12O\n" +
 	"\bSyncHost\x12%.registryproxy.p2p.v1.SyncHostRequest\x1a\x1a.registryproxy.p2p.v1.Host0\x012f\n" +
 	"\x06Pieces\x12\\\n" +
-	"\vWatchPieces\x12(.registryproxy.p2p.v1.WatchPiecesRequest\x1a!.registryproxy.p2p.v1.PieceUpdate0\x012d\n" +
+	"\vWatchPieces\x12(.registryproxy.p2p.v1.WatchPiecesRequest\x1a!.registryproxy.p2p.v1.PieceUpdate0\x012\x99\x02\n" +
 	"\aTracker\x12Y\n" +
-	"\bRegister\x12%.registryproxy.p2p.v1.RegisterRequest\x1a&.registryproxy.p2p.v1.RegisterResponseB1Z/github.com/registry-proxy/registry-proxy/p2p/pbb\x06proto3"
+	"\bRegister\x12%.registryproxy.p2p.v1.RegisterRequest\x1a&.registryproxy.p2p.v1.RegisterResponse\x12Y\n" +
+	"\bAnnounce\x12%.registryproxy.p2p.v1.AnnounceRequest\x1a&.registryproxy.p2p.v1.AnnounceResponse\x12X\n" +
+	"\aPreheat\x12$.registryproxy.p2p.v1.PreheatRequest\x1a%.registryproxy.p2p.v1.PreheatProgress0\x01B1Z/github.com/registry-proxy/registry-proxy/p2p/pbb\x06proto3"
 
 var (
 	file_p2p_pb_p2p_proto_rawDescOnce sync.Once
@@ -752,7 +1044,7 @@ func file_p2p_pb_p2p_proto_rawDescGZIP() []byte {
 	return file_p2p_pb_p2p_proto_rawDescData
 }
 
-var file_p2p_pb_p2p_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_p2p_pb_p2p_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_p2p_pb_p2p_proto_goTypes = []any{
 	(*SyncHostRequest)(nil),    // 0: registryproxy.p2p.v1.SyncHostRequest
 	(*Host)(nil),               // 1: registryproxy.p2p.v1.Host
@@ -763,22 +1055,32 @@ var file_p2p_pb_p2p_proto_goTypes = []any{
 	(*RegisterRequest)(nil),    // 6: registryproxy.p2p.v1.RegisterRequest
 	(*PeerRef)(nil),            // 7: registryproxy.p2p.v1.PeerRef
 	(*RegisterResponse)(nil),   // 8: registryproxy.p2p.v1.RegisterResponse
+	(*HeldBlob)(nil),           // 9: registryproxy.p2p.v1.HeldBlob
+	(*AnnounceRequest)(nil),    // 10: registryproxy.p2p.v1.AnnounceRequest
+	(*AnnounceResponse)(nil),   // 11: registryproxy.p2p.v1.AnnounceResponse
+	(*PreheatRequest)(nil),     // 12: registryproxy.p2p.v1.PreheatRequest
+	(*PreheatProgress)(nil),    // 13: registryproxy.p2p.v1.PreheatProgress
 }
 var file_p2p_pb_p2p_proto_depIdxs = []int32{
-	2, // 0: registryproxy.p2p.v1.Host.state:type_name -> registryproxy.p2p.v1.HostState
-	4, // 1: registryproxy.p2p.v1.PieceUpdate.pieces:type_name -> registryproxy.p2p.v1.Piece
-	7, // 2: registryproxy.p2p.v1.RegisterResponse.peers:type_name -> registryproxy.p2p.v1.PeerRef
-	0, // 3: registryproxy.p2p.v1.HostSync.SyncHost:input_type -> registryproxy.p2p.v1.SyncHostRequest
-	3, // 4: registryproxy.p2p.v1.Pieces.WatchPieces:input_type -> registryproxy.p2p.v1.WatchPiecesRequest
-	6, // 5: registryproxy.p2p.v1.Tracker.Register:input_type -> registryproxy.p2p.v1.RegisterRequest
-	1, // 6: registryproxy.p2p.v1.HostSync.SyncHost:output_type -> registryproxy.p2p.v1.Host
-	5, // 7: registryproxy.p2p.v1.Pieces.WatchPieces:output_type -> registryproxy.p2p.v1.PieceUpdate
-	8, // 8: registryproxy.p2p.v1.Tracker.Register:output_type -> registryproxy.p2p.v1.RegisterResponse
-	6, // [6:9] is the sub-list for method output_type
-	3, // [3:6] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	2,  // 0: registryproxy.p2p.v1.Host.state:type_name -> registryproxy.p2p.v1.HostState
+	4,  // 1: registryproxy.p2p.v1.PieceUpdate.pieces:type_name -> registryproxy.p2p.v1.Piece
+	7,  // 2: registryproxy.p2p.v1.RegisterResponse.peers:type_name -> registryproxy.p2p.v1.PeerRef
+	9,  // 3: registryproxy.p2p.v1.AnnounceRequest.blobs:type_name -> registryproxy.p2p.v1.HeldBlob
+	0,  // 4: registryproxy.p2p.v1.HostSync.SyncHost:input_type -> registryproxy.p2p.v1.SyncHostRequest
+	3,  // 5: registryproxy.p2p.v1.Pieces.WatchPieces:input_type -> registryproxy.p2p.v1.WatchPiecesRequest
+	6,  // 6: registryproxy.p2p.v1.Tracker.Register:input_type -> registryproxy.p2p.v1.RegisterRequest
+	10, // 7: registryproxy.p2p.v1.Tracker.Announce:input_type -> registryproxy.p2p.v1.AnnounceRequest
+	12, // 8: registryproxy.p2p.v1.Tracker.Preheat:input_type -> registryproxy.p2p.v1.PreheatRequest
+	1,  // 9: registryproxy.p2p.v1.HostSync.SyncHost:output_type -> registryproxy.p2p.v1.Host
+	5,  // 10: registryproxy.p2p.v1.Pieces.WatchPieces:output_type -> registryproxy.p2p.v1.PieceUpdate
+	8,  // 11: registryproxy.p2p.v1.Tracker.Register:output_type -> registryproxy.p2p.v1.RegisterResponse
+	11, // 12: registryproxy.p2p.v1.Tracker.Announce:output_type -> registryproxy.p2p.v1.AnnounceResponse
+	13, // 13: registryproxy.p2p.v1.Tracker.Preheat:output_type -> registryproxy.p2p.v1.PreheatProgress
+	9,  // [9:14] is the sub-list for method output_type
+	4,  // [4:9] is the sub-list for method input_type
+	4,  // [4:4] is the sub-list for extension type_name
+	4,  // [4:4] is the sub-list for extension extendee
+	0,  // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_p2p_pb_p2p_proto_init() }
@@ -792,7 +1094,7 @@ func file_p2p_pb_p2p_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_p2p_pb_p2p_proto_rawDesc), len(file_p2p_pb_p2p_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   9,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

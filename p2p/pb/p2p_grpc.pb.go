@@ -252,6 +252,8 @@ var Pieces_ServiceDesc = grpc.ServiceDesc{
 
 const (
 	Tracker_Register_FullMethodName = "/registryproxy.p2p.v1.Tracker/Register"
+	Tracker_Announce_FullMethodName = "/registryproxy.p2p.v1.Tracker/Announce"
+	Tracker_Preheat_FullMethodName  = "/registryproxy.p2p.v1.Tracker/Preheat"
 )
 
 // TrackerClient is the client API for Tracker service.
@@ -263,6 +265,16 @@ type TrackerClient interface {
 	// Register tells a digest's owner that a node fetches the blob; the owner
 	// answers with a bounded list of nodes that have or fetch pieces of it.
 	Register(ctx context.Context, in *RegisterRequest, opts ...grpc.CallOption) (*RegisterResponse, error)
+	// Announce tells a node which of the digests it owns the caller holds
+	// complete (in its store or its containerd's content store): the whole
+	// set, replacing the caller's previous announcement; an empty set
+	// withdraws it. The owner hands the caller out as a peer for them, and
+	// goes to the upstream for them only when no holder sends in time.
+	Announce(ctx context.Context, in *AnnounceRequest, opts ...grpc.CallOption) (*AnnounceResponse, error)
+	// Preheat has the node fetch a blob with its own credentials (as for its
+	// peers, through the swarm) and reports its progress until the blob is
+	// complete and verified.
+	Preheat(ctx context.Context, in *PreheatRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[PreheatProgress], error)
 }
 
 type trackerClient struct {
@@ -283,6 +295,35 @@ func (c *trackerClient) Register(ctx context.Context, in *RegisterRequest, opts 
 	return out, nil
 }
 
+func (c *trackerClient) Announce(ctx context.Context, in *AnnounceRequest, opts ...grpc.CallOption) (*AnnounceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AnnounceResponse)
+	err := c.cc.Invoke(ctx, Tracker_Announce_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *trackerClient) Preheat(ctx context.Context, in *PreheatRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[PreheatProgress], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Tracker_ServiceDesc.Streams[0], Tracker_Preheat_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[PreheatRequest, PreheatProgress]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Tracker_PreheatClient = grpc.ServerStreamingClient[PreheatProgress]
+
 // TrackerServer is the server API for Tracker service.
 // All implementations must embed UnimplementedTrackerServer
 // for forward compatibility.
@@ -292,6 +333,16 @@ type TrackerServer interface {
 	// Register tells a digest's owner that a node fetches the blob; the owner
 	// answers with a bounded list of nodes that have or fetch pieces of it.
 	Register(context.Context, *RegisterRequest) (*RegisterResponse, error)
+	// Announce tells a node which of the digests it owns the caller holds
+	// complete (in its store or its containerd's content store): the whole
+	// set, replacing the caller's previous announcement; an empty set
+	// withdraws it. The owner hands the caller out as a peer for them, and
+	// goes to the upstream for them only when no holder sends in time.
+	Announce(context.Context, *AnnounceRequest) (*AnnounceResponse, error)
+	// Preheat has the node fetch a blob with its own credentials (as for its
+	// peers, through the swarm) and reports its progress until the blob is
+	// complete and verified.
+	Preheat(*PreheatRequest, grpc.ServerStreamingServer[PreheatProgress]) error
 	mustEmbedUnimplementedTrackerServer()
 }
 
@@ -304,6 +355,12 @@ type UnimplementedTrackerServer struct{}
 
 func (UnimplementedTrackerServer) Register(context.Context, *RegisterRequest) (*RegisterResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Register not implemented")
+}
+func (UnimplementedTrackerServer) Announce(context.Context, *AnnounceRequest) (*AnnounceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Announce not implemented")
+}
+func (UnimplementedTrackerServer) Preheat(*PreheatRequest, grpc.ServerStreamingServer[PreheatProgress]) error {
+	return status.Error(codes.Unimplemented, "method Preheat not implemented")
 }
 func (UnimplementedTrackerServer) mustEmbedUnimplementedTrackerServer() {}
 func (UnimplementedTrackerServer) testEmbeddedByValue()                 {}
@@ -344,6 +401,35 @@ func _Tracker_Register_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Tracker_Announce_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AnnounceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TrackerServer).Announce(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Tracker_Announce_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TrackerServer).Announce(ctx, req.(*AnnounceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Tracker_Preheat_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(PreheatRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(TrackerServer).Preheat(m, &grpc.GenericServerStream[PreheatRequest, PreheatProgress]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Tracker_PreheatServer = grpc.ServerStreamingServer[PreheatProgress]
+
 // Tracker_ServiceDesc is the grpc.ServiceDesc for Tracker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -355,7 +441,17 @@ var Tracker_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "Register",
 			Handler:    _Tracker_Register_Handler,
 		},
+		{
+			MethodName: "Announce",
+			Handler:    _Tracker_Announce_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Preheat",
+			Handler:       _Tracker_Preheat_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "p2p/pb/p2p.proto",
 }

@@ -15,7 +15,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -57,10 +56,10 @@ type Snapshot struct {
 type Source interface {
 	// Snapshot returns what the node has of d and a channel closed at the
 	// next change; ok is false when it has nothing of d.
-	Snapshot(d digest.Digest) (s Snapshot, changed <-chan struct{}, ok bool)
-	// OpenPiece opens the file holding piece i of d; the caller calls
-	// release when done with it.
-	OpenPiece(d digest.Digest, i int) (f *os.File, off, n int64, release func(), err error)
+	Snapshot(ctx context.Context, d digest.Digest) (s Snapshot, changed <-chan struct{}, ok bool)
+	// OpenPiece opens what holds piece i of d (an *os.File is sent by the
+	// kernel's sendfile); the caller calls release when done with it.
+	OpenPiece(ctx context.Context, d digest.Digest, i int) (f io.ReadSeeker, off, n int64, release func(), err error)
 }
 
 // Options configure a Server.
@@ -174,7 +173,7 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 	}
 	result, sentBytes := "error", int64(0)
 	defer func() { s.opts.Metrics.Upload(result, sentBytes) }()
-	f, off, n, release, err := s.opts.Source.OpenPiece(d, i)
+	f, off, n, release, err := s.opts.Source.OpenPiece(r.Context(), d, i)
 	if err != nil {
 		if errors.Is(err, ErrNoPiece) {
 			result = "absent"
@@ -188,7 +187,7 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 	defer release()
 	count, offers := 0, func(int) bool { return true }
 	if s.opts.Ledger != nil {
-		snap, _, _ := s.opts.Source.Snapshot(d)
+		snap, _, _ := s.opts.Source.Snapshot(r.Context(), d)
 		count = snap.Plan.Count()
 		offers = func(j int) bool { return snap.Seeding || snap.Complete || (j < len(snap.Done) && snap.Done[j]) }
 	}
@@ -269,7 +268,7 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 	if _, err := trust.Caller(stream.Context(), req.GetHostId()); errors.Is(err, trust.ErrNotSelf) {
 		return status.Error(codes.PermissionDenied, err.Error())
 	}
-	snap, changed, ok := s.opts.Source.Snapshot(d)
+	snap, changed, ok := s.opts.Source.Snapshot(stream.Context(), d)
 	if !ok {
 		return status.Errorf(codes.NotFound, "%s: not here", d)
 	}
@@ -305,7 +304,7 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 		case <-changed:
 		case <-time.After(200 * time.Millisecond): // fetching lists change without a signal
 		}
-		if snap, changed, ok = s.opts.Source.Snapshot(d); !ok {
+		if snap, changed, ok = s.opts.Source.Snapshot(stream.Context(), d); !ok {
 			return status.Errorf(codes.Unavailable, "%s: download stopped here", d)
 		}
 		if len(sent) != len(snap.Done) {

@@ -2,7 +2,7 @@ package peer
 
 import (
 	"context"
-	"os"
+	"io"
 	"sync"
 	"testing"
 
@@ -20,7 +20,7 @@ type fakeSource struct {
 	changed chan struct{}
 }
 
-func (f *fakeSource) Snapshot(digest.Digest) (Snapshot, <-chan struct{}, bool) {
+func (f *fakeSource) Snapshot(context.Context, digest.Digest) (Snapshot, <-chan struct{}, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	s := f.snap
@@ -28,7 +28,7 @@ func (f *fakeSource) Snapshot(digest.Digest) (Snapshot, <-chan struct{}, bool) {
 	return s, f.changed, true
 }
 
-func (f *fakeSource) OpenPiece(digest.Digest, int) (*os.File, int64, int64, func(), error) {
+func (f *fakeSource) OpenPiece(context.Context, digest.Digest, int) (io.ReadSeeker, int64, int64, func(), error) {
 	return nil, 0, 0, nil, ErrNoPiece
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -215,10 +216,11 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 		}
 		for _, id := range owner.Rank(d.String(), ids) {
 			if id == s.opts.Self.ID {
-				// This node owns the digest now: it goes upstream, and
-				// takes pieces from whoever registered.
+				// This node owns the digest now: it goes upstream, unless a
+				// live member announced it holds the blob, and takes pieces
+				// from whoever registered or holds it.
 				run.SetAuthority("")
-				run.AllowUpstream(true)
+				run.AllowUpstream(!slices.ContainsFunc(s.opts.Tracker.Holders(d.String()), func(h string) bool { _, live := addrs[h]; return live }))
 				for _, p := range s.opts.Tracker.Peers(d.String(), "", s.opts.MaxPeers) {
 					addParent(p.ID, p.Addr)
 				}

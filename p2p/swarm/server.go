@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"time"
 
 	lru "github.com/hashicorp/golang-lru/v2"
@@ -211,10 +210,10 @@ func (s *Server) caller(ctx context.Context, claimed string) (membership.Member,
 }
 
 // Snapshot implements peer.Source.
-func (s *Server) Snapshot(d digest.Digest) (peer.Snapshot, <-chan struct{}, bool) {
+func (s *Server) Snapshot(ctx context.Context, d digest.Digest) (peer.Snapshot, <-chan struct{}, bool) {
 	if size, err := s.opts.Store.Stat(d); err == nil {
 		plan := piece.PlanFor(size)
-		crcs, err := s.pieceChecksums(d, plan)
+		crcs, err := s.pieceChecksums(ctx, d, plan)
 		if err != nil {
 			s.log.Warn("checksumming a stored blob's pieces", "digest", d, "err", err)
 			return peer.Snapshot{}, nil, false
@@ -244,11 +243,11 @@ func (s *Server) Snapshot(d digest.Digest) (peer.Snapshot, <-chan struct{}, bool
 
 // pieceChecksums are the piece checksums of a stored blob, computed once
 // (one read of the blob) and remembered.
-func (s *Server) pieceChecksums(d digest.Digest, plan piece.Plan) ([]uint32, error) {
+func (s *Server) pieceChecksums(ctx context.Context, d digest.Digest, plan piece.Plan) ([]uint32, error) {
 	if c, ok := s.crcs.Get(d); ok && len(c) == plan.Count() {
 		return c, nil
 	}
-	b, err := s.opts.Store.Get(d)
+	b, err := s.opts.Store.Get(ctx, d)
 	if err != nil {
 		return nil, err
 	}
@@ -258,7 +257,7 @@ func (s *Server) pieceChecksums(d digest.Digest, plan piece.Plan) ([]uint32, err
 	for i := range crcs {
 		off, n := plan.Range(i)
 		h := piece.NewChecksum()
-		if _, err := io.CopyBuffer(h, io.NewSectionReader(b.File, off, n), buf); err != nil {
+		if _, err := io.CopyBuffer(h, io.NewSectionReader(b, off, n), buf); err != nil {
 			return nil, fmt.Errorf("swarm: checksum piece %d of %s: %w", i, d, err)
 		}
 		crcs[i] = h.Sum32()
@@ -268,15 +267,15 @@ func (s *Server) pieceChecksums(d digest.Digest, plan piece.Plan) ([]uint32, err
 }
 
 // OpenPiece implements peer.Source.
-func (s *Server) OpenPiece(d digest.Digest, i int) (*os.File, int64, int64, func(), error) {
-	if b, err := s.opts.Store.Get(d); err == nil {
+func (s *Server) OpenPiece(ctx context.Context, d digest.Digest, i int) (io.ReadSeeker, int64, int64, func(), error) {
+	if b, err := s.opts.Store.Get(ctx, d); err == nil {
 		plan := piece.PlanFor(b.Size)
 		if i >= plan.Count() {
 			b.Close()
 			return nil, 0, 0, nil, peer.ErrNoPiece
 		}
 		off, n := plan.Range(i)
-		return b.File, off, n, func() { b.Close() }, nil
+		return b.Content, off, n, func() { b.Close() }, nil
 	}
 	if s.opts.Tasks == nil {
 		return nil, 0, 0, nil, peer.ErrNoPiece
@@ -292,4 +291,114 @@ func (s *Server) OpenPiece(d digest.Digest, i int) (*os.File, int64, int64, func
 	}
 	off, n := t.Plan().Range(i)
 	return f, off, n, func() { f.Close() }, nil
+}
+
+// maxAnnounced bounds one announcement's blobs.
+const maxAnnounced = 1 << 18
+
+// Announce implements pb.TrackerServer: a node's complete blobs among the
+// digests this node owns, recorded under the id it authenticated with and
+// the address gossip knows for it.
+func (s *Server) Announce(ctx context.Context, req *pb.AnnounceRequest) (*pb.AnnounceResponse, error) {
+	who, err := s.caller(ctx, req.GetHostId())
+	if err != nil {
+		return nil, err
+	}
+	if len(req.GetBlobs()) > maxAnnounced {
+		return nil, status.Errorf(codes.InvalidArgument, "%d blobs announced at once, at most %d", len(req.GetBlobs()), maxAnnounced)
+	}
+	keys := make([]string, 0, len(req.GetBlobs()))
+	for _, b := range req.GetBlobs() {
+		d, err := digest.Parse(b.GetDigest())
+		if err != nil || b.GetSize() < 0 {
+			return nil, status.Errorf(codes.InvalidArgument, "blob %q of size %d: %v", b.GetDigest(), b.GetSize(), err)
+		}
+		keys = append(keys, d.String())
+	}
+	s.opts.Tracker.Hold(tracker.Peer{ID: who.ID, Addr: who.Addr, Seen: time.Now()}, keys)
+	return &pb.AnnounceResponse{}, nil
+}
+
+// Preheat implements pb.TrackerServer: a member has this node fetch a blob
+// (Fetch) and follows its progress.
+func (s *Server) Preheat(req *pb.PreheatRequest, stream pb.Tracker_PreheatServer) error {
+	ctx := stream.Context()
+	if _, err := s.caller(ctx, req.GetHostId()); err != nil {
+		return err
+	}
+	d, err := digest.Parse(req.GetDigest())
+	if err != nil {
+		return status.Errorf(codes.InvalidArgument, "digest: %v", err)
+	}
+	err = s.Fetch(ctx, req.GetRegistry(), req.GetRepository(), d, stream.Send)
+	var se *upstream.StatusError
+	switch {
+	case err == nil, ctx.Err() != nil:
+		return err
+	case errors.As(err, &se):
+		return status.Errorf(codes.FailedPrecondition, "%v", err)
+	case errors.Is(err, task.ErrTooLarge), errors.Is(err, upstream.ErrUnknownRegistry), errors.Is(err, upstream.ErrBadRepository), errors.Is(err, upstream.ErrForbiddenAddress):
+		return status.Errorf(codes.InvalidArgument, "%v", err)
+	}
+	return status.Errorf(codes.Unavailable, "%v", err)
+}
+
+// Fetch has this node fetch a blob with its own credentials, through the
+// swarm as for its peers, reporting progress (at least every 250 ms) until
+// the blob is complete and verified here.
+func (s *Server) Fetch(ctx context.Context, registry, repo string, d digest.Digest, report func(*pb.PreheatProgress) error) error {
+	if s.opts.Registries != nil {
+		if err := s.opts.Registries.CheckRepository(registry, repo); err != nil {
+			return err
+		}
+	}
+	for {
+		if size, err := s.opts.Store.Stat(d); err == nil {
+			return report(&pb.PreheatProgress{Size: size, Done: size, Complete: true})
+		}
+		if s.opts.Tasks == nil {
+			return errors.New("swarm: this node fetches nothing")
+		}
+		t, err := s.opts.Tasks.Open(ctx, task.Request{Digest: d, Registry: registry, Repo: repo, ForPeers: true})
+		if errors.Is(err, task.ErrComplete) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if err := follow(ctx, t, report); err != nil {
+			return err
+		}
+	}
+}
+
+// follow reports a download's progress until it ends.
+func follow(ctx context.Context, t *task.Task, report func(*pb.PreheatProgress) error) error {
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	plan := t.Plan()
+	for {
+		t.Touch() // wanted: not stopped as idle
+		var done int64
+		have, _ := t.Pieces()
+		for i, ok := range have {
+			if ok {
+				_, n := plan.Range(i)
+				done += n
+			}
+		}
+		if err := report(&pb.PreheatProgress{Size: t.Size(), Done: done}); err != nil {
+			return err
+		}
+		select {
+		case <-t.Done():
+			if err := t.Err(); err != nil {
+				return fmt.Errorf("swarm: fetching %s: %w", t.Digest(), err)
+			}
+			return nil
+		case <-tick.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }

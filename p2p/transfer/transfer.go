@@ -6,6 +6,7 @@ package transfer
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -187,4 +188,40 @@ func (pp *peerParent) Fetch(ctx context.Context, i int, _, n int64) (io.ReadClos
 		return nil, fmt.Errorf("transfer: piece %d from %s: %d bytes, want %d", i, pp.id, resp.ContentLength, n)
 	}
 	return resp.Body, nil
+}
+
+// Announce tells the owner at addr which of its digests this node holds.
+func (p *Pool) Announce(ctx context.Context, addr string, req *pb.AnnounceRequest) error {
+	c, err := p.Conn(addr)
+	if err != nil {
+		return err
+	}
+	_, err = pb.NewTrackerClient(c).Announce(ctx, req)
+	return err
+}
+
+// Preheat has the node at addr fetch a blob, calling fn with its progress,
+// until it is complete (nil) or fails.
+func (p *Pool) Preheat(ctx context.Context, addr string, req *pb.PreheatRequest, fn func(*pb.PreheatProgress)) error {
+	c, err := p.Conn(addr)
+	if err != nil {
+		return err
+	}
+	st, err := pb.NewTrackerClient(c).Preheat(ctx, req)
+	if err != nil {
+		return err
+	}
+	for {
+		pr, err := st.Recv()
+		if err == io.EOF {
+			return errors.New("transfer: preheat stream ended before the blob was complete")
+		}
+		if err != nil {
+			return err
+		}
+		fn(pr)
+		if pr.GetComplete() {
+			return nil
+		}
+	}
 }

@@ -1,0 +1,384 @@
+// Package ctrstore reads the node's containerd content store: which blobs
+// containerd holds in the configured namespaces (kept current by content
+// events where containerd sends them, and by listing), and their bytes,
+// from containerd's blob files when its content directory is readable
+// (the kernel's sendfile can then send them) or through containerd's API.
+// It never writes or deletes anything in containerd.
+package ctrstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	apievents "github.com/containerd/containerd/api/events"
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/typeurl/v2"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// ErrNotFound: containerd holds no such blob in the configured namespaces,
+// or it cannot be reached now.
+var ErrNotFound = errors.New("ctrstore: blob not in containerd's content store")
+
+// Options configure a Store.
+type Options struct {
+	// Address is containerd's socket.
+	Address string
+	// Namespaces are the containerd namespaces whose content is served.
+	Namespaces []string
+	// ContentDir is containerd's content directory
+	// (<root>/io.containerd.content.v1.content); blobs are read from its
+	// files when it is readable, else through the API.
+	ContentDir string
+	// ListInterval is how often the content is listed when containerd sends
+	// no content-create events (1.6); with events, every 30 intervals.
+	ListInterval time.Duration
+	Logger       *slog.Logger
+}
+
+type entry struct {
+	size int64
+	ns   map[string]bool
+}
+
+// Store is the view of containerd's content store. Run keeps it current.
+type Store struct {
+	opts Options
+	log  *slog.Logger
+
+	mu      sync.Mutex
+	client  *containerd.Client // nil while containerd is unreachable
+	files   bool               // blobs are read from ContentDir
+	index   map[digest.Digest]entry
+	changed chan struct{}
+}
+
+// New returns a store; it holds nothing until Run has listed containerd.
+func New(opts Options) *Store {
+	if opts.ListInterval <= 0 {
+		opts.ListInterval = 10 * time.Second
+	}
+	if len(opts.Namespaces) == 0 {
+		opts.Namespaces = []string{"k8s.io"}
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	return &Store{
+		opts:    opts,
+		log:     opts.Logger.With("component", "containerd", "address", opts.Address),
+		index:   map[digest.Digest]entry{},
+		changed: make(chan struct{}),
+	}
+}
+
+// Changed returns a channel closed at the next change of the set of blobs.
+func (s *Store) Changed() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.changed
+}
+
+func (s *Store) notifyLocked() {
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// Stat returns the size of a blob containerd holds.
+func (s *Store) Stat(d digest.Digest) (int64, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.index[d]
+	return e.size, ok
+}
+
+// Len is the number of blobs containerd holds in the namespaces.
+func (s *Store) Len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.index)
+}
+
+// Blobs returns every blob containerd holds, with its size.
+func (s *Store) Blobs() map[digest.Digest]int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[digest.Digest]int64, len(s.index))
+	for d, e := range s.index {
+		out[d] = e.size
+	}
+	return out
+}
+
+// Reader is an open blob of containerd's.
+type Reader interface {
+	io.Reader
+	io.ReaderAt
+	io.Seeker
+	io.Closer
+}
+
+// Open opens a blob containerd holds: its file (an *os.File) where the
+// content directory is readable, else a reader over the API.
+func (s *Store) Open(ctx context.Context, d digest.Digest) (Reader, int64, error) {
+	s.mu.Lock()
+	e, ok := s.index[d]
+	c, files := s.client, s.files
+	var ns string
+	for n := range e.ns {
+		ns = n
+		break
+	}
+	s.mu.Unlock()
+	if !ok || c == nil {
+		return nil, 0, ErrNotFound
+	}
+	if files {
+		f, err := os.Open(s.blobFile(d))
+		if err == nil {
+			if fi, err := f.Stat(); err == nil && fi.Size() == e.size {
+				return f, e.size, nil
+			}
+			f.Close()
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			s.log.Warn("reading containerd's blob file; using its API", "digest", d, "err", err)
+		}
+	}
+	ra, err := c.ContentStore().ReaderAt(namespaces.WithNamespace(ctx, ns), ocispec.Descriptor{Digest: d, Size: e.size})
+	if err != nil {
+		return nil, 0, fmt.Errorf("ctrstore: open %s: %w", d, errors.Join(ErrNotFound, err))
+	}
+	if ra.Size() != e.size {
+		ra.Close()
+		return nil, 0, fmt.Errorf("ctrstore: %s is %d bytes in containerd, listed as %d: %w", d, ra.Size(), e.size, ErrNotFound)
+	}
+	return &apiReader{SectionReader: io.NewSectionReader(ra, 0, e.size), ra: ra}, e.size, nil
+}
+
+type apiReader struct {
+	*io.SectionReader
+	ra content.ReaderAt
+}
+
+func (r *apiReader) Close() error { return r.ra.Close() }
+
+func (s *Store) blobFile(d digest.Digest) string {
+	return filepath.Join(s.opts.ContentDir, "blobs", string(d.Algorithm()), d.Encoded())
+}
+
+// Run follows containerd until ctx ends: it connects, lists the content,
+// follows content events, and when containerd goes away (a restart) holds
+// nothing until it is back, reconnecting with backoff. The log says once
+// why containerd's content is not served, and when it is again.
+func (s *Store) Run(ctx context.Context) {
+	backoff := time.Second
+	down := ""
+	for {
+		began := time.Now()
+		err := s.session(ctx, func() {
+			if down != "" {
+				s.log.Info("containerd reachable again; serving its content store")
+			}
+			down = ""
+		})
+		s.clear()
+		if ctx.Err() != nil {
+			return
+		}
+		if msg := err.Error(); down == "" {
+			s.log.Warn("containerd not reachable; its content is not served until it is (everything else works as without it)", "err", msg)
+			down = msg
+		}
+		if time.Since(began) > time.Minute {
+			backoff = time.Second
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 30*time.Second)
+	}
+}
+
+func (s *Store) clear() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.client != nil {
+		s.client.Close()
+		s.client = nil
+	}
+	if len(s.index) > 0 {
+		s.index = map[digest.Digest]entry{}
+		s.notifyLocked()
+	}
+}
+
+// session serves one connection to containerd until it fails.
+func (s *Store) session(ctx context.Context, up func()) error {
+	c, err := containerd.New(s.opts.Address, containerd.WithTimeout(5*time.Second))
+	if err != nil {
+		return fmt.Errorf("ctrstore: connect: %w", err)
+	}
+	vctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	v, err := c.Version(vctx)
+	cancel()
+	if err != nil {
+		c.Close()
+		return fmt.Errorf("ctrstore: containerd at %s: %w", s.opts.Address, err)
+	}
+	sctx, stop := context.WithCancel(ctx)
+	defer stop()
+	events, errs := c.Subscribe(sctx, `topic~="/content/"`)
+	// containerd 1.6 sends no event when content is created: it is listed
+	// often instead.
+	creates := !strings.HasPrefix(v.Version, "v1.6.") && !strings.HasPrefix(v.Version, "1.6.")
+	every := s.opts.ListInterval
+	if creates {
+		every *= 30
+	}
+	files := false
+	if s.opts.ContentDir != "" {
+		if fi, err := os.Stat(filepath.Join(s.opts.ContentDir, "blobs")); err == nil && fi.IsDir() {
+			files = true
+		}
+	}
+	s.mu.Lock()
+	s.client, s.files = c, files
+	s.mu.Unlock()
+	if err := s.list(ctx, c); err != nil {
+		return err
+	}
+	mode := "api"
+	if files {
+		mode = "files in " + s.opts.ContentDir
+	}
+	s.log.Info("serving containerd's content store", "version", v.Version, "namespaces", s.opts.Namespaces, "blobs", s.Len(),
+		"reads", mode, "content_events", creates, "list_every", every)
+	up()
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+			if err := s.list(ctx, c); err != nil {
+				return err
+			}
+		case err := <-errs:
+			if err == nil {
+				err = errors.New("event stream closed")
+			}
+			return fmt.Errorf("ctrstore: events: %w", err)
+		case env := <-events:
+			if env == nil || !s.watched(env.Namespace) {
+				continue
+			}
+			ev, err := typeurl.UnmarshalAny(env.Event)
+			if err != nil {
+				continue
+			}
+			switch e := ev.(type) {
+			case *apievents.ContentCreate:
+				if d, err := digest.Parse(e.Digest); err == nil {
+					s.add(env.Namespace, d, e.Size)
+				}
+			case *apievents.ContentDelete:
+				if d, err := digest.Parse(e.Digest); err == nil {
+					s.remove(env.Namespace, d)
+				}
+			}
+		}
+	}
+}
+
+func (s *Store) watched(ns string) bool {
+	for _, n := range s.opts.Namespaces {
+		if n == ns {
+			return true
+		}
+	}
+	return false
+}
+
+// list replaces the index with containerd's content in the namespaces.
+func (s *Store) list(ctx context.Context, c *containerd.Client) error {
+	index := map[digest.Digest]entry{}
+	for _, ns := range s.opts.Namespaces {
+		lctx, cancel := context.WithTimeout(namespaces.WithNamespace(ctx, ns), time.Minute)
+		err := c.ContentStore().Walk(lctx, func(info content.Info) error {
+			e, ok := index[info.Digest]
+			if !ok {
+				e = entry{size: info.Size, ns: map[string]bool{}}
+			}
+			e.ns[ns] = true
+			index[info.Digest] = e
+			return nil
+		})
+		cancel()
+		if err != nil {
+			return fmt.Errorf("ctrstore: list namespace %s: %w", ns, err)
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !sameIndex(s.index, index) {
+		s.index = index
+		s.notifyLocked()
+	}
+	return nil
+}
+
+func sameIndex(a, b map[digest.Digest]entry) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for d, e := range a {
+		f, ok := b[d]
+		if !ok || f.size != e.size || len(f.ns) != len(e.ns) {
+			return false
+		}
+	}
+	return true
+}
+
+func (s *Store) add(ns string, d digest.Digest, size int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.index[d]
+	if !ok {
+		e = entry{size: size, ns: map[string]bool{}}
+	}
+	e.ns[ns] = true
+	s.index[d] = e
+	if !ok {
+		s.notifyLocked()
+	}
+}
+
+func (s *Store) remove(ns string, d digest.Digest) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.index[d]
+	if !ok {
+		return
+	}
+	delete(e.ns, ns)
+	if len(e.ns) == 0 {
+		delete(s.index, d)
+		s.notifyLocked()
+	}
+}
