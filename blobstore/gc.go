@@ -175,14 +175,18 @@ func (s *Store) gcPartials(now time.Time) (int, error) {
 
 // RunGC collects every interval until ctx ends. With an external store it
 // also drops this store's copies of the blobs the external store holds,
-// when that changes and at each interval.
+// when that changes, and again shortly after for a copy that was being
+// read.
 func (s *Store) RunGC(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	var changed <-chan struct{}
+	retry := time.NewTimer(0)
+	defer retry.Stop()
 	if s.opts.External != nil {
 		changed = s.opts.External.Changed()
-		s.dropShadowed()
+	} else {
+		retry.Stop()
 	}
 	for {
 		select {
@@ -192,10 +196,17 @@ func (s *Store) RunGC(ctx context.Context, interval time.Duration) {
 		case <-s.gcKick:
 		case <-changed:
 			changed = s.opts.External.Changed()
-			s.dropShadowed()
 			s.mu.Lock()
 			s.notifyLocked() // Complete changed with the external store
 			s.mu.Unlock()
+			if s.dropShadowed() {
+				retry.Reset(shadowRetry)
+			}
+			continue
+		case <-retry.C:
+			if s.dropShadowed() {
+				retry.Reset(shadowRetry)
+			}
 			continue
 		}
 		if changed != nil {
@@ -206,6 +217,10 @@ func (s *Store) RunGC(ctx context.Context, interval time.Duration) {
 		}
 	}
 }
+
+// shadowRetry is how soon a copy the external store holds is tried again
+// when it was being read.
+const shadowRetry = 2 * time.Second
 
 // kickGC asks RunGC for a collection now.
 func (s *Store) kickGC() {

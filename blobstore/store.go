@@ -349,8 +349,8 @@ func (s *Store) Complete() map[digest.Digest]int64 {
 }
 
 // dropShadowed removes this store's copy of each blob the external store
-// holds at the same size; a copy being read stays until the next call.
-func (s *Store) dropShadowed() {
+// holds at the same size; a copy being read stays, and busy says so.
+func (s *Store) dropShadowed() (busy bool) {
 	ext := s.opts.External.Blobs()
 	s.mu.Lock()
 	var drop []digest.Digest
@@ -363,12 +363,15 @@ func (s *Store) dropShadowed() {
 	for _, d := range drop {
 		switch err := s.Delete(d); {
 		case err == nil:
-			s.log.Debug("blob is in containerd's content store; own copy removed", "digest", d)
-		case errors.Is(err, ErrBusy), errors.Is(err, ErrNotFound):
+			s.log.Info("own copy removed: the external store (containerd) holds the blob", "digest", d, "size", ext[d])
+		case errors.Is(err, ErrBusy):
+			busy = true
+		case errors.Is(err, ErrNotFound):
 		default:
 			s.log.Warn("removing a copy containerd holds", "digest", d, "err", err)
 		}
 	}
+	return busy
 }
 
 // Usage returns the number and total bytes of complete blobs.

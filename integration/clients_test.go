@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -120,6 +121,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 // containerdEnv is a containerd daemon of the test's own.
 type containerdEnv struct {
 	dir, sock, hosts, ctr string
+	daemon                string
+	args, env             []string
+	proc                  *proc
 }
 
 func startContainerd(t *testing.T, v containerdVersion, mirror string) *containerdEnv {
@@ -127,7 +131,7 @@ func startContainerd(t *testing.T, v containerdVersion, mirror string) *containe
 	needRoot(t)
 	daemon, ctr := v.daemon(t), v.ctr(t)
 	d := shortTemp(t, "rp-ctd-")
-	env := &containerdEnv{dir: d, sock: d + "/c.sock", hosts: d + "/certs.d", ctr: ctr}
+	env := &containerdEnv{dir: d, sock: d + "/c.sock", hosts: d + "/certs.d", ctr: ctr, daemon: daemon}
 	cfg := filepath.Join(d, "config.toml")
 	if err := os.WriteFile(cfg, []byte(v.config(d)), 0o644); err != nil {
 		t.Fatal(err)
@@ -141,22 +145,34 @@ func startContainerd(t *testing.T, v containerdVersion, mirror string) *containe
 	if !strings.Contains(out, "sets config_path = \""+env.hosts+"\"") {
 		t.Fatalf("containerd-config did not find %s's config_path: %s", v.name, out)
 	}
-	var daemonEnv []string
 	if v.env != nil {
-		daemonEnv = v.env(t)
+		env.env = v.env(t)
 	}
-	start(t, daemon, []string{"--config", cfg, "--log-level", "info"}, daemonEnv...)
+	env.args = []string{"--config", cfg, "--log-level", "info"}
+	env.start(t)
+	return env
+}
+
+// start runs the daemon and waits until it answers.
+func (c *containerdEnv) start(t *testing.T) {
+	t.Helper()
+	c.proc = start(t, c.daemon, c.args, c.env...)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		if _, err := run(t, 5*time.Second, ctr, "--address", env.sock, "version"); err == nil {
-			break
+		if _, err := run(t, 5*time.Second, c.ctr, "--address", c.sock, "version"); err == nil {
+			return
 		}
 		if time.Now().After(deadline) {
 			t.Fatal("containerd did not come up")
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	return env
+}
+
+// kill stops the daemon at once (SIGKILL), as a crash would.
+func (c *containerdEnv) kill() {
+	syscall.Kill(-c.proc.cmd.Process.Pid, syscall.SIGKILL)
+	<-c.proc.done
 }
 
 func (c *containerdEnv) ctrCmd(t *testing.T, args ...string) string {

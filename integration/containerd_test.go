@@ -3,6 +3,8 @@ package integration
 import (
 	"context"
 	"fmt"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -11,7 +13,9 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/opencontainers/go-digest"
 
+	"github.com/registry-proxy/registry-proxy/internal/ports"
 	"github.com/registry-proxy/registry-proxy/internal/testregistry"
 	"github.com/registry-proxy/registry-proxy/p2p/owner"
 )
@@ -166,4 +170,137 @@ func TestContainerdBlobServedToClient(t *testing.T) {
 			}
 		})
 	}
+}
+
+// filesBytes is the bytes of the regular files under dirs.
+func filesBytes(t *testing.T, dirs ...string) int64 {
+	t.Helper()
+	var n int64
+	for _, dir := range dirs {
+		err := filepath.WalkDir(dir, func(_ string, e fs.DirEntry, err error) error {
+			if err != nil || !e.Type().IsRegular() {
+				return err
+			}
+			fi, err := e.Info()
+			if err == nil {
+				n += fi.Size()
+			}
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return n
+}
+
+// After `crictl pull` through the mirror the node keeps the image once:
+// in containerd's content store, the proxy having dropped its copy. Without
+// the containerd source (the node as before) it is on disk twice.
+func TestOneCopyOnDisk(t *testing.T) {
+	reg, img := sharedImage(t)
+	crictl := tool(t, "crictl")
+	ref := mirroredRegistry + "/" + imageRepo + ":" + imageTag
+	cfg := writeConfig(t, "[containerd]\nlist_interval = \"1s\"\n")
+	for _, v := range containerds {
+		for _, source := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/source=%v", v.name, source), func(t *testing.T) {
+				listen, err := ports.FreePair("127.0.0.1")
+				if err != nil {
+					t.Fatal(err)
+				}
+				c := startContainerd(t, v, listen)
+				args := []string{"--config", cfg, "--listen", listen, "--upstream", mirroredRegistry + "=" + reg.URL}
+				if source {
+					args = append(args, "--containerd-address", c.sock, "--containerd-namespace", "k8s.io", "--containerd-content-dir", c.contentDir())
+				}
+				px := startProxy(t, "", args...)
+				ep := "unix://" + c.sock
+				mustRun(t, 5*time.Minute, crictl, "--runtime-endpoint", ep, "--image-endpoint", ep, "--timeout", "4m", "pull", ref)
+				image := filesBytes(t, filepath.Join(c.contentDir(), "blobs"))
+				if image < imageBytes(img) || image > imageBytes(img)+1<<20 {
+					t.Fatalf("containerd holds %d bytes of blobs, want the image's %d and its manifest and config", image, imageBytes(img))
+				}
+				disk := func() int64 { return filesBytes(t, px.DataDir, c.contentDir()) }
+				if !source {
+					if ratio := float64(disk()) / float64(image); ratio < 1.9 {
+						t.Errorf("without the containerd source the node keeps %.3f× the image, want two copies", ratio)
+					}
+					t.Logf("%s without the containerd source: %d bytes on disk for an image of %d: %.3f×", v.name, disk(), image, float64(disk())/float64(image))
+					return
+				}
+				eventually(t, time.Minute, "the proxy's copies are not dropped", func() bool { return float64(disk()) <= 1.05*float64(image) })
+				t.Logf("%s with the containerd source: %d bytes on disk for an image of %d: %.3f×", v.name, disk(), image, float64(disk())/float64(image))
+				if n := scrape(t, px).Sum("registry_proxy_store_bytes"); n != 0 {
+					t.Errorf("the store counts %v bytes", n)
+				}
+				// Served again from containerd's copy.
+				big := img.Layers[len(img.Layers)-1]
+				before := reg.BlobBytes()
+				n, d, err := getBlob(context.Background(), fmt.Sprintf("http://%s/v2/%s/blobs/%s?ns=%s", px.Addr, imageRepo, big.Digest, mirroredRegistry))
+				if err != nil || n != big.Size || d.String() != big.Digest {
+					t.Fatalf("blob from the mirror after the drop: %d bytes, %s, %v", n, d, err)
+				}
+				if got := reg.BlobBytes() - before; got != 0 {
+					t.Errorf("%d blob bytes from the upstream after the drop", got)
+				}
+			})
+		}
+	}
+}
+
+// containerd killed and restarted while node-a serves a blob from its
+// content store (through the API) to node-b: node-b completes the blob,
+// verified, from the owner or the upstream; node-a serves containerd's
+// content again once it is back.
+func TestContainerdRestartWhileServing(t *testing.T) {
+	reg, img := sharedImage(t)
+	tar := imageTarball(t, reg, img)
+	big := img.Layers[len(img.Layers)-1]
+	for _, v := range containerds {
+		t.Run(v.name, func(t *testing.T) {
+			ca := startContainerd(t, v, "127.0.0.1:9")
+			ca.ctrCmd(t, "images", "import", tar)
+			c := newCluster(t, reg, []string{"node-a", "node-b"})
+			up := []string{"--upstream", mirroredRegistry + "=" + reg.URL}
+			c.nodes = append(c.nodes, c.startNode(t, 0, append(up, ca.containerdArgs(false)...)...),
+				c.startNode(t, 1, append(up, "--config", writeConfig(t, "[download]\nrate = \"32MB\"\n"))...))
+			c.waitMembers(t, 2)
+			waitHeld(t, c, 0, imageBlobs(img))
+
+			type result struct {
+				n   int64
+				d   digest.Digest
+				err error
+			}
+			done := make(chan result, 1)
+			go func() {
+				n, d, err := getBlob(context.Background(), fmt.Sprintf("http://%s/v2/%s/blobs/%s?ns=%s", c.nodes[1].Addr, imageRepo, big.Digest, mirroredRegistry))
+				done <- result{n, d, err}
+			}()
+			eventually(t, time.Minute, "node-a sends nothing", func() bool {
+				return scrape(t, c.nodes[0]).Sum("registry_proxy_peer_upload_bytes_total") >= 16<<20
+			})
+			ca.kill()
+			ca.start(t)
+			r := <-done
+			if r.err != nil || r.n != big.Size || r.d.String() != big.Digest {
+				t.Fatalf("node-b's blob: %d bytes hashing to %s, %v; want %d of %s", r.n, r.d, r.err, big.Size, big.Digest)
+			}
+			waitOutput(t, c.nodes[0].proc, "containerd reachable again", time.Minute)
+			if !strings.Contains(c.nodes[0].output(), "containerd not reachable") {
+				t.Error("node-a did not log that containerd went away")
+			}
+		})
+	}
+}
+
+// writeConfig writes a configuration file for a node.
+func writeConfig(t *testing.T, body string) string {
+	t.Helper()
+	cfg := filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return cfg
 }
