@@ -24,6 +24,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/internal/pace"
 	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
+	"github.com/registry-proxy/registry-proxy/preheat"
 	"github.com/registry-proxy/registry-proxy/proxy"
 	"github.com/registry-proxy/registry-proxy/proxy/access"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
@@ -152,6 +153,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		Ready:           readyFunc(draining, p2p.readyFunc(time.Now(), cfg.P2P.AloneAfter, len(cfg.P2P.Join) > 0)),
 		Members:         p2p.membersFunc(),
 		Running:         tasks.Running,
+		Preheat:         &preheat.Preheater{Manifests: peerUp, Cluster: p2p.cluster(tasks), Logger: log},
 		Metrics:         m,
 		Pprof:           cfg.Admin.Pprof,
 		Logger:          log,

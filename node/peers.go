@@ -8,9 +8,12 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/opencontainers/go-digest"
 	"github.com/registry-proxy/registry-proxy/blobstore"
 	"github.com/registry-proxy/registry-proxy/config"
 	"github.com/registry-proxy/registry-proxy/inspect"
@@ -26,20 +29,19 @@ import (
 	"github.com/registry-proxy/registry-proxy/p2p/tracker"
 	"github.com/registry-proxy/registry-proxy/p2p/transfer"
 	"github.com/registry-proxy/registry-proxy/p2p/trust"
+	"github.com/registry-proxy/registry-proxy/preheat"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
 	"github.com/registry-proxy/registry-proxy/task"
 )
 
 // peers is the P2P side of a node.
 type peers struct {
-	self    membership.Member
-	members *membership.Membership
-	pool    *transfer.Pool
-	syncer  *statesync.Syncer
-	meter   *hoststate.Meter
-	server  *peer.Server
-	// swarm fetches blobs for preheat requests.
-	swarm     *swarm.Server
+	self      membership.Member
+	members   *membership.Membership
+	pool      *transfer.Pool
+	syncer    *statesync.Syncer
+	meter     *hoststate.Meter
+	server    *peer.Server
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 	closeOnce sync.Once
@@ -188,7 +190,6 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		srvOpts.Uploads = uploads{meter: meter, syncer: p.syncer}
 	}
 	sw := swarm.NewServer(srvOpts)
-	p.swarm = sw
 	m.GaugeFunc("tracker_holdings", "Blobs other nodes announced they hold complete, among the digests this node owns (one per node and blob).",
 		func() float64 { return float64(registrations.Held()) })
 	announcer := swarm.NewAnnouncer(swarm.AnnouncerOptions{Self: id, Members: p.members, Holdings: store, Transport: p.pool, Logger: log})
@@ -372,4 +373,63 @@ func peerIdentity(cfg config.P2P, id string, log *slog.Logger) (*trust.Identity,
 	}
 	log.Warn("p2p.insecure: peer port and gossip are plaintext and unauthenticated; any host that reaches them is a member")
 	return nil, nil, nil
+}
+
+// cluster is the nodes a preheat spreads blobs to: this one (also without
+// peers) and every live member.
+func (p *peers) cluster(tasks *task.Manager) preheat.Cluster {
+	return preheatCluster{p: p, tasks: tasks}
+}
+
+type preheatCluster struct {
+	p     *peers
+	tasks *task.Manager
+}
+
+func (c preheatCluster) Nodes() []preheat.Node {
+	self := "self"
+	if c.p != nil {
+		self = c.p.self.ID
+	}
+	nodes := []preheat.Node{localNode{id: self, tasks: c.tasks}}
+	if c.p == nil {
+		return nodes
+	}
+	ms := c.p.members.Members()
+	slices.SortFunc(ms, func(a, b membership.Member) int { return strings.Compare(a.ID, b.ID) })
+	for _, m := range ms {
+		if m.ID != self {
+			nodes = append(nodes, remoteNode{member: m, self: self, pool: c.p.pool})
+		}
+	}
+	return nodes
+}
+
+// localNode fetches with this node's task manager.
+type localNode struct {
+	id    string
+	tasks *task.Manager
+}
+
+func (n localNode) ID() string { return n.id }
+
+func (n localNode) Fetch(ctx context.Context, registry, repo string, d digest.Digest, report func(done, size int64)) error {
+	return n.tasks.Fetch(ctx, task.Request{Digest: d, Registry: registry, Repo: repo, ForPeers: true}, func(done, size int64) error {
+		report(done, size)
+		return nil
+	})
+}
+
+// remoteNode asks a member over its peer port (Preheat).
+type remoteNode struct {
+	member membership.Member
+	self   string
+	pool   *transfer.Pool
+}
+
+func (n remoteNode) ID() string { return n.member.ID }
+
+func (n remoteNode) Fetch(ctx context.Context, registry, repo string, d digest.Digest, report func(done, size int64)) error {
+	req := &pb.PreheatRequest{HostId: n.self, Registry: registry, Repository: repo, Digest: d.String()}
+	return n.pool.Preheat(ctx, n.member.Addr, req, func(pr *pb.PreheatProgress) { report(pr.GetDone(), pr.GetSize()) })
 }

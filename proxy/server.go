@@ -51,6 +51,8 @@ type Options struct {
 	Members func() any
 	// Running lists the downloads in flight for /debug/tasks; may be nil.
 	Running func() []task.Stats
+	// Preheat serves POST /preheat on the admin listener; nil: 404.
+	Preheat http.Handler
 	// Metrics counts requests and bytes served from the cache, and is
 	// served on /metrics; may be nil.
 	Metrics *metrics.Metrics
@@ -132,6 +134,9 @@ func (s *Server) AdminHandler() http.Handler {
 		json.NewEncoder(w).Encode(running)
 	}).Methods(http.MethodGet)
 	r.Handle("/metrics", s.opts.Metrics.Handler())
+	if s.opts.Preheat != nil {
+		r.Handle("/preheat", s.opts.Preheat)
+	}
 	if s.opts.Pprof {
 		r.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 		r.HandleFunc("/debug/pprof/profile", pprof.Profile)

@@ -338,3 +338,57 @@ func (m *Manager) Stats(d digest.Digest) (Stats, bool) {
 	}
 	return m.recent.Get(d)
 }
+
+// Fetch has this node fetch a blob (or join its download) and reports its
+// progress, bytes of verified pieces, at least every 250 ms until it is
+// complete and verified here (done == size, reported last) or fails.
+func (m *Manager) Fetch(ctx context.Context, req Request, report func(done, size int64) error) error {
+	for {
+		if size, err := m.opts.Store.Stat(req.Digest); err == nil {
+			return report(size, size)
+		}
+		t, err := m.Open(ctx, req)
+		if errors.Is(err, ErrComplete) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if err := t.follow(ctx, report); err != nil {
+			return err
+		}
+	}
+}
+
+// follow reports a download's progress until it ends; it keeps the task
+// wanted meanwhile, with no reader.
+func (t *Task) follow(ctx context.Context, report func(done, size int64) error) error {
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		t.Touch()
+		var done int64
+		have, _ := t.Pieces()
+		for i, ok := range have {
+			if ok {
+				_, n := t.plan.Range(i)
+				done += n
+			}
+		}
+		if done < t.Size() {
+			if err := report(done, t.Size()); err != nil {
+				return err
+			}
+		}
+		select {
+		case <-t.Done():
+			if err := t.Err(); err != nil {
+				return fmt.Errorf("task: fetching %s: %w", t.Digest(), err)
+			}
+			return nil
+		case <-tick.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}

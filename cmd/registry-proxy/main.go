@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -23,6 +24,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/node"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/p2p/trust"
+	"github.com/registry-proxy/registry-proxy/preheat"
 
 	// CA roots compiled in, used where the host has none: the container
 	// image has no base image.
@@ -38,6 +40,7 @@ commands:
   docker-config      add the mirror to dockerd's registry-mirrors in daemon.json
   peers              the cluster's members, their host state and weights, refreshed like top
   status             this node's downloads in flight: progress and bytes by source
+  preheat IMAGE...   have the cluster fetch images' blobs before a rollout, with progress and a table of nodes × blobs
   secret             print a new cluster secret (registry-proxy secret > FILE)
   version            print the version
 `
@@ -72,6 +75,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return dockerConfig(args[1:], stdout)
 	case "peers", "status":
 		return inspectCmd(args[0], args[1:], stdout)
+	case "preheat":
+		return preheatCmd(args[1:], stdout)
 	case "secret":
 		if len(args) > 1 {
 			return fmt.Errorf("secret takes no arguments: %w", errUsage)
@@ -393,4 +398,91 @@ func inspectCmd(name string, args []string, stdout io.Writer) error {
 		return enc.Encode(v)
 	}
 	return inspect.Watch(ctx, stdout, *interval, *once || *asJSON || !inspect.IsTerminal(stdout), render)
+}
+
+func preheatCmd(args []string, stdout io.Writer) error {
+	fs := subFlags("preheat")
+	admin := fs.String("admin", "127.0.0.1:5001", "the node's admin listener (admin.listen); it resolves the images with its own credentials")
+	nodes := fs.String("nodes", "all", "how many nodes get the blobs (this one first), or all")
+	platform := fs.String("platform", "", "os/arch[/variant] of an index's manifest to preheat (default the node's)")
+	asJSON := fs.Bool("json", false, "print the node's events as JSON lines")
+	var images []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				fmt.Fprintln(stdout, "usage: registry-proxy preheat [flags] IMAGE...")
+				fs.SetOutput(stdout)
+				fs.PrintDefaults()
+				return nil
+			}
+			return fmt.Errorf("%w: %w", err, errUsage)
+		}
+		if fs.NArg() == 0 {
+			break
+		}
+		// Images and flags in any order.
+		images, args = append(images, fs.Arg(0)), fs.Args()[1:]
+	}
+	req := preheat.Request{Images: images, Platform: *platform}
+	if len(req.Images) == 0 {
+		return fmt.Errorf("preheat: name at least one image: %w", errUsage)
+	}
+	if *nodes != "all" {
+		n, err := strconv.Atoi(*nodes)
+		if err != nil || n < 1 {
+			return fmt.Errorf("preheat: --nodes %q: want a positive number or all: %w", *nodes, errUsage)
+		}
+		req.Nodes = n
+	}
+	base := *admin
+	if !strings.Contains(base, "://") {
+		base = "http://" + base
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	var view inspect.PreheatView
+	enc := json.NewEncoder(stdout)
+	live := !*asJSON && inspect.IsTerminal(stdout)
+	errc := make(chan error, 1)
+	go func() {
+		errc <- inspect.Client{Base: base}.Preheat(ctx, req, func(e preheat.Event) {
+			view.Add(e)
+			if *asJSON {
+				enc.Encode(e)
+			}
+		})
+	}()
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	lines := 0
+	redraw := func() {
+		var b strings.Builder
+		view.WriteProgress(&b)
+		if lines > 0 {
+			fmt.Fprintf(stdout, "\x1b[%dA\x1b[J", lines) // back over the last frame
+		}
+		io.WriteString(stdout, b.String())
+		lines = strings.Count(b.String(), "\n")
+	}
+	for {
+		select {
+		case err := <-errc:
+			if err != nil {
+				return err
+			}
+			if !*asJSON {
+				redraw()
+				fmt.Fprintln(stdout)
+				view.WriteTable(stdout)
+			}
+			if n := view.Failed(); n > 0 {
+				return fmt.Errorf("preheat: %d blob fetches failed", n)
+			}
+			return nil
+		case <-tick.C:
+			if live {
+				redraw()
+			}
+		}
+	}
 }

@@ -31,6 +31,7 @@ import (
 type Tasks interface {
 	Open(ctx context.Context, req task.Request) (*task.Task, error)
 	Lookup(d digest.Digest) (*task.Task, bool)
+	Fetch(ctx context.Context, req task.Request, report func(done, size int64) error) error
 }
 
 // Downloads tells what a running download fetches now, and leaves pieces
@@ -320,7 +321,7 @@ func (s *Server) Announce(ctx context.Context, req *pb.AnnounceRequest) (*pb.Ann
 }
 
 // Preheat implements pb.TrackerServer: a member has this node fetch a blob
-// (Fetch) and follows its progress.
+// with its own credentials (task.Manager.Fetch) and follows its progress.
 func (s *Server) Preheat(req *pb.PreheatRequest, stream pb.Tracker_PreheatServer) error {
 	ctx := stream.Context()
 	if _, err := s.caller(ctx, req.GetHostId()); err != nil {
@@ -330,7 +331,18 @@ func (s *Server) Preheat(req *pb.PreheatRequest, stream pb.Tracker_PreheatServer
 	if err != nil {
 		return status.Errorf(codes.InvalidArgument, "digest: %v", err)
 	}
-	err = s.Fetch(ctx, req.GetRegistry(), req.GetRepository(), d, stream.Send)
+	if s.opts.Tasks == nil {
+		return status.Error(codes.Unavailable, "this node fetches nothing")
+	}
+	if s.opts.Registries != nil {
+		if err := s.opts.Registries.CheckRepository(req.GetRegistry(), req.GetRepository()); err != nil {
+			return status.Errorf(codes.InvalidArgument, "%v", err)
+		}
+	}
+	err = s.opts.Tasks.Fetch(ctx, task.Request{Digest: d, Registry: req.GetRegistry(), Repo: req.GetRepository(), ForPeers: true},
+		func(done, size int64) error {
+			return stream.Send(&pb.PreheatProgress{Size: size, Done: done, Complete: done == size && size >= 0})
+		})
 	var se *upstream.StatusError
 	switch {
 	case err == nil, ctx.Err() != nil:
@@ -341,64 +353,4 @@ func (s *Server) Preheat(req *pb.PreheatRequest, stream pb.Tracker_PreheatServer
 		return status.Errorf(codes.InvalidArgument, "%v", err)
 	}
 	return status.Errorf(codes.Unavailable, "%v", err)
-}
-
-// Fetch has this node fetch a blob with its own credentials, through the
-// swarm as for its peers, reporting progress (at least every 250 ms) until
-// the blob is complete and verified here.
-func (s *Server) Fetch(ctx context.Context, registry, repo string, d digest.Digest, report func(*pb.PreheatProgress) error) error {
-	if s.opts.Registries != nil {
-		if err := s.opts.Registries.CheckRepository(registry, repo); err != nil {
-			return err
-		}
-	}
-	for {
-		if size, err := s.opts.Store.Stat(d); err == nil {
-			return report(&pb.PreheatProgress{Size: size, Done: size, Complete: true})
-		}
-		if s.opts.Tasks == nil {
-			return errors.New("swarm: this node fetches nothing")
-		}
-		t, err := s.opts.Tasks.Open(ctx, task.Request{Digest: d, Registry: registry, Repo: repo, ForPeers: true})
-		if errors.Is(err, task.ErrComplete) {
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		if err := follow(ctx, t, report); err != nil {
-			return err
-		}
-	}
-}
-
-// follow reports a download's progress until it ends.
-func follow(ctx context.Context, t *task.Task, report func(*pb.PreheatProgress) error) error {
-	tick := time.NewTicker(250 * time.Millisecond)
-	defer tick.Stop()
-	plan := t.Plan()
-	for {
-		t.Touch() // wanted: not stopped as idle
-		var done int64
-		have, _ := t.Pieces()
-		for i, ok := range have {
-			if ok {
-				_, n := plan.Range(i)
-				done += n
-			}
-		}
-		if err := report(&pb.PreheatProgress{Size: t.Size(), Done: done}); err != nil {
-			return err
-		}
-		select {
-		case <-t.Done():
-			if err := t.Err(); err != nil {
-				return fmt.Errorf("swarm: fetching %s: %w", t.Digest(), err)
-			}
-			return nil
-		case <-tick.C:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
 }
