@@ -63,6 +63,8 @@ type Store struct {
 	files   bool               // blobs are read from ContentDir
 	index   map[digest.Digest]entry
 	changed chan struct{}
+	// bufs recycles the API readers' chunk buffers.
+	bufs sync.Pool
 }
 
 // New returns a store; it holds nothing until Run has listed containerd.
@@ -81,6 +83,7 @@ func New(opts Options) *Store {
 		log:     opts.Logger.With("component", "containerd", "address", opts.Address),
 		index:   map[digest.Digest]entry{},
 		changed: make(chan struct{}),
+		bufs:    sync.Pool{New: func() any { b := make([]byte, apiChunk); return &b }},
 	}
 }
 
@@ -164,15 +167,85 @@ func (s *Store) Open(ctx context.Context, d digest.Digest) (Reader, int64, error
 		ra.Close()
 		return nil, 0, fmt.Errorf("ctrstore: %s is %d bytes in containerd, listed as %d: %w", d, ra.Size(), e.size, ErrNotFound)
 	}
-	return &apiReader{SectionReader: io.NewSectionReader(ra, 0, e.size), ra: ra}, e.size, nil
+	return &apiReader{ra: ra, size: e.size, pool: &s.bufs}, e.size, nil
 }
 
+// apiChunk is how much one read through containerd's API asks for: each
+// is a round trip, and a reader's usual 32 KiB would make the API crawl
+// (1 GiB to a peer on loopback: 42 MB/s in 32 KiB reads, 93 MB/s in
+// these; the files, 180 MB/s).
+const apiChunk = 4 << 20
+
+// apiReader reads a blob through containerd's API in apiChunk reads.
 type apiReader struct {
-	*io.SectionReader
-	ra content.ReaderAt
+	ra         content.ReaderAt
+	size, off  int64
+	buf        []byte
+	pool       *sync.Pool // of chunk buffers
+	bufp       *[]byte    // buf's, from pool
+	bufOff     int64      // the blob offset of buf[0]
+	bufN, bufR int        // bytes in buf, bytes of them read
 }
 
-func (r *apiReader) Close() error { return r.ra.Close() }
+func (r *apiReader) Read(p []byte) (int, error) {
+	if r.off >= r.size {
+		return 0, io.EOF
+	}
+	if r.bufR >= r.bufN || r.bufOff+int64(r.bufR) != r.off {
+		if r.buf == nil {
+			r.bufp = r.pool.Get().(*[]byte)
+			r.buf = *r.bufp
+		}
+		n, err := r.ra.ReadAt(r.buf[:min(int64(apiChunk), r.size-r.off)], r.off)
+		if n == 0 {
+			if err == nil || err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return 0, err
+		}
+		r.bufOff, r.bufN, r.bufR = r.off, n, 0
+	}
+	n := copy(p, r.buf[r.bufR:r.bufN])
+	r.bufR += n
+	r.off += int64(n)
+	return n, nil
+}
+
+func (r *apiReader) ReadAt(p []byte, off int64) (int, error) {
+	if off >= r.size {
+		return 0, io.EOF
+	}
+	if int64(len(p)) > r.size-off {
+		n, err := r.ra.ReadAt(p[:r.size-off], off)
+		if err == nil {
+			err = io.EOF
+		}
+		return n, err
+	}
+	return r.ra.ReadAt(p, off)
+}
+
+func (r *apiReader) Seek(offset int64, whence int) (int64, error) {
+	switch whence {
+	case io.SeekCurrent:
+		offset += r.off
+	case io.SeekEnd:
+		offset += r.size
+	}
+	if offset < 0 {
+		return 0, errors.New("ctrstore: seek before the start")
+	}
+	r.off = offset
+	return offset, nil
+}
+
+func (r *apiReader) Close() error {
+	if r.bufp != nil {
+		r.pool.Put(r.bufp)
+		r.bufp, r.buf = nil, nil
+	}
+	return r.ra.Close()
+}
 
 func (s *Store) blobFile(d digest.Digest) string {
 	return filepath.Join(s.opts.ContentDir, "blobs", string(d.Algorithm()), d.Encoded())

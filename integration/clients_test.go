@@ -60,18 +60,18 @@ func imageBytes(img *testregistry.Image) int64 {
 
 type containerdVersion struct {
 	name   string
-	daemon func(t *testing.T) string
-	ctr    func(t *testing.T) string
+	daemon func(t testing.TB) string
+	ctr    func(t testing.TB) string
 	config func(dir string) string
 	// env is the daemon's environment beyond the test's.
-	env func(t *testing.T) []string
+	env func(t testing.TB) []string
 }
 
 var containerds = []containerdVersion{
 	{
 		name:   "containerd-1.x",
-		daemon: func(t *testing.T) string { return tool(t, "containerd", "/usr/bin") },
-		ctr:    func(t *testing.T) string { return tool(t, "ctr", "/usr/bin") },
+		daemon: func(t testing.TB) string { return tool(t, "containerd", "/usr/bin") },
+		ctr:    func(t testing.TB) string { return tool(t, "ctr", "/usr/bin") },
 		config: func(d string) string {
 			return fmt.Sprintf(`version = 2
 root = "%[1]s/root"
@@ -91,10 +91,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 	},
 	{
 		name:   "containerd-2.x",
-		daemon: func(t *testing.T) string { return tool(t, "containerd2") },
-		ctr:    func(t *testing.T) string { return tool(t, "ctr2") },
+		daemon: func(t testing.TB) string { return tool(t, "containerd2") },
+		ctr:    func(t testing.TB) string { return tool(t, "ctr2") },
 		// Its own runc shim first on PATH, before Debian's 1.x one.
-		env: func(t *testing.T) []string {
+		env: func(t testing.TB) []string {
 			shim := tool(t, "containerd-shim-runc-v2", filepath.Join(filepath.Dir(tool(t, "containerd2")), "..", "containerd2-shim"))
 			return []string{"PATH=" + filepath.Dir(shim) + ":" + os.Getenv("PATH")}
 		},
@@ -126,7 +126,7 @@ type containerdEnv struct {
 	proc                  *proc
 }
 
-func startContainerd(t *testing.T, v containerdVersion, mirror string) *containerdEnv {
+func startContainerd(t testing.TB, v containerdVersion, mirror string) *containerdEnv {
 	t.Helper()
 	needRoot(t)
 	daemon, ctr := v.daemon(t), v.ctr(t)
@@ -154,7 +154,7 @@ func startContainerd(t *testing.T, v containerdVersion, mirror string) *containe
 }
 
 // start runs the daemon and waits until it answers.
-func (c *containerdEnv) start(t *testing.T) {
+func (c *containerdEnv) start(t testing.TB) {
 	t.Helper()
 	c.proc = start(t, c.daemon, c.args, c.env...)
 	deadline := time.Now().Add(30 * time.Second)
@@ -175,7 +175,7 @@ func (c *containerdEnv) kill() {
 	<-c.proc.done
 }
 
-func (c *containerdEnv) ctrCmd(t *testing.T, args ...string) string {
+func (c *containerdEnv) ctrCmd(t testing.TB, args ...string) string {
 	t.Helper()
 	return mustRun(t, 5*time.Minute, c.ctr, append([]string{"--address", c.sock, "--namespace", "rptest"}, args...)...)
 }

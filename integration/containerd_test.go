@@ -2,20 +2,24 @@ package integration
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/docker/go-units"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/registry-proxy/registry-proxy/internal/ports"
+	"github.com/registry-proxy/registry-proxy/internal/report"
 	"github.com/registry-proxy/registry-proxy/internal/testregistry"
 	"github.com/registry-proxy/registry-proxy/p2p/owner"
 )
@@ -70,7 +74,9 @@ func (c *containerdEnv) containerdArgs(files bool) []string {
 
 // waitHeld waits until node holder's containerd lists the blobs and every
 // other node in c has been told of those it owns.
-func waitHeld(t *testing.T, c *cluster, holder int, blobs []string) {
+func waitHeld(t *testing.T, c *cluster, holder int, blobs []string) { waitHeldTB(t, c, holder, blobs) }
+
+func waitHeldTB(t testing.TB, c *cluster, holder int, blobs []string) {
 	t.Helper()
 	eventually(t, 30*time.Second, "containerd's blobs listed", func() bool {
 		return scrape(t, c.nodes[holder]).Sum("registry_proxy_containerd_blobs") >= float64(len(blobs))
@@ -303,4 +309,106 @@ func writeConfig(t *testing.T, body string) string {
 		t.Fatal(err)
 	}
 	return cfg
+}
+
+var (
+	ctdSize  = flag.String("ctd-size", "1GiB", "BenchmarkContainerdServe: the blob a peer fetches")
+	ctdModes = flag.String("ctd-modes", "store,containerd-files,containerd-api", "BenchmarkContainerdServe: where the holder keeps the blob (store is the reference)")
+)
+
+// ingestBlob puts b into c's content store (namespace rptest) as a GC root,
+// as if an image had brought it.
+func (c *containerdEnv) ingestBlob(t testing.TB, b []byte) digest.Digest {
+	t.Helper()
+	d := digest.FromBytes(b)
+	f := filepath.Join(t.TempDir(), "blob")
+	if err := os.WriteFile(f, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	in, err := os.Open(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	cmd := exec.Command(c.ctr, "--address", c.sock, "--namespace", "rptest", "content", "ingest",
+		"--expected-size", fmt.Sprint(len(b)), "--expected-digest", d.String(), "bench-"+d.Encoded()[:12])
+	cmd.Stdin = in
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("ctr content ingest: %v: %s", err, out)
+	}
+	c.ctrCmd(t, "content", "label", d.String(), "containerd.io/gc.root=bench")
+	return d
+}
+
+// BenchmarkContainerdServe: `make bench-containerd`. A peer fetches one
+// blob from a node that holds it in its own store, in containerd's content
+// store read from its files, and through containerd's API: one after the
+// other in each repetition, on loopback. MB/s of each, and containerd's
+// against the store's.
+func BenchmarkContainerdServe(b *testing.B) {
+	size, err := units.RAMInBytes(*ctdSize)
+	if err != nil {
+		b.Fatal(err)
+	}
+	reg := startRegistry(b)
+	blob := testregistry.RandomBytes(size, 77)
+	d, err := reg.PushBlob(context.Background(), "cluster/blob", blob)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctd := startContainerd(b, containerds[len(containerds)-1], "127.0.0.1:9")
+	if got := ctd.ingestBlob(b, blob); got.String() != d {
+		b.Fatalf("ingested %s, pushed %s", got, d)
+	}
+	blob = nil
+	modes := strings.Split(*ctdModes, ",")
+	rates := map[string][]float64{}
+	for range b.N {
+		for run := range 3 {
+			for _, mode := range modes {
+				c := newCluster(b, reg, []string{"holder", "fetcher"})
+				var args []string
+				switch mode {
+				case "containerd-files":
+					args = ctd.containerdArgs(true)
+				case "containerd-api":
+					args = ctd.containerdArgs(false)
+				}
+				c.nodes = append(c.nodes, c.startNode(b, 0, args...), c.startNode(b, 1))
+				c.waitMembers(b, 2)
+				if mode == "store" {
+					if _, err := fetchVerified(c.url(0, "cluster/blob", d), d); err != nil {
+						b.Fatal(err)
+					}
+					waitStored(b, c.nodes[0], float64(size))
+				} else {
+					waitHeldTB(b, c, 0, []string{d})
+				}
+				before := reg.BlobBytes()
+				start := time.Now()
+				n, got, err := getBlob(context.Background(), c.url(1, "cluster/blob", d))
+				secs := time.Since(start).Seconds()
+				if err != nil || n != size || got.String() != d {
+					b.Fatalf("%s: %d bytes, %s, %v", mode, n, got, err)
+				}
+				if up := reg.BlobBytes() - before; up != 0 {
+					b.Fatalf("%s: the fetch took %d bytes from the upstream", mode, up)
+				}
+				rates[mode] = append(rates[mode], float64(size)/secs/1e6)
+				b.Logf("run %d: %s: %.0f MB/s", run+1, mode, float64(size)/secs/1e6)
+				for _, p := range c.nodes {
+					p.stopProxy()
+				}
+			}
+		}
+	}
+	for _, m := range modes {
+		b.ReportMetric(report.MedianOf(rates[m]), m+"-MB/s")
+	}
+	if store := report.MedianOf(rates["store"]); store > 0 {
+		for _, m := range modes[1:] {
+			b.ReportMetric(report.MedianOf(rates[m])/store, m+"/store")
+		}
+	}
+	b.ReportMetric(0, "ns/op")
 }

@@ -63,3 +63,46 @@ func TestPeersSpread(t *testing.T) {
 		}
 	}
 }
+
+// Hold replaces a node's holdings: Peers hands holders out beside the
+// registrants (once each), Holders and Held count them, and an empty
+// announcement withdraws them.
+func TestHold(t *testing.T) {
+	tr := New(rand.New(rand.NewPCG(1, 2)))
+	tr.Add("d1", Peer{ID: "reg", Addr: "R"})
+	tr.Add("d1", Peer{ID: "both", Addr: "B"})
+	tr.Hold(Peer{ID: "h1", Addr: "H1"}, []string{"d1", "d2"})
+	tr.Hold(Peer{ID: "both", Addr: "B"}, []string{"d1"})
+	for _, tc := range []struct {
+		key, except string
+		holders     []string
+		peers       int
+	}{
+		{"d1", "", []string{"both", "h1"}, 3},
+		{"d1", "h1", []string{"both", "h1"}, 2},
+		{"d2", "", []string{"h1"}, 1},
+		{"d3", "", []string{}, 0},
+	} {
+		if got := tr.Holders(tc.key); fmt.Sprint(got) != fmt.Sprint(tc.holders) {
+			t.Errorf("Holders(%s) = %v, want %v", tc.key, got, tc.holders)
+		}
+		if got := tr.Peers(tc.key, tc.except, 10); len(got) != tc.peers {
+			t.Errorf("Peers(%s, %q) = %v, want %d peers", tc.key, tc.except, got, tc.peers)
+		}
+	}
+	if n := tr.Held(); n != 3 {
+		t.Errorf("Held = %d, want 3", n)
+	}
+	tr.Hold(Peer{ID: "h1", Addr: "H1"}, []string{"d2"}) // d1 no longer held by h1
+	if got := tr.Holders("d1"); fmt.Sprint(got) != "[both]" {
+		t.Errorf("after h1 dropped d1: Holders(d1) = %v", got)
+	}
+	tr.Hold(Peer{ID: "h1", Addr: "H1"}, nil)
+	tr.Hold(Peer{ID: "both", Addr: "B"}, nil)
+	if n := tr.Held(); n != 0 || len(tr.Holders("d2")) != 0 {
+		t.Errorf("after withdrawing: Held = %d, Holders(d2) = %v", n, tr.Holders("d2"))
+	}
+	if got := tr.Peers("d1", "", 10); len(got) != 2 {
+		t.Errorf("registrants gone with the holdings: %v", got)
+	}
+}
