@@ -11,7 +11,7 @@ PKGS    := ./...
 BENCH_SIZE  ?= 1GiB
 BENCH_COUNT ?= 1
 
-.PHONY: all build image deps tools demo test unit integration lint vet staticcheck bench bench-cluster bench-coldstart bench-sim fuzz fmt clean proto
+.PHONY: all build image deps tools demo test unit integration lint vet staticcheck bench bench-cluster bench-coldstart bench-containerd bench-preheat bench-sim fuzz fmt clean proto
 
 all: build
 
@@ -57,9 +57,11 @@ vet:
 staticcheck: tools
 	$(TOOLS)/staticcheck $(PKGS)
 
-# Mirror figures, side by side with direct pulls from the same upstream.
+# Mirror figures, side by side with direct pulls from the same upstream, and
+# a node serving peers (from its store and from containerd's). The cluster,
+# cold start and preheat benchmarks have their own targets below.
 bench: tools
-	$(GO) test -run '^$$' -bench . -benchtime 1x -count $(BENCH_COUNT) -timeout 60m ./integration/ -bench-size $(BENCH_SIZE)
+	$(GO) test -run '^$$' -bench 'Mirror|WarmAccessCheck|Load|PeerTransfer|ServePeers|ContainerdServe' -benchtime 1x -count $(BENCH_COUNT) -timeout 60m ./integration/ -bench-size $(BENCH_SIZE)
 
 # Cluster scenarios (a: all at once, b: slow parents, c: containerd pulls an
 # image, d: waves, e: slow parents, the owner among them) on real processes in
@@ -84,6 +86,20 @@ COLD_NODES ?= 8
 COLD_RUNS  ?= 3
 bench-coldstart: tools
 	$(GO) test -run '^$$' -bench ColdStart -benchtime 1x -timeout 30m -v ./integration/ -cold-nodes $(COLD_NODES) -cold-runs $(COLD_RUNS)
+
+# containerd as a source: a peer fetches a CTD_SIZE blob from a node holding
+# it in its store, in containerd's files and through containerd's API, one
+# after the other (root; containerd 2.x).
+CTD_SIZE ?= 1GiB
+bench-containerd: tools
+	$(GO) test -run '^$$' -bench ContainerdServe -benchtime 1x -timeout 30m -v ./integration/ -ctd-size $(CTD_SIZE)
+
+# Preheat: PREHEAT_NODES proxies in network namespaces; `registry-proxy
+# preheat` of an image of PREHEAT_LAYERS, against the Kumar–Ross bound (root).
+PREHEAT_NODES  ?= 8
+PREHEAT_LAYERS ?= 96MiB,64MiB,32MiB
+bench-preheat: tools
+	$(GO) test -run '^$$' -bench Preheat -benchtime 1x -timeout 30m -v ./integration/ -preheat-nodes $(PREHEAT_NODES) -preheat-layers $(PREHEAT_LAYERS)
 
 # The simulator: each node's real downloader, collector, owner ranking,
 # tracker and host-state meter over a simulated network, at thousands of nodes. Results under

@@ -336,6 +336,19 @@ func TestChart(t *testing.T) {
 				if _, ok := objs["PodMonitor"]; ok {
 					t.Error("a PodMonitor by default")
 				}
+				for _, want := range []string{"--containerd-address=/run/containerd/containerd.sock",
+					"--containerd-content-dir=/var/lib/containerd/io.containerd.content.v1.content", "--containerd-namespace=k8s.io"} {
+					if !strings.Contains(args, want) {
+						t.Errorf("serve lacks %s: %s", want, args)
+					}
+				}
+				mounts := map[string]any{}
+				for _, m := range get(c, "volumeMounts").([]any) {
+					mounts[get(m, "name").(string)] = get(m, "readOnly")
+				}
+				if _, ok := mounts["containerd-socket"]; !ok || mounts["containerd-content"] != true {
+					t.Errorf("containerd's socket and (read-only) content directory not mounted: %v", mounts)
+				}
 			},
 		},
 		{
@@ -376,10 +389,19 @@ func TestChart(t *testing.T) {
 		},
 		{
 			name:   "containerd left alone",
-			values: []string{"containerd.configure=false"},
+			values: []string{"containerd.configure=false", "containerd.contentStore.enabled=false"},
 			check: func(t *testing.T, objs map[string]object) {
-				if init := get(objs["DaemonSet"], "spec", "template", "spec", "initContainers"); init != nil {
+				spec := get(objs["DaemonSet"], "spec", "template", "spec")
+				if init := get(spec, "initContainers"); init != nil {
 					t.Errorf("init containers: %v", init)
+				}
+				if args := strings.Join(strs(get(spec, "containers", 0, "command")), " "); !strings.Contains(args, "--containerd-address=none") {
+					t.Errorf("containerd's content store served: %s", args)
+				}
+				for _, v := range get(spec, "volumes").([]any) {
+					if n := get(v, "name").(string); strings.HasPrefix(n, "containerd") {
+						t.Errorf("volume %s mounted", n)
+					}
 				}
 			},
 		},
