@@ -196,9 +196,7 @@ func (s *Store) RunGC(ctx context.Context, interval time.Duration) {
 		case <-s.gcKick:
 		case <-changed:
 			changed = s.opts.External.Changed()
-			s.mu.Lock()
-			s.notifyLocked() // Complete changed with the external store
-			s.mu.Unlock()
+			s.changes.Notify() // Complete changed with the external store
 			if s.dropShadowed() {
 				retry.Reset(shadowRetry)
 			}

@@ -354,7 +354,7 @@ func (p *Partial) Commit(verified digest.Digest) error {
 	}
 	now := p.s.opts.Now()
 	p.s.lru.Add(p.digest, &entry{size: p.plan.Size, lastAccess: now, persisted: now})
-	p.s.notifyLocked()
+	p.s.changes.Notify()
 	p.s.mu.Unlock()
 	return nil
 }

@@ -31,6 +31,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/registry-proxy/registry-proxy/internal/atomicfile"
+	"github.com/registry-proxy/registry-proxy/internal/signal"
 	"github.com/registry-proxy/registry-proxy/metrics"
 )
 
@@ -107,21 +108,12 @@ type Store struct {
 	total    int64                                 // bytes of complete blobs
 	inUse    map[digest.Digest]int                 // open readers per complete blob
 	partials map[digest.Digest]*Partial            // partial blobs open for writing
-	changed  chan struct{}                         // closed when the complete blobs change
+	changes  signal.Changes                        // the complete blobs changed
 }
 
 // Changed returns a channel closed at the next change of the complete
 // blobs (Complete), the external store's included while RunGC runs.
-func (s *Store) Changed() <-chan struct{} {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.changed
-}
-
-func (s *Store) notifyLocked() {
-	close(s.changed)
-	s.changed = make(chan struct{})
-}
+func (s *Store) Changed() <-chan struct{} { return s.changes.C() }
 
 // waterMarks puts a missing or too high low mark at 90% of the high one.
 func waterMarks(high, low int64) (int64, int64) {
@@ -172,7 +164,6 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		lru:      l,
 		inUse:    map[digest.Digest]int{},
 		partials: map[digest.Digest]*Partial{},
-		changed:  make(chan struct{}),
 	}
 	if err := s.load(ctx); err != nil {
 		return nil, err
@@ -395,7 +386,7 @@ func (s *Store) forget(d digest.Digest) {
 	if e, ok := s.lru.Peek(d); ok {
 		s.total -= e.size
 		s.lru.Remove(d)
-		s.notifyLocked()
+		s.changes.Notify()
 	}
 }
 
@@ -410,7 +401,7 @@ func (s *Store) Delete(d digest.Digest) error {
 	if ok {
 		s.total -= e.size
 		s.lru.Remove(d)
-		s.notifyLocked()
+		s.changes.Notify()
 	}
 	s.mu.Unlock()
 	if !ok {

@@ -26,6 +26,7 @@ import (
 	"github.com/containerd/typeurl/v2"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/registry-proxy/registry-proxy/internal/signal"
 )
 
 // ErrNotFound: containerd holds no such blob in the configured namespaces,
@@ -62,7 +63,7 @@ type Store struct {
 	client  *containerd.Client // nil while containerd is unreachable
 	files   bool               // blobs are read from ContentDir
 	index   map[digest.Digest]entry
-	changed chan struct{}
+	changes signal.Changes
 	// bufs recycles the API readers' chunk buffers.
 	bufs sync.Pool
 }
@@ -79,25 +80,15 @@ func New(opts Options) *Store {
 		opts.Logger = slog.Default()
 	}
 	return &Store{
-		opts:    opts,
-		log:     opts.Logger.With("component", "containerd", "address", opts.Address),
-		index:   map[digest.Digest]entry{},
-		changed: make(chan struct{}),
-		bufs:    sync.Pool{New: func() any { b := make([]byte, apiChunk); return &b }},
+		opts:  opts,
+		log:   opts.Logger.With("component", "containerd", "address", opts.Address),
+		index: map[digest.Digest]entry{},
+		bufs:  sync.Pool{New: func() any { b := make([]byte, apiChunk); return &b }},
 	}
 }
 
 // Changed returns a channel closed at the next change of the set of blobs.
-func (s *Store) Changed() <-chan struct{} {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.changed
-}
-
-func (s *Store) notifyLocked() {
-	close(s.changed)
-	s.changed = make(chan struct{})
-}
+func (s *Store) Changed() <-chan struct{} { return s.changes.C() }
 
 // Stat returns the size of a blob containerd holds.
 func (s *Store) Stat(d digest.Digest) (int64, bool) {
@@ -295,7 +286,7 @@ func (s *Store) clear() {
 	}
 	if len(s.index) > 0 {
 		s.index = map[digest.Digest]entry{}
-		s.notifyLocked()
+		s.changes.Notify()
 	}
 }
 
@@ -410,7 +401,7 @@ func (s *Store) list(ctx context.Context, c *containerd.Client) error {
 	defer s.mu.Unlock()
 	if !sameIndex(s.index, index) {
 		s.index = index
-		s.notifyLocked()
+		s.changes.Notify()
 	}
 	return nil
 }
@@ -438,7 +429,7 @@ func (s *Store) add(ns string, d digest.Digest, size int64) {
 	e.ns[ns] = true
 	s.index[d] = e
 	if !ok {
-		s.notifyLocked()
+		s.changes.Notify()
 	}
 }
 
@@ -452,6 +443,6 @@ func (s *Store) remove(ns string, d digest.Digest) {
 	delete(e.ns, ns)
 	if len(e.ns) == 0 {
 		delete(s.index, d)
-		s.notifyLocked()
+		s.changes.Notify()
 	}
 }

@@ -2,7 +2,6 @@ package integration
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"net/http"
@@ -45,51 +44,11 @@ func runColdStart(tb testing.TB, n int, size, bps int64) coldResult {
 	u := &undoer{}
 	unregister := onInterrupt(u.run)
 	defer func() { unregister(); u.run() }()
-	runDir, err := os.MkdirTemp("", "rp-cold-")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	u.add(func() { os.RemoveAll(runDir) })
-	lab, err := netlab.New(ctx)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	u.add(func() { lab.Close() })
-	regHost, err := lab.AddHost(ctx, 1, netlab.Limits{Up: bps})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	info := startRegistryIn(tb, ctx, u, regHost, 5000, "--blob", fmt.Sprint(size))
-	regURL := "http://" + regHost.IP + ":5000"
-	var hosts []*netlab.Host
-	for i := range n {
-		h, err := lab.AddHost(ctx, i+2, netlab.Limits{Up: bps, Down: bps})
-		if err != nil {
-			tb.Fatal(err)
-		}
-		hosts = append(hosts, h)
-	}
-	secret := writeSecret(tb)
-	cfg := filepath.Join(runDir, "config.toml")
-	if err := os.WriteFile(cfg, []byte(fmt.Sprintf("[upload]\ninterface = \"eth0\"\nmax_tx = \"%d\"\nmax_rx = \"%d\"\n", bps, bps)), 0o644); err != nil {
-		tb.Fatal(err)
-	}
-	admins := make([]string, n)
+	lab := newLabCluster(tb, ctx, u, "rp-cold-", n, bps, "--blob", fmt.Sprint(size))
+	info, regURL, admins := lab.info, lab.regURL, lab.admins
 	start := time.Now()
+	lab.start(tb, ctx, u)
 	var wg sync.WaitGroup
-	for i, h := range hosts {
-		admins[i] = "http://" + h.IP + ":5001"
-		seed := hosts[0].IP + ":7000"
-		if i == 0 {
-			seed = hosts[1%n].IP + ":7000"
-		}
-		wg.Go(func() {
-			startIn(tb, ctx, u, h, nil, *proxyBin, "serve", "--config", cfg, "--listen", h.IP+":5000", "--peer-listen", h.IP+":7000", "--join", seed,
-				"--admin-listen", h.IP+":5001", "--cluster-secret", secret, "--node-id", fmt.Sprintf("node-%02d", i+1),
-				"--upstream", "bench.invalid="+regURL, "--data-dir", filepath.Join(runDir, fmt.Sprint(i)), "--log-level", "warn")
-		})
-	}
-	wg.Wait()
 	var res coldResult
 	joined := make([]bool, n)
 	ready := make([]bool, n)
@@ -121,7 +80,7 @@ func runColdStart(tb testing.TB, n int, size, bps int64) coldResult {
 	}
 	pullStart := time.Now()
 	errs := make([]error, n)
-	for i, h := range hosts {
+	for i, h := range lab.hosts {
 		wg.Go(func() {
 			errs[i] = pullBlobs(ctx, h, "state", regURL, "http://"+h.IP+":5000", []benchBlob{{info.Digest, size}})
 		})
@@ -133,18 +92,7 @@ func runColdStart(tb testing.TB, n int, size, bps int64) coldResult {
 			tb.Fatalf("node-%02d: %v", i+1, err)
 		}
 	}
-	resp, err := http.Get(info.Stats + "/_stats")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var st struct {
-		BlobBytes int64 `json:"blob_bytes"`
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
-		tb.Fatal(err)
-	}
-	res.Copies = float64(st.BlobBytes) / float64(size)
+	res.Copies = float64(statsOf(tb, info)) / float64(size)
 	rates := make([]float64, n)
 	for i := range rates {
 		rates[i] = float64(bps)
@@ -154,6 +102,72 @@ func runColdStart(tb testing.TB, n int, size, bps int64) coldResult {
 }
 
 func allTrue(b []bool) bool { return !slices.Contains(b, false) }
+
+// labCluster is n registry-proxies' hosts in network namespaces with
+// bps up and down, and an upstream registry in its own host sending bps.
+type labCluster struct {
+	hosts               []*netlab.Host
+	admins              []string
+	info                registryInfo
+	regURL              string
+	runDir, cfg, secret string
+}
+
+// newLabCluster makes the hosts and starts the registry (cmd/testregistry
+// with regArgs); u undoes it all.
+func newLabCluster(tb testing.TB, ctx context.Context, u *undoer, prefix string, n int, bps int64, regArgs ...string) *labCluster {
+	tb.Helper()
+	l := &labCluster{}
+	var err error
+	if l.runDir, err = os.MkdirTemp("", prefix); err != nil {
+		tb.Fatal(err)
+	}
+	u.add(func() { os.RemoveAll(l.runDir) })
+	lab, err := netlab.New(ctx)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	u.add(func() { lab.Close() })
+	regHost, err := lab.AddHost(ctx, 1, netlab.Limits{Up: bps})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	l.info = startRegistryIn(tb, ctx, u, regHost, 5000, regArgs...)
+	l.regURL = "http://" + regHost.IP + ":5000"
+	for i := range n {
+		h, err := lab.AddHost(ctx, i+2, netlab.Limits{Up: bps, Down: bps})
+		if err != nil {
+			tb.Fatal(err)
+		}
+		l.hosts = append(l.hosts, h)
+		l.admins = append(l.admins, "http://"+h.IP+":5001")
+	}
+	l.secret = writeSecret(tb)
+	l.cfg = filepath.Join(l.runDir, "config.toml")
+	if err := os.WriteFile(l.cfg, []byte(fmt.Sprintf("[upload]\ninterface = \"eth0\"\nmax_tx = \"%d\"\nmax_rx = \"%d\"\n", bps, bps)), 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	return l
+}
+
+// start starts every node at the same instant, each joined to the first as
+// a DaemonSet's are to its seed (the first to the second).
+func (l *labCluster) start(tb testing.TB, ctx context.Context, u *undoer) {
+	tb.Helper()
+	var wg sync.WaitGroup
+	for i, h := range l.hosts {
+		seed := l.hosts[0].IP + ":7000"
+		if i == 0 {
+			seed = l.hosts[1%len(l.hosts)].IP + ":7000"
+		}
+		wg.Go(func() {
+			startIn(tb, ctx, u, h, nil, *proxyBin, "serve", "--config", l.cfg, "--listen", h.IP+":5000", "--peer-listen", h.IP+":7000", "--join", seed,
+				"--admin-listen", h.IP+":5001", "--cluster-secret", l.secret, "--node-id", fmt.Sprintf("node-%02d", i+1),
+				"--upstream", "bench.invalid="+l.regURL, "--data-dir", filepath.Join(l.runDir, fmt.Sprint(i)), "--log-level", "warn", "--containerd-address", "none")
+		})
+	}
+	wg.Wait()
+}
 
 // BenchmarkColdStart: `make bench-coldstart`. Nodes started at the same
 // instant: seconds until every node sees every other, until every /readyz

@@ -6,9 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"net/http"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -16,7 +14,6 @@ import (
 
 	"github.com/docker/go-units"
 
-	"github.com/registry-proxy/registry-proxy/internal/netlab"
 	"github.com/registry-proxy/registry-proxy/internal/probe"
 	"github.com/registry-proxy/registry-proxy/internal/report"
 )
@@ -63,46 +60,9 @@ func runPreheat(tb testing.TB, n int, layers string, bps int64) preheatResult {
 	u := &undoer{}
 	unregister := onInterrupt(u.run)
 	defer func() { unregister(); u.run() }()
-	runDir, err := os.MkdirTemp("", "rp-preheat-")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	u.add(func() { os.RemoveAll(runDir) })
-	lab, err := netlab.New(ctx)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	u.add(func() { lab.Close() })
-	regHost, err := lab.AddHost(ctx, 1, netlab.Limits{Up: bps})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	info := startRegistryIn(tb, ctx, u, regHost, 5000, "--blob", "1KiB", "--image", layers)
-	regURL := "http://" + regHost.IP + ":5000"
-	secret := writeSecret(tb)
-	cfg := filepath.Join(runDir, "config.toml")
-	if err := os.WriteFile(cfg, []byte(fmt.Sprintf("[upload]\ninterface = \"eth0\"\nmax_tx = \"%d\"\nmax_rx = \"%d\"\n", bps, bps)), 0o644); err != nil {
-		tb.Fatal(err)
-	}
-	var hosts []*netlab.Host
-	admins := make([]string, n)
-	for i := range n {
-		h, err := lab.AddHost(ctx, i+2, netlab.Limits{Up: bps, Down: bps})
-		if err != nil {
-			tb.Fatal(err)
-		}
-		hosts = append(hosts, h)
-		admins[i] = "http://" + h.IP + ":5001"
-	}
-	for i, h := range hosts {
-		seed := hosts[0].IP + ":7000"
-		if i == 0 {
-			seed = hosts[1%n].IP + ":7000"
-		}
-		startIn(tb, ctx, u, h, nil, *proxyBin, "serve", "--config", cfg, "--listen", h.IP+":5000", "--peer-listen", h.IP+":7000", "--join", seed,
-			"--admin-listen", h.IP+":5001", "--cluster-secret", secret, "--node-id", fmt.Sprintf("node-%02d", i+1),
-			"--upstream", "bench.invalid="+regURL, "--data-dir", filepath.Join(runDir, fmt.Sprint(i)), "--log-level", "warn", "--containerd-address", "none")
-	}
+	lab := newLabCluster(tb, ctx, u, "rp-preheat-", n, bps, "--blob", "1KiB", "--image", layers)
+	info, hosts, admins := lab.info, lab.hosts, lab.admins
+	lab.start(tb, ctx, u)
 	deadline := time.Now().Add(2 * time.Minute)
 	for i, a := range admins {
 		for {
