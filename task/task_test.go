@@ -482,3 +482,44 @@ func TestDrainRefusesNewDownloads(t *testing.T) {
 		t.Errorf("running after a refused open: %v", r)
 	}
 }
+
+// Fetch follows a download with no reader to its verified end: progress
+// grows to the size, reported last once complete; a stored blob is done at
+// once; an upstream failure is the error.
+func TestFetch(t *testing.T) {
+	data, d := blob(t, int(piece.MinSize)*3)
+	src := &fakeSource{data: data}
+	m, st := newManager(t, src)
+	var reports [][2]int64
+	err := m.Fetch(context.Background(), Request{Digest: d, ForPeers: true}, func(done, size int64) error {
+		reports = append(reports, [2]int64{done, size})
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(reports) == 0 || reports[len(reports)-1] != [2]int64{int64(len(data)), int64(len(data))} {
+		t.Fatalf("reports %v: the last must be complete", reports)
+	}
+	for i, r := range reports {
+		if r[1] != int64(len(data)) || (i > 0 && r[0] < reports[i-1][0]) || (i < len(reports)-1 && r[0] == r[1]) {
+			t.Fatalf("reports %v: sizes fixed, progress growing, complete only last", reports)
+		}
+	}
+	if _, err := st.Stat(d); err != nil {
+		t.Fatalf("not stored after Fetch: %v", err)
+	}
+	n := 0
+	if err := m.Fetch(context.Background(), Request{Digest: d}, func(done, size int64) error { n++; return nil }); err != nil || n != 1 {
+		t.Fatalf("Fetch of a stored blob: %v, %d reports", err, n)
+	}
+
+	bad := &fakeSource{data: data, corrupt: true}
+	m2, st2 := newManager(t, bad)
+	if err := m2.Fetch(context.Background(), Request{Digest: d}, func(int64, int64) error { return nil }); !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("Fetch of a corrupt upstream: %v, want ErrDigestMismatch", err)
+	}
+	if _, err := st2.Stat(d); err == nil {
+		t.Fatal("a corrupt blob was stored")
+	}
+}
