@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/distribution/reference"
 	"github.com/gorilla/mux"
 	"github.com/opencontainers/go-digest"
 
@@ -90,8 +91,8 @@ func New(opts Options) *Server {
 	return s
 }
 
-// tagPattern is the OCI distribution spec's tag.
-var tagPattern = regexp.MustCompile(`^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$`)
+// tagPattern is a whole tag by distribution/reference's grammar.
+var tagPattern = regexp.MustCompile(`^` + reference.TagRegexp.String() + `$`)
 
 // Handler returns the HTTP handler.
 func (s *Server) Handler() http.Handler {

@@ -15,12 +15,12 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
-	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/distribution/reference"
 	"github.com/hashicorp/golang-lru/v2/expirable"
 	"github.com/opencontainers/go-digest"
 	"github.com/registry-proxy/registry-proxy/metrics"
@@ -41,16 +41,16 @@ var (
 	ErrForbiddenAddress = errors.New("upstream: address not allowed")
 )
 
-// repoPattern is the OCI distribution spec's repository name.
-var repoPattern = regexp.MustCompile(`^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$`)
-
-// maxRepoLen bounds a repository name, as registries do.
-const maxRepoLen = 255
-
-// ValidRepository reports whether name is a repository name of the
-// distribution spec (no "..", no empty or upper-case components).
+// ValidRepository reports whether name is a repository name by
+// distribution/reference's grammar: the path of a name (no "..", no empty
+// or upper-case components, at most 255 characters), checked as the path
+// under a one-letter domain.
 func ValidRepository(name string) bool {
-	return len(name) <= maxRepoLen && repoPattern.MatchString(name)
+	if name == "" || strings.HasPrefix(name, "/") {
+		return false
+	}
+	_, err := reference.WithName("x/" + name)
+	return err == nil
 }
 
 // StatusError is a non-success status from the upstream registry, kept whole

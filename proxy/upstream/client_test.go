@@ -3,6 +3,7 @@ package upstream
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 )
 
@@ -95,4 +96,32 @@ func FuzzBaseURL(f *testing.F) {
 			t.Fatalf("BaseURL(%q) = %v", name, u)
 		}
 	})
+}
+
+func TestValidRepository(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		ok   bool
+	}{
+		{"library/app", true},
+		{"app", true},
+		{"team/sub.group/app_1__x-y--z", true},
+		{strings.Repeat("a", 255), true},
+		{strings.Repeat("a", 256), false},
+		{"", false},
+		{"/app", false},
+		{"app/", false},
+		{"team//app", false},
+		{"../../admin", false},
+		{"Team/App", false},
+		{"localhost:5000/app", false},
+		{"app:v1", false},
+		{"app@sha256:" + strings.Repeat("a", 64), false},
+		{"a..b", false},
+		{"-app", false},
+	} {
+		if got := ValidRepository(tc.name); got != tc.ok {
+			t.Errorf("ValidRepository(%q) = %v, want %v", tc.name, got, tc.ok)
+		}
+	}
 }
