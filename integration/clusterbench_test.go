@@ -38,7 +38,9 @@ var (
 	cbRuns         = flag.Int("cluster-runs", 3, "BenchmarkCluster: repeats of every scenario and mode")
 	cbSlow         = flag.Int("cluster-slow", 2, "BenchmarkCluster: scenario b's slow parents")
 	cbSlowKind     = flag.String("cluster-slow-kind", "throttle", "BenchmarkCluster: scenario b's slow parents are throttled to 1/10 (throttle) or loaded by background uploads (load)")
-	cbCtr          = flag.Int("cluster-ctr", 2, "BenchmarkCluster: scenario c's nodes pulling with containerd (the others with curl)")
+	cbCtr          = flag.Int("cluster-ctr", 8, "BenchmarkCluster: scenario c's nodes pulling with containerd (the others with curl)")
+	cbContainerd   = flag.String("cluster-containerd", "1.x", "BenchmarkCluster: scenario c's containerd, 1.x (Debian's) or 2.x")
+	cbPuller       = flag.String("cluster-puller", "crictl", "BenchmarkCluster: scenario c pulls with crictl (through CRI, as kubelet does) or ctr")
 	cbWaves        = flag.Int("cluster-waves", 3, "BenchmarkCluster: scenario d's waves")
 	cbWaveGap      = flag.Duration("cluster-wave-gap", 4*time.Second, "BenchmarkCluster: scenario d's time between waves")
 	cbSyncInterval = flag.String("cluster-sync-interval", "3s", "BenchmarkCluster: upload.syncer.interval of the proxies")
@@ -62,7 +64,20 @@ type clusterSpec struct {
 	SlowOwner bool   // e: the digest's owner is one of the slow
 	Waves     int
 	Gap       time.Duration
-	Ctr       int // c: nodes pulling with containerd
+	Ctr       int    // c: nodes pulling with containerd
+	Ctd       string // c: containerd 1.x or 2.x
+	Puller    string // c: crictl or ctr
+}
+
+// containerdFor is the containerd of a scenario c: 1.x or 2.x.
+func containerdFor(tb testing.TB, v string) containerdVersion {
+	for _, c := range containerds {
+		if c.name == "containerd-"+v {
+			return c
+		}
+	}
+	tb.Fatalf("containerd %q: want 1.x or 2.x", v)
+	return containerdVersion{}
 }
 
 // undoer runs cleanups newest first, on the way out or on an interrupt.
@@ -262,6 +277,10 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 	}
 	// Containerd daemons of scenario c, each in its node's namespace.
 	ctrSock := map[int]string{}
+	var ctd containerdVersion
+	if sp.Ctr > 0 {
+		ctd = containerdFor(tb, sp.Ctd)
+	}
 	for i := range min(sp.Ctr, sp.Nodes) {
 		dir := filepath.Join(runDir, fmt.Sprintf("ctd-%d", i))
 		server, mirror := "https://127.0.0.1:9", hosts[i].IP+":5000"
@@ -275,12 +294,11 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 			tb.Fatal(err)
 		}
 		cfg := filepath.Join(dir, "config.toml")
-		os.WriteFile(cfg, []byte(containerds[0].config(dir)), 0o644)
-		daemon := tool(tb, "containerd", "/usr/bin")
-		startIn(tb, ctx, u, hosts[i], nil, daemon, "--config", cfg, "--log-level", "warn")
+		os.WriteFile(cfg, []byte(ctd.config(dir)), 0o644)
+		startIn(tb, ctx, u, hosts[i], nil, ctd.daemon(tb), "--config", cfg, "--log-level", "warn")
 		ctrSock[i] = dir
 		deadline := time.Now().Add(30 * time.Second)
-		for exec.Command(tool(tb, "ctr", "/usr/bin"), "--address", dir+"/c.sock", "version").Run() != nil {
+		for exec.Command(ctd.ctr(tb), "--address", dir+"/c.sock", "version").Run() != nil {
 			if time.Now().After(deadline) {
 				tb.Fatal("containerd did not come up")
 			}
@@ -305,9 +323,19 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 			}
 			start := time.Now()
 			var err error
-			if dir, ok := ctrSock[i]; ok {
+			if dir, ok := ctrSock[i]; ok && sp.Puller == "crictl" {
+				// As kubelet pulls: CRI, the hosts files of the CRI plugin's
+				// config_path.
+				ep := "unix://" + dir + "/c.sock"
 				var out []byte
-				out, err = h.Command(ctx, tool(tb, "ctr", "/usr/bin"), "--address", dir+"/c.sock", "--namespace", "bench", "images", "pull",
+				out, err = h.Command(ctx, tool(tb, "crictl"), "--runtime-endpoint", ep, "--image-endpoint", ep, "--timeout", "15m",
+					"pull", "bench.invalid/bench/image:latest").CombinedOutput()
+				if err != nil {
+					err = fmt.Errorf("crictl pull: %w: %s", err, tail(string(out), 5))
+				}
+			} else if ok {
+				var out []byte
+				out, err = h.Command(ctx, ctd.ctr(tb), "--address", dir+"/c.sock", "--namespace", "bench", "images", "pull",
 					"--hosts-dir", dir+"/certs.d", "--snapshotter", "native", "bench.invalid/bench/image:latest").CombinedOutput()
 				if err != nil {
 					err = fmt.Errorf("ctr pull: %w: %s", err, tail(string(out), 5))
@@ -378,7 +406,7 @@ func (sp clusterSpec) note() string {
 		n = append(n, fmt.Sprintf("%d parents' uploads loaded by 4 background transfers each", sp.Slow))
 	}
 	if len(sp.Layers) > 0 {
-		n = append(n, fmt.Sprintf("image of %d layers, %d nodes pull with containerd 1.x (ctr), the others fetch each layer with curl", len(sp.Layers), sp.Ctr))
+		n = append(n, fmt.Sprintf("image of %d layers, %d nodes pull with containerd %s (%s), the others fetch each layer with curl", len(sp.Layers), min(sp.Ctr, sp.Nodes), sp.Ctd, sp.Puller))
 	}
 	if sp.Waves > 1 {
 		n = append(n, fmt.Sprintf("%d waves %v apart, times from each node's own start, bound for the first wave", sp.Waves, sp.Gap))
@@ -502,7 +530,7 @@ func BenchmarkCluster(b *testing.B) {
 					case "e":
 						sp.Slow, sp.SlowKind, sp.SlowOwner = *cbSlow, *cbSlowKind, true
 					case "c":
-						sp.Layers, sp.Ctr = layers, *cbCtr
+						sp.Layers, sp.Ctr, sp.Ctd, sp.Puller = layers, *cbCtr, *cbContainerd, *cbPuller
 					case "d":
 						sp.Waves, sp.Gap = *cbWaves, *cbWaveGap
 					default:
@@ -554,10 +582,11 @@ func TestClusterNamespacesSmall(t *testing.T) {
 	}
 }
 
-// Scenario c, small: two namespaces pull a two-layer image with containerd
-// through their proxies while a third fetches the layers with curl.
+// Scenario c, small: two namespaces pull a two-layer image with crictl
+// through containerd 2.x's CRI and their proxies while a third fetches the
+// layers with curl.
 func TestClusterContainerdNamespaces(t *testing.T) {
-	r := runCluster(t, clusterSpec{Scenario: "c", Mode: "state", Nodes: 3, Layers: []int64{8 << 20, 4 << 20}, NodeBps: 50e6, Origin: 50e6, Ctr: 2})
+	r := runCluster(t, clusterSpec{Scenario: "c", Mode: "state", Nodes: 3, Layers: []int64{8 << 20, 4 << 20}, NodeBps: 50e6, Origin: 50e6, Ctr: 2, Ctd: "2.x", Puller: "crictl"})
 	t.Logf("3 nodes (2 containerd), 12 MiB image: max %.2fs, upstream egress %.3f x, bytes %v", r.Max, r.EgressX, r.BySource)
 	if len(r.Seconds) != 3 {
 		t.Errorf("%d nodes finished, want 3", len(r.Seconds))
