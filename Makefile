@@ -63,8 +63,8 @@ staticcheck: tools
 bench: tools
 	$(GO) test -run '^$$' -bench 'Mirror|WarmAccessCheck|Load|PeerTransfer|ServePeers|ContainerdServe' -benchtime 1x -count $(BENCH_COUNT) -timeout 60m ./integration/ -bench-size $(BENCH_SIZE)
 
-# Cluster scenarios (a: all at once, b: slow parents, c: containerd pulls an
-# image, d: waves, e: slow parents, the owner among them) on real processes in
+# Cluster scenarios (a: all at once, b: slow parents, c: every node pulls an
+# image with crictl through containerd's CRI, d: waves, e: slow parents, the owner among them) on real processes in
 # network namespaces with tc limits
 # (root), each in modes state, fcfs and direct, CLUSTER_RUNS times. Results:
 # JSON per run, summary.md and plots under results/cluster-<time>/.
@@ -74,10 +74,13 @@ CLUSTER_UP        ?= 25MB
 CLUSTER_ORIGIN    ?= 25MB
 CLUSTER_RUNS      ?= 3
 CLUSTER_SCENARIOS ?= a,b,c,d,e
+# Scenario c: every node pulls with crictl through this containerd's CRI.
+CLUSTER_CONTAINERD ?= 1.x
 bench-cluster: tools
 	$(GO) test -run '^$$' -bench Cluster -benchtime 1x -timeout 150m -v ./integration/ \
 		-cluster-nodes $(CLUSTER_NODES) -cluster-size $(CLUSTER_SIZE) -cluster-up $(CLUSTER_UP) \
-		-cluster-origin $(CLUSTER_ORIGIN) -cluster-runs $(CLUSTER_RUNS) -cluster-scenarios $(CLUSTER_SCENARIOS)
+		-cluster-origin $(CLUSTER_ORIGIN) -cluster-runs $(CLUSTER_RUNS) -cluster-scenarios $(CLUSTER_SCENARIOS) \
+		-cluster-containerd $(CLUSTER_CONTAINERD)
 
 # Cold start: COLD_NODES proxies in network namespaces started at the same
 # instant; seconds until all see each other and are ready, and upstream
