@@ -192,6 +192,35 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	sw := swarm.NewServer(srvOpts)
 	m.GaugeFunc("tracker_holdings", "Blobs other nodes announced they hold complete, among the digests this node owns (one per node and blob).",
 		func() float64 { return float64(registrations.Held()) })
+	// Forget the registrations and holdings of nodes gone for longer than
+	// an announcer's refresh (5 min): one back by then has told again.
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		const gone = 10 * time.Minute
+		seen := map[string]time.Time{}
+		t := time.NewTicker(30 * time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-bg.Done():
+				return
+			case now := <-t.C:
+				for _, m := range p.members.Members() {
+					seen[m.ID] = now
+				}
+				live := map[string]bool{}
+				for id, at := range seen {
+					if now.Sub(at) < gone {
+						live[id] = true
+					} else {
+						delete(seen, id)
+					}
+				}
+				registrations.Retain(live)
+			}
+		}
+	}()
 	announcer := swarm.NewAnnouncer(swarm.AnnouncerOptions{Self: id, Members: p.members, Holdings: store, Transport: p.pool, Logger: log})
 	p.wg.Add(1)
 	go func() {

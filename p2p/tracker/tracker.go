@@ -68,6 +68,35 @@ func (t *Tracker) Hold(p Peer, keys []string) {
 	}
 }
 
+// Retain forgets the registrations and holdings of every node live does
+// not name (nodes that left the cluster), and the keys left with nobody.
+func (t *Tracker) Retain(live map[string]bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for key, ps := range t.peers {
+		for id := range ps {
+			if !live[id] {
+				delete(ps, id)
+			}
+		}
+		if len(ps) == 0 {
+			delete(t.peers, key)
+		}
+	}
+	for id, h := range t.held {
+		if live[id] {
+			continue
+		}
+		for _, k := range h.keys {
+			delete(t.holders[k], id)
+			if len(t.holders[k]) == 0 {
+				delete(t.holders, k)
+			}
+		}
+		delete(t.held, id)
+	}
+}
+
 // Held is the number of (node, key) holdings announced.
 func (t *Tracker) Held() int {
 	t.mu.Lock()

@@ -106,3 +106,27 @@ func TestHold(t *testing.T) {
 		t.Errorf("registrants gone with the holdings: %v", got)
 	}
 }
+
+// Retain forgets nodes that left: their registrations and holdings, and
+// keys nobody else has.
+func TestRetain(t *testing.T) {
+	tr := New(rand.New(rand.NewPCG(1, 2)))
+	tr.Add("d1", Peer{ID: "gone", Addr: "G"})
+	tr.Add("d1", Peer{ID: "here", Addr: "H"})
+	tr.Add("d2", Peer{ID: "gone", Addr: "G"})
+	tr.Hold(Peer{ID: "gone", Addr: "G"}, []string{"d3", "d1"})
+	tr.Hold(Peer{ID: "here", Addr: "H"}, []string{"d3"})
+	tr.Retain(map[string]bool{"here": true})
+	if got := tr.Peers("d1", "", 10); len(got) != 1 || got[0].ID != "here" {
+		t.Errorf("d1: %v, want only here", got)
+	}
+	if got := tr.Peers("d2", "", 10); len(got) != 0 {
+		t.Errorf("d2: %v, want nobody", got)
+	}
+	if got := tr.Holders("d3"); fmt.Sprint(got) != "[here]" || tr.Held() != 1 {
+		t.Errorf("holders of d3 %v, held %d; want [here], 1", got, tr.Held())
+	}
+	if len(tr.peers) != 1 || len(tr.holders) != 1 {
+		t.Errorf("keys left with nobody are kept: %d registered, %d held", len(tr.peers), len(tr.holders))
+	}
+}
