@@ -19,8 +19,7 @@ func Rank(key string, members []string) []string {
 	}
 	s := make([]scored, len(members))
 	for i, m := range members {
-		h := sha256.Sum256([]byte(m + "\x00" + key))
-		s[i] = scored{m, binary.BigEndian.Uint64(h[:8])}
+		s[i] = scored{m, score(m, key)}
 	}
 	sort.Slice(s, func(i, j int) bool {
 		if s[i].score != s[j].score {
@@ -33,4 +32,22 @@ func Rank(key string, members []string) []string {
 		out[i] = s[i].id
 	}
 	return out
+}
+
+// Of is key's owner, Rank(key, members)[0], without ranking the others; ""
+// without members.
+func Of(key string, members []string) string {
+	best, bestScore := "", uint64(0)
+	for _, m := range members {
+		sc := score(m, key)
+		if best == "" || sc > bestScore || (sc == bestScore && m < best) {
+			best, bestScore = m, sc
+		}
+	}
+	return best
+}
+
+func score(member, key string) uint64 {
+	h := sha256.Sum256([]byte(member + "\x00" + key))
+	return binary.BigEndian.Uint64(h[:8])
 }

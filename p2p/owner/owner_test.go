@@ -23,6 +23,9 @@ func TestRank(t *testing.T) {
 			t.Fatal("order depends on input order")
 		}
 		counts[r[0]]++
+		if o, orev := Of(key, members), Of(key, rev); o != r[0] || orev != r[0] {
+			t.Fatalf("%s: Of = %s (reversed %s), Rank's first %s", key, o, orev, r[0])
+		}
 		// Removing a non-owner never moves the key; removing the owner moves
 		// it to the second in rank.
 		without := slices.DeleteFunc(slices.Clone(members), func(m string) bool { return m == "c" })
@@ -41,6 +44,9 @@ func TestRank(t *testing.T) {
 		if n < 800 || n > 1200 {
 			t.Errorf("%s owns %d of 5000 keys; want about 1000", m, n)
 		}
+	}
+	if Of("x", nil) != "" {
+		t.Error("an owner among no members")
 	}
 	if Rank("x", nil) == nil || len(Rank("x", nil)) != 0 {
 		t.Error("empty members")

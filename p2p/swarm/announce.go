@@ -115,14 +115,19 @@ func (a *Announcer) members() ([32]byte, map[string]string) {
 		ids[m.ID] = m.Addr
 		keys = append(keys, m.ID+"="+m.Addr)
 	}
-	slices.Sort(keys)
+	return fingerprint(keys), ids
+}
+
+// fingerprint identifies a set of lines, whatever their order.
+func fingerprint(lines []string) [32]byte {
+	slices.Sort(lines)
 	h := sha256.New()
-	for _, k := range keys {
-		h.Write([]byte(k + "\n"))
+	for _, l := range lines {
+		h.Write([]byte(l + "\n"))
 	}
 	var sum [32]byte
 	copy(sum[:], h.Sum(nil))
-	return sum, ids
+	return sum
 }
 
 // Announce sends each owner (members by id, with their addresses) the set
@@ -136,8 +141,8 @@ func (a *Announcer) Announce(ctx context.Context, members map[string]string) boo
 	}
 	byOwner := map[string][]*pb.HeldBlob{}
 	for d, size := range a.opts.Holdings.Complete() {
-		if rank := owner.Rank(d.String(), ids); len(rank) > 0 && rank[0] != a.opts.Self {
-			byOwner[rank[0]] = append(byOwner[rank[0]], &pb.HeldBlob{Digest: d.String(), Size: size})
+		if o := owner.Of(d.String(), ids); o != "" && o != a.opts.Self {
+			byOwner[o] = append(byOwner[o], &pb.HeldBlob{Digest: d.String(), Size: size})
 		}
 	}
 	for id := range a.sent {
@@ -151,12 +156,11 @@ func (a *Announcer) Announce(ctx context.Context, members map[string]string) boo
 		}
 		blobs := byOwner[id]
 		slices.SortFunc(blobs, func(x, y *pb.HeldBlob) int { return strings.Compare(x.Digest, y.Digest) })
-		h := sha256.New()
-		for _, b := range blobs {
-			h.Write([]byte(b.Digest + "\n"))
+		digests := make([]string, len(blobs))
+		for i, b := range blobs {
+			digests[i] = b.Digest
 		}
-		var fp [32]byte
-		copy(fp[:], h.Sum(nil))
+		fp := fingerprint(digests)
 		last, told := a.sent[id]
 		if (told && last == fp) || (!told && len(blobs) == 0) {
 			continue

@@ -120,10 +120,8 @@ func (s *Server) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Reg
 	if err != nil {
 		return nil, err
 	}
-	if s.opts.Registries != nil {
-		if err := s.opts.Registries.CheckRepository(req.GetRegistry(), req.GetRepository()); err != nil {
-			return nil, status.Errorf(codes.InvalidArgument, "%v", err)
-		}
+	if err := s.checkSource(req.GetRegistry(), req.GetRepository()); err != nil {
+		return nil, err
 	}
 	resp := &pb.RegisterResponse{}
 	for _, p := range s.opts.Tracker.Peers(d.String(), who.ID, s.opts.MaxPeers) {
@@ -183,6 +181,18 @@ func (s *Server) delegate(d digest.Digest, t *task.Task, node string) []uint32 {
 		s.log.Debug("pieces delegated", "digest", d, "node", node, "pieces", len(pieces), "of", len(done))
 	}
 	return pieces
+}
+
+// checkSource refuses, as an invalid argument, a registry or repository a
+// peer names that this node may not fetch.
+func (s *Server) checkSource(registry, repo string) error {
+	if s.opts.Registries == nil {
+		return nil
+	}
+	if err := s.opts.Registries.CheckRepository(registry, repo); err != nil {
+		return status.Errorf(codes.InvalidArgument, "%v", err)
+	}
+	return nil
 }
 
 // caller is the member behind a request: the id it authenticated with (on
@@ -334,10 +344,8 @@ func (s *Server) Preheat(req *pb.PreheatRequest, stream pb.Tracker_PreheatServer
 	if s.opts.Tasks == nil {
 		return status.Error(codes.Unavailable, "this node fetches nothing")
 	}
-	if s.opts.Registries != nil {
-		if err := s.opts.Registries.CheckRepository(req.GetRegistry(), req.GetRepository()); err != nil {
-			return status.Errorf(codes.InvalidArgument, "%v", err)
-		}
+	if err := s.checkSource(req.GetRegistry(), req.GetRepository()); err != nil {
+		return err
 	}
 	err = s.opts.Tasks.Fetch(ctx, task.Request{Digest: d, Registry: req.GetRegistry(), Repo: req.GetRepository(), ForPeers: true},
 		func(done, size int64) error {
