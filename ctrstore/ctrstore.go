@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -369,14 +370,7 @@ func (s *Store) session(ctx context.Context, up func()) error {
 	}
 }
 
-func (s *Store) watched(ns string) bool {
-	for _, n := range s.opts.Namespaces {
-		if n == ns {
-			return true
-		}
-	}
-	return false
-}
+func (s *Store) watched(ns string) bool { return slices.Contains(s.opts.Namespaces, ns) }
 
 // list replaces the index with containerd's content in the namespaces.
 func (s *Store) list(ctx context.Context, c *containerd.Client) error {
@@ -399,24 +393,21 @@ func (s *Store) list(ctx context.Context, c *containerd.Client) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !sameIndex(s.index, index) {
-		s.index = index
+	// The namespaces of each blob always come from the listing (Open reads
+	// through one of them); a change is signalled only when the blobs or
+	// their sizes changed.
+	same := len(s.index) == len(index)
+	for d, e := range index {
+		if f, ok := s.index[d]; !ok || f.size != e.size {
+			same = false
+			break
+		}
+	}
+	s.index = index
+	if !same {
 		s.changes.Notify()
 	}
 	return nil
-}
-
-func sameIndex(a, b map[digest.Digest]entry) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for d, e := range a {
-		f, ok := b[d]
-		if !ok || f.size != e.size || len(f.ns) != len(e.ns) {
-			return false
-		}
-	}
-	return true
 }
 
 func (s *Store) add(ns string, d digest.Digest, size int64) {
