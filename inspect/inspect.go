@@ -52,18 +52,31 @@ func (c Client) Tasks(ctx context.Context) ([]task.Stats, error) {
 	return ts, c.get(ctx, "/debug/tasks", &ts)
 }
 
-func (c Client) get(ctx context.Context, path string, v any) error {
+// do sends a request to the admin listener; timeout bounds it when the
+// Client has no HTTP client of its own (0: none).
+func (c Client) do(ctx context.Context, method, path string, body io.Reader, timeout time.Duration) (*http.Request, *http.Response, error) {
 	hc := c.HTTP
 	if hc == nil {
-		hc = &http.Client{Timeout: 10 * time.Second}
+		hc = &http.Client{Timeout: timeout}
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimSuffix(c.Base, "/")+path, nil)
+	req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(c.Base, "/")+path, body)
 	if err != nil {
-		return fmt.Errorf("inspect: %w", err)
+		return nil, nil, fmt.Errorf("inspect: %w", err)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := hc.Do(req)
 	if err != nil {
-		return fmt.Errorf("inspect: is registry-proxy running with its admin listener there? %w", err)
+		return nil, nil, fmt.Errorf("inspect: is registry-proxy running with its admin listener there? %w", err)
+	}
+	return req, resp, nil
+}
+
+func (c Client) get(ctx context.Context, path string, v any) error {
+	req, resp, err := c.do(ctx, http.MethodGet, path, nil, 10*time.Second)
+	if err != nil {
+		return err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {

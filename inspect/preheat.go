@@ -25,18 +25,10 @@ func (c Client) Preheat(ctx context.Context, req preheat.Request, fn func(prehea
 	if err != nil {
 		return fmt.Errorf("inspect: %w", err)
 	}
-	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimSuffix(c.Base, "/")+"/preheat", bytes.NewReader(body))
+	// A preheat takes as long as it takes: no timeout.
+	_, resp, err := c.do(ctx, http.MethodPost, "/preheat", bytes.NewReader(body), 0)
 	if err != nil {
-		return fmt.Errorf("inspect: %w", err)
-	}
-	hr.Header.Set("Content-Type", "application/json")
-	hc := c.HTTP
-	if hc == nil {
-		hc = &http.Client{} // a preheat takes as long as it takes
-	}
-	resp, err := hc.Do(hr)
-	if err != nil {
-		return fmt.Errorf("inspect: is registry-proxy running with its admin listener there? %w", err)
+		return err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {

@@ -7,7 +7,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -358,14 +357,7 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 		res.CPUBusy = float64(busy1-busy0) / float64(total1-total0)
 	}
 
-	if resp, err := http.Get(info.Stats + "/_stats"); err == nil {
-		var st struct {
-			BlobBytes int64 `json:"blob_bytes"`
-		}
-		json.NewDecoder(resp.Body).Decode(&st)
-		resp.Body.Close()
-		res.Egress = st.BlobBytes
-	}
+	res.Egress = statsOf(tb, info)
 	if sp.Mode == "direct" {
 		res.BySource["upstream"] = res.Egress
 	} else {

@@ -74,16 +74,14 @@ func (c *containerdEnv) containerdArgs(files bool) []string {
 
 // waitHeld waits until node holder's containerd lists the blobs and every
 // other node in c has been told of those it owns.
-func waitHeld(t *testing.T, c *cluster, holder int, blobs []string) { waitHeldTB(t, c, holder, blobs) }
-
-func waitHeldTB(t testing.TB, c *cluster, holder int, blobs []string) {
+func waitHeld(t testing.TB, c *cluster, holder int, blobs []string) {
 	t.Helper()
 	eventually(t, 30*time.Second, "containerd's blobs listed", func() bool {
 		return scrape(t, c.nodes[holder]).Sum("registry_proxy_containerd_blobs") >= float64(len(blobs))
 	})
 	want := map[int]int{}
 	for _, d := range blobs {
-		o := owner.Rank(d, c.ids)[0]
+		o := owner.Of(d, c.ids)
 		for i, id := range c.ids {
 			if id == o && i != holder {
 				want[i]++
@@ -382,7 +380,7 @@ func BenchmarkContainerdServe(b *testing.B) {
 					}
 					waitStored(b, c.nodes[0], float64(size))
 				} else {
-					waitHeldTB(b, c, 0, []string{d})
+					waitHeld(b, c, 0, []string{d})
 				}
 				before := reg.BlobBytes()
 				start := time.Now()
