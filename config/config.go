@@ -153,6 +153,7 @@ type Pieces struct {
 	Attempts    int           `toml:"attempts"`
 	PerParent   int           `toml:"per_parent"`
 	Upstream    int           `toml:"upstream"`
+	Readers     int           `toml:"readers"`
 	MinRate     Size          `toml:"min_rate"`
 	RaceAfter   time.Duration `toml:"race_after"`
 }
@@ -202,7 +203,7 @@ func Default() Config {
 			Allow:                 DefaultAllow(),
 			Credentials:           map[string]Credential{},
 		},
-		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1, MinRate: 256 << 10, RaceAfter: 5 * time.Second},
+		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1, Readers: 4, MinRate: 256 << 10, RaceAfter: 5 * time.Second},
 		Store:  Store{GCInterval: 5 * time.Minute, MaxBlobSize: 64 << 30, PartialMaxAge: 24 * time.Hour},
 		P2P:    P2P{Join: []string{}, Selector: "state", MaxPeers: 32, AloneAfter: 10 * time.Second},
 		Upload: Upload{Limit: 16, SuperSeed: true, Syncer: Syncer{Enable: true, Interval: 3 * time.Second, Capacity: 50}},
@@ -282,6 +283,9 @@ func (c Config) Validate() error {
 	}
 	if c.Pieces.Upstream < 0 || c.Pieces.Upstream > c.Pieces.Concurrency {
 		errs = append(errs, fmt.Errorf("pieces.upstream %d: want 0 (as pieces.concurrency) to pieces.concurrency", c.Pieces.Upstream))
+	}
+	if c.Pieces.Readers < 1 || c.Pieces.Readers > 64 {
+		errs = append(errs, fmt.Errorf("pieces.readers %d: want 1 to 64", c.Pieces.Readers))
 	}
 	for k, d := range map[string]time.Duration{"upstream.timeout": c.Upstream.Timeout, "pieces.timeout": c.Pieces.Timeout, "store.gc_interval": c.Store.GCInterval} {
 		if d <= 0 {

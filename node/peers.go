@@ -184,9 +184,9 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		Logger:     log,
 	}
 	if p.syncer != nil && cfg.P2P.Selector == collector.SelectorState {
-		// State-aware seeding: a slow owner hands pieces to faster nodes
-		// to read from the upstream.
-		srvOpts.Delegations = &swarm.Delegations{}
+		// State-aware seeding: the owner hands pieces to fast nodes to
+		// read from the upstream.
+		srvOpts.Delegations = &swarm.Delegations{Readers: cfg.Pieces.Readers}
 		srvOpts.Uploads = uploads{meter: meter, syncer: p.syncer}
 	}
 	sw := swarm.NewServer(srvOpts)

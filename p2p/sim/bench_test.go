@@ -32,6 +32,7 @@ var (
 	simModes     = flag.String("sim-modes", "state,fcfs", "TestSimulate: modes (state, fcfs, direct)")
 	simScenarios = flag.String("sim-scenarios", "equal,hetero,loaded", "TestSimulate: equal links; hetero (uploads spread ±50%, 10% of nodes at 1/10); loaded (10% of nodes with 4 background uploads)")
 	simSeeds     = flag.Int("sim-seeds", 1, "TestSimulate: runs per case (different seeds)")
+	simReaders   = flag.Int("sim-readers", 0, "TestSimulate: nodes reading one blob from the upstream (pieces.readers; 0: the node's default)")
 	simResults   = flag.String("sim-results", "", "TestSimulate: directory for JSON, Markdown and plots (default results/sim-<time>)")
 	simHorizon   = flag.Float64("sim-horizon", 5, "TestSimulate: stop each run at this many times the bound; nodes still pulling count as unfinished")
 	simValidate  = flag.String("sim-validate", "", "TestSimulate: instead, simulate the namespace harness's setup (8 nodes, 256 MiB, 25 MB/s, scenarios a, b, d) and compare with the JSON runs in this results directory")
@@ -175,7 +176,7 @@ func TestSimulate(t *testing.T) {
 			for _, mode := range strings.Split(*simModes, ",") {
 				for seed := range uint64(*simSeeds) {
 					cfg := Config{Nodes: n, Size: size, Up: float64(bw), Down: float64(bw), OriginUp: float64(origin),
-						Latency: *simLatency, Selector: mode, Seed: seed + 1}
+						Latency: *simLatency, Selector: mode, Seed: seed + 1, Readers: *simReaders}
 					scenarioConfig(sc, n, &cfg)
 					cfg.Horizon = time.Duration(*simHorizon * float64(boundOf(cfg)))
 					// Inside the bubble time.Now is the simulated clock: progress

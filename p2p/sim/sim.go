@@ -71,9 +71,9 @@ type Config struct {
 	Waves   int
 	WaveGap time.Duration
 	// Defaults of the real node when zero.
-	Concurrency, UpstreamConcurrency, UploadLimit, MaxPeers, PerParent, Window, Urgent int
-	SyncInterval, Refresh                                                              time.Duration
-	Seed                                                                               uint64
+	Concurrency, UpstreamConcurrency, UploadLimit, MaxPeers, PerParent, Window, Urgent, Readers int
+	SyncInterval, Refresh                                                                       time.Duration
+	Seed                                                                                        uint64
 	// NoSeeding lets parents send duplicates freely (see package seeding).
 	NoSeeding bool
 	// Horizon stops the simulation at this simulated time; 0: none.
@@ -105,6 +105,9 @@ func (c *Config) defaults() {
 	if c.Refresh <= 0 {
 		c.Refresh = time.Second
 	}
+	if c.Readers <= 0 {
+		c.Readers = 4
+	}
 	if c.Waves <= 0 {
 		c.Waves = 1
 	}
@@ -127,8 +130,11 @@ type Result struct {
 	// UpstreamBytes is what the registry sent; SentBy the bytes each node
 	// uploaded to its peers.
 	UpstreamBytes int64
-	SentBy        []int64
-	Flows         int64
+	// OriginBusy is when the upstream sent its last byte, from the start:
+	// beside Bound, how well the engine kept the registry busy.
+	OriginBusy time.Duration
+	SentBy     []int64
+	Flows      int64
 	// Unfinished nodes were still pulling at the horizon; their Completion
 	// is -1.
 	Unfinished int
@@ -166,6 +172,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 		}
 	}
 
+	s.start = time.Now()
 	per := (cfg.Nodes + cfg.Waves - 1) / cfg.Waves
 	errs := make([]error, cfg.Nodes)
 	res := Result{Config: cfg, Completion: make([]time.Duration, cfg.Nodes), SentBy: make([]int64, cfg.Nodes)}
@@ -220,6 +227,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	}
 	res.Bound = Bound(cfg.Size, cfg.OriginUp, ups, downs)
 	res.UpstreamBytes = int64(s.origin.sent)
+	res.OriginBusy = time.Duration(s.lastOrigin.Load())
 	res.Flows = s.net.total
 	return res, errors.Join(errs...)
 }
@@ -239,6 +247,9 @@ type simulation struct {
 	owner  string
 	// members are every node, ids as addresses.
 	members []membership.Member
+	start   time.Time
+	// lastOrigin is when the upstream last finished a transfer.
+	lastOrigin atomic.Int64
 }
 
 func newSim(cfg Config) *simulation {
@@ -314,7 +325,7 @@ func newSim(cfg Config) *simulation {
 			Logger:              slog.New(slog.DiscardHandler),
 		})
 		if cfg.Selector == collector.SelectorState && !cfg.NoDelegation {
-			n.delegations = &swarm.Delegations{}
+			n.delegations = &swarm.Delegations{Readers: cfg.Readers}
 		}
 		n.dl = swarm.NewDownloader(swarm.DownloaderOptions{
 			Self:      membership.Member{ID: n.id, Addr: n.id},
@@ -620,6 +631,12 @@ func (u upstream) Blob(ctx context.Context, _, _ string, _ digest.Digest, _, siz
 	}
 	if err := u.s.net.transfer(ctx, u.s.origin, u.n.h, size); err != nil {
 		return nil, false, err
+	}
+	for at := int64(time.Since(u.s.start)); ; {
+		last := u.s.lastOrigin.Load()
+		if at <= last || u.s.lastOrigin.CompareAndSwap(last, at) {
+			break
+		}
 	}
 	return &body{}, false, nil
 }

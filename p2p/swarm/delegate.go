@@ -7,25 +7,35 @@ import (
 
 	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/p2p/owner"
 )
 
 // Delegations decide, at a digest's owner, which pieces registering nodes
 // read from the upstream themselves. Every byte a cluster pulls first leaves
-// the cluster's upstream readers through their uploads; with one reader,
-// the owner, a slow owner caps every node however fast the rest are.
+// the cluster's upstream readers through their uploads. With one reader, the
+// owner, its upload has to carry a first copy of each piece as fast as the
+// upstream sends: with equal links it has no slack, so any piece it sends
+// twice delays every node, and a slow owner caps the cluster however fast
+// the rest are.
 //
-// So when a node that registers uploads at least Factor times faster than
-// the owner, the owner plans once, for the blob's pieces it has not
-// started, a split between every member that fast (weighted by upload,
-// spread evenly over the blob; none for the owner, each of whose pieces
-// would have to cross its slow upload first), and each such member claims
-// its share when it registers. The owner leaves claimed pieces to their
-// claimants and takes them from them; shares nobody claimed stay the
-// owner's. Each piece is still read from the upstream about once.
+// So when the first member fit to read registers, the owner plans once, for
+// the blob's pieces it has not started, a split between the readers: itself
+// and the members whose upload is at least 1/Factor of the fastest's, the
+// Readers fastest of them (ties by rendezvous order for the digest, the
+// owner first), weighted by upload and interleaved over the blob. Each
+// member claims its share when it registers; the owner keeps its own and
+// the shares nobody claimed, and takes claimed pieces from their claimants.
+// Each piece is still read from the upstream about once.
 type Delegations struct {
-	// Factor: a member qualifies when its upload is at least Factor times
-	// the owner's (default 2).
+	// Factor: a node reads when its upload is at least 1/Factor of the
+	// fastest reader's (default 2).
 	Factor float64
+	// Readers: at most this many nodes read a blob from the upstream
+	// (default 4; config pieces.readers): each more delays every
+	// reader's first piece (they share the upstream) and opens more
+	// connections to the registry, for less slack gained each time.
+	Readers int
 
 	mu sync.Mutex
 	by *lru.Cache[digest.Digest, *delegation]
@@ -76,29 +86,10 @@ func (ds *Delegations) claim(d digest.Digest, count int, node string, ownerUp fl
 		dl.claimed[node] = pieces
 		return pieces, len(pieces) > 0
 	}
-	factor := ds.Factor
-	if factor <= 0 {
-		factor = 2
+	members := ds.readers(d, ownerUp, uploads())
+	if !slices.ContainsFunc(members, func(m *member) bool { return m.id == node }) {
+		return nil, false // no plan yet: a node fit to read may still come
 	}
-	if ownerUp <= 0 {
-		return nil, false
-	}
-	all := uploads()
-	if all[node] < factor*ownerUp {
-		return nil, false // no plan yet: a faster node may still come
-	}
-	type member struct {
-		id     string
-		weight float64
-		credit float64
-	}
-	var members []*member
-	for id, up := range all {
-		if up >= factor*ownerUp {
-			members = append(members, &member{id: id, weight: up})
-		}
-	}
-	slices.SortFunc(members, func(a, b *member) int { return cmp.Compare(a.id, b.id) })
 	var total float64
 	for _, m := range members {
 		total += m.weight
@@ -120,11 +111,54 @@ func (ds *Delegations) claim(d digest.Digest, count int, node string, ownerUp fl
 		best.credit -= total
 		dl.planned[best.id] = append(dl.planned[best.id], i)
 	}
+	delete(dl.planned, self) // the owner's own share: it just keeps it
 	ds.by.Add(d, dl)
 	pieces = dl.planned[node]
 	delete(dl.planned, node)
 	dl.claimed[node] = pieces
 	return pieces, len(pieces) > 0
+}
+
+// self stands for the owner among the readers: member ids are never empty.
+const self = ""
+
+type member struct {
+	id     string
+	weight float64
+	credit float64
+}
+
+// readers are the nodes that read d from the upstream, in a stable order.
+func (ds *Delegations) readers(d digest.Digest, ownerUp float64, uploads map[string]float64) []*member {
+	factor, most := ds.Factor, ds.Readers
+	if factor <= 0 {
+		factor = 2
+	}
+	if most <= 0 {
+		most = 4
+	}
+	if ownerUp <= 0 {
+		return nil // the owner's own capacity unknown: nothing to weigh against
+	}
+	fastest := ownerUp
+	for _, up := range uploads {
+		fastest = max(fastest, up)
+	}
+	ids := make([]string, 0, len(uploads))
+	for id, up := range uploads {
+		if id != self && up*factor >= fastest {
+			ids = append(ids, id)
+		}
+	}
+	members := make([]*member, 0, len(ids)+1)
+	if ownerUp*factor >= fastest {
+		members = append(members, &member{id: self, weight: ownerUp})
+	}
+	for _, id := range owner.Rank(d.String(), ids) {
+		members = append(members, &member{id: id, weight: uploads[id]})
+	}
+	slices.SortStableFunc(members, func(a, b *member) int { return cmp.Compare(b.weight, a.weight) })
+	return members[:min(len(members), most)]
 }
 
 func toUint32(v []int) []uint32 {

@@ -5,6 +5,8 @@ import (
 	"testing"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/p2p/owner"
 )
 
 // fakeDownloads is the owner's download: pieces in flight, and what it left
@@ -39,7 +41,7 @@ func TestDelegations(t *testing.T) {
 		return map[string]float64{"a": 30e6, "b": 30e6, "c": 60e6, "slow": 4e6, "unknown": 0}
 	}
 	t.Run("a slow owner splits the pieces it has not started among the fast members", func(t *testing.T) {
-		ds := &Delegations{}
+		ds := &Delegations{Readers: 8}
 		dl := &fakeDownloads{fetching: []int{1}}
 		done := make([]bool, count)
 		done[0] = true
@@ -48,7 +50,7 @@ func TestDelegations(t *testing.T) {
 			got[node] = ints(ds.Register(dl, d, done, node, 3e6, fast))
 		}
 		if len(got["slow"]) != 0 {
-			t.Errorf("a member no faster than the owner got %v", got["slow"])
+			t.Errorf("a member under half the fastest upload got %v", got["slow"])
 		}
 		// 10 free pieces (0 done, 1 in flight), by upload 30:30:60.
 		if len(got["a"]) != 2 && len(got["a"]) != 3 || len(got["b"]) != 2 && len(got["b"]) != 3 || len(got["c"]) != 5 {
@@ -71,7 +73,7 @@ func TestDelegations(t *testing.T) {
 		}
 	})
 	t.Run("a share claimed late leaves what the owner started since", func(t *testing.T) {
-		ds := &Delegations{}
+		ds := &Delegations{Readers: 8}
 		dl := &fakeDownloads{}
 		done := make([]bool, count)
 		first := ints(ds.Register(dl, d, done, "c", 3e6, fast))
@@ -89,15 +91,51 @@ func TestDelegations(t *testing.T) {
 			ownerUp float64
 			node    string
 		}{
-			{"the owner is fast enough", 20e6, "a"},
+			{"the node's upload is under half the fastest", 20e6, "slow"},
 			{"the owner's upload is unknown", 0, "c"},
 			{"the node's upload is unknown", 3e6, "unknown"},
 			{"the node is not in the membership's uploads", 3e6, "stranger"},
 		} {
-			ds := &Delegations{}
+			ds := &Delegations{Readers: 8}
 			dl := &fakeDownloads{}
 			if got := ds.Register(dl, d, make([]bool, count), tc.node, tc.ownerUp, fast); len(got) != 0 || dl.calls != 0 {
 				t.Errorf("%s: delegated %v", tc.name, got)
+			}
+		}
+	})
+	t.Run("equal links: the owner and the first readers in rendezvous order share the blob", func(t *testing.T) {
+		equal := func() map[string]float64 {
+			return map[string]float64{"a": 25e6, "b": 25e6, "c": 25e6, "d": 25e6}
+		}
+		ids := owner.Rank(d.String(), []string{"a", "b", "c", "d"})
+		for _, tc := range []struct {
+			readers int
+			want    int // pieces each delegate gets of count
+		}{{1, 0}, {2, count / 2}, {3, count / 3}} {
+			ds := &Delegations{Readers: tc.readers}
+			dl := &fakeDownloads{}
+			done := make([]bool, count)
+			var delegated []int
+			for k, node := range ids {
+				got := ints(ds.Register(dl, d, done, node, 25e6, equal))
+				want := 0
+				if k < tc.readers-1 {
+					want = tc.want
+				}
+				if len(got) != want {
+					t.Errorf("readers %d: %s (rank %d) got %v, want %d pieces", tc.readers, node, k, got, want)
+				}
+				delegated = append(delegated, got...)
+			}
+			// The owner keeps its share: the first free piece and every
+			// readers-th after it.
+			for i := 0; i < count; i += tc.readers {
+				if slices.Contains(delegated, i) {
+					t.Errorf("readers %d: the owner's piece %d delegated", tc.readers, i)
+				}
+			}
+			if len(delegated) != count-(count+tc.readers-1)/tc.readers {
+				t.Errorf("readers %d: delegated %v", tc.readers, delegated)
 			}
 		}
 	})
