@@ -17,6 +17,7 @@ type parentQueue struct {
 	refused  []time.Time // per piece: not asked again before this (ErrElsewhere); nil until the first refusal
 	inflight int
 	picks    int
+	probe    probe // the upstream's: pieces at once
 	bytes    int64
 	// measured is the rate its last pieces came at (bytes/s, a moving
 	// average); 0 until one came. What it reports never counts for more.

@@ -86,10 +86,8 @@ type Options struct {
 	// Concurrency is the number of pieces fetched at once.
 	Concurrency int
 	// UpstreamConcurrency bounds the pieces fetched from the upstream at
-	// once; Concurrency when zero. A run starts with one and adds one for
-	// each upstream piece done (slow start): pieces started together share
-	// the link and land together, so the swarm would get them in bursts, the
-	// first one only after Concurrency pieces' time.
+	// once; Concurrency when zero. A run starts with one and adds more only
+	// while they make the upstream send faster (see probe).
 	UpstreamConcurrency int
 	// PieceTimeout bounds one piece fetch.
 	PieceTimeout time.Duration

@@ -185,7 +185,7 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 			return i, r.upstream, false
 		}
 	}
-	upstreamRoom := r.upstream != nil && r.upstream.inflight < min(r.c.opts.UpstreamConcurrency, 1+r.upstream.picks)
+	upstreamRoom := r.upstream != nil && r.upstream.inflight < r.upstream.probe.room(r.c.opts.UpstreamConcurrency)
 	// Pieces delegated to this node come from the upstream first: no peer
 	// has them before it does.
 	if upstreamRoom && r.granted != nil {
@@ -224,6 +224,9 @@ func (r *Run) takeLocked(i int, pq *parentQueue) {
 	r.inflight[i] = true
 	r.setWantedLocked(i, false)
 	pq.inflight++
+	if pq.upstream {
+		pq.probe.picked(r.c.opts.Now())
+	}
 }
 
 // peerFetchingLocked reports whether a peer fetch is in flight: picked

@@ -349,6 +349,9 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 		pq.picks++
 		_, n := r.job.Plan().Range(i)
 		pq.bytes += n
+		if pq.upstream {
+			pq.probe.landed(r.c.opts.Now(), n, r.c.opts.UpstreamConcurrency)
+		}
 		return nil
 	}
 	if ctx.Err() != nil {
