@@ -171,16 +171,16 @@ func (pp *peerParent) Fetch(ctx context.Context, i int, _, n int64) (io.ReadClos
 	if err != nil {
 		return nil, fmt.Errorf("transfer: piece %d from %s: %w", i, pp.id, err)
 	}
-	if resp.StatusCode == http.StatusServiceUnavailable {
-		resp.Body.Close()
+	switch resp.StatusCode {
+	case http.StatusOK:
+	case http.StatusServiceUnavailable:
+		drain(resp.Body)
 		return nil, fmt.Errorf("transfer: piece %d from %s: %w", i, pp.id, collector.ErrBusy)
-	}
-	if resp.StatusCode == http.StatusConflict {
-		resp.Body.Close()
+	case http.StatusConflict:
+		drain(resp.Body)
 		return nil, fmt.Errorf("transfer: piece %d from %s: %w", i, pp.id, collector.ErrElsewhere)
-	}
-	if resp.StatusCode != http.StatusOK {
-		resp.Body.Close()
+	default:
+		drain(resp.Body)
 		return nil, fmt.Errorf("transfer: piece %d from %s: %s", i, pp.id, resp.Status)
 	}
 	if resp.ContentLength != n {
@@ -188,6 +188,14 @@ func (pp *peerParent) Fetch(ctx context.Context, i int, _, n int64) (io.ReadClos
 		return nil, fmt.Errorf("transfer: piece %d from %s: %d bytes, want %d", i, pp.id, resp.ContentLength, n)
 	}
 	return resp.Body, nil
+}
+
+// drain reads a refusal's short body before closing it, so the connection
+// goes back to the pool: a closed one costs the next piece a TLS handshake,
+// and busy parents refuse often.
+func drain(body io.ReadCloser) {
+	_, _ = io.CopyN(io.Discard, body, 64<<10)
+	body.Close()
 }
 
 // Announce tells the owner at addr which of its digests this node holds.
