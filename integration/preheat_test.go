@@ -109,7 +109,7 @@ func runPreheat(tb testing.TB, n int, layers string, bps int64) preheatResult {
 		wg.Go(func() {
 			for _, d := range blobs {
 				url := "http://" + h.IP + ":5000/v2/bench/image/blobs/" + d + "?ns=bench.invalid"
-				out, err := h.Command(ctx, "sh", "-c", "curl -sS --fail "+url+" | sha256sum").CombinedOutput()
+				out, err := h.Command(ctx, "sh", "-c", "curl -sS --fail "+url+" | "+hashCmd).CombinedOutput()
 				if err == nil && !strings.HasPrefix(string(out), strings.TrimPrefix(d, "sha256:")) {
 					err = fmt.Errorf("digest mismatch")
 				}
