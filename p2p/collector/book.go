@@ -6,19 +6,20 @@ import "time"
 
 // parentQueue is what the run knows of one parent.
 type parentQueue struct {
-	p        Parent
-	upstream bool
-	has      []bool      // per piece: announced
-	list     []int       // the announced pieces, in the order announced
-	crc      []uint32    // per piece: announced checksum
-	fetching []bool      // per piece: the parent itself is fetching it now
-	offering int         // pieces it has that this node wants (refusals aside)
-	blocked  time.Time   // no pieces before this
-	refused  []time.Time // per piece: not asked again before this (ErrElsewhere); nil until the first refusal
-	inflight int
-	picks    int
-	probe    probe // the upstream's: pieces at once
-	bytes    int64
+	p         Parent
+	upstream  bool
+	has       []bool      // per piece: announced
+	list      []int       // the announced pieces, in the order announced
+	crc       []uint32    // per piece: announced checksum
+	fetching  []bool      // per piece: the parent itself is fetching it now
+	fetchList []int       // the pieces marked in fetching (some since unmarked)
+	offering  int         // pieces it has that this node wants (refusals aside)
+	blocked   time.Time   // no pieces before this
+	refused   []time.Time // per piece: not asked again before this (ErrElsewhere); nil until the first refusal
+	inflight  int
+	picks     int
+	probe     probe // the upstream's: pieces at once
+	bytes     int64
 	// measured is the rate its last pieces came at (bytes/s, a moving
 	// average); 0 until one came. What it reports never counts for more.
 	measured float64

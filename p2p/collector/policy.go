@@ -68,21 +68,24 @@ func (fcfsPolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
 	return 0, nil, win
 }
 
+// candidate is a parent statePolicy may choose, with its weight.
+type candidate struct {
+	pq     *parentQueue
+	weight float64
+}
+
 // statePolicy chooses a parent by weighted random choice on its host state
 // (capped by the rate measured from it), then its best piece (bestPiece).
 type statePolicy struct{}
 
 func (statePolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
-	type cand struct {
-		pq     *parentQueue
-		weight float64
-	}
-	var cands []cand
+	cands := r.cands[:0] // the run's, reused: a pick runs on every change
+	defer func() { r.cands = cands[:0] }()
 	var total float64
 	for _, pq := range r.order {
 		if pq.offering > 0 && r.available(pq, now) {
 			w := r.weightLocked(pq)
-			cands = append(cands, cand{pq, w})
+			cands = append(cands, candidate{pq, w})
 			total += w
 		}
 	}
@@ -124,7 +127,10 @@ func (r *Run) bestPiece(pq *parentQueue, cursor int, now time.Time) int {
 		if !r.wanted[i] || !pq.offers(i, now) {
 			continue
 		}
-		dist := (i - cursor + r.n) % r.n
+		dist := i - cursor
+		if dist < 0 {
+			dist += r.n
+		}
 		urgent := 1
 		if dist < r.c.opts.Urgent {
 			urgent = 0

@@ -40,6 +40,7 @@ type Run struct {
 	wantedPos   []int // per piece: its index in wantedList, or -1
 	inflight    []bool
 	fetches     map[int]*fetchState // peer fetches in flight
+	cands       []candidate         // statePolicy's, reused
 	failures    []int
 	sequential  bool
 	progress    time.Time // last piece done by a peer
@@ -218,22 +219,22 @@ func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
 		wanted = wanted || !r.job.Has(i)
 	}
 	if fetching != nil {
-		now := make([]bool, r.n)
+		// Both lists are short (a parent fetches a few pieces at once):
+		// unmark the old, mark the new, no pass over the whole blob.
+		for _, i := range pq.fetchList {
+			if pq.fetching[i] {
+				pq.fetching[i] = false
+				r.fetchers[i]--
+			}
+		}
+		pq.fetchList = pq.fetchList[:0]
 		for _, i := range fetching {
-			if i >= 0 && i < r.n && !pq.has[i] {
-				now[i] = true
+			if i >= 0 && i < r.n && !pq.has[i] && !pq.fetching[i] {
+				pq.fetching[i] = true
+				r.fetchers[i]++
+				pq.fetchList = append(pq.fetchList, i)
 			}
 		}
-		for i := range r.n {
-			if now[i] != pq.fetching[i] {
-				if now[i] {
-					r.fetchers[i]++
-				} else {
-					r.fetchers[i]--
-				}
-			}
-		}
-		pq.fetching = now
 	}
 	// Workers only care about pieces this node still needs; waking them
 	// for the rest costs a cluster's worth of announcements.

@@ -93,3 +93,28 @@ func TestSlowOwnerDelegates(t *testing.T) {
 		t.Errorf("with delegation the last node took %v, without %v: want at most a third", Quantile(with.Completion, 1), Quantile(without.Completion, 1))
 	}
 }
+
+// Every node pulling at once on equal links (the namespace harness's
+// scenario a): the upstream is the limit, and the engine keeps within a
+// quarter-and-a-bit of it in simulated time. With one upstream reader, the
+// owner's upload has no slack to carry the first copies; with readers
+// sharing them and their upstream concurrency probed, it has.
+func TestAllAtOnceNearBound(t *testing.T) {
+	const size = 256 << 20
+	for seed := uint64(1); seed <= 3; seed++ {
+		cfg := Config{Nodes: 8, Size: size, Up: 25e6, Down: 125e6, OriginUp: 25e6, Latency: time.Millisecond, Seed: seed,
+			Selector: collector.SelectorState}
+		res := simulate(t, cfg)
+		cfg.Readers = 1
+		one := simulate(t, cfg)
+		ratio := func(r Result) float64 { return float64(Quantile(r.Completion, 1)) / float64(r.Bound) }
+		t.Logf("seed %d: max %.2f× bound (%v), one reader %.2f×; the upstream's last byte at %.2f× bound", seed, ratio(res), res.Bound,
+			ratio(one), float64(res.OriginBusy)/float64(res.Bound))
+		if ratio(res) > 1.3 {
+			t.Errorf("seed %d: the last node took %.2f× the bound, want at most 1.3×", seed, ratio(res))
+		}
+		if res.UpstreamBytes > size*101/100 {
+			t.Errorf("seed %d: the upstream sent %.3f× the blob", seed, float64(res.UpstreamBytes)/size)
+		}
+	}
+}
