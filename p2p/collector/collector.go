@@ -86,8 +86,8 @@ type Options struct {
 	// Concurrency is the number of pieces fetched at once.
 	Concurrency int
 	// UpstreamConcurrency bounds the pieces fetched from the upstream at
-	// once; Concurrency when zero. A run starts with one and adds more only
-	// while they make the upstream send faster (see probe).
+	// once; Concurrency when zero. A run starts with one and doubles it only
+	// while that makes the upstream send faster (see probe).
 	UpstreamConcurrency int
 	// PieceTimeout bounds one piece fetch.
 	PieceTimeout time.Duration

@@ -10,11 +10,13 @@ import "time"
 // sends no more, and pieces started together then share it and land
 // together, later each, so the swarm gets its first copies in bursts. So a
 // run starts with one piece at once and, after each round (as many pieces
-// done as the limit), adds one only if that round came at least half an
-// ideal step faster than the one before; otherwise it goes back one and
-// stays there.
+// done as the limit), doubles it only while that round came at least half
+// the ideal gain faster than the one before (1.5 × for twice as many);
+// otherwise it goes back to the limit before and stays there. Doubling
+// reaches eight in three rounds: a paced upstream waits little for it.
 type probe struct {
 	limit   int
+	prev    int // the limit of the round before
 	settled bool
 	start   time.Time // of this round; zero before the first piece
 	bytes   int64     // done this round
@@ -53,13 +55,13 @@ func (p *probe) landed(now time.Time, n int64, most int) {
 	}
 	rate := float64(p.bytes) / secs
 	switch {
+	case p.rate > 0 && rate < p.rate*(1+0.5*float64(p.limit-p.prev)/float64(p.prev)):
+		p.limit = p.prev
+		p.settled = true
 	case p.limit >= most:
 		p.settled = true
-	case p.rate == 0 || rate >= p.rate*(1+0.5/float64(p.limit-1)):
-		p.limit++
 	default:
-		p.limit--
-		p.settled = true
+		p.prev, p.limit = p.limit, min(2*p.limit, most)
 	}
 	p.rate, p.start, p.bytes, p.done = rate, now, 0, 0
 }

@@ -17,9 +17,11 @@ func TestProbe(t *testing.T) {
 	}{
 		{"a shared link sends no more with more at once", func(int) float64 { return 25e6 }, 8, 1},
 		{"an upstream pacing each connection", func(k int) float64 { return float64(k) * 50e6 }, 8, 8},
-		{"paced up to a link of three connections", func(k int) float64 { return float64(min(k, 3)) * 50e6 }, 8, 3},
+		{"paced up to a link of three connections", func(k int) float64 { return float64(min(k, 3)) * 50e6 }, 8, 4},
+		{"paced up to a link of 1.6 connections", func(k int) float64 { return min(float64(k), 1.6) * 50e6 }, 8, 2},
 		{"a competing reader's share (k of k+1 flows)", func(k int) float64 { return 25e6 * float64(k) / float64(k+1) }, 8, 1},
 		{"capped by the option", func(k int) float64 { return float64(k) * 50e6 }, 4, 4},
+		{"capped by the option, not a power of two", func(k int) float64 { return float64(k) * 50e6 }, 6, 6},
 		{"one at most", func(k int) float64 { return float64(k) * 50e6 }, 1, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
