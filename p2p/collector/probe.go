@@ -18,10 +18,14 @@ type probe struct {
 	limit   int
 	prev    int // the limit of the round before
 	settled bool
-	start   time.Time // of this round; zero before the first piece
-	bytes   int64     // done this round
-	done    int
-	rate    float64 // of the round before, bytes/s
+	// warm: the first piece landed. It carried the connection's setup
+	// (TLS, a token) and is not measured: a slow first round would make
+	// any second look like a gain.
+	warm  bool
+	start time.Time // of this round; zero before the first piece
+	bytes int64     // done this round
+	done  int
+	rate  float64 // of the round before, bytes/s
 }
 
 // room is the number of pieces the upstream may have in flight now.
@@ -42,6 +46,10 @@ func (p *probe) picked(now time.Time) {
 // landed notes a piece of n bytes done, and ends the round when it is full.
 func (p *probe) landed(now time.Time, n int64, most int) {
 	if p.settled || p.start.IsZero() {
+		return
+	}
+	if !p.warm {
+		p.warm, p.start = true, now
 		return
 	}
 	p.bytes += n

@@ -10,30 +10,33 @@ import (
 func TestProbe(t *testing.T) {
 	const piece = 4 << 20
 	for _, tc := range []struct {
-		name string
-		rate func(k int) float64 // bytes/s with k pieces at once
-		most int
-		want int
+		name  string
+		rate  func(k int) float64 // bytes/s with k pieces at once
+		most  int
+		want  int
+		setup time.Duration // added to the first piece: the connection's
 	}{
-		{"a shared link sends no more with more at once", func(int) float64 { return 25e6 }, 8, 1},
-		{"an upstream pacing each connection", func(k int) float64 { return float64(k) * 50e6 }, 8, 8},
-		{"paced up to a link of three connections", func(k int) float64 { return float64(min(k, 3)) * 50e6 }, 8, 4},
-		{"paced up to a link of 1.6 connections", func(k int) float64 { return min(float64(k), 1.6) * 50e6 }, 8, 2},
-		{"a competing reader's share (k of k+1 flows)", func(k int) float64 { return 25e6 * float64(k) / float64(k+1) }, 8, 1},
-		{"capped by the option", func(k int) float64 { return float64(k) * 50e6 }, 4, 4},
-		{"capped by the option, not a power of two", func(k int) float64 { return float64(k) * 50e6 }, 6, 6},
-		{"one at most", func(k int) float64 { return float64(k) * 50e6 }, 1, 1},
+		{"a shared link sends no more with more at once", func(int) float64 { return 25e6 }, 8, 1, 0},
+		{"an upstream pacing each connection", func(k int) float64 { return float64(k) * 50e6 }, 8, 8, 0},
+		{"paced up to a link of three connections", func(k int) float64 { return float64(min(k, 3)) * 50e6 }, 8, 4, 0},
+		{"paced up to a link of 1.6 connections", func(k int) float64 { return min(float64(k), 1.6) * 50e6 }, 8, 2, 0},
+		{"a competing reader's share (k of k+1 flows)", func(k int) float64 { return 25e6 * float64(k) / float64(k+1) }, 8, 1, 0},
+		{"capped by the option", func(k int) float64 { return float64(k) * 50e6 }, 4, 4, 0},
+		{"capped by the option, not a power of two", func(k int) float64 { return float64(k) * 50e6 }, 6, 6, 0},
+		{"one at most", func(k int) float64 { return float64(k) * 50e6 }, 1, 1, 0},
+		{"a shared link behind a slow first piece", func(int) float64 { return 25e6 }, 8, 1, 500 * time.Millisecond},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var p probe
-			now := time.Unix(0, 0)
+			now := time.Unix(0, 0).Add(-tc.setup)
 			for range 20 {
 				k := p.room(tc.most)
 				for range k {
 					p.picked(now)
 				}
 				// k pieces at once, landing together.
-				now = now.Add(time.Duration(float64(k*piece) / tc.rate(k) * 1e9))
+				now = now.Add(tc.setup + time.Duration(float64(k*piece)/tc.rate(k)*1e9))
+				tc.setup = 0
 				for range k {
 					p.landed(now, piece, tc.most)
 				}
