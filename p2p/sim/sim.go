@@ -105,9 +105,6 @@ func (c *Config) defaults() {
 	if c.Refresh <= 0 {
 		c.Refresh = time.Second
 	}
-	if c.Readers <= 0 {
-		c.Readers = 4
-	}
 	if c.Waves <= 0 {
 		c.Waves = 1
 	}

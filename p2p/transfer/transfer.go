@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/registry-proxy/registry-proxy/internal/drain"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 )
@@ -174,13 +175,14 @@ func (pp *peerParent) Fetch(ctx context.Context, i int, _, n int64) (io.ReadClos
 	switch resp.StatusCode {
 	case http.StatusOK:
 	case http.StatusServiceUnavailable:
-		drain(resp.Body)
+		// Busy parents refuse often: keep the connection.
+		drain.Close(resp.Body)
 		return nil, fmt.Errorf("transfer: piece %d from %s: %w", i, pp.id, collector.ErrBusy)
 	case http.StatusConflict:
-		drain(resp.Body)
+		drain.Close(resp.Body)
 		return nil, fmt.Errorf("transfer: piece %d from %s: %w", i, pp.id, collector.ErrElsewhere)
 	default:
-		drain(resp.Body)
+		drain.Close(resp.Body)
 		return nil, fmt.Errorf("transfer: piece %d from %s: %s", i, pp.id, resp.Status)
 	}
 	if resp.ContentLength != n {
@@ -188,14 +190,6 @@ func (pp *peerParent) Fetch(ctx context.Context, i int, _, n int64) (io.ReadClos
 		return nil, fmt.Errorf("transfer: piece %d from %s: %d bytes, want %d", i, pp.id, resp.ContentLength, n)
 	}
 	return resp.Body, nil
-}
-
-// drain reads a refusal's short body before closing it, so the connection
-// goes back to the pool: a closed one costs the next piece a TLS handshake,
-// and busy parents refuse often.
-func drain(body io.ReadCloser) {
-	_, _ = io.CopyN(io.Discard, body, 64<<10)
-	body.Close()
 }
 
 // Announce tells the owner at addr which of its digests this node holds.

@@ -23,6 +23,7 @@ import (
 	"github.com/distribution/reference"
 	"github.com/hashicorp/golang-lru/v2/expirable"
 	"github.com/opencontainers/go-digest"
+	"github.com/registry-proxy/registry-proxy/internal/drain"
 	"github.com/registry-proxy/registry-proxy/metrics"
 )
 
@@ -565,8 +566,7 @@ func (c *Client) do(ctx context.Context, method, rawURL string, hdr http.Header,
 			continue
 		}
 		if retry && retryable(resp.StatusCode) && i+1 < attempts {
-			io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
-			resp.Body.Close()
+			drain.Close(resp.Body)
 			lastErr = fmt.Errorf("%w: %s %s: status %d", ErrUnavailable, method, redact(rawURL), resp.StatusCode)
 			c.log.Debug("retrying upstream request", "method", method, "url", redact(rawURL), "status", resp.StatusCode)
 			continue
