@@ -8,18 +8,27 @@ import "time"
 type parentQueue struct {
 	p         Parent
 	upstream  bool
-	has       []bool      // per piece: announced
-	list      []int       // the announced pieces, in the order announced
-	crc       []uint32    // per piece: announced checksum
-	fetching  []bool      // per piece: the parent itself is fetching it now
-	fetchList []int       // the pieces marked in fetching (some since unmarked)
-	offering  int         // pieces it has that this node wants (refusals aside)
-	blocked   time.Time   // no pieces before this
-	refused   []time.Time // per piece: not asked again before this (ErrElsewhere); nil until the first refusal
-	inflight  int
-	picks     int
-	probe     probe // the upstream's: pieces at once
-	bytes     int64
+	has       []bool    // per piece: announced
+	list      []int32   // the announced pieces, in the order announced
+	crc       []uint32  // per piece: announced checksum
+	fetching  []bool    // per piece: the parent itself is fetching it now
+	fetchList []int     // the pieces marked in fetching (some since unmarked)
+	offering  int       // pieces it has that this node wants (refusals aside)
+	blocked   time.Time // no pieces before this
+	// refused is, per piece, when it may be asked for again (ErrElsewhere),
+	// in milliseconds from the run's epoch (rounded up): a cluster's
+	// children hold one per parent and piece, so 4 bytes, not a
+	// time.Time's 24. Nil until the first refusal.
+	refused []uint32
+	// dry: it offered none of the wanted pieces it has (all refused) when
+	// last looked at, and cannot before this, unless it announces a wanted
+	// piece or a piece is wanted again. Saves a failed pass over its
+	// pieces on every pick.
+	dry      time.Time
+	inflight int
+	picks    int
+	probe    probe // the upstream's: pieces at once
+	bytes    int64
 	// measured is the rate its last pieces came at (bytes/s, a moving
 	// average); 0 until one came. What it reports never counts for more.
 	measured float64
@@ -64,8 +73,8 @@ func (r *Run) setWantedLocked(i int, w bool) {
 	r.wanted[i] = w
 	d := 1
 	if w {
-		r.wantedPos[i] = len(r.wantedList)
-		r.wantedList = append(r.wantedList, i)
+		r.wantedPos[i] = int32(len(r.wantedList))
+		r.wantedList = append(r.wantedList, int32(i))
 	} else {
 		d = -1
 		k, last := r.wantedPos[i], r.wantedList[len(r.wantedList)-1]
@@ -74,9 +83,16 @@ func (r *Run) setWantedLocked(i int, w bool) {
 		r.wantedPos[i] = -1
 	}
 	r.nwanted += d
+	var ms uint32
+	if w {
+		ms = r.sinceEpoch(r.c.opts.Now())
+	}
 	for _, pq := range r.order {
 		if pq.has[i] {
 			pq.offering += d
+			if w && !pq.refusedAt(i, ms) {
+				pq.dry = time.Time{}
+			}
 		}
 	}
 }
@@ -87,16 +103,31 @@ func (r *Run) available(pq *parentQueue, now time.Time) bool {
 }
 
 // offers says whether pq may be asked for piece i now.
-func (pq *parentQueue) offers(i int, now time.Time) bool {
-	if !pq.has[i] {
-		return false
-	}
-	return pq.refused == nil || pq.refused[i].Before(now)
+func (r *Run) offers(pq *parentQueue, i int, now time.Time) bool {
+	return pq.has[i] && !pq.refusedAt(i, r.sinceEpoch(now))
 }
 
-func (pq *parentQueue) refuse(i int, until time.Time) {
+// refusedAt says whether piece i is refused at ms (from the run's epoch).
+func (pq *parentQueue) refusedAt(i int, ms uint32) bool {
+	return pq.refused != nil && pq.refused[i] > ms
+}
+
+// refuse has pq not asked for piece i before until.
+func (r *Run) refuse(pq *parentQueue, i int, until time.Time) {
 	if pq.refused == nil {
-		pq.refused = make([]time.Time, len(pq.has))
+		pq.refused = make([]uint32, len(pq.has))
 	}
-	pq.refused[i] = until
+	ms := until.Sub(r.epoch)
+	pq.refused[i] = uint32((ms + time.Millisecond - 1) / time.Millisecond)
+}
+
+// sinceEpoch is now in whole milliseconds from the run's epoch; the
+// refusals' clock (49 days of range, far beyond a download).
+func (r *Run) sinceEpoch(now time.Time) uint32 {
+	return uint32(max(now.Sub(r.epoch), 0) / time.Millisecond)
+}
+
+// epochTime is ms from the run's epoch as a time.
+func (r *Run) epochTime(ms uint32) time.Time {
+	return r.epoch.Add(time.Duration(ms) * time.Millisecond)
 }

@@ -336,7 +336,7 @@ func TestBestPiece(t *testing.T) {
 	}{
 		{"urgent first, of them the one nobody fetches", func() {}, now, 1},
 		{"beyond the urgent ones: unfetched, rarest, nearest", func() { r.setWantedLocked(0, false); r.setWantedLocked(1, false) }, now, 3},
-		{"a refused piece is skipped", func() { owner.refuse(3, now.Add(time.Second)) }, now, 4},
+		{"a refused piece is skipped", func() { r.refuse(owner, 3, now.Add(time.Second)) }, now, 4},
 		{"until the refusal expires", func() {}, now.Add(2 * time.Second), 3},
 		{"rare beats near", func() { r.Announce("b", job.checksums(3), nil) }, now.Add(2 * time.Second), 4},
 		{"fewest fetchers beat rarity", func() { r.Announce("c", nil, []int{2, 4}) }, now.Add(2 * time.Second), 3},
@@ -344,6 +344,51 @@ func TestBestPiece(t *testing.T) {
 		tc.setup()
 		if got := r.bestPiece(owner, r.cursor(), tc.at); got != tc.want {
 			t.Errorf("%s: piece %d, want %d", tc.name, got, tc.want)
+		}
+	}
+}
+
+// TestDryParent: a parent whose wanted pieces are all refused is passed
+// over until the first refusal ends, or it has another wanted piece.
+func TestDryParent(t *testing.T) {
+	job := newJob(6)
+	job.next = 0
+	r := newCollector(SelectorState, nil).NewRun(job)
+	r.AddParent(&fakeParent{id: "p", job: job})
+	r.Announce("p", job.checksums(0, 1), nil)
+	p := r.parents["p"]
+	now := r.epoch.Add(time.Minute)
+	r.refuse(p, 0, now.Add(2*time.Second))
+	r.refuse(p, 1, now.Add(time.Second+time.Microsecond)) // rounded up to the next millisecond
+	for _, tc := range []struct {
+		name  string
+		setup func()
+		at    time.Time
+		want  int // bestPiece
+		dry   bool
+	}{
+		{"every piece refused: dry", func() {}, now, -1, true},
+		{"still dry before the first refusal ends", func() {}, now.Add(time.Second), -1, true},
+		{"the first refusal ended", func() {}, now.Add(time.Second + time.Millisecond), 1, false},
+		{"refused again: dry", func() { r.refuse(p, 1, now.Add(time.Hour)) }, now.Add(time.Second + time.Millisecond), -1, true},
+		{"a piece it did not have is announced", func() { r.Announce("p", job.checksums(4), nil) }, now.Add(time.Second + time.Millisecond), 4, false},
+		{"refused again: dry", func() { r.refuse(p, 4, now.Add(time.Hour)) }, now.Add(time.Second + time.Millisecond), -1, true},
+		{"a piece it has is wanted again", func() {
+			r.setWantedLocked(5, false)
+			r.Announce("p", job.checksums(5), nil)
+			r.setWantedLocked(5, true)
+		}, now.Add(time.Second + time.Millisecond), 5, false},
+	} {
+		tc.setup()
+		if got := r.bestPiece(p, r.cursor(), tc.at); got != tc.want {
+			t.Errorf("%s: piece %d, want %d", tc.name, got, tc.want)
+		}
+		if dry := tc.at.Before(p.dry); dry != tc.dry {
+			t.Errorf("%s: dry %v (until %v), want %v", tc.name, dry, p.dry.Sub(now), tc.dry)
+		}
+		// A pick passes a dry parent over.
+		if i, pq, _ := (statePolicy{}).pick(r, tc.at); (pq == nil) != tc.dry {
+			t.Errorf("%s: picked piece %d from %v", tc.name, i, pq != nil)
 		}
 	}
 }

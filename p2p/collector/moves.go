@@ -103,13 +103,13 @@ func (r *Run) stealLocked() {
 			continue
 		}
 		for _, q := range r.order {
-			if q == fs.pq || !r.available(q, now) || !q.offers(i, now) {
+			if q == fs.pq || !r.available(q, now) || !r.offers(q, i, now) {
 				continue
 			}
 			if r.weightLocked(q) >= stealFactor*max(rate, 1) {
 				r.c.log.Debug("moving a slow piece to another parent", "digest", r.job.Digest(), "piece", i,
 					"from", fs.pq.p.ID(), "to", q.p.ID(), "rate", int64(rate))
-				fs.pq.refuse(i, now.Add(r.c.opts.ElsewhereFor))
+				r.refuse(fs.pq, i, now.Add(r.c.opts.ElsewhereFor))
 				fs.cancel(errStolen)
 				delete(r.fetches, i)
 				return

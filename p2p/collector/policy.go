@@ -3,6 +3,7 @@ package collector
 // The selection policies: which parent sends which piece next.
 
 import (
+	"math"
 	"time"
 
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
@@ -51,7 +52,7 @@ func (fcfsPolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
 		if !ok {
 			continue
 		}
-		if first.offers(i, now) {
+		if r.offers(first, i, now) {
 			if r.available(first, now) {
 				return i, first, win
 			}
@@ -60,7 +61,7 @@ func (fcfsPolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
 		// The first holder sent it elsewhere: the next parent, in the order
 		// they joined, that offers it.
 		for _, o := range r.order {
-			if r.available(o, now) && o.offers(i, now) {
+			if r.available(o, now) && r.offers(o, i, now) {
 				return i, o, win
 			}
 		}
@@ -83,7 +84,7 @@ func (statePolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
 	defer func() { r.cands = cands[:0] }()
 	var total float64
 	for _, pq := range r.order {
-		if pq.offering > 0 && r.available(pq, now) {
+		if pq.offering > 0 && !now.Before(pq.dry) && r.available(pq, now) {
 			w := r.weightLocked(pq)
 			cands = append(cands, candidate{pq, w})
 			total += w
@@ -116,15 +117,34 @@ func (statePolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
 // nodes are fetching, then the rarest, then the nearest the readers. Rarest
 // first over the whole blob, not a window: when every node wanted the same
 // few pieces next, the few nodes holding them would serve the whole cluster.
+// A parent found to offer nothing (every wanted piece it has refused) is
+// dry until the first refusal ends.
 func (r *Run) bestPiece(pq *parentQueue, cursor int, now time.Time) int {
-	best, bestKey := -1, [4]int{}
+	ms := r.sinceEpoch(now)
 	// Whichever is shorter: what the parent has, or what this node wants.
 	candidates := r.wantedList
 	if len(pq.list) < len(candidates) {
 		candidates = pq.list
 	}
-	for _, i := range candidates {
-		if !r.wanted[i] || !pq.offers(i, now) {
+	best, wake := r.bestOf(pq, candidates, cursor, ms)
+	if best < 0 && wake != math.MaxUint32 {
+		pq.dry = r.epochTime(wake)
+	}
+	return best
+}
+
+// bestOf is bestPiece over candidates; wake is the first refusal to end
+// among the wanted pieces it has (MaxUint32: none refused).
+func (r *Run) bestOf(pq *parentQueue, candidates []int32, cursor int, ms uint32) (best int, wake uint32) {
+	best, wake = -1, math.MaxUint32
+	var bestKey [4]int
+	for _, i32 := range candidates {
+		i := int(i32)
+		if !r.wanted[i] || !pq.has[i] {
+			continue
+		}
+		if pq.refusedAt(i, ms) {
+			wake = min(wake, pq.refused[i])
 			continue
 		}
 		dist := i - cursor
@@ -140,7 +160,7 @@ func (r *Run) bestPiece(pq *parentQueue, cursor int, now time.Time) int {
 			best, bestKey = i, key
 		}
 	}
-	return best
+	return best, wake
 }
 
 func less(a, b [4]int) bool {

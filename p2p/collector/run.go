@@ -36,13 +36,14 @@ type Run struct {
 	fetchers    []int    // per piece: parents fetching it
 	wanted      []bool   // per piece: not done and not in flight
 	nwanted     int
-	wantedList  []int // the wanted pieces, in no order
-	wantedPos   []int // per piece: its index in wantedList, or -1
+	wantedList  []int32 // the wanted pieces, in no order
+	wantedPos   []int32 // per piece: its index in wantedList, or -1
 	inflight    []bool
 	fetches     map[int]*fetchState // peer fetches in flight
 	cands       []candidate         // statePolicy's, reused
 	failures    []int
 	sequential  bool
+	epoch       time.Time // refusals count from here
 	progress    time.Time // last piece done by a peer
 	// granted: pieces this node reads from the upstream as the owner's
 	// delegate, before any peer piece; denied: pieces the owner left to
@@ -56,6 +57,7 @@ func (c *Collector) NewRun(job Job) *Run {
 	r := &Run{
 		c: c, job: job, n: n,
 		progress:    c.opts.Now(),
+		epoch:       c.opts.Now(),
 		changed:     make(chan struct{}),
 		parked:      make(chan struct{}, 1),
 		parents:     map[string]*parentQueue{},
@@ -63,7 +65,7 @@ func (c *Collector) NewRun(job Job) *Run {
 		holders:     make([]int, n),
 		fetchers:    make([]int, n),
 		wanted:      make([]bool, n),
-		wantedPos:   make([]int, n),
+		wantedPos:   make([]int32, n),
 		inflight:    make([]bool, n),
 		fetches:     map[int]*fetchState{},
 		failures:    make([]int, n),
@@ -75,8 +77,8 @@ func (c *Collector) NewRun(job Job) *Run {
 		if !job.Has(i) {
 			r.wanted[i] = true
 			r.nwanted++
-			r.wantedPos[i] = len(r.wantedList)
-			r.wantedList = append(r.wantedList, i)
+			r.wantedPos[i] = int32(len(r.wantedList))
+			r.wantedList = append(r.wantedList, int32(i))
 		}
 	}
 	return r
@@ -195,10 +197,11 @@ func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
 		if !pq.has[i] {
 			fresh = append(fresh, i)
 			pq.has[i] = true
-			pq.list = append(pq.list, i)
+			pq.list = append(pq.list, int32(i))
 			r.holders[i]++
 			if r.wanted[i] {
 				pq.offering++
+				pq.dry = time.Time{}
 			}
 		}
 		pq.crc[i] = crc
@@ -327,7 +330,7 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 		return nil
 	}
 	if errors.Is(err, errRaced) && !pq.upstream {
-		pq.refuse(i, r.c.opts.Now().Add(r.c.opts.ElsewhereFor))
+		r.refuse(pq, i, r.c.opts.Now().Add(r.c.opts.ElsewhereFor))
 		r.raced = append(r.raced, i)
 		r.c.log.Info("a reader waited on a piece from a peer; taking it from the upstream", "digest", r.job.Digest(), "piece", i,
 			"parent", pq.p.ID(), "after", r.c.opts.RaceAfter)
@@ -340,7 +343,7 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 		return nil
 	}
 	if (errors.Is(err, ErrElsewhere) || errors.Is(err, errStolen)) && !pq.upstream {
-		pq.refuse(i, r.c.opts.Now().Add(r.c.opts.ElsewhereFor))
+		r.refuse(pq, i, r.c.opts.Now().Add(r.c.opts.ElsewhereFor))
 		return nil
 	}
 	if err == nil {

@@ -10,9 +10,9 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/metrics"
+	"runtime/pprof"
 	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -35,6 +35,7 @@ var (
 	simReaders   = flag.Int("sim-readers", 0, "TestSimulate: nodes reading one blob from the upstream (pieces.readers; 0: the node's default)")
 	simResults   = flag.String("sim-results", "", "TestSimulate: directory for JSON, Markdown and plots (default results/sim-<time>)")
 	simHorizon   = flag.Float64("sim-horizon", 5, "TestSimulate: stop each run at this many times the bound; nodes still pulling count as unfinished")
+	simHeapProf  = flag.String("sim-heap-profile", "", "TestSimulate: write the heap profile (in use) taken near each run's peak heap to this file")
 	simValidate  = flag.String("sim-validate", "", "TestSimulate: instead, simulate the namespace harness's setup (8 nodes, 256 MiB, 25 MB/s, scenarios a, b, d) and compare with the JSON runs in this results directory")
 )
 
@@ -51,6 +52,7 @@ type scaleCase struct {
 	EgressX  float64 `json:"egress_over_size"`
 	WallS    float64 `json:"wall_s"`
 	PeakHeap float64 `json:"peak_heap_mib"`
+	PeakLive float64 `json:"peak_live_heap_mib"`
 	Flows    int64   `json:"flows"`
 	// Unfinished nodes were still pulling at the horizon: quantiles they
 	// reach are shown as "> horizon".
@@ -86,11 +88,14 @@ func scenarioConfig(name string, n int, cfg *Config) {
 	}
 }
 
-// peakHeap samples the heap every 20 ms until stop, outside the bubble.
-func peakHeap(stop <-chan struct{}) func() float64 {
-	var mu sync.Mutex
-	var peak uint64
-	sample := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}
+// peakHeap samples the heap every 20 ms until stop, outside the bubble:
+// the peak of the heap's objects (live and not yet collected: what the
+// process holds) and of the live heap (what the last GC found in use).
+// With -sim-heap-profile it writes a heap profile each time the live heap
+// grew by a tenth, so the last one is near the peak.
+func peakHeap(stop <-chan struct{}) func() (objects, live float64) {
+	var peak, peakLive uint64
+	sample := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}, {Name: "/gc/heap/live:bytes"}}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -98,9 +103,11 @@ func peakHeap(stop <-chan struct{}) func() float64 {
 		defer t.Stop()
 		for {
 			metrics.Read(sample)
-			mu.Lock()
-			peak = max(peak, sample[0].Value.Uint64())
-			mu.Unlock()
+			l := sample[1].Value.Uint64()
+			if *simHeapProf != "" && l > peakLive+peakLive/10 {
+				writeHeapProfile(*simHeapProf)
+			}
+			peak, peakLive = max(peak, sample[0].Value.Uint64()), max(peakLive, l)
 			select {
 			case <-stop:
 				return
@@ -108,10 +115,20 @@ func peakHeap(stop <-chan struct{}) func() float64 {
 			}
 		}
 	}()
-	return func() float64 {
+	return func() (float64, float64) {
 		<-done
-		return float64(peak) / (1 << 20)
+		return float64(peak) / (1 << 20), float64(peakLive) / (1 << 20)
 	}
+}
+
+// writeHeapProfile writes the in-use heap profile to path, replacing it.
+func writeHeapProfile(path string) {
+	f, err := os.Create(path)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	_ = pprof.Lookup("heap").WriteTo(f, 0)
 }
 
 func toRun(scenario string, repeat int, cfg Config, res Result) report.Run {
@@ -193,17 +210,18 @@ func TestSimulate(t *testing.T) {
 					res := simulate(t, cfg)
 					wall := time.Since(start)
 					close(stop)
+					heap, live := peak()
 					r := toRun(fmt.Sprintf("%s-n%d", sc, n), int(seed), cfg, res)
 					runs = append(runs, r)
 					if err := report.WriteJSON(dir, r); err != nil {
 						t.Error(err)
 					}
 					c := scaleCase{Nodes: n, Scenario: sc, Mode: mode, Seed: seed + 1, P50: r.P50 / r.Bound, P99: r.P99 / r.Bound,
-						Max: r.Max / r.Bound, BoundS: r.Bound, EgressX: r.EgressX, WallS: wall.Seconds(), PeakHeap: peak(), Flows: res.Flows,
+						Max: r.Max / r.Bound, BoundS: r.Bound, EgressX: r.EgressX, WallS: wall.Seconds(), PeakHeap: heap, PeakLive: live, Flows: res.Flows,
 						Unfinished: res.Unfinished, Horizon: *simHorizon}
 					cases = append(cases, c)
-					t.Logf("%5d nodes %-6s %-6s: p50 %s p99 %s max %s × bound %.1fs | egress %.3f× | sim %.1fs wall, peak heap %.0f MiB, %d flows, %d unfinished at %g× bound",
-						n, sc, mode, c.q(.5, c.P50), c.q(.99, c.P99), c.q(1, c.Max), c.BoundS, c.EgressX, c.WallS, c.PeakHeap, c.Flows, c.Unfinished, c.Horizon)
+					t.Logf("%5d nodes %-6s %-6s: p50 %s p99 %s max %s × bound %.1fs | egress %.3f× | sim %.1fs wall, peak heap %.0f MiB (live %.0f), %d flows, %d unfinished at %g× bound",
+						n, sc, mode, c.q(.5, c.P50), c.q(.99, c.P99), c.q(1, c.Max), c.BoundS, c.EgressX, c.WallS, c.PeakHeap, c.PeakLive, c.Flows, c.Unfinished, c.Horizon)
 				}
 			}
 		}
@@ -222,7 +240,7 @@ func scaleSummary(cases []scaleCase, size, bw, origin int64) string {
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "Blob %s, every node %s/s up and down, upstream %s/s, latency %v. Medians over seeds.\n\n",
 		units.HumanSize(float64(size)), units.HumanSize(float64(bw)), units.HumanSize(float64(origin)), *simLatency)
-	sb.WriteString("| nodes | scenario | mode | p50 ÷ bound | p99 ÷ bound | max ÷ bound | bound s | upstream egress ÷ blob | sim wall s | sim peak heap MiB | flows |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+	sb.WriteString("| nodes | scenario | mode | p50 ÷ bound | p99 ÷ bound | max ÷ bound | bound s | upstream egress ÷ blob | sim wall s | sim peak heap MiB | sim peak live heap MiB | flows |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	type key struct {
 		n        int
 		sc, mode string
@@ -247,11 +265,11 @@ func scaleSummary(cases []scaleCase, size, bw, origin int64) string {
 	for _, k := range keys {
 		cs := by[k]
 		mc := cs[0] // quantiles shown as "> horizon" by the first seed's unfinished count
-		fmt.Fprintf(&sb, "| %d | %s | %s | %s | %s | %s | %.1f | %.3f | %.1f | %.0f | %d |\n", k.n, k.sc, k.mode,
+		fmt.Fprintf(&sb, "| %d | %s | %s | %s | %s | %s | %.1f | %.3f | %.1f | %.0f | %.0f | %d |\n", k.n, k.sc, k.mode,
 			mc.q(.5, med(cs, func(c scaleCase) float64 { return c.P50 })), mc.q(.99, med(cs, func(c scaleCase) float64 { return c.P99 })),
 			mc.q(1, med(cs, func(c scaleCase) float64 { return c.Max })), med(cs, func(c scaleCase) float64 { return c.BoundS }),
 			med(cs, func(c scaleCase) float64 { return c.EgressX }), med(cs, func(c scaleCase) float64 { return c.WallS }),
-			med(cs, func(c scaleCase) float64 { return c.PeakHeap }), int64(med(cs, func(c scaleCase) float64 { return float64(c.Flows) })))
+			med(cs, func(c scaleCase) float64 { return c.PeakHeap }), med(cs, func(c scaleCase) float64 { return c.PeakLive }), int64(med(cs, func(c scaleCase) float64 { return float64(c.Flows) })))
 	}
 	return sb.String()
 }

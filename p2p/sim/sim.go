@@ -375,9 +375,34 @@ type node struct {
 }
 
 // watcher is a node following another's pieces: updates queue here, and
-// the watching node's Watch call hands them to its downloader.
+// the watching node's Watch call hands them to its downloader. The queue
+// grows with what is pending, not with the blob: a cluster holds one
+// watcher per parent and child.
 type watcher struct {
-	updates chan *pb.PieceUpdate
+	mu      sync.Mutex
+	pending []*pb.PieceUpdate
+	ready   chan struct{} // one token: pending is not empty
+}
+
+func newWatcher() *watcher { return &watcher{ready: make(chan struct{}, 1)} }
+
+func (w *watcher) push(up *pb.PieceUpdate) {
+	w.mu.Lock()
+	w.pending = append(w.pending, up)
+	w.mu.Unlock()
+	select {
+	case w.ready <- struct{}{}:
+	default:
+	}
+}
+
+// take returns what is pending, oldest first, and empties the queue.
+func (w *watcher) take() []*pb.PieceUpdate {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	ups := w.pending
+	w.pending = nil
+	return ups
 }
 
 // publishState samples the meter every second and sends the state to
@@ -479,7 +504,7 @@ func (t transport) Register(ctx context.Context, addr string, _ *pb.RegisterRequ
 // each new piece, each one latency after it happened, as WatchPieces does.
 func (t transport) Watch(ctx context.Context, addr string, _ digest.Digest, _ string, fn func(*pb.PieceUpdate)) error {
 	p := t.n.s.byID[addr]
-	w := &watcher{updates: make(chan *pb.PieceUpdate, t.n.s.plan.Count()+1)}
+	w := newWatcher()
 	p.mu.Lock()
 	p.watchers = append(p.watchers, w)
 	var have []int
@@ -489,13 +514,15 @@ func (t transport) Watch(ctx context.Context, addr string, _ digest.Digest, _ st
 	p.mu.Unlock()
 	defer p.unwatch(w)
 	first := p.update(have)
-	time.AfterFunc(t.n.s.cfg.Latency, func() { w.updates <- first })
+	time.AfterFunc(t.n.s.cfg.Latency, func() { w.push(first) })
 	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case up := <-w.updates:
-			fn(up)
+		case <-w.ready:
+			for _, up := range w.take() {
+				fn(up)
+			}
 		}
 	}
 }
@@ -536,10 +563,7 @@ func (n *node) announce(i int) {
 	up := n.update([]int{i})
 	time.AfterFunc(n.s.cfg.Latency, func() {
 		for _, w := range watchers {
-			select {
-			case w.updates <- up:
-			default: // a watcher that stopped reading has gone
-			}
+			w.push(up)
 		}
 	})
 }
@@ -650,6 +674,25 @@ func (p *peerParent) ID() string { return p.from.id }
 var errNoPiece = errors.New("sim: parent does not hold the piece")
 
 func (p *peerParent) Fetch(ctx context.Context, i int, _, size int64) (_ io.ReadCloser, err error) {
+	// A request and its answer, a refusal too, take a round trip. The
+	// parent decides at once rather than one latency later: one timer per
+	// request, where refusals outnumber pieces.
+	admitted, err := p.admit(i)
+	if err := errors.Join(err, sleep(ctx, 2*p.s.cfg.Latency)); err != nil {
+		if admitted != nil {
+			admitted(false)
+		}
+		return nil, err
+	}
+	defer func() { admitted(err == nil) }()
+	if err := p.s.net.transfer(ctx, p.from.h, p.to.h, size); err != nil {
+		return nil, err
+	}
+	return &body{}, nil
+}
+
+// admit is the parent's peer server deciding whether to send piece i now.
+func (p *peerParent) admit(i int) (func(sent bool), error) {
 	p.from.mu.Lock()
 	j := p.from.job
 	p.from.mu.Unlock()
@@ -669,14 +712,7 @@ func (p *peerParent) Fetch(ctx context.Context, i int, _, size int64) (_ io.Read
 	case errors.Is(err, peer.ErrSentElsewhere):
 		return nil, collector.ErrElsewhere
 	}
-	defer func() { admitted(err == nil) }()
-	if err := sleep(ctx, 2*p.s.cfg.Latency); err != nil {
-		return nil, err
-	}
-	if err := p.s.net.transfer(ctx, p.from.h, p.to.h, size); err != nil {
-		return nil, err
-	}
-	return &body{}, nil
+	return admitted, err
 }
 
 func sleep(ctx context.Context, d time.Duration) error {
