@@ -834,3 +834,68 @@ func TestDeniedPiecesAfterStall(t *testing.T) {
 		}
 	})
 }
+
+// timedParent records when each piece was asked for, and sends it once
+// gate is closed.
+type timedParent struct {
+	fakeParent
+	gate chan struct{}
+	at   []time.Time
+}
+
+func (p *timedParent) Fetch(ctx context.Context, i int, off, n int64) (io.ReadCloser, error) {
+	p.mu.Lock()
+	p.at = append(p.at, time.Now())
+	p.mu.Unlock()
+	select {
+	case <-p.gate:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return p.fakeParent.Fetch(ctx, i, off, n)
+}
+
+// TestIdleWorkersWake: idle workers look again when a wanted piece is
+// announced, within idleCoalesce and not after idleTick, and a worker that
+// found work wakes the next: pieces announced at once are all asked for at
+// once, while the first are still on their way.
+func TestIdleWorkersWake(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		job := newJob(8)
+		c := New(Options{Concurrency: 4, PerParent: 4, Rand: rand.New(rand.NewPCG(1, 2))})
+		r := c.NewRun(job)
+		p := &timedParent{fakeParent: fakeParent{id: "p", job: job}, gate: make(chan struct{})}
+		r.AddParent(p)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		errc := make(chan error, 1)
+		go func() { errc <- r.Run(ctx) }()
+		time.Sleep(time.Second) // every worker idle, their ticks long gone by
+		synctest.Wait()
+
+		start := time.Now()
+		r.Announce("p", job.checksums(0, 1, 2), nil) // one change: one token
+		time.Sleep(idleCoalesce)
+		synctest.Wait()
+		if len(p.at) != 3 {
+			t.Fatalf("%d pieces asked for, want 3", len(p.at))
+		}
+		for k, at := range p.at {
+			if d := at.Sub(start); d > idleCoalesce {
+				t.Errorf("piece %d asked %v after the announcement, want within %v", k, d, idleCoalesce)
+			}
+		}
+
+		// The rest are all fetched once announced.
+		close(p.gate)
+		r.Announce("p", job.checksums(job.all()...), nil)
+		select {
+		case err := <-errc:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(idleTick):
+			t.Fatal("the run did not finish within idleTick of the last announcement")
+		}
+	})
+}

@@ -41,12 +41,16 @@ func (r *Run) Run(ctx context.Context) error {
 	return nil
 }
 
-// Idle workers: one watches for changes (announcements, finished pieces,
-// policy) and re-checks every idleTick; the others park until a worker that
-// found work wakes the next one. Every worker re-checking on every change
-// costs a cluster's worth of announcements times the workers.
-// The watcher re-checks at most every idleCoalesce, so a burst of
-// announcements costs one look.
+// Idle workers wait for one wake-up: a token (capacity one) that every
+// change leaves (an announcement of a wanted piece, a finished piece, a
+// policy change) and that a worker that found work passes on, so one idle
+// worker looks per change, and a burst of changes while it looks costs one
+// more look, not one per worker. A worker woken by a change looks at most
+// once per idleCoalesce, with what else arrived by then (the next
+// announcements of a burst); one woken by a worker that found work looks
+// at once.
+// idleTick bounds the wait, for what time alone changes: refusals and
+// blocks that end, a stall, a slow piece to move.
 const (
 	idleTick     = 250 * time.Millisecond
 	idleCoalesce = 10 * time.Millisecond
@@ -55,7 +59,7 @@ const (
 func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error {
 	timer := time.NewTimer(idleTick)
 	defer timer.Stop()
-	// Whoever leaves passes the turn on, so parked workers see the end too.
+	// Whoever leaves passes the turn on, so idle workers see the end too.
 	defer r.wakeOne()
 	for {
 		// A cancelled run stops here: its fetches would fail at once and
@@ -64,16 +68,12 @@ func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error 
 			return nil
 		}
 		r.mu.Lock()
+		looked := time.Now()
 		i, pq, done := r.pickLocked()
-		ch := r.changed
-		watch := false
 		if pq == nil && !done {
 			// Nothing any parent may send now: take a piece away from a
 			// parent too slow to send it, then wait.
 			r.stealLocked()
-			if !r.watching {
-				r.watching, watch = true, true
-			}
 		}
 		r.mu.Unlock()
 		if done {
@@ -81,39 +81,28 @@ func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error 
 		}
 		if pq == nil {
 			timer.Reset(idleTick)
-			if watch {
-				looked := time.Now()
-				select {
-				case <-ctx.Done():
-				case <-ch:
-					r.mu.Lock()
-					finished := r.nwanted == 0 && !r.peerFetchingLocked()
-					r.mu.Unlock()
-					if d := idleCoalesce - time.Since(looked); d > 0 && !finished {
-						timer.Reset(d)
-						select {
-						case <-ctx.Done():
-						case <-timer.C:
-						}
-					}
-				case <-timer.C:
-				}
-				r.mu.Lock()
-				r.watching = false
-				r.mu.Unlock()
-			} else {
-				select {
-				case <-ctx.Done():
-				case <-r.parked:
-				case <-timer.C: // a safety net; the watcher wakes parked workers
-				}
-			}
-			if ctx.Err() != nil {
+			select {
+			case <-ctx.Done():
 				return nil
+			case <-r.wake:
+				r.mu.Lock()
+				// Nothing left to wait for: look at once (and leave).
+				changed := r.changed && r.nwanted > 0
+				r.changed = false
+				r.mu.Unlock()
+				if d := idleCoalesce - time.Since(looked); changed && d > 0 {
+					timer.Reset(d)
+					select {
+					case <-ctx.Done():
+						return nil
+					case <-timer.C:
+					}
+				}
+			case <-timer.C:
 			}
 			continue
 		}
-		// There may be more: let a parked worker look.
+		// There may be more: let an idle worker look.
 		r.wakeOne()
 		began := r.c.opts.Now()
 		err := r.fetch(ctx, i, pq)
@@ -157,9 +146,10 @@ func pieceResult(ctx context.Context, err error) string {
 	return "failed"
 }
 
+// wakeOne leaves the wake-up token, unless one is waiting already.
 func (r *Run) wakeOne() {
 	select {
-	case r.parked <- struct{}{}:
+	case r.wake <- struct{}{}:
 	default:
 	}
 }

@@ -17,9 +17,8 @@ type Run struct {
 	n   int
 
 	mu            sync.Mutex
-	changed       chan struct{}
-	watching      bool          // an idle worker waits on changed
-	parked        chan struct{} // wakes one parked idle worker
+	wake          chan struct{} // the idle workers' wake-up token (dispatch.go)
+	changed       bool          // the token was left by a change
 	parents       map[string]*parentQueue
 	order         []*parentQueue // parents in the order added
 	upstream      *parentQueue
@@ -58,8 +57,7 @@ func (c *Collector) NewRun(job Job) *Run {
 		c: c, job: job, n: n,
 		progress:    c.opts.Now(),
 		epoch:       c.opts.Now(),
-		changed:     make(chan struct{}),
-		parked:      make(chan struct{}, 1),
+		wake:        make(chan struct{}, 1),
 		parents:     map[string]*parentQueue{},
 		firstHolder: make([]string, n),
 		holders:     make([]int, n),
@@ -84,9 +82,10 @@ func (c *Collector) NewRun(job Job) *Run {
 	return r
 }
 
+// broadcastLocked tells the idle workers something changed.
 func (r *Run) broadcastLocked() {
-	close(r.changed)
-	r.changed = make(chan struct{})
+	r.changed = true
+	r.wakeOne()
 }
 
 // SetUpstream sets the parent of last resort, and whether it may be used now.
