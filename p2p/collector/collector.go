@@ -34,11 +34,7 @@ const (
 	SelectorFCFS  = "fcfs"
 )
 
-// ErrWhole is returned by a parent that answered a piece request with the
-// whole blob (an upstream that ignores Range). The body is in the error.
-type ErrWhole struct{ Body io.ReadCloser }
 
-func (e *ErrWhole) Error() string { return "collector: parent sent the whole blob" }
 
 var (
 	// ErrExhausted means a piece failed on every attempt.

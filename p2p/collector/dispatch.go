@@ -12,25 +12,24 @@ import (
 	"github.com/registry-proxy/registry-proxy/metrics"
 )
 
-var errAllDone = errors.New("all pieces done")
-
 // Run fetches until every piece is done, a piece fails every attempt, or
 // ctx ends.
 func (r *Run) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
+	defer r.closeUpstream(nil)
 	var wg sync.WaitGroup
 	for w := 0; w < min(r.c.opts.Concurrency, r.n); w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := r.worker(ctx, cancel); err != nil {
+			if err := r.worker(ctx); err != nil {
 				cancel(err)
 			}
 		}()
 	}
 	wg.Wait()
-	if err := context.Cause(ctx); err != nil && !errors.Is(err, errAllDone) {
+	if err := context.Cause(ctx); err != nil {
 		return err
 	}
 	for i := 0; i < r.n; i++ {
@@ -56,7 +55,7 @@ const (
 	idleCoalesce = 10 * time.Millisecond
 )
 
-func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error {
+func (r *Run) worker(ctx context.Context) error {
 	timer := time.NewTimer(idleTick)
 	defer timer.Stop()
 	// Whoever leaves passes the turn on, so idle workers see the end too.
@@ -107,10 +106,6 @@ func (r *Run) worker(ctx context.Context, cancel context.CancelCauseFunc) error 
 		began := r.c.opts.Now()
 		err := r.fetch(ctx, i, pq)
 		r.c.opts.Metrics.Piece(parentKind(pq), pieceResult(ctx, err), r.c.opts.Now().Sub(began))
-		var whole *ErrWhole
-		if errors.As(err, &whole) {
-			return r.streamWhole(whole, pq, cancel)
-		}
 		if err := r.finish(ctx, i, pq, err); err != nil {
 			return err
 		}
@@ -126,12 +121,9 @@ func parentKind(pq *parentQueue) string {
 
 // pieceResult names a fetch's outcome for the metrics.
 func pieceResult(ctx context.Context, err error) string {
-	var whole *ErrWhole
 	switch {
 	case err == nil:
 		return "ok"
-	case errors.As(err, &whole):
-		return "whole"
 	case errors.Is(err, ErrBusy):
 		return "busy"
 	case errors.Is(err, errTooSlow):
@@ -157,9 +149,6 @@ func (r *Run) wakeOne() {
 // pickLocked chooses the next piece and parent. done means nothing is left
 // to pick; a nil parent means wait.
 func (r *Run) pickLocked() (int, *parentQueue, bool) {
-	if r.sequential {
-		return 0, nil, true
-	}
 	if r.nwanted == 0 {
 		// All done, or in flight with workers that finish it; a worker
 		// stays while a peer fetch runs, to move it if it is too slow.

@@ -1,11 +1,10 @@
 package collector
 
-// One piece fetch, and the whole-blob stream of an upstream that ignores Range.
+// One piece fetch.
 
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"sync/atomic"
 	"time"
@@ -43,14 +42,6 @@ func (r *Run) fetch(ctx context.Context, i int, pq *parentQueue) error {
 		defer r.watchFetch(ctx, i, fs)()
 	}
 	body, err := pq.p.Fetch(ctx, i, off, n)
-	var whole *ErrWhole
-	if errors.As(err, &whole) {
-		// The whole blob streams for as long as it takes; its reader
-		// releases the request.
-		timer.Stop()
-		whole.Body = &cancelOnClose{ReadCloser: whole.Body, cancel: cancel}
-		return err
-	}
 	defer cancel()
 	defer timer.Stop()
 	if err != nil {
@@ -100,48 +91,4 @@ func stolen(ctx context.Context, err error) error {
 		}
 	}
 	return err
-}
-
-type cancelOnClose struct {
-	io.ReadCloser
-	cancel context.CancelFunc
-}
-
-func (c *cancelOnClose) Close() error {
-	err := c.ReadCloser.Close()
-	c.cancel()
-	return err
-}
-
-// streamWhole fills every missing piece from a body that holds the whole
-// blob; the other workers stop picking.
-func (r *Run) streamWhole(whole *ErrWhole, pq *parentQueue, cancel context.CancelCauseFunc) error {
-	defer whole.Body.Close()
-	body := r.c.opts.Download.Reader(context.Background(), whole.Body) // the body ends with the run
-	r.mu.Lock()
-	first := !r.sequential
-	r.sequential = true
-	r.mu.Unlock()
-	if !first {
-		return nil
-	}
-	plan := r.job.Plan()
-	for i := 0; i < plan.Count(); i++ {
-		_, n := plan.Range(i)
-		if r.job.Has(i) {
-			if _, err := io.CopyN(io.Discard, body, n); err != nil {
-				return fmt.Errorf("collector: whole blob from %s: %w", pq.p.ID(), err)
-			}
-			continue
-		}
-		if err := r.job.Put(i, io.LimitReader(body, n), pq.p.ID(), Expect{}); err != nil {
-			return fmt.Errorf("collector: whole blob from %s: %w", pq.p.ID(), err)
-		}
-		r.mu.Lock()
-		pq.picks++
-		pq.bytes += n
-		r.mu.Unlock()
-	}
-	cancel(errAllDone)
-	return nil
 }

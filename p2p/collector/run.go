@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"sort"
 	"sync"
 	"time"
@@ -41,7 +42,6 @@ type Run struct {
 	fetches     map[int]*fetchState // peer fetches in flight
 	cands       []candidate         // statePolicy's, reused
 	failures    []int
-	sequential  bool
 	epoch       time.Time // refusals count from here
 	progress    time.Time // last piece done by a peer
 	// granted: pieces this node reads from the upstream as the owner's
@@ -90,11 +90,26 @@ func (r *Run) broadcastLocked() {
 
 // SetUpstream sets the parent of last resort, and whether it may be used now.
 func (r *Run) SetUpstream(p Parent, allowed bool) {
+	r.closeUpstream(p)
+	if up, ok := p.(*upstreamParent); ok {
+		up.log = r.c.log // set before any fetch
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.upstream = &parentQueue{p: p, upstream: true}
 	r.allowUpstream = allowed
 	r.broadcastLocked()
+}
+
+// closeUpstream closes the upstream parent (its stream of the whole blob,
+// when the registry ignores Range) unless it is next.
+func (r *Run) closeUpstream(next Parent) {
+	r.mu.Lock()
+	up := r.upstream
+	r.mu.Unlock()
+	if c, ok := up.parent().(io.Closer); ok && up.p != next {
+		c.Close()
+	}
 }
 
 // AllowUpstream lets pieces no peer has come from the upstream (or stops it).
