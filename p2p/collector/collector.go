@@ -34,8 +34,6 @@ const (
 	SelectorFCFS  = "fcfs"
 )
 
-
-
 var (
 	// ErrExhausted means a piece failed on every attempt.
 	ErrExhausted = errors.New("collector: piece failed on every attempt")
