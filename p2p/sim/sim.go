@@ -1,10 +1,13 @@
 // Package sim is a discrete-event simulation of a registry-proxy cluster
 // pulling one blob. Each node runs the project's own download coordinator
 // (swarm.Downloader: owner ranking, registration, following parents,
-// refreshes), piece collector, tracker and host-state meter over a simulated
+// refreshes), piece collector, tracker, the owner's side of registration
+// (swarm.Server.Register, state-aware seeding included), upload admission
+// (peer.Admission, super-seeding) and host-state meter over a simulated
 // network of hosts with upload and download capacities and a one-way
 // latency; only the transport (gRPC streams, HTTP piece requests, disks) is
-// replaced, behind swarm.Transport.
+// replaced, behind swarm.Transport, and the piece stream (WatchPieces) is
+// simulated: one update per new piece.
 //
 // Run must be called inside a testing/synctest bubble: the bubble's fake
 // clock is the simulation clock, and it advances whenever every simulated
@@ -29,6 +32,9 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	grpcpeer "google.golang.org/grpc/peer"
+
+	"github.com/registry-proxy/registry-proxy/blobstore"
 	"github.com/registry-proxy/registry-proxy/internal/report"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
@@ -324,6 +330,17 @@ func newSim(cfg Config) *simulation {
 		if cfg.Selector == collector.SelectorState && !cfg.NoDelegation {
 			n.delegations = &swarm.Delegations{Readers: cfg.Readers}
 		}
+		n.server = swarm.NewServer(swarm.ServerOptions{
+			Members:     s,
+			Tracker:     n.tracker,
+			Store:       noBlobs{},
+			Owner:       simOwner{n},
+			Downloads:   n,
+			MaxPeers:    cfg.MaxPeers,
+			Delegations: n.delegations,
+			Uploads:     simUploads{n},
+			Logger:      slog.New(slog.DiscardHandler),
+		})
 		n.dl = swarm.NewDownloader(swarm.DownloaderOptions{
 			Self:      membership.Member{ID: n.id, Addr: n.id},
 			Members:   s,
@@ -364,6 +381,8 @@ type node struct {
 	ledger    *seeding.Ledger
 
 	dl *swarm.Downloader
+	// server is the node's tracker side, as the owner of the blob.
+	server *swarm.Server
 	// delegations: state-aware seeding as owner (state mode, as the node).
 	delegations *swarm.Delegations
 
@@ -467,35 +486,66 @@ func (n *node) open() *job {
 	return n.job
 }
 
+// Progress and Delegate are the node's downloads (swarm.Downloads) for its
+// server: its downloader, built after it.
+func (n *node) Progress(d digest.Digest) ([]int, bool, bool) { return n.dl.Progress(d) }
+func (n *node) Delegate(d digest.Digest, pieces []int)       { n.dl.Delegate(d, pieces) }
+
+// simOwner starts the node's download for a registering node, as the task
+// manager does for the owner.
+type simOwner struct{ n *node }
+
+func (o simOwner) OpenForPeers(context.Context, task.Request) (swarm.Owned, error) {
+	return o.n.open(), nil
+}
+
+// noBlobs: no node holds the blob complete before the pull.
+type noBlobs struct{}
+
+func (noBlobs) Stat(digest.Digest) (int64, error) { return 0, blobstore.ErrNotFound }
+func (noBlobs) Get(context.Context, digest.Digest) (*blobstore.Blob, error) {
+	return nil, blobstore.ErrNotFound
+}
+
+// simUploads are upload capacities as a node knows them: its own from its
+// meter, the others' from the states they publish (none for itself: a
+// node's syncer follows other nodes).
+type simUploads struct{ n *node }
+
+func (u simUploads) OwnUpload() float64 { return float64(u.n.meter.State().MaxTxBps) }
+func (u simUploads) UploadOf(id string) float64 {
+	if id == u.n.id {
+		return 0
+	}
+	st, ok := u.n.s.state(id)
+	if !ok {
+		return 0
+	}
+	return float64(st.GetMaxTxBandwidth())
+}
+
+// simAddr is a node's address on the simulated network.
+type simAddr string
+
+func (a simAddr) Network() string { return "sim" }
+func (a simAddr) String() string  { return string(a) }
+
 // transport is the simulated network as swarm.Transport: one node's calls
 // to the others, each one latency away.
 type transport struct{ n *node }
 
-// Register is the owner's tracker: record the node, start the owner's own
-// download, and name the newest registrants.
-func (t transport) Register(ctx context.Context, addr string, _ *pb.RegisterRequest) (*pb.RegisterResponse, error) {
+// Register is the owner's real tracker side (swarm.Server.Register), over
+// the simulated network: the request and its answer each one latency away.
+func (t transport) Register(ctx context.Context, addr string, req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
 	o := t.n.s.byID[addr]
 	if err := sleep(ctx, t.n.s.cfg.Latency); err != nil {
 		return nil, err
 	}
-	d := t.n.s.digest.String()
-	resp := &pb.RegisterResponse{}
-	for _, p := range o.tracker.Peers(d, t.n.id, t.n.s.cfg.MaxPeers) {
-		resp.Peers = append(resp.Peers, &pb.PeerRef{Id: p.ID, Addr: p.Addr})
-	}
-	o.tracker.Add(d, tracker.Peer{ID: t.n.id, Addr: t.n.id, Seen: time.Now()})
-	j := o.open()
-	if o.delegations != nil {
-		uploads := func() map[string]float64 {
-			m := map[string]float64{}
-			for _, id := range t.n.s.ids {
-				if st, ok := t.n.s.state(id); ok && id != o.id {
-					m[id] = float64(st.GetMaxTxBandwidth())
-				}
-			}
-			return m
-		}
-		resp.UpstreamPieces = o.delegations.Register(o.dl, t.n.s.digest, j.done(), t.n.id, float64(o.meter.State().MaxTxBps), uploads)
+	// The caller as the peer server sees it: no certificate (an insecure
+	// peer port), so the id it claims.
+	resp, err := o.server.Register(grpcpeer.NewContext(ctx, &grpcpeer.Peer{Addr: simAddr(t.n.id)}), req)
+	if err != nil {
+		return nil, err
 	}
 	return resp, sleep(ctx, t.n.s.cfg.Latency)
 }
@@ -567,6 +617,11 @@ func (n *node) announce(i int) {
 		}
 	})
 }
+
+// Size and Pieces are the job as the owner's server sees it (swarm.Owned);
+// checksums are not simulated.
+func (j *job) Size() int64                { return j.n.s.plan.Size }
+func (j *job) Pieces() ([]bool, []uint32) { return j.done(), nil }
 
 // job is a node's copy of the blob: which pieces it holds.
 type job struct {

@@ -5,8 +5,11 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/http"
 	"strings"
 	"testing"
+	"testing/synctest"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	"google.golang.org/grpc/codes"
@@ -20,6 +23,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/piece"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
+	"github.com/registry-proxy/registry-proxy/task"
 )
 
 const testDigest = "sha256:2222222222222222222222222222222222222222222222222222222222222222"
@@ -162,4 +166,60 @@ type fakeParent string
 func (p fakeParent) ID() string { return string(p) }
 func (fakeParent) Fetch(context.Context, int, int64, int64) (io.ReadCloser, error) {
 	return nil, errors.New("not in this test")
+}
+
+// fakeOwner answers registrations as the owner's task manager would.
+type fakeOwner struct {
+	err   error
+	calls int
+}
+
+func (o *fakeOwner) OpenForPeers(context.Context, task.Request) (Owned, error) {
+	o.calls++
+	if o.err != nil {
+		return nil, o.err
+	}
+	return fakeOwned{}, nil
+}
+
+type fakeOwned struct{}
+
+func (fakeOwned) Size() int64                { return 42 }
+func (fakeOwned) Pieces() ([]bool, []uint32) { return []bool{false}, []uint32{0} }
+
+// An owner that cannot fetch a blob with its own credentials has the
+// registering nodes fetch it themselves for privateFor, then tries again.
+func TestRegisterPrivate(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		s := newRegisterSwarm(t)
+		o := &fakeOwner{err: &upstream.StatusError{Code: http.StatusUnauthorized}}
+		s.opts.Owner = o
+		req := &pb.RegisterRequest{Digest: testDigest, HostId: "child", Addr: "127.0.0.2:7000", Registry: "reg.test", Repository: "team/app"}
+		for _, step := range []struct {
+			after    time.Duration
+			fix      bool // the owner's credentials now work
+			yourself bool
+			calls    int
+		}{
+			{0, false, true, 1},              // the owner tried, and could not
+			{privateFor / 2, true, true, 1},  // remembered: not asked again
+			{privateFor / 2, true, false, 2}, // past privateFor: the owner fetches it
+			{privateFor / 2, true, false, 3}, // a running download is opened again
+		} {
+			time.Sleep(step.after)
+			if step.fix {
+				o.err = nil
+			}
+			resp, err := s.Register(from("127.0.0.2"), req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if resp.GetFetchYourself() != step.yourself || o.calls != step.calls {
+				t.Fatalf("after %v: fetch yourself %v, owner asked %d times; want %v, %d", step.after, resp.GetFetchYourself(), o.calls, step.yourself, step.calls)
+			}
+			if !step.yourself && resp.GetSize() != 42 {
+				t.Fatalf("size %d, want the owner's download's", resp.GetSize())
+			}
+		}
+	})
 }

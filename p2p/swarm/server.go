@@ -11,12 +11,12 @@ import (
 	"time"
 
 	lru "github.com/hashicorp/golang-lru/v2"
-	"github.com/hashicorp/golang-lru/v2/expirable"
 	"github.com/opencontainers/go-digest"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/internal/ttlcache"
 	"github.com/registry-proxy/registry-proxy/p2p/membership"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/p2p/peer"
@@ -32,6 +32,36 @@ type Tasks interface {
 	Open(ctx context.Context, req task.Request) (*task.Task, error)
 	Lookup(d digest.Digest) (*task.Task, bool)
 	Fetch(ctx context.Context, req task.Request, report func(done, size int64) error) error
+}
+
+// Blobs are the complete blobs this node holds; *blobstore.Store is one.
+type Blobs interface {
+	Stat(d digest.Digest) (int64, error)
+	Get(ctx context.Context, d digest.Digest) (*blobstore.Blob, error)
+}
+
+// Owned is the owner's download of a digest, as a registration sees it;
+// *task.Task is one.
+type Owned interface {
+	Size() int64
+	Pieces() (done []bool, crc []uint32)
+}
+
+// Owner starts the owner's download of a digest a node registers for: the
+// task manager (Tasks) by default; the simulator's nodes are another.
+type Owner interface {
+	OpenForPeers(ctx context.Context, req task.Request) (Owned, error)
+}
+
+// tasksOwner is Tasks as the Owner.
+type tasksOwner struct{ tasks Tasks }
+
+func (o tasksOwner) OpenForPeers(ctx context.Context, req task.Request) (Owned, error) {
+	t, err := o.tasks.Open(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	return t, nil
 }
 
 // Downloads tells what a running download fetches now, and leaves pieces
@@ -54,10 +84,12 @@ type ServerOptions struct {
 	// Tracker records the nodes that register for the digests this node
 	// owns (shared with the Downloader).
 	Tracker *tracker.Tracker
-	Store   *blobstore.Store
+	Store   Blobs
 	// Tasks starts the owner's downloads and serves running ones' pieces;
 	// nil serves stored blobs only.
 	Tasks Tasks
+	// Owner starts the owner's downloads for registering nodes; nil: Tasks.
+	Owner Owner
 	// Downloads adds what running downloads fetch to their snapshots; may
 	// be nil.
 	Downloads Downloads
@@ -81,10 +113,15 @@ type Server struct {
 	log  *slog.Logger
 	// private remembers digests this node could not fetch with its own
 	// credentials, so registering nodes fetch them themselves.
-	private *expirable.LRU[digest.Digest, struct{}]
+	// Each for privateFor.
+	private *ttlcache.Cache[digest.Digest, struct{}]
 	// crcs holds stored blobs' piece checksums, for peers watching them.
 	crcs *lru.Cache[digest.Digest, []uint32]
 }
+
+// privateFor is how long registering nodes fetch a digest themselves after
+// the owner could not: past it, the owner tries again (credentials change).
+const privateFor = time.Minute
 
 // NewServer returns a server.
 func NewServer(opts ServerOptions) *Server {
@@ -97,11 +134,14 @@ func NewServer(opts ServerOptions) *Server {
 	if opts.Tracker == nil {
 		opts.Tracker = tracker.New(nil)
 	}
+	if opts.Owner == nil && opts.Tasks != nil {
+		opts.Owner = tasksOwner{opts.Tasks}
+	}
 	crcs, _ := lru.New[digest.Digest, []uint32](1024)
 	return &Server{
 		opts:    opts,
 		log:     opts.Logger.With("component", "swarm"),
-		private: expirable.NewLRU[digest.Digest, struct{}](4096, nil, time.Minute),
+		private: ttlcache.New[digest.Digest, struct{}](4096, privateFor),
 		crcs:    crcs,
 	}
 }
@@ -133,14 +173,14 @@ func (s *Server) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Reg
 		resp.Size = size
 		return resp, nil
 	}
-	if s.opts.Tasks == nil {
+	if s.opts.Owner == nil {
 		return resp, nil
 	}
 	if s.private.Contains(d) {
 		resp.FetchYourself = true
 		return resp, nil
 	}
-	t, err := s.opts.Tasks.Open(ctx, task.Request{Digest: d, Registry: req.GetRegistry(), Repo: req.GetRepository(), ForPeers: true})
+	t, err := s.opts.Owner.OpenForPeers(ctx, task.Request{Digest: d, Registry: req.GetRegistry(), Repo: req.GetRepository(), ForPeers: true})
 	var se *upstream.StatusError
 	switch {
 	case errors.Is(err, task.ErrComplete):
@@ -164,7 +204,7 @@ func (s *Server) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Reg
 
 // delegate hands node pieces of t to read from the upstream when this
 // owner's upload is much the slower (Delegations).
-func (s *Server) delegate(d digest.Digest, t *task.Task, node string) []uint32 {
+func (s *Server) delegate(d digest.Digest, t Owned, node string) []uint32 {
 	if s.opts.Delegations == nil || s.opts.Uploads == nil || s.opts.Downloads == nil {
 		return nil
 	}

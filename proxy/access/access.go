@@ -15,8 +15,8 @@ import (
 	"net/http"
 	"time"
 
-	"github.com/hashicorp/golang-lru/v2/expirable"
 	"github.com/opencontainers/go-digest"
+	"github.com/registry-proxy/registry-proxy/internal/ttlcache"
 
 	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
@@ -57,8 +57,8 @@ type Options struct {
 // Checker answers and remembers access questions.
 type Checker struct {
 	opts  Options
-	cache *expirable.LRU[key, error]
-	stale *expirable.LRU[key, struct{}]
+	cache *ttlcache.Cache[key, error]
+	stale *ttlcache.Cache[key, struct{}]
 }
 
 type key struct {
@@ -84,8 +84,8 @@ func New(opts Options) *Checker {
 	}
 	return &Checker{
 		opts:  opts,
-		cache: expirable.NewLRU[key, error](opts.Size, nil, opts.TTL),
-		stale: expirable.NewLRU[key, struct{}](opts.Size, nil, opts.StaleTTL),
+		cache: ttlcache.New[key, error](opts.Size, opts.TTL),
+		stale: ttlcache.New[key, struct{}](opts.Size, opts.StaleTTL),
 	}
 }
 

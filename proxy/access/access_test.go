@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -107,20 +108,22 @@ func TestUpstreamDownIsNotRemembered(t *testing.T) {
 // While the upstream cannot be reached, a credential allowed before is
 // still served; one never allowed is not.
 func TestStaleAllowWhileUpstreamDown(t *testing.T) {
-	up := &fakeUpstream{allowed: map[string]string{"Bearer good": "team/private"}}
-	c := New(Options{Upstream: up})
-	ctx := context.Background()
-	if err := c.Check(ctx, "reg.test", "team/private", d, Blob, auth("Bearer good")); err != nil {
-		t.Fatal(err)
-	}
-	up.down = true
-	c.cache.Purge() // the fresh answer expired
-	if err := c.Check(ctx, "reg.test", "team/private", d, Blob, auth("Bearer good")); err != nil {
-		t.Fatalf("allowed before, upstream down: %v", err)
-	}
-	if err := c.Check(ctx, "reg.test", "team/private", d, Blob, auth("Bearer other")); err == nil {
-		t.Fatal("never allowed, upstream down: served")
-	}
+	synctest.Test(t, func(t *testing.T) {
+		up := &fakeUpstream{allowed: map[string]string{"Bearer good": "team/private"}}
+		c := New(Options{Upstream: up, TTL: time.Minute})
+		ctx := context.Background()
+		if err := c.Check(ctx, "reg.test", "team/private", d, Blob, auth("Bearer good")); err != nil {
+			t.Fatal(err)
+		}
+		up.down = true
+		time.Sleep(time.Minute) // the fresh answer expired
+		if err := c.Check(ctx, "reg.test", "team/private", d, Blob, auth("Bearer good")); err != nil {
+			t.Fatalf("allowed before, upstream down: %v", err)
+		}
+		if err := c.Check(ctx, "reg.test", "team/private", d, Blob, auth("Bearer other")); err == nil {
+			t.Fatal("never allowed, upstream down: served")
+		}
+	})
 }
 
 func TestAllowRecordsOwnFetch(t *testing.T) {

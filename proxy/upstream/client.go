@@ -21,9 +21,9 @@ import (
 	"time"
 
 	"github.com/distribution/reference"
-	"github.com/hashicorp/golang-lru/v2/expirable"
 	"github.com/opencontainers/go-digest"
 	"github.com/registry-proxy/registry-proxy/internal/drain"
+	"github.com/registry-proxy/registry-proxy/internal/ttlcache"
 	"github.com/registry-proxy/registry-proxy/metrics"
 )
 
@@ -107,7 +107,7 @@ type Client struct {
 	backoff    time.Duration
 	ua         string
 	allow      []string
-	redirects  *expirable.LRU[string, *url.URL]
+	redirects  *ttlcache.Cache[string, *url.URL]
 	log        *slog.Logger
 	metrics    *metrics.Metrics
 	// auth answers challenges with this node's own credentials; nil passes
@@ -186,7 +186,7 @@ func New(opts Options) (*Client, error) {
 		attempts:   opts.Attempts,
 		backoff:    opts.Backoff,
 		ua:         opts.UserAgent,
-		redirects:  expirable.NewLRU[string, *url.URL](4096, nil, opts.RedirectTTL),
+		redirects:  ttlcache.New[string, *url.URL](4096, opts.RedirectTTL),
 		log:        opts.Logger.With("component", "upstream"),
 		metrics:    opts.Metrics,
 	}, nil
