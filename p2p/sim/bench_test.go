@@ -13,7 +13,6 @@ import (
 	"runtime/pprof"
 	"sort"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -21,7 +20,6 @@ import (
 	"github.com/docker/go-units"
 
 	"github.com/registry-proxy/registry-proxy/internal/report"
-	"github.com/registry-proxy/registry-proxy/p2p/collector"
 )
 
 var (
@@ -213,11 +211,6 @@ func TestSimulate(t *testing.T) {
 					wall := time.Since(start)
 					close(stop)
 					heap, live := peak()
-					collector.TmpCnt.Range(func(k, v any) bool {
-						t.Log("TMP", k, v.(*atomic.Int64).Load())
-						v.(*atomic.Int64).Store(0)
-						return true
-					})
 					r := toRun(fmt.Sprintf("%s-n%d", sc, n), int(seed), cfg, res)
 					runs = append(runs, r)
 					if err := report.WriteJSON(dir, r); err != nil {
