@@ -1,7 +1,6 @@
 package ttlcache
 
 import (
-	"runtime"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -47,5 +46,4 @@ func TestCache(t *testing.T) {
 			t.Fatal("removed entry still there")
 		}
 	})
-	runtime.Gosched()
 }
