@@ -53,6 +53,8 @@ type scaleCase struct {
 	WallS    float64 `json:"wall_s"`
 	PeakHeap float64 `json:"peak_heap_mib"`
 	PeakLive float64 `json:"peak_live_heap_mib"`
+	// Refusals are the refused piece requests per transfer.
+	Refusals float64 `json:"refusals_per_transfer"`
 	Flows    int64   `json:"flows"`
 	// Unfinished nodes were still pulling at the horizon: quantiles they
 	// reach are shown as "> horizon".
@@ -217,11 +219,11 @@ func TestSimulate(t *testing.T) {
 						t.Error(err)
 					}
 					c := scaleCase{Nodes: n, Scenario: sc, Mode: mode, Seed: seed + 1, P50: r.P50 / r.Bound, P99: r.P99 / r.Bound,
-						Max: r.Max / r.Bound, BoundS: r.Bound, EgressX: r.EgressX, WallS: wall.Seconds(), PeakHeap: heap, PeakLive: live, Flows: res.Flows,
+						Max: r.Max / r.Bound, BoundS: r.Bound, EgressX: r.EgressX, WallS: wall.Seconds(), PeakHeap: heap, PeakLive: live, Flows: res.Flows, Refusals: float64(res.Refused) / float64(max(res.Flows, 1)),
 						Unfinished: res.Unfinished, Horizon: *simHorizon}
 					cases = append(cases, c)
-					t.Logf("%5d nodes %-6s %-6s: p50 %s p99 %s max %s × bound %.1fs | egress %.3f× | sim %.1fs wall, peak heap %.0f MiB (live %.0f), %d flows, %d unfinished at %g× bound",
-						n, sc, mode, c.q(.5, c.P50), c.q(.99, c.P99), c.q(1, c.Max), c.BoundS, c.EgressX, c.WallS, c.PeakHeap, c.PeakLive, c.Flows, c.Unfinished, c.Horizon)
+					t.Logf("%5d nodes %-6s %-6s: p50 %s p99 %s max %s × bound %.1fs | egress %.3f× | sim %.1fs wall, peak heap %.0f MiB (live %.0f), %d flows, %.1f refusals a transfer, %d unfinished at %g× bound",
+						n, sc, mode, c.q(.5, c.P50), c.q(.99, c.P99), c.q(1, c.Max), c.BoundS, c.EgressX, c.WallS, c.PeakHeap, c.PeakLive, c.Flows, c.Refusals, c.Unfinished, c.Horizon)
 				}
 			}
 		}

@@ -138,6 +138,9 @@ type Result struct {
 	OriginBusy time.Duration
 	SentBy     []int64
 	Flows      int64
+	// Refused are the piece requests parents refused (busy, or sent
+	// elsewhere): each a round trip that moved no piece.
+	Refused int64
 	// Unfinished nodes were still pulling at the horizon; their Completion
 	// is -1.
 	Unfinished int
@@ -232,6 +235,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	res.UpstreamBytes = int64(s.origin.sent)
 	res.OriginBusy = time.Duration(s.lastOrigin.Load())
 	res.Flows = s.net.total
+	res.Refused = s.refused.Load()
 	return res, errors.Join(errs...)
 }
 
@@ -253,6 +257,7 @@ type simulation struct {
 	start   time.Time
 	// lastOrigin is when the upstream last finished a transfer.
 	lastOrigin atomic.Int64
+	refused    atomic.Int64
 }
 
 func newSim(cfg Config) *simulation {
@@ -763,8 +768,10 @@ func (p *peerParent) admit(i int) (func(sent bool), error) {
 	admitted, err := peer.Admission{Meter: p.from.meter, Ledger: p.from.ledger}.Admit(p.s.digest, i, p.s.plan.Count(), offers)
 	switch {
 	case errors.Is(err, hoststate.ErrBusy):
+		p.s.refused.Add(1)
 		return nil, collector.ErrBusy
 	case errors.Is(err, peer.ErrSentElsewhere):
+		p.s.refused.Add(1)
 		return nil, collector.ErrElsewhere
 	}
 	return admitted, err
