@@ -34,14 +34,6 @@ type parentQueue struct {
 	measured float64
 }
 
-// parent is pq's parent; nil for none.
-func (pq *parentQueue) parent() Parent {
-	if pq == nil {
-		return nil
-	}
-	return pq.p
-}
-
 // firstWantedLocked is the first wanted piece from the readers' cursor on
 // (wrapping) that ok accepts.
 func (r *Run) firstWantedLocked(ok func(int) bool) (int, bool) {

@@ -121,23 +121,13 @@ func (statePolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
 // dry until the first refusal ends.
 func (r *Run) bestPiece(pq *parentQueue, cursor int, now time.Time) int {
 	ms := r.sinceEpoch(now)
+	// wake: the first refusal to end among the wanted pieces it has.
+	best, bestKey, wake := -1, [4]int{}, uint32(math.MaxUint32)
 	// Whichever is shorter: what the parent has, or what this node wants.
 	candidates := r.wantedList
 	if len(pq.list) < len(candidates) {
 		candidates = pq.list
 	}
-	best, wake := r.bestOf(pq, candidates, cursor, ms)
-	if best < 0 && wake != math.MaxUint32 {
-		pq.dry = r.epochTime(wake)
-	}
-	return best
-}
-
-// bestOf is bestPiece over candidates; wake is the first refusal to end
-// among the wanted pieces it has (MaxUint32: none refused).
-func (r *Run) bestOf(pq *parentQueue, candidates []int32, cursor int, ms uint32) (best int, wake uint32) {
-	best, wake = -1, math.MaxUint32
-	var bestKey [4]int
 	for _, i32 := range candidates {
 		i := int(i32)
 		if !r.wanted[i] || !pq.has[i] {
@@ -160,7 +150,10 @@ func (r *Run) bestOf(pq *parentQueue, candidates []int32, cursor int, ms uint32)
 			best, bestKey = i, key
 		}
 	}
-	return best, wake
+	if best < 0 && wake != math.MaxUint32 {
+		pq.dry = r.epochTime(wake)
+	}
+	return best
 }
 
 func less(a, b [4]int) bool {

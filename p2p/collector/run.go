@@ -107,7 +107,10 @@ func (r *Run) closeUpstream(next Parent) {
 	r.mu.Lock()
 	up := r.upstream
 	r.mu.Unlock()
-	if c, ok := up.parent().(io.Closer); ok && up.p != next {
+	if up == nil || up.p == next {
+		return
+	}
+	if c, ok := up.p.(io.Closer); ok {
 		c.Close()
 	}
 }
