@@ -2,31 +2,23 @@ package drain
 
 import (
 	"io"
-	"net"
 	"net/http"
-	"net/http/httptest"
 	"strings"
-	"sync/atomic"
 	"testing"
+
+	"github.com/registry-proxy/registry-proxy/internal/conntest"
 )
 
 // TestCloseKeepsConnection: short bodies drained and closed leave one
 // connection for every request; a body longer than Limit closes its own.
 func TestCloseKeepsConnection(t *testing.T) {
-	var conns atomic.Int64
-	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := conntest.New(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/long" {
 			_, _ = io.WriteString(w, strings.Repeat("x", 4*Limit))
 			return
 		}
 		http.Error(w, "busy", http.StatusServiceUnavailable)
 	}))
-	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
-		if s == http.StateNew {
-			conns.Add(1)
-		}
-	}
-	srv.Start()
 	defer srv.Close()
 	get := func(path string) {
 		resp, err := srv.Client().Get(srv.URL + path)
@@ -38,12 +30,12 @@ func TestCloseKeepsConnection(t *testing.T) {
 	for range 3 {
 		get("/short")
 	}
-	if n := conns.Load(); n != 1 {
+	if n := srv.Conns(); n != 1 {
 		t.Errorf("%d connections for three short answers, want 1", n)
 	}
 	get("/long")
 	get("/short")
-	if n := conns.Load(); n != 2 {
+	if n := srv.Conns(); n != 2 {
 		t.Errorf("%d connections after a long answer, want 2", n)
 	}
 }

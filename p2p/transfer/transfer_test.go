@@ -3,15 +3,13 @@ package transfer
 import (
 	"errors"
 	"io"
-	"net"
 	"net/http"
-	"net/http/httptest"
 	"strings"
-	"sync/atomic"
 	"testing"
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/registry-proxy/registry-proxy/internal/conntest"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 )
 
@@ -19,8 +17,7 @@ import (
 // connection after a refusal: a closed one would cost the next piece a new
 // connection (a TLS handshake between nodes).
 func TestFetch(t *testing.T) {
-	var conns atomic.Int64
-	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := conntest.New(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case strings.HasSuffix(r.URL.Path, "/0"):
 			_, _ = io.WriteString(w, "abcd")
@@ -34,12 +31,6 @@ func TestFetch(t *testing.T) {
 			_, _ = io.WriteString(w, "abc")
 		}
 	}))
-	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
-		if s == http.StateNew {
-			conns.Add(1)
-		}
-	}
-	srv.Start()
 	defer srv.Close()
 	p := NewPool(Options{})
 	defer p.Close()
@@ -74,7 +65,7 @@ func TestFetch(t *testing.T) {
 	}
 	// One connection for the refusals and the piece; the short piece is
 	// not read and closes its own.
-	if n := conns.Load(); n != 1 {
+	if n := srv.Conns(); n != 1 {
 		t.Errorf("%d connections for one piece after three refusals, want 1", n)
 	}
 }
