@@ -16,11 +16,18 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/registry-proxy/registry-proxy/internal/atomicfile"
+	"github.com/registry-proxy/registry-proxy/internal/signal"
 	"github.com/registry-proxy/registry-proxy/piece"
 )
 
-// ErrPieceLength means a piece's source gave more or fewer bytes than the plan says.
-var ErrPieceLength = errors.New("blobstore: piece length mismatch")
+var (
+	// ErrPieceLength means a piece's source gave more or fewer bytes than the plan says.
+	ErrPieceLength = errors.New("blobstore: piece length mismatch")
+	// ErrReset means the pieces after a cursor were thrown away (Reset).
+	ErrReset = errors.New("blobstore: pieces were reset")
+	// ErrClosed means the partial blob was closed before it was committed.
+	ErrClosed = errors.New("blobstore: partial blob closed")
+)
 
 const (
 	recordSize = 8    // per piece: 1 flag byte, 3 zero bytes, CRC-32C
@@ -36,8 +43,10 @@ type meta struct {
 	PieceSize int64         `json:"pieceSize"`
 }
 
-// Partial is a blob being filled piece by piece. Its methods are safe for
-// concurrent use; pieces are written with pwrite at their offsets.
+// Partial is a blob being filled piece by piece, and the one record of which
+// of its pieces are done: the task serving it, its readers and the peers
+// watching it all read that here. Its methods are safe for concurrent use;
+// pieces are written with pwrite at their offsets.
 type Partial struct {
 	s      *Store
 	digest digest.Digest
@@ -47,10 +56,17 @@ type Partial struct {
 	data    *os.File
 	records *os.File
 
-	mu        sync.Mutex
-	done      []bool
-	crc       []uint32
-	ndone     int
+	changes signal.Changes // a piece done, the pieces reset, the blob committed or closed
+
+	mu     sync.Mutex
+	done   []bool
+	ndone  int
+	nbytes int64 // bytes in done pieces
+	// log is the done pieces in the order they were done. Reset replaces
+	// it rather than clearing it, so a slice of it handed out stays as it
+	// was; appends write past every slice handed out.
+	log       []piece.Sum
+	gen       uint32 // bumped by Reset
 	committed bool
 	closed    bool
 }
@@ -92,7 +108,6 @@ func (s *Store) Ingest(ctx context.Context, d digest.Digest, plan piece.Plan) (*
 func (p *Partial) open(ctx context.Context) error {
 	n := p.plan.Count()
 	p.done = make([]bool, n)
-	p.crc = make([]uint32, n)
 	m := meta{Digest: p.digest, Size: p.plan.Size, PieceSize: p.plan.PieceSize}
 
 	resume := false
@@ -174,8 +189,7 @@ func (p *Partial) recheck(ctx context.Context) error {
 			}
 			continue
 		}
-		p.done[i], p.crc[i] = true, want
-		p.ndone++
+		p.markLocked(i, want)
 	}
 	p.s.log.Info("resumed partial blob", "digest", p.digest, "pieces", len(p.done), "kept", p.ndone, "dropped", bad)
 	return nil
@@ -194,18 +208,52 @@ func (p *Partial) Has(i int) bool {
 	return i >= 0 && i < len(p.done) && p.done[i]
 }
 
-// Checksums returns a copy of the piece checksums, zero where not done.
-func (p *Partial) Checksums() []uint32 {
+// DoneFrom returns the first piece from i on that is not done (Count when
+// every one is): readers may read up to its offset.
+func (p *Partial) DoneFrom(i int) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return append([]uint32(nil), p.crc...)
+	for i >= 0 && i < len(p.done) && p.done[i] {
+		i++
+	}
+	return i
 }
 
-// Bitmap returns a copy of the done flags.
-func (p *Partial) Bitmap() []bool {
+// DoneBytes is how many bytes of the blob are in done pieces.
+func (p *Partial) DoneBytes() int64 {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return append([]bool(nil), p.done...)
+	return p.nbytes
+}
+
+// Since returns the pieces done after c, in the order they were done, and
+// the cursor to pass next. The slice is shared: callers must not change it.
+// ErrReset says the pieces were thrown away since c was handed out;
+// ErrClosed that the blob was closed without being committed.
+func (p *Partial) Since(c piece.Cursor) ([]piece.Sum, piece.Cursor, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch {
+	case p.closed && !p.committed:
+		return nil, c, fmt.Errorf("blobstore: %s: %w", p.digest, ErrClosed)
+	case c.Gen != 0 && c.Gen != p.gen+1, c.N > len(p.log):
+		return nil, c, fmt.Errorf("blobstore: %s: %w", p.digest, ErrReset)
+	}
+	n := len(p.log)
+	return p.log[c.N:n:n], piece.Cursor{Gen: p.gen + 1, N: n}, nil
+}
+
+// Changed returns a channel closed at the next change: a piece done, the
+// pieces reset, the blob committed or closed. Take it before looking, so
+// that a change in between is not missed.
+func (p *Partial) Changed() <-chan struct{} { return p.changes.C() }
+
+func (p *Partial) markLocked(i int, crc uint32) {
+	p.done[i] = true
+	p.ndone++
+	_, n := p.plan.Range(i)
+	p.nbytes += n
+	p.log = append(p.log, piece.Sum{Index: uint32(i), CRC: crc})
 }
 
 // Complete reports whether every piece is done.
@@ -263,7 +311,7 @@ func (p *Partial) MarkDone(i int, crc uint32) (bool, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
-		return false, fmt.Errorf("blobstore: mark piece %d: partial closed", i)
+		return false, fmt.Errorf("blobstore: mark piece %d: %w", i, ErrClosed)
 	}
 	if p.done[i] {
 		return false, nil
@@ -274,8 +322,8 @@ func (p *Partial) MarkDone(i int, crc uint32) (bool, error) {
 	if _, err := p.records.WriteAt(rec[:], int64(i*recordSize)); err != nil {
 		return false, fmt.Errorf("blobstore: record piece %d: %w", i, err)
 	}
-	p.done[i], p.crc[i] = true, crc
-	p.ndone++
+	p.markLocked(i, crc)
+	p.changes.Notify()
 	return true, nil
 }
 
@@ -283,10 +331,12 @@ func (p *Partial) MarkDone(i int, crc uint32) (bool, error) {
 func (p *Partial) Reset() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	defer p.changes.Notify()
 	for i := range p.done {
-		p.done[i], p.crc[i] = false, 0
+		p.done[i] = false
 	}
-	p.ndone = 0
+	p.ndone, p.nbytes, p.log = 0, 0, nil
+	p.gen++
 	if err := p.records.Truncate(0); err != nil {
 		return fmt.Errorf("blobstore: reset records: %w", err)
 	}
@@ -356,6 +406,8 @@ func (p *Partial) Commit(verified digest.Digest) error {
 	p.s.lru.Add(p.digest, &entry{size: p.plan.Size, lastAccess: now, persisted: now})
 	p.s.changes.Notify()
 	p.s.mu.Unlock()
+	// Watchers that look now find the blob in the store.
+	p.changes.Notify()
 	return nil
 }
 
@@ -380,6 +432,7 @@ func (p *Partial) Close() {
 	}
 	p.closed = true
 	p.mu.Unlock()
+	p.changes.Notify()
 	p.closeFiles()
 	p.s.mu.Lock()
 	if p.s.partials[p.digest] == p {

@@ -10,11 +10,11 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -37,14 +37,22 @@ import (
 	"github.com/registry-proxy/registry-proxy/piece"
 )
 
-// ErrNoPiece means this node does not have the piece (yet).
-var ErrNoPiece = errors.New("peer: piece not here")
+var (
+	// ErrNoPiece means this node does not have the piece (yet).
+	ErrNoPiece = errors.New("peer: piece not here")
+	// ErrNotHere means this node has nothing of the blob.
+	ErrNotHere = errors.New("peer: blob not here")
+)
 
-// Snapshot is what this node has of one blob now.
-type Snapshot struct {
-	Plan     piece.Plan
-	Done     []bool
-	CRC      []uint32 // valid where Done; zero for a complete blob
+// Holding is what this node has of one blob now.
+type Holding struct {
+	Plan piece.Plan
+	// Done are the pieces done after the cursor asked with, in the order
+	// they were done, with their checksums; of a complete blob, every
+	// piece. Shared with the source: not to be changed.
+	Done []piece.Sum
+	// Next is the cursor to ask with next.
+	Next     piece.Cursor
 	Fetching []int
 	Complete bool
 	// Seeding: this node fetches the blob from the upstream now, so every
@@ -54,9 +62,11 @@ type Snapshot struct {
 
 // Source is the content this node can serve.
 type Source interface {
-	// Snapshot returns what the node has of d and a channel closed at the
-	// next change; ok is false when it has nothing of d.
-	Snapshot(ctx context.Context, d digest.Digest) (s Snapshot, changed <-chan struct{}, ok bool)
+	// Pieces returns what the node has of d, with the pieces done after
+	// since (the zero cursor: all of them), and a channel closed at the next
+	// change. ErrNotHere: it has nothing of d; another error: the pieces
+	// after since were thrown away.
+	Pieces(ctx context.Context, d digest.Digest, since piece.Cursor) (h Holding, changed <-chan struct{}, err error)
 	// OpenPiece opens what holds piece i of d (an *os.File is sent by the
 	// kernel's sendfile); the caller calls release when done with it.
 	OpenPiece(ctx context.Context, d digest.Digest, i int) (f io.ReadSeeker, off, n int64, release func(), err error)
@@ -187,9 +197,7 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 	defer release()
 	count, offers := 0, func(int) bool { return true }
 	if s.opts.Ledger != nil {
-		snap, _, _ := s.opts.Source.Snapshot(r.Context(), d)
-		count = snap.Plan.Count()
-		offers = func(j int) bool { return snap.Seeding || snap.Complete || (j < len(snap.Done) && snap.Done[j]) }
+		count, offers = s.offers(r.Context(), d)
 	}
 	admitted, err := Admission{Meter: s.opts.Meter, Ledger: s.opts.Ledger}.Admit(d, i, count, offers)
 	switch {
@@ -259,7 +267,35 @@ func (c *corruptWriter) Write(b []byte) (int, error) {
 	return c.w.Write(b)
 }
 
-// WatchPieces implements pb.PiecesServer.
+// offers is what super-seeding needs of d: its piece count, and which
+// pieces this node can send first copies of (what it holds, and all of
+// them while it seeds from the upstream). The bitmap is made only if asked.
+func (s *Server) offers(ctx context.Context, d digest.Digest) (int, func(int) bool) {
+	h, _, err := s.opts.Source.Pieces(ctx, d, piece.Cursor{})
+	if err != nil {
+		return 0, func(int) bool { return false }
+	}
+	count := h.Plan.Count()
+	var done []bool
+	return count, func(j int) bool {
+		if h.Seeding || h.Complete {
+			return true
+		}
+		if done == nil {
+			done = make([]bool, count)
+			for _, p := range h.Done {
+				if int(p.Index) < count {
+					done[p.Index] = true
+				}
+			}
+		}
+		return j >= 0 && j < count && done[j]
+	}
+}
+
+// WatchPieces implements pb.PiecesServer: the pieces the node has of a
+// blob, then each piece as it is done, each sent once (what it costs per
+// change is the new pieces, not the blob's), until the blob is complete.
 func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchPiecesServer) error {
 	d, err := digest.Parse(req.GetDigest())
 	if err != nil {
@@ -268,32 +304,41 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 	if _, err := trust.Caller(stream.Context(), req.GetHostId()); errors.Is(err, trust.ErrNotSelf) {
 		return status.Error(codes.PermissionDenied, err.Error())
 	}
-	snap, changed, ok := s.opts.Source.Snapshot(stream.Context(), d)
-	if !ok {
+	h, changed, err := s.opts.Source.Pieces(stream.Context(), d, piece.Cursor{})
+	switch {
+	case errors.Is(err, ErrNotHere):
 		return status.Errorf(codes.NotFound, "%s: not here", d)
+	case err != nil:
+		return status.Errorf(codes.Unavailable, "%s: %v", d, err)
 	}
-	sent := make([]bool, len(snap.Done))
-	var lastFetching string
-	first := true
-	for {
-		up := &pb.PieceUpdate{Digest: d.String(), Size: snap.Plan.Size, PieceSize: snap.Plan.PieceSize, Complete: snap.Complete || s.opts.Faults.ClaimComplete}
-		for i, done := range snap.Done {
-			// A complete update carries every piece's checksum, sent
-			// before or not: it stands alone.
-			if up.Complete || (done && !sent[i]) {
-				up.Pieces = append(up.Pieces, &pb.Piece{Index: uint32(i), Checksum: snap.CRC[i]})
-				sent[i] = true
+	plan := h.Plan
+	var claimed []uint32 // ClaimComplete: the checksums sent, to claim every piece with
+	if s.opts.Faults.ClaimComplete {
+		claimed = make([]uint32, plan.Count())
+	}
+	var lastFetching []int
+	for first := true; ; first = false {
+		up := &pb.PieceUpdate{Digest: d.String(), Size: plan.Size, PieceSize: plan.PieceSize, Complete: h.Complete}
+		for _, p := range h.Done {
+			up.Pieces = append(up.Pieces, &pb.Piece{Index: p.Index, Checksum: p.CRC})
+			if claimed != nil && int(p.Index) < len(claimed) {
+				claimed[p.Index] = p.CRC
 			}
 		}
-		fetching := fmt.Sprint(snap.Fetching)
-		if first || len(up.Pieces) > 0 || snap.Complete || fetching != lastFetching {
-			for _, f := range snap.Fetching {
+		if claimed != nil {
+			up.Complete, up.Pieces = true, nil
+			for i, crc := range claimed {
+				up.Pieces = append(up.Pieces, &pb.Piece{Index: uint32(i), Checksum: crc})
+			}
+		}
+		if first || len(up.Pieces) > 0 || up.Complete || !slices.Equal(h.Fetching, lastFetching) {
+			for _, f := range h.Fetching {
 				up.Fetching = append(up.Fetching, uint32(f))
 			}
 			if err := stream.Send(up); err != nil {
 				return err
 			}
-			lastFetching, first = fetching, false
+			lastFetching = h.Fetching
 		}
 		if up.Complete {
 			return nil
@@ -304,10 +349,13 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 		case <-changed:
 		case <-time.After(200 * time.Millisecond): // fetching lists change without a signal
 		}
-		if snap, changed, ok = s.opts.Source.Snapshot(stream.Context(), d); !ok {
+		h, changed, err = s.opts.Source.Pieces(stream.Context(), d, h.Next)
+		switch {
+		case errors.Is(err, ErrNotHere):
 			return status.Errorf(codes.Unavailable, "%s: download stopped here", d)
-		}
-		if len(sent) != len(snap.Done) {
+		case err != nil:
+			return status.Errorf(codes.Aborted, "%s: %v", d, err)
+		case h.Plan != plan:
 			return status.Errorf(codes.Aborted, "%s: piece plan changed", d)
 		}
 	}

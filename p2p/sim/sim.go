@@ -623,12 +623,9 @@ func (n *node) announce(i int) {
 	})
 }
 
-// Size and Pieces are the job as the owner's server sees it (swarm.Owned);
-// checksums are not simulated.
-func (j *job) Size() int64                { return j.n.s.plan.Size }
-func (j *job) Pieces() ([]bool, []uint32) { return j.done(), nil }
-
-// job is a node's copy of the blob: which pieces it holds.
+// job is a node's copy of the blob: which pieces it holds. It is the
+// collector's Job, and the owner's download as Register sees it
+// (swarm.Owned).
 type job struct {
 	n       *node
 	reading atomic.Bool
@@ -672,13 +669,6 @@ func (j *job) Put(i int, r io.Reader, _ string, _ collector.Expect) error {
 	j.mu.Unlock()
 	j.n.announce(i)
 	return nil
-}
-
-// done is, per piece, whether the node holds it.
-func (j *job) done() []bool {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	return slices.Clone(j.have)
 }
 
 // held lists the pieces the node holds.
