@@ -62,14 +62,19 @@ type Holding struct {
 
 // Source is the content this node can serve.
 type Source interface {
+	Holdings
+	// OpenPiece opens what holds piece i of d (an *os.File is sent by the
+	// kernel's sendfile); the caller calls release when done with it.
+	OpenPiece(ctx context.Context, d digest.Digest, i int) (f io.ReadSeeker, off, n int64, release func(), err error)
+}
+
+// Holdings are what this node has of its blobs, as Watch reads them.
+type Holdings interface {
 	// Pieces returns what the node has of d, with the pieces done after
 	// since (the zero cursor: all of them), and a channel closed at the next
 	// change. ErrNotHere: it has nothing of d; another error: the pieces
 	// after since were thrown away.
 	Pieces(ctx context.Context, d digest.Digest, since piece.Cursor) (h Holding, changed <-chan struct{}, err error)
-	// OpenPiece opens what holds piece i of d (an *os.File is sent by the
-	// kernel's sendfile); the caller calls release when done with it.
-	OpenPiece(ctx context.Context, d digest.Digest, i int) (f io.ReadSeeker, off, n int64, release func(), err error)
 }
 
 // Options configure a Server.
@@ -293,9 +298,7 @@ func (s *Server) offers(ctx context.Context, d digest.Digest) (int, func(int) bo
 	}
 }
 
-// WatchPieces implements pb.PiecesServer: the pieces the node has of a
-// blob, then each piece as it is done, each sent once (what it costs per
-// change is the new pieces, not the blob's), until the blob is complete.
+// WatchPieces implements pb.PiecesServer (Watch).
 func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchPiecesServer) error {
 	d, err := digest.Parse(req.GetDigest())
 	if err != nil {
@@ -304,7 +307,25 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 	if _, err := trust.Caller(stream.Context(), req.GetHostId()); errors.Is(err, trust.ErrNotSelf) {
 		return status.Error(codes.PermissionDenied, err.Error())
 	}
-	h, changed, err := s.opts.Source.Pieces(stream.Context(), d, piece.Cursor{})
+	return Watch(stream.Context(), s.opts.Source, d, stream, s.opts.Faults)
+}
+
+// watchPoll is how often Watch looks at a blob with no change signalled,
+// for its fetching list.
+const watchPoll = 200 * time.Millisecond
+
+// Sender is where Watch sends its updates; a WatchPieces stream is one.
+type Sender interface {
+	Send(*pb.PieceUpdate) error
+}
+
+// Watch sends out the pieces src has of d, then each piece as it is done,
+// each once (what a change costs is its new pieces, not the blob's), until
+// the blob is complete or ctx ends; its errors are gRPC statuses. The peer
+// server runs it for each WatchPieces stream, the simulator for each of its
+// watches.
+func Watch(ctx context.Context, src Holdings, d digest.Digest, out Sender, faults Faults) error {
+	h, changed, err := src.Pieces(ctx, d, piece.Cursor{})
 	switch {
 	case errors.Is(err, ErrNotHere):
 		return status.Errorf(codes.NotFound, "%s: not here", d)
@@ -313,10 +334,13 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 	}
 	plan := h.Plan
 	var claimed []uint32 // ClaimComplete: the checksums sent, to claim every piece with
-	if s.opts.Faults.ClaimComplete {
+	if faults.ClaimComplete {
 		claimed = make([]uint32, plan.Count())
 	}
 	var lastFetching []int
+	// Fetching lists change without a signal: look again after a while.
+	poll := time.NewTimer(watchPoll)
+	defer poll.Stop()
 	for first := true; ; first = false {
 		up := &pb.PieceUpdate{Digest: d.String(), Size: plan.Size, PieceSize: plan.PieceSize, Complete: h.Complete}
 		for _, p := range h.Done {
@@ -335,7 +359,7 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 			for _, f := range h.Fetching {
 				up.Fetching = append(up.Fetching, uint32(f))
 			}
-			if err := stream.Send(up); err != nil {
+			if err := out.Send(up); err != nil {
 				return err
 			}
 			lastFetching = h.Fetching
@@ -344,12 +368,13 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 			return nil
 		}
 		select {
-		case <-stream.Context().Done():
+		case <-ctx.Done():
 			return nil
 		case <-changed:
-		case <-time.After(200 * time.Millisecond): // fetching lists change without a signal
+		case <-poll.C:
 		}
-		h, changed, err = s.opts.Source.Pieces(stream.Context(), d, h.Next)
+		poll.Reset(watchPoll)
+		h, changed, err = src.Pieces(ctx, d, h.Next)
 		switch {
 		case errors.Is(err, ErrNotHere):
 			return status.Errorf(codes.Unavailable, "%s: download stopped here", d)

@@ -171,7 +171,7 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 			defer arrived()
 			wctx, wcancel := context.WithCancel(ctx)
 			defer wcancel()
-			ignored := false
+			ignored, complete := false, false
 			err := s.opts.Transport.Watch(wctx, addr, d, s.opts.Self.ID, func(up *pb.PieceUpdate) {
 				defer arrived()
 				if ignored {
@@ -188,12 +188,16 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 					return
 				}
 				if a.complete {
+					complete = true
 					run.AnnounceComplete(id, a.has)
 					return
 				}
 				run.Announce(id, a.has, a.fetching)
 			})
-			if ctx.Err() != nil || ignored {
+			// A parent that said it is complete ends its stream with nothing
+			// more to tell: it stays followed (a place among MaxPeers, not
+			// watched again at each refresh).
+			if ctx.Err() != nil || ignored || complete {
 				return
 			}
 			if err != nil {

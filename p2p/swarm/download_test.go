@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -77,7 +78,11 @@ func (j *memJob) Put(i int, r io.Reader, source string, want collector.Expect) e
 type fakeNode struct {
 	down     bool                 // Register and Watch fail
 	resp     *pb.RegisterResponse // Register's answer
-	updates  []*pb.PieceUpdate    // sent on Watch, then the stream waits
+	then     *pb.RegisterResponse // Register's answer after the first, if set
+	asked    atomic.Int64
+	updates  []*pb.PieceUpdate // sent on Watch, then the stream waits
+	ends     bool              // the stream ends after its updates (as a complete parent's does)
+	slow     time.Duration     // each piece fetch takes this long
 	fetches  atomic.Int64
 	watchers atomic.Int64
 }
@@ -102,6 +107,9 @@ func (c *fakeCluster) Register(_ context.Context, addr string, req *pb.RegisterR
 	if n == nil || n.down {
 		return nil, errors.New("connection refused")
 	}
+	if n.asked.Add(1) > 1 && n.then != nil {
+		return n.then, nil
+	}
 	return n.resp, nil
 }
 
@@ -113,6 +121,9 @@ func (c *fakeCluster) Watch(ctx context.Context, addr string, _ digest.Digest, _
 	n.watchers.Add(1)
 	for _, up := range n.updates {
 		fn(up)
+	}
+	if n.ends {
+		return nil
 	}
 	<-ctx.Done()
 	return ctx.Err()
@@ -138,6 +149,7 @@ func (p *peerParent) ID() string { return p.id }
 
 func (p *peerParent) Fetch(_ context.Context, _ int, off, n int64) (io.ReadCloser, error) {
 	p.node.fetches.Add(1)
+	time.Sleep(p.node.slow)
 	return io.NopCloser(bytes.NewReader(p.data[off : off+n])), nil
 }
 
@@ -339,6 +351,49 @@ func TestDownloaderReadsDelegatedPieces(t *testing.T) {
 		}
 		if got := job.source[rank[0]]; got != 2 {
 			t.Errorf("%d pieces from the owner, want 2 (by parent %v)", got, job.source)
+		}
+	})
+}
+
+// A parent that said it is complete and ended its stream stays followed:
+// it is not watched again at each refresh, and its place among MaxPeers is
+// not given to another.
+func TestDownloaderKeepsCompleteParent(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		data := make([]byte, 4*piece.MinSize)
+		rand.NewChaCha8([32]byte{3}).Read(data)
+		d := digest.FromBytes(data)
+		rank := ranked(d, 4)
+		c := &fakeCluster{nodes: map[string]*fakeNode{}, data: data}
+		// The owner has nothing yet and names a registered peer that has
+		// the blob and sends it slowly (several refreshes); later, another
+		// peer first.
+		p1, p2 := &pb.PeerRef{Id: rank[1], Addr: addrOf(rank[1])}, &pb.PeerRef{Id: rank[2], Addr: addrOf(rank[2])}
+		c.nodes[addrOf(rank[0])] = &fakeNode{resp: &pb.RegisterResponse{Peers: []*pb.PeerRef{p1}}, then: &pb.RegisterResponse{Peers: []*pb.PeerRef{p2, p1}}}
+		c.nodes[addrOf(rank[1])] = &fakeNode{updates: []*pb.PieceUpdate{complete(d, data)}, ends: true, slow: 5 * time.Second}
+		c.nodes[addrOf(rank[2])] = &fakeNode{}
+		var members staticMembers
+		for _, id := range rank {
+			members = append(members, membership.Member{ID: id, Addr: addrOf(id)})
+		}
+		dl := NewDownloader(DownloaderOptions{
+			Self: membership.Member{ID: rank[3], Addr: addrOf(rank[3])}, Members: members, Transport: c,
+			Collector: collector.New(collector.Options{Concurrency: 4, Logger: slog.New(slog.DiscardHandler)}),
+			Upstream:  &countingUpstream{data: data}, Logger: slog.New(slog.DiscardHandler), MaxPeers: 1,
+		})
+		job := newMemJob(d, int64(len(data)))
+		if err := dl.Fill(context.Background(), job, task.Request{Digest: d}); err != nil {
+			t.Fatal(err)
+		}
+		if n := len(c.registered()); n < 4 {
+			t.Fatalf("registered %d times; the test needs several refreshes during the download", n)
+		}
+		if got := c.nodes[addrOf(rank[1])].watchers.Load(); got != 1 {
+			t.Errorf("the complete parent was watched %d times, want once", got)
+		}
+		// MaxPeers 1: the owner and one more.
+		if got := c.nodes[addrOf(rank[2])].watchers.Load(); got != 0 {
+			t.Errorf("a third parent was watched %d times (the complete one's place given away)", got)
 		}
 	})
 }
