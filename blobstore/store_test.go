@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -151,25 +152,13 @@ func TestResumeRechecksPieces(t *testing.T) {
 	defer p2.Discard()
 	want := []bool{true, false, true}
 	got := []bool{p2.Has(0), p2.Has(1), p2.Has(2)}
-	if !equalBools(got, want) {
+	if !slices.Equal(got, want) {
 		t.Fatalf("resumed pieces %v, want %v", got, want)
 	}
 	// The resumed pieces are the log's start, in index order.
 	if sums, _, err := p2.Since(piece.Cursor{}); err != nil || len(sums) != 2 || sums[0].Index != 0 || sums[1].Index != 2 {
 		t.Fatalf("resumed log %v, %v; want pieces 0 and 2", sums, err)
 	}
-}
-
-func equalBools(a, b []bool) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestGC(t *testing.T) {
@@ -221,7 +210,7 @@ func TestGC(t *testing.T) {
 					t.Errorf("blob %d evicted but file remains", i)
 				}
 			}
-			if !equalInts(left, tt.wantLeft) {
+			if !slices.Equal(left, tt.wantLeft) {
 				t.Fatalf("left %v, want %v", left, tt.wantLeft)
 			}
 		})
@@ -242,18 +231,6 @@ func storeBlob(t *testing.T, s *Store, size int64) digest.Digest {
 	}
 	p.Close()
 	return d
-}
-
-func equalInts(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestGCAbandonedPartials(t *testing.T) {
@@ -417,7 +394,7 @@ func TestPieceLog(t *testing.T) {
 	put(2)
 	put(0)
 	sums, c, err := p.Since(piece.Cursor{})
-	if err != nil || !equalInts(indexes(sums), []int{2, 0}) {
+	if err != nil || !slices.Equal(indexes(sums), []int{2, 0}) {
 		t.Fatalf("Since(start) = %v, %v; want pieces 2, 0", indexes(sums), err)
 	}
 	off, n := plan.Range(2)
@@ -432,7 +409,7 @@ func TestPieceLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	sums, c2, err := p.Since(c)
-	if err != nil || !equalInts(indexes(sums), []int{1}) {
+	if err != nil || !slices.Equal(indexes(sums), []int{1}) {
 		t.Fatalf("Since(cursor) = %v, %v; want piece 1 alone (a second MarkDone is not logged)", indexes(sums), err)
 	}
 	if got := p.DoneFrom(0); got != 3 {
@@ -490,4 +467,3 @@ func TestPieceLog(t *testing.T) {
 		t.Fatalf("Since after Close = %v, want ErrClosed", err)
 	}
 }
-

@@ -69,7 +69,7 @@ type UpstreamFiller struct {
 
 // Fill implements Filler.
 func (f UpstreamFiller) Fill(ctx context.Context, job collector.Job, req Request) error {
-	return f.Collector.Collect(ctx, job, collector.NewUpstreamParent(f.Upstream, req.Registry, req.Repo, req.Digest, req.Header))
+	return f.Collector.Collect(ctx, job, f.Collector.NewUpstreamParent(f.Upstream, req.Registry, req.Repo, req.Digest, req.Header))
 }
 
 // UpstreamSizer asks the upstream with the request's own headers.

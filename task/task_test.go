@@ -350,10 +350,10 @@ func TestMismatchWithPeerPiecesRefetchesFromUpstream(t *testing.T) {
 			mu.Unlock()
 			run := c.NewRun(job)
 			if req.UpstreamOnly {
-				run.SetUpstream(collector.NewUpstreamParent(good, "", "", req.Digest, nil), true)
+				run.SetUpstream(c.NewUpstreamParent(good, "", "", req.Digest, nil), true)
 				return run.Run(ctx)
 			}
-			run.SetUpstream(collector.NewUpstreamParent(good, "", "", req.Digest, nil), false)
+			run.SetUpstream(c.NewUpstreamParent(good, "", "", req.Digest, nil), false)
 			peer := &liarParent{src: liar}
 			run.AddParent(peer)
 			// Its checksums match its lies.

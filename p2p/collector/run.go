@@ -73,10 +73,7 @@ func (c *Collector) NewRun(job Job) *Run {
 	for i := range n {
 		r.wantedPos[i] = -1
 		if !job.Has(i) {
-			r.wanted[i] = true
-			r.nwanted++
-			r.wantedPos[i] = int32(len(r.wantedList))
-			r.wantedList = append(r.wantedList, int32(i))
+			r.setWantedLocked(i, true) // no parents yet: nothing else to keep in step
 		}
 	}
 	return r
@@ -91,9 +88,6 @@ func (r *Run) broadcastLocked() {
 // SetUpstream sets the parent of last resort, and whether it may be used now.
 func (r *Run) SetUpstream(p Parent, allowed bool) {
 	r.closeUpstream(p)
-	if up, ok := p.(*upstreamParent); ok {
-		up.log = r.c.log // set before any fetch
-	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.upstream = &parentQueue{p: p, upstream: true}

@@ -67,9 +67,9 @@ func (s *wholeStream) close() {
 
 // NewUpstreamParent returns the registry as a parent of one blob, fetched with
 // the client's credentials. The run that uses it closes it.
-func NewUpstreamParent(src BlobSource, registry, repo string, d digest.Digest, hdr http.Header) Parent {
+func (c *Collector) NewUpstreamParent(src BlobSource, registry, repo string, d digest.Digest, hdr http.Header) Parent {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &upstreamParent{src: src, registry: registry, repo: repo, digest: d, header: hdr, log: slog.Default(),
+	return &upstreamParent{src: src, registry: registry, repo: repo, digest: d, header: hdr, log: c.log,
 		turn: make(chan struct{}, 1), ctx: ctx, cancel: cancel}
 }
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -80,7 +81,7 @@ func TestUpstreamParent(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			src := &rangeSource{data: data, whole: tc.whole, truncate: tc.truncate}
-			p := NewUpstreamParent(src, "r", "repo", digest.FromBytes(data), nil)
+			p := New(Options{Logger: slog.New(slog.DiscardHandler)}).NewUpstreamParent(src, "r", "repo", digest.FromBytes(data), nil)
 			for k, i := range tc.order {
 				got, err := readPiece(t, p, i, size)
 				wantErr := tc.fails != nil && tc.fails[k]
@@ -119,7 +120,7 @@ func TestUpstreamStreamTurns(t *testing.T) {
 			data[i] = byte(i)
 		}
 		src := &rangeSource{data: data, whole: true}
-		p := NewUpstreamParent(src, "r", "repo", digest.FromBytes(data), nil)
+		p := New(Options{Logger: slog.New(slog.DiscardHandler)}).NewUpstreamParent(src, "r", "repo", digest.FromBytes(data), nil)
 		defer p.(io.Closer).Close()
 
 		first, err := p.Fetch(context.Background(), 0, 0, size)

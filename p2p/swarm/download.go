@@ -103,7 +103,7 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 	if req.ForPeers && s.opts.PeerUpstream != nil {
 		src = s.opts.PeerUpstream
 	}
-	run.SetUpstream(collector.NewUpstreamParent(src, req.Registry, req.Repo, d, req.Header), req.UpstreamOnly)
+	run.SetUpstream(s.opts.Collector.NewUpstreamParent(src, req.Registry, req.Repo, d, req.Header), req.UpstreamOnly)
 	s.mu.Lock()
 	s.runs[d] = run
 	if p := s.delegated[d]; len(p) > 0 && !req.UpstreamOnly {

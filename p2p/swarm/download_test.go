@@ -186,6 +186,15 @@ func ranked(d digest.Digest, n int) []string {
 
 func addrOf(id string) string { return id + ":7000" }
 
+// newTestCluster is a cluster of n members, none set up yet, and a random
+// blob of size bytes (from seed) that they can hold.
+func newTestCluster(seed byte, size int64, n int) (*fakeCluster, digest.Digest, []string) {
+	data := make([]byte, size)
+	rand.NewChaCha8([32]byte{seed}).Read(data)
+	d := digest.FromBytes(data)
+	return &fakeCluster{nodes: map[string]*fakeNode{}, data: data}, d, ranked(d, n)
+}
+
 func TestDownloader(t *testing.T) {
 	data := make([]byte, 3*piece.MinSize+5)
 	rng := rand.NewChaCha8([32]byte{1})
@@ -322,11 +331,8 @@ func TestDownloader(t *testing.T) {
 // the rest from the owner.
 func TestDownloaderReadsDelegatedPieces(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		data := make([]byte, 4*piece.MinSize)
-		rand.NewChaCha8([32]byte{2}).Read(data)
-		d := digest.FromBytes(data)
-		rank := ranked(d, 2)
-		c := &fakeCluster{nodes: map[string]*fakeNode{}, data: data}
+		c, d, rank := newTestCluster(2, 4*piece.MinSize, 2)
+		data := c.data
 		// The owner has the pieces it did not delegate (it leaves the
 		// others to this node), and the upstream is not this node's to use.
 		partial := complete(d, data)
@@ -360,11 +366,8 @@ func TestDownloaderReadsDelegatedPieces(t *testing.T) {
 // not given to another.
 func TestDownloaderKeepsCompleteParent(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		data := make([]byte, 4*piece.MinSize)
-		rand.NewChaCha8([32]byte{3}).Read(data)
-		d := digest.FromBytes(data)
-		rank := ranked(d, 4)
-		c := &fakeCluster{nodes: map[string]*fakeNode{}, data: data}
+		c, d, rank := newTestCluster(3, 4*piece.MinSize, 4)
+		data := c.data
 		// The owner has nothing yet and names a registered peer that has
 		// the blob and sends it slowly (several refreshes); later, another
 		// peer first.
