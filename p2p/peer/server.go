@@ -310,10 +310,6 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 	return Watch(stream.Context(), s.opts.Source, d, stream, s.opts.Faults)
 }
 
-// watchPoll is how often Watch looks at a blob with no change signalled,
-// for its fetching list.
-const watchPoll = 200 * time.Millisecond
-
 // Sender is where Watch sends its updates; a WatchPieces stream is one.
 type Sender interface {
 	Send(*pb.PieceUpdate) error
@@ -337,10 +333,13 @@ func Watch(ctx context.Context, src Holdings, d digest.Digest, out Sender, fault
 	if faults.ClaimComplete {
 		claimed = make([]uint32, plan.Count())
 	}
+	// The fetching list goes out with the pieces, and on its own only when
+	// src signals its change: a node's fetching list changes without a
+	// signal, and polling it (every 200 ms, as this did) sent each child an
+	// update a parent's list moved; in the simulator, at 1,000 nodes and a
+	// 3 GB blob, no node was done at twice the bound that way, against 994
+	// of 1,000 without (one run each).
 	var lastFetching []int
-	// Fetching lists change without a signal: look again after a while.
-	poll := time.NewTimer(watchPoll)
-	defer poll.Stop()
 	for first := true; ; first = false {
 		up := &pb.PieceUpdate{Digest: d.String(), Size: plan.Size, PieceSize: plan.PieceSize, Complete: h.Complete}
 		for _, p := range h.Done {
@@ -371,9 +370,7 @@ func Watch(ctx context.Context, src Holdings, d digest.Digest, out Sender, fault
 		case <-ctx.Done():
 			return nil
 		case <-changed:
-		case <-poll.C:
 		}
-		poll.Reset(watchPoll)
 		h, changed, err = src.Pieces(ctx, d, h.Next)
 		switch {
 		case errors.Is(err, ErrNotHere):
