@@ -16,18 +16,11 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/registry-proxy/registry-proxy/internal/atomicfile"
-	"github.com/registry-proxy/registry-proxy/internal/signal"
 	"github.com/registry-proxy/registry-proxy/piece"
 )
 
-var (
-	// ErrPieceLength means a piece's source gave more or fewer bytes than the plan says.
-	ErrPieceLength = errors.New("blobstore: piece length mismatch")
-	// ErrReset means the pieces after a cursor were thrown away (Reset).
-	ErrReset = errors.New("blobstore: pieces were reset")
-	// ErrClosed means the partial blob was closed before it was committed.
-	ErrClosed = errors.New("blobstore: partial blob closed")
-)
+// ErrPieceLength means a piece's source gave more or fewer bytes than the plan says.
+var ErrPieceLength = errors.New("blobstore: piece length mismatch")
 
 const (
 	recordSize = 8    // per piece: 1 flag byte, 3 zero bytes, CRC-32C
@@ -43,10 +36,8 @@ type meta struct {
 	PieceSize int64         `json:"pieceSize"`
 }
 
-// Partial is a blob being filled piece by piece, and the one record of which
-// of its pieces are done: the task serving it, its readers and the peers
-// watching it all read that here. Its methods are safe for concurrent use;
-// pieces are written with pwrite at their offsets.
+// Partial is a blob being filled piece by piece. Its methods are safe for
+// concurrent use; pieces are written with pwrite at their offsets.
 type Partial struct {
 	s      *Store
 	digest digest.Digest
@@ -56,17 +47,10 @@ type Partial struct {
 	data    *os.File
 	records *os.File
 
-	changes signal.Changes // a piece done, the pieces reset, the blob committed or closed
-
-	mu     sync.Mutex
-	done   []bool
-	ndone  int
-	nbytes int64 // bytes in done pieces
-	// log is the done pieces in the order they were done. Reset replaces
-	// it rather than clearing it, so a slice of it handed out stays as it
-	// was; appends write past every slice handed out.
-	log       []piece.Sum
-	gen       uint32 // bumped by Reset
+	mu        sync.Mutex
+	done      []bool
+	crc       []uint32
+	ndone     int
 	committed bool
 	closed    bool
 }
@@ -108,6 +92,7 @@ func (s *Store) Ingest(ctx context.Context, d digest.Digest, plan piece.Plan) (*
 func (p *Partial) open(ctx context.Context) error {
 	n := p.plan.Count()
 	p.done = make([]bool, n)
+	p.crc = make([]uint32, n)
 	m := meta{Digest: p.digest, Size: p.plan.Size, PieceSize: p.plan.PieceSize}
 
 	resume := false
@@ -189,7 +174,8 @@ func (p *Partial) recheck(ctx context.Context) error {
 			}
 			continue
 		}
-		p.markLocked(i, want)
+		p.done[i], p.crc[i] = true, want
+		p.ndone++
 	}
 	p.s.log.Info("resumed partial blob", "digest", p.digest, "pieces", len(p.done), "kept", p.ndone, "dropped", bad)
 	return nil
@@ -208,52 +194,18 @@ func (p *Partial) Has(i int) bool {
 	return i >= 0 && i < len(p.done) && p.done[i]
 }
 
-// DoneFrom returns the first piece from i on that is not done (Count when
-// every one is): readers may read up to its offset.
-func (p *Partial) DoneFrom(i int) int {
+// Checksums returns a copy of the piece checksums, zero where not done.
+func (p *Partial) Checksums() []uint32 {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for i >= 0 && i < len(p.done) && p.done[i] {
-		i++
-	}
-	return i
+	return append([]uint32(nil), p.crc...)
 }
 
-// DoneBytes is how many bytes of the blob are in done pieces.
-func (p *Partial) DoneBytes() int64 {
+// Bitmap returns a copy of the done flags.
+func (p *Partial) Bitmap() []bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.nbytes
-}
-
-// Since returns the pieces done after c, in the order they were done, and
-// the cursor to pass next. The slice is shared: callers must not change it.
-// ErrReset says the pieces were thrown away since c was handed out;
-// ErrClosed that the blob was closed without being committed.
-func (p *Partial) Since(c piece.Cursor) ([]piece.Sum, piece.Cursor, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	switch {
-	case p.closed && !p.committed:
-		return nil, c, fmt.Errorf("blobstore: %s: %w", p.digest, ErrClosed)
-	case c.Gen != 0 && c.Gen != p.gen+1, c.N > len(p.log):
-		return nil, c, fmt.Errorf("blobstore: %s: %w", p.digest, ErrReset)
-	}
-	n := len(p.log)
-	return p.log[c.N:n:n], piece.Cursor{Gen: p.gen + 1, N: n}, nil
-}
-
-// Changed returns a channel closed at the next change: a piece done, the
-// pieces reset, the blob committed or closed. Take it before looking, so
-// that a change in between is not missed.
-func (p *Partial) Changed() <-chan struct{} { return p.changes.C() }
-
-func (p *Partial) markLocked(i int, crc uint32) {
-	p.done[i] = true
-	p.ndone++
-	_, n := p.plan.Range(i)
-	p.nbytes += n
-	p.log = append(p.log, piece.Sum{Index: uint32(i), CRC: crc})
+	return append([]bool(nil), p.done...)
 }
 
 // Complete reports whether every piece is done.
@@ -311,7 +263,7 @@ func (p *Partial) MarkDone(i int, crc uint32) (bool, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
-		return false, fmt.Errorf("blobstore: mark piece %d: %w", i, ErrClosed)
+		return false, fmt.Errorf("blobstore: mark piece %d: partial closed", i)
 	}
 	if p.done[i] {
 		return false, nil
@@ -322,8 +274,8 @@ func (p *Partial) MarkDone(i int, crc uint32) (bool, error) {
 	if _, err := p.records.WriteAt(rec[:], int64(i*recordSize)); err != nil {
 		return false, fmt.Errorf("blobstore: record piece %d: %w", i, err)
 	}
-	p.markLocked(i, crc)
-	p.changes.Notify()
+	p.done[i], p.crc[i] = true, crc
+	p.ndone++
 	return true, nil
 }
 
@@ -331,12 +283,10 @@ func (p *Partial) MarkDone(i int, crc uint32) (bool, error) {
 func (p *Partial) Reset() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	defer p.changes.Notify()
 	for i := range p.done {
-		p.done[i] = false
+		p.done[i], p.crc[i] = false, 0
 	}
-	p.ndone, p.nbytes, p.log = 0, 0, nil
-	p.gen++
+	p.ndone = 0
 	if err := p.records.Truncate(0); err != nil {
 		return fmt.Errorf("blobstore: reset records: %w", err)
 	}
@@ -406,8 +356,6 @@ func (p *Partial) Commit(verified digest.Digest) error {
 	p.s.lru.Add(p.digest, &entry{size: p.plan.Size, lastAccess: now, persisted: now})
 	p.s.changes.Notify()
 	p.s.mu.Unlock()
-	// Watchers that look now find the blob in the store.
-	p.changes.Notify()
 	return nil
 }
 
@@ -432,7 +380,6 @@ func (p *Partial) Close() {
 	}
 	p.closed = true
 	p.mu.Unlock()
-	p.changes.Notify()
 	p.closeFiles()
 	p.s.mu.Lock()
 	if p.s.partials[p.digest] == p {

@@ -8,7 +8,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"slices"
 	"testing"
 	"time"
 
@@ -151,14 +150,21 @@ func TestResumeRechecksPieces(t *testing.T) {
 	}
 	defer p2.Discard()
 	want := []bool{true, false, true}
-	got := []bool{p2.Has(0), p2.Has(1), p2.Has(2)}
-	if !slices.Equal(got, want) {
-		t.Fatalf("resumed pieces %v, want %v", got, want)
+	if got := p2.Bitmap(); !equalBools(got, want) {
+		t.Fatalf("resumed bitmap %v, want %v", got, want)
 	}
-	// The resumed pieces are the log's start, in index order.
-	if sums, _, err := p2.Since(piece.Cursor{}); err != nil || len(sums) != 2 || sums[0].Index != 0 || sums[1].Index != 2 {
-		t.Fatalf("resumed log %v, %v; want pieces 0 and 2", sums, err)
+}
+
+func equalBools(a, b []bool) bool {
+	if len(a) != len(b) {
+		return false
 	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
 }
 
 func TestGC(t *testing.T) {
@@ -210,7 +216,7 @@ func TestGC(t *testing.T) {
 					t.Errorf("blob %d evicted but file remains", i)
 				}
 			}
-			if !slices.Equal(left, tt.wantLeft) {
+			if !equalInts(left, tt.wantLeft) {
 				t.Fatalf("left %v, want %v", left, tt.wantLeft)
 			}
 		})
@@ -231,6 +237,18 @@ func storeBlob(t *testing.T, s *Store, size int64) digest.Digest {
 	}
 	p.Close()
 	return d
+}
+
+func equalInts(a, b []int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
 }
 
 func TestGCAbandonedPartials(t *testing.T) {
@@ -352,118 +370,5 @@ func TestSetLimits(t *testing.T) {
 	}
 	if n, b := s.Usage(); n != 1 || b > 2*size*9/10 {
 		t.Errorf("after SetLimits(2000): %d blobs, %d bytes", n, b)
-	}
-}
-
-// TestPieceLog: the partial blob is the one record of its pieces: which are
-// done (DoneFrom, DoneBytes), in what order (Since, continued by its cursor),
-// and a change signal for each piece, reset, commit and close.
-func TestPieceLog(t *testing.T) {
-	ctx := context.Background()
-	s := newStore(t, t.TempDir(), Options{})
-	b, d := randBlob(t, int(piece.MinSize)*3+5)
-	plan := piece.PlanFor(int64(len(b)))
-	p, err := s.Ingest(ctx, d, plan)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Discard()
-	put := func(i int) {
-		t.Helper()
-		off, n := plan.Range(i)
-		ch := p.Changed()
-		crc, err := p.WritePiece(i, bytes.NewReader(b[off:off+n]))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if fresh, err := p.MarkDone(i, crc); err != nil || !fresh {
-			t.Fatalf("MarkDone(%d) = %v, %v", i, fresh, err)
-		}
-		select {
-		case <-ch:
-		default:
-			t.Fatalf("piece %d done without a change signal", i)
-		}
-	}
-	indexes := func(sums []piece.Sum) (out []int) {
-		for _, s := range sums {
-			out = append(out, int(s.Index))
-		}
-		return out
-	}
-	put(2)
-	put(0)
-	sums, c, err := p.Since(piece.Cursor{})
-	if err != nil || !slices.Equal(indexes(sums), []int{2, 0}) {
-		t.Fatalf("Since(start) = %v, %v; want pieces 2, 0", indexes(sums), err)
-	}
-	off, n := plan.Range(2)
-	if sums[0].CRC != piece.Checksum(b[off:off+n]) {
-		t.Fatal("logged checksum differs from the piece's")
-	}
-	if got := p.DoneFrom(0); got != 1 {
-		t.Fatalf("DoneFrom(0) = %d, want 1", got)
-	}
-	put(1)
-	if _, err := p.MarkDone(1, 0); err != nil {
-		t.Fatal(err)
-	}
-	sums, c2, err := p.Since(c)
-	if err != nil || !slices.Equal(indexes(sums), []int{1}) {
-		t.Fatalf("Since(cursor) = %v, %v; want piece 1 alone (a second MarkDone is not logged)", indexes(sums), err)
-	}
-	if got := p.DoneFrom(0); got != 3 {
-		t.Fatalf("DoneFrom(0) = %d, want 3", got)
-	}
-	_, n3 := plan.Range(3)
-	if got := p.DoneBytes(); got != int64(len(b))-n3 {
-		t.Fatalf("DoneBytes = %d, want %d", got, int64(len(b))-n3)
-	}
-
-	ch := p.Changed()
-	if err := p.Reset(); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-ch:
-	default:
-		t.Fatal("Reset without a change signal")
-	}
-	if _, _, err := p.Since(c2); !errors.Is(err, ErrReset) {
-		t.Fatalf("Since(old cursor) after Reset = %v, want ErrReset", err)
-	}
-	if sums, _, err := p.Since(piece.Cursor{}); err != nil || len(sums) != 0 || p.DoneFrom(0) != 0 || p.DoneBytes() != 0 {
-		t.Fatalf("after Reset: Since(start) = %v, %v; DoneFrom %d, DoneBytes %d", sums, err, p.DoneFrom(0), p.DoneBytes())
-	}
-
-	fill(t, p, b)
-	ch = p.Changed()
-	if err := p.Commit(d); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-ch:
-	default:
-		t.Fatal("Commit without a change signal")
-	}
-	if sums, _, err := p.Since(piece.Cursor{}); err != nil || len(sums) != plan.Count() {
-		t.Fatalf("committed: Since(start) = %d pieces, %v", len(sums), err)
-	}
-
-	// Closed before its commit, a partial blob has no pieces to give.
-	_, d2 := randBlob(t, 10)
-	p2, err := s.Ingest(ctx, d2, piece.PlanFor(10))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ch = p2.Changed()
-	p2.Close()
-	select {
-	case <-ch:
-	default:
-		t.Fatal("Close without a change signal")
-	}
-	if _, _, err := p2.Since(piece.Cursor{}); !errors.Is(err, ErrClosed) {
-		t.Fatalf("Since after Close = %v, want ErrClosed", err)
 	}
 }

@@ -87,20 +87,3 @@ func NewChecksum() interface {
 
 // Checksum returns the piece checksum of b.
 func Checksum(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
-
-// Sum is a done piece: its index and checksum.
-type Sum struct {
-	Index uint32
-	CRC   uint32
-}
-
-// Cursor is a position in a blob's log of done pieces (the order they were
-// done in), so that a watcher is sent each piece once: a call given a cursor
-// returns the pieces done after it and the cursor to give next. The zero
-// Cursor is the log's start.
-type Cursor struct {
-	// Gen is the log's generation plus one (0: any): a log that was
-	// thrown away and begun again does not continue an old cursor.
-	Gen uint32
-	N   int
-}

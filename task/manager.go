@@ -242,6 +242,7 @@ func (m *Manager) Open(ctx context.Context, req Request) (*Task, error) {
 		m:        m,
 		req:      req,
 		ready:    make(chan struct{}),
+		changed:  make(chan struct{}),
 		finished: make(chan struct{}),
 		readers:  map[*Reader]struct{}{},
 		sources:  map[string]int64{},
@@ -366,7 +367,15 @@ func (t *Task) follow(ctx context.Context, report func(done, size int64) error) 
 	defer tick.Stop()
 	for {
 		t.Touch()
-		if done := t.DoneBytes(); done < t.Size() {
+		var done int64
+		have, _ := t.Pieces()
+		for i, ok := range have {
+			if ok {
+				_, n := t.plan.Range(i)
+				done += n
+			}
+		}
+		if done < t.Size() {
 			if err := report(done, t.Size()); err != nil {
 				return err
 			}

@@ -14,9 +14,12 @@ func (t *Task) availableLocked(off, hold int64) int64 {
 	if off >= t.plan.Size {
 		return 0
 	}
-	j := t.partial.DoneFrom(t.plan.Index(off))
+	j := t.plan.Index(off)
+	for j < len(t.done) && t.done[j] {
+		j++
+	}
 	end, _ := t.plan.Range(j)
-	if j >= t.plan.Count() {
+	if j >= len(t.done) {
 		end = t.plan.Size
 	}
 	if !t.verified && end >= t.plan.Size {
@@ -74,10 +77,8 @@ func (t *Task) NewReader(ctx context.Context) (*Reader, error) {
 func (r *Reader) available() (int64, error) {
 	t := r.t
 	for {
-		// The signals first, then the state: a change in between is seen.
-		pieces, task := t.partial.Changed(), t.changes.C()
 		t.mu.Lock()
-		n, verified, err := t.availableLocked(r.off, r.hold), t.verified, t.err
+		n, verified, err, ch := t.availableLocked(r.off, r.hold), t.verified, t.err, t.changed
 		stale := r.gen != t.gen
 		t.mu.Unlock()
 		switch {
@@ -91,8 +92,7 @@ func (r *Reader) available() (int64, error) {
 			return 0, err
 		}
 		select {
-		case <-pieces:
-		case <-task:
+		case <-ch:
 		case <-r.ctx.Done():
 			return 0, r.ctx.Err()
 		}

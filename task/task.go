@@ -18,7 +18,6 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
-	"github.com/registry-proxy/registry-proxy/internal/signal"
 	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/piece"
@@ -50,11 +49,9 @@ type Task struct {
 	partial *blobstore.Partial
 	started time.Time
 
-	// changes signals the task's own changes (verified, failed or
-	// finished, pieces thrown away); the partial blob signals its pieces.
-	changes signal.Changes
-
 	mu       sync.Mutex
+	changed  chan struct{} // closed and replaced on every change
+	done     []bool
 	verified bool
 	wantedAt time.Time // last reader or peer interest (Touch)
 	err      error
@@ -81,6 +78,7 @@ func (t *Task) open() error {
 		return fmt.Errorf("task: %w", err)
 	}
 	t.partial = p
+	t.done = p.Bitmap()
 	return nil
 }
 
@@ -94,7 +92,11 @@ func (t *Task) Plan() piece.Plan { return t.plan }
 func (t *Task) Size() int64 { return t.plan.Size }
 
 // Has implements collector.Job.
-func (t *Task) Has(i int) bool { return t.partial.Has(i) }
+func (t *Task) Has(i int) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.done[i]
+}
 
 // Put implements collector.Job.
 func (t *Task) Put(i int, r io.Reader, source string, want collector.Expect) error {
@@ -111,7 +113,9 @@ func (t *Task) Put(i int, r io.Reader, source string, want collector.Expect) err
 	}
 	_, n := t.plan.Range(i)
 	t.mu.Lock()
+	t.done[i] = true
 	t.sources[source] += n
+	t.broadcastLocked()
 	t.mu.Unlock()
 	kind := metrics.SourcePeer
 	if source == collector.UpstreamID {
@@ -128,26 +132,35 @@ func (t *Task) Next() int {
 	next := -1
 	for r := range t.readers {
 		i := t.plan.Index(r.off)
-		if i < t.plan.Count() && !t.partial.Has(i) && (next < 0 || i < next) {
+		if i < len(t.done) && !t.done[i] && (next < 0 || i < next) {
 			next = i
 		}
 	}
 	return next
 }
 
-// Pieces returns the pieces done after c, in the order they were done, the
-// cursor to pass next, and a channel closed at the next change of the
-// pieces (a piece done, the blob committed, closed or reset); the slice is
-// shared and must not be changed. Errors are blobstore.ErrReset and
-// blobstore.ErrClosed.
-func (t *Task) Pieces(c piece.Cursor) ([]piece.Sum, piece.Cursor, <-chan struct{}, error) {
-	ch := t.partial.Changed()
-	sums, next, err := t.partial.Since(c)
-	return sums, next, ch, err
+func (t *Task) broadcastLocked() {
+	close(t.changed)
+	t.changed = make(chan struct{})
 }
 
-// DoneBytes is how many of the blob's bytes are in done pieces.
-func (t *Task) DoneBytes() int64 { return t.partial.DoneBytes() }
+// Changed returns a channel closed at the task's next change (a piece
+// done, the task finished).
+func (t *Task) Changed() <-chan struct{} {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.changed
+}
+
+// Pieces returns which pieces are done, with their checksums.
+func (t *Task) Pieces() (done []bool, crc []uint32) {
+	t.mu.Lock()
+	done = append([]bool(nil), t.done...)
+	t.mu.Unlock()
+	// A piece is marked in the partial blob before the task, so every done
+	// piece here has its checksum there.
+	return done, t.partial.Checksums()
+}
 
 // OpenFile opens the blob's bytes (partial or committed) for reading pieces
 // that are done.
@@ -243,10 +256,13 @@ func (t *Task) restart() error {
 		return err
 	}
 	t.mu.Lock()
+	defer t.mu.Unlock()
+	for i := range t.done {
+		t.done[i] = false
+	}
 	t.sources = map[string]int64{}
 	t.gen++
-	t.mu.Unlock()
-	t.changes.Notify()
+	t.broadcastLocked()
 	return nil
 }
 
@@ -256,8 +272,10 @@ func (t *Task) verify(ctx context.Context, fillDone chan error) error {
 	bp := make([]byte, 1<<20)
 	for i := 0; i < t.plan.Count(); i++ {
 		for {
-			ch := t.partial.Changed()
-			if t.partial.Has(i) {
+			t.mu.Lock()
+			ok, ch := t.done[i], t.changed
+			t.mu.Unlock()
+			if ok {
 				break
 			}
 			select {
@@ -287,8 +305,8 @@ func (t *Task) verify(ctx context.Context, fillDone chan error) error {
 	// them to disk.
 	t.mu.Lock()
 	t.verified = true
+	t.broadcastLocked()
 	t.mu.Unlock()
-	t.changes.Notify()
 	return t.partial.Commit(got)
 }
 
@@ -307,8 +325,8 @@ func (t *Task) finish(err error) {
 	t.err = err
 	t.elapsed = time.Since(t.started)
 	close(t.finished)
+	t.broadcastLocked()
 	t.mu.Unlock()
-	t.changes.Notify()
 	t.m.remove(t)
 	st := t.Stats()
 	t.m.recent.Add(t.req.Digest, st)

@@ -5,9 +5,9 @@
 // (swarm.Server.Register, state-aware seeding included), upload admission
 // (peer.Admission, super-seeding) and host-state meter over a simulated
 // network of hosts with upload and download capacities and a one-way
-// latency; each parent's piece stream is the real WatchPieces loop
-// (peer.Watch) over the node's pieces. Only the transport (gRPC streams,
-// HTTP piece requests, disks) is replaced, behind swarm.Transport.
+// latency; only the transport (gRPC streams, HTTP piece requests, disks) is
+// replaced, behind swarm.Transport, and the piece stream (WatchPieces) is
+// simulated: one update per new piece.
 //
 // Run must be called inside a testing/synctest bubble: the bubble's fake
 // clock is the simulation clock, and it advances whenever every simulated
@@ -24,6 +24,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"net/http"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -35,7 +36,6 @@ import (
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
 	"github.com/registry-proxy/registry-proxy/internal/report"
-	"github.com/registry-proxy/registry-proxy/internal/signal"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
 	"github.com/registry-proxy/registry-proxy/p2p/membership"
@@ -391,86 +391,42 @@ type node struct {
 	// delegations: state-aware seeding as owner (state mode, as the node).
 	delegations *swarm.Delegations
 
-	mu   sync.Mutex
-	job  *job
-	done chan struct{}
-	err  error
+	mu       sync.Mutex
+	job      *job
+	watchers []*watcher
+	done     chan struct{}
+	err      error
 }
 
-// stream is one WatchPieces stream in flight: the parent's peer.Watch
-// sends into it, and each update arrives one latency after it was sent.
-// It holds what is in flight, not the blob: a cluster holds one per
-// parent and child.
-type stream struct {
-	latency time.Duration
+// watcher is a node following another's pieces: updates queue here, and
+// the watching node's Watch call hands them to its downloader. The queue
+// grows with what is pending, not with the blob: a cluster holds one
+// watcher per parent and child.
+type watcher struct {
 	mu      sync.Mutex
-	pending []sent
+	pending []*pb.PieceUpdate
 	ready   chan struct{} // one token: pending is not empty
 }
 
-type sent struct {
-	up *pb.PieceUpdate
-	at time.Time // when it arrives
-}
+func newWatcher() *watcher { return &watcher{ready: make(chan struct{}, 1)} }
 
-func newStream(latency time.Duration) *stream {
-	return &stream{latency: latency, ready: make(chan struct{}, 1)}
-}
-
-// Send implements peer.Sender: gRPC's Send returns once the message is
-// queued, so it does not wait for the latency.
-func (st *stream) Send(up *pb.PieceUpdate) error {
-	st.mu.Lock()
-	st.pending = append(st.pending, sent{up: up, at: time.Now().Add(st.latency)})
-	st.mu.Unlock()
+func (w *watcher) push(up *pb.PieceUpdate) {
+	w.mu.Lock()
+	w.pending = append(w.pending, up)
+	w.mu.Unlock()
 	select {
-	case st.ready <- struct{}{}:
+	case w.ready <- struct{}{}:
 	default:
 	}
-	return nil
 }
 
-// receive hands fn each update when it arrives, in order, until ctx ends
-// or closed is and nothing is left in flight.
-func (st *stream) receive(ctx context.Context, closed <-chan struct{}, fn func(*pb.PieceUpdate)) error {
-	timer := time.NewTimer(time.Hour)
-	timer.Stop()
-	for {
-		st.mu.Lock()
-		var head sent
-		if len(st.pending) > 0 {
-			head = st.pending[0]
-		}
-		st.mu.Unlock()
-		switch {
-		case head.up != nil:
-			if wait := time.Until(head.at); wait > 0 {
-				timer.Reset(wait)
-				select {
-				case <-timer.C:
-				case <-ctx.Done():
-					return ctx.Err()
-				}
-			}
-			st.mu.Lock()
-			st.pending = st.pending[1:]
-			st.mu.Unlock()
-			fn(head.up)
-			continue
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-st.ready:
-		case <-closed:
-			st.mu.Lock()
-			left := len(st.pending)
-			st.mu.Unlock()
-			if left == 0 {
-				return nil
-			}
-		}
-	}
+// take returns what is pending, oldest first, and empties the queue.
+func (w *watcher) take() []*pb.PieceUpdate {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	ups := w.pending
+	w.pending = nil
+	return ups
 }
 
 // publishState samples the meter every second and sends the state to
@@ -599,30 +555,31 @@ func (t transport) Register(ctx context.Context, addr string, req *pb.RegisterRe
 	return resp, sleep(ctx, t.n.s.cfg.Latency)
 }
 
-// Watch follows the pieces of the node at addr: the parent's real
-// WatchPieces loop (peer.Watch) reads the node's pieces, and each update
-// arrives one latency after it was sent.
-func (t transport) Watch(ctx context.Context, addr string, d digest.Digest, _ string, fn func(*pb.PieceUpdate)) error {
+// Watch follows the pieces of the node at addr: what it holds now, then
+// each new piece, each one latency after it happened, as WatchPieces does.
+func (t transport) Watch(ctx context.Context, addr string, _ digest.Digest, _ string, fn func(*pb.PieceUpdate)) error {
 	p := t.n.s.byID[addr]
-	if err := sleep(ctx, t.n.s.cfg.Latency); err != nil { // the request on its way
-		return err
+	w := newWatcher()
+	p.mu.Lock()
+	p.watchers = append(p.watchers, w)
+	var have []int
+	if p.job != nil {
+		have = p.job.held()
 	}
-	st := newStream(t.n.s.cfg.Latency)
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var werr error
-	closed := make(chan struct{})
-	go func() {
-		defer close(closed)
-		werr = peer.Watch(ctx, p, d, st, peer.Faults{})
-	}()
-	err := st.receive(ctx, closed, fn)
-	cancel()
-	<-closed
-	if err != nil {
-		return err
+	p.mu.Unlock()
+	defer p.unwatch(w)
+	first := p.update(have)
+	time.AfterFunc(t.n.s.cfg.Latency, func() { w.push(first) })
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-w.ready:
+			for _, up := range w.take() {
+				fn(up)
+			}
+		}
 	}
-	return werr
 }
 
 // Parent is the node at addr as a parent of this one.
@@ -630,39 +587,54 @@ func (t transport) Parent(id, _ string, _ digest.Digest) collector.Parent {
 	return &peerParent{s: t.n.s, from: t.n.s.byID[id], to: t.n}
 }
 
-// Pieces implements peer.Holdings, what the node's WatchPieces reads: its
-// pieces in the order they came (checksums are not simulated), and what it
-// fetches now.
-func (n *node) Pieces(_ context.Context, d digest.Digest, c piece.Cursor) (peer.Holding, <-chan struct{}, error) {
+func (n *node) unwatch(w *watcher) {
 	n.mu.Lock()
-	j := n.job
-	n.mu.Unlock()
-	if j == nil {
-		return peer.Holding{}, nil, peer.ErrNotHere
-	}
-	changed := j.changes.C()
-	j.mu.Lock()
-	h := peer.Holding{Plan: n.s.plan, Next: piece.Cursor{Gen: 1, N: len(j.log)}, Complete: len(j.log) == len(j.have)}
-	if h.Complete {
-		c.N = 0
-	}
-	h.Done = j.log[c.N:len(j.log):len(j.log)]
-	j.mu.Unlock()
-	h.Fetching, h.Seeding, _ = n.dl.Progress(d)
-	return h, changed, nil
+	defer n.mu.Unlock()
+	n.watchers = slices.DeleteFunc(n.watchers, func(x *watcher) bool { return x == w })
 }
 
-// job is a node's copy of the blob: which pieces it holds. It is the
-// collector's Job, and the owner's download as Register sees it
-// (swarm.Owned).
+// update is a piece update naming pieces (checksums are not simulated) and
+// what this node fetches now.
+func (n *node) update(pieces []int) *pb.PieceUpdate {
+	up := &pb.PieceUpdate{Digest: n.s.digest.String(), Size: n.s.plan.Size, PieceSize: n.s.plan.PieceSize}
+	for _, i := range pieces {
+		up.Pieces = append(up.Pieces, &pb.Piece{Index: uint32(i)})
+	}
+	fetching, _, _ := n.dl.Progress(n.s.digest)
+	for _, i := range fetching {
+		up.Fetching = append(up.Fetching, uint32(i))
+	}
+	return up
+}
+
+// announce tells n's watchers, one latency later, that piece i is done.
+func (n *node) announce(i int) {
+	n.mu.Lock()
+	watchers := slices.Clone(n.watchers)
+	n.mu.Unlock()
+	if len(watchers) == 0 {
+		return
+	}
+	up := n.update([]int{i})
+	time.AfterFunc(n.s.cfg.Latency, func() {
+		for _, w := range watchers {
+			w.push(up)
+		}
+	})
+}
+
+// Size and Pieces are the job as the owner's server sees it (swarm.Owned);
+// checksums are not simulated.
+func (j *job) Size() int64                { return j.n.s.plan.Size }
+func (j *job) Pieces() ([]bool, []uint32) { return j.done(), nil }
+
+// job is a node's copy of the blob: which pieces it holds.
 type job struct {
 	n       *node
 	reading atomic.Bool
-	changes signal.Changes // a piece came
 	mu      sync.Mutex
 	have    []bool
-	log     []piece.Sum // the pieces in the order they came
-	next    int         // first missing piece
+	next    int // first missing piece
 }
 
 func newJob(n *node) *job { return &job{n: n, have: make([]bool, n.s.plan.Count())} }
@@ -693,16 +665,33 @@ func (j *job) Put(i int, r io.Reader, _ string, _ collector.Expect) error {
 		return fmt.Errorf("sim: piece %d: %w", i, err)
 	}
 	j.mu.Lock()
-	if !j.have[i] {
-		j.have[i] = true
-		j.log = append(j.log, piece.Sum{Index: uint32(i)})
-	}
+	j.have[i] = true
 	for j.next < len(j.have) && j.have[j.next] {
 		j.next++
 	}
 	j.mu.Unlock()
-	j.changes.Notify()
+	j.n.announce(i)
 	return nil
+}
+
+// done is, per piece, whether the node holds it.
+func (j *job) done() []bool {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return slices.Clone(j.have)
+}
+
+// held lists the pieces the node holds.
+func (j *job) held() []int {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	var out []int
+	for i, ok := range j.have {
+		if ok {
+			out = append(out, i)
+		}
+	}
+	return out
 }
 
 // body stands for a piece's bytes: the simulation moves no data.

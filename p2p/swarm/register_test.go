@@ -184,8 +184,8 @@ func (o *fakeOwner) OpenForPeers(context.Context, task.Request) (Owned, error) {
 
 type fakeOwned struct{}
 
-func (fakeOwned) Plan() piece.Plan { return piece.PlanFor(42) }
-func (fakeOwned) Has(int) bool     { return false }
+func (fakeOwned) Size() int64                { return 42 }
+func (fakeOwned) Pieces() ([]bool, []uint32) { return []bool{false}, []uint32{0} }
 
 // An owner that cannot fetch a blob with its own credentials has the
 // registering nodes fetch it themselves for privateFor, then tries again.

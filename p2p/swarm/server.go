@@ -43,8 +43,8 @@ type Blobs interface {
 // Owned is the owner's download of a digest, as a registration sees it;
 // *task.Task is one.
 type Owned interface {
-	Plan() piece.Plan
-	Has(i int) bool
+	Size() int64
+	Pieces() (done []bool, crc []uint32)
 }
 
 // Owner starts the owner's download of a digest a node registers for: the
@@ -115,8 +115,8 @@ type Server struct {
 	// credentials, so registering nodes fetch them themselves.
 	// Each for privateFor.
 	private *ttlcache.Cache[digest.Digest, struct{}]
-	// sums holds stored blobs' piece checksums, for peers watching them.
-	sums *lru.Cache[digest.Digest, []piece.Sum]
+	// crcs holds stored blobs' piece checksums, for peers watching them.
+	crcs *lru.Cache[digest.Digest, []uint32]
 }
 
 // privateFor is how long registering nodes fetch a digest themselves after
@@ -137,12 +137,12 @@ func NewServer(opts ServerOptions) *Server {
 	if opts.Owner == nil && opts.Tasks != nil {
 		opts.Owner = tasksOwner{opts.Tasks}
 	}
-	sums, _ := lru.New[digest.Digest, []piece.Sum](1024)
+	crcs, _ := lru.New[digest.Digest, []uint32](1024)
 	return &Server{
 		opts:    opts,
 		log:     opts.Logger.With("component", "swarm"),
 		private: ttlcache.New[digest.Digest, struct{}](4096, privateFor),
-		sums:    sums,
+		crcs:    crcs,
 	}
 }
 
@@ -196,7 +196,7 @@ func (s *Server) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Reg
 	case err != nil:
 		return nil, status.Errorf(codes.Unavailable, "owner cannot fetch %s: %v", d, err)
 	default:
-		resp.Size = t.Plan().Size
+		resp.Size = t.Size()
 		resp.UpstreamPieces = s.delegate(d, t, who.ID)
 	}
 	return resp, nil
@@ -208,10 +208,7 @@ func (s *Server) delegate(d digest.Digest, t Owned, node string) []uint32 {
 	if s.opts.Delegations == nil || s.opts.Uploads == nil || s.opts.Downloads == nil {
 		return nil
 	}
-	done := make([]bool, t.Plan().Count())
-	for i := range done {
-		done[i] = t.Has(i)
-	}
+	done, _ := t.Pieces()
 	uploads := func() map[string]float64 {
 		m := map[string]float64{}
 		for _, member := range s.opts.Members.Members() {
@@ -263,46 +260,42 @@ func (s *Server) caller(ctx context.Context, claimed string) (membership.Member,
 	return membership.Member{}, status.Errorf(codes.PermissionDenied, "node %q is not a member", id)
 }
 
-// Pieces implements peer.Source: a stored blob whole, a download's pieces
-// from its partial blob's log.
-func (s *Server) Pieces(ctx context.Context, d digest.Digest, since piece.Cursor) (peer.Holding, <-chan struct{}, error) {
+// Snapshot implements peer.Source.
+func (s *Server) Snapshot(ctx context.Context, d digest.Digest) (peer.Snapshot, <-chan struct{}, bool) {
 	if size, err := s.opts.Store.Stat(d); err == nil {
 		plan := piece.PlanFor(size)
-		sums, err := s.pieceSums(ctx, d, plan)
+		crcs, err := s.pieceChecksums(ctx, d, plan)
 		if err != nil {
 			s.log.Warn("checksumming a stored blob's pieces", "digest", d, "err", err)
-			return peer.Holding{}, nil, fmt.Errorf("%w: %v", peer.ErrNotHere, err)
+			return peer.Snapshot{}, nil, false
 		}
-		return peer.Holding{Plan: plan, Done: sums, Next: piece.Cursor{N: len(sums)}, Complete: true}, nil, nil
+		done := make([]bool, plan.Count())
+		for i := range done {
+			done[i] = true
+		}
+		return peer.Snapshot{Plan: plan, Done: done, CRC: crcs, Complete: true}, nil, true
 	}
 	if s.opts.Tasks == nil {
-		return peer.Holding{}, nil, peer.ErrNotHere
+		return peer.Snapshot{}, nil, false
 	}
 	t, ok := s.opts.Tasks.Lookup(d)
 	if !ok {
-		return peer.Holding{}, nil, peer.ErrNotHere
+		return peer.Snapshot{}, nil, false
 	}
 	t.Touch() // a peer watches it: keep it going with no reader here
-	sums, next, changed, err := t.Pieces(since)
-	if errors.Is(err, blobstore.ErrClosed) {
-		// The download ended without the blob; a committed one is found
-		// in the store on the next look.
-		return peer.Holding{}, nil, fmt.Errorf("%w: %v", peer.ErrNotHere, err)
-	}
-	if err != nil {
-		return peer.Holding{}, nil, err
-	}
-	h := peer.Holding{Plan: t.Plan(), Done: sums, Next: next}
+	ch := t.Changed()
+	done, crc := t.Pieces()
+	snap := peer.Snapshot{Plan: t.Plan(), Done: done, CRC: crc}
 	if s.opts.Downloads != nil {
-		h.Fetching, h.Seeding, _ = s.opts.Downloads.Progress(d)
+		snap.Fetching, snap.Seeding, _ = s.opts.Downloads.Progress(d)
 	}
-	return h, changed, nil
+	return snap, ch, true
 }
 
-// pieceSums are the pieces of a stored blob with their checksums, computed
-// once (one read of the blob) and remembered.
-func (s *Server) pieceSums(ctx context.Context, d digest.Digest, plan piece.Plan) ([]piece.Sum, error) {
-	if c, ok := s.sums.Get(d); ok && len(c) == plan.Count() {
+// pieceChecksums are the piece checksums of a stored blob, computed once
+// (one read of the blob) and remembered.
+func (s *Server) pieceChecksums(ctx context.Context, d digest.Digest, plan piece.Plan) ([]uint32, error) {
+	if c, ok := s.crcs.Get(d); ok && len(c) == plan.Count() {
 		return c, nil
 	}
 	b, err := s.opts.Store.Get(ctx, d)
@@ -310,18 +303,18 @@ func (s *Server) pieceSums(ctx context.Context, d digest.Digest, plan piece.Plan
 		return nil, err
 	}
 	defer b.Close()
-	sums := make([]piece.Sum, plan.Count())
+	crcs := make([]uint32, plan.Count())
 	buf := make([]byte, 1<<20)
-	for i := range sums {
+	for i := range crcs {
 		off, n := plan.Range(i)
 		h := piece.NewChecksum()
 		if _, err := io.CopyBuffer(h, io.NewSectionReader(b, off, n), buf); err != nil {
 			return nil, fmt.Errorf("swarm: checksum piece %d of %s: %w", i, d, err)
 		}
-		sums[i] = piece.Sum{Index: uint32(i), CRC: h.Sum32()}
+		crcs[i] = h.Sum32()
 	}
-	s.sums.Add(d, sums)
-	return sums, nil
+	s.crcs.Add(d, crcs)
+	return crcs, nil
 }
 
 // OpenPiece implements peer.Source.
