@@ -321,13 +321,14 @@ func (t *Task) finish(err error) {
 	default:
 		t.partial.Close() // pieces stay to resume
 	}
+	// Unlisted before Done closes: whoever waited on it finds it gone.
+	t.m.remove(t)
 	t.mu.Lock()
 	t.err = err
 	t.elapsed = time.Since(t.started)
 	close(t.finished)
 	t.broadcastLocked()
 	t.mu.Unlock()
-	t.m.remove(t)
 	st := t.Stats()
 	t.m.recent.Add(t.req.Digest, st)
 
