@@ -186,6 +186,15 @@ func ranked(d digest.Digest, n int) []string {
 
 func addrOf(id string) string { return id + ":7000" }
 
+// membersOf is the members with these ids, each at addrOf(id).
+func membersOf(ids []string) staticMembers {
+	var m staticMembers
+	for _, id := range ids {
+		m = append(m, membership.Member{ID: id, Addr: addrOf(id)})
+	}
+	return m
+}
+
 // newTestCluster is a cluster of n members, none set up yet, and a random
 // blob of size bytes (from seed) that they can hold.
 func newTestCluster(seed byte, size int64, n int) (*fakeCluster, digest.Digest, []string) {
@@ -271,10 +280,7 @@ func TestDownloader(t *testing.T) {
 				if tc.setup != nil {
 					tc.setup(c, d)
 				}
-				var members staticMembers
-				for _, id := range rank {
-					members = append(members, membership.Member{ID: id, Addr: addrOf(id)})
-				}
+				members := membersOf(rank)
 				up := &countingUpstream{data: data}
 				dl := NewDownloader(DownloaderOptions{
 					Self: membership.Member{ID: self, Addr: addrOf(self)}, Members: members, Transport: c,
@@ -341,7 +347,7 @@ func TestDownloaderReadsDelegatedPieces(t *testing.T) {
 		c.nodes[addrOf(rank[0])] = &fakeNode{resp: &pb.RegisterResponse{UpstreamPieces: []uint32{1, 3}}, updates: []*pb.PieceUpdate{partial}}
 		up := &countingUpstream{data: data}
 		dl := NewDownloader(DownloaderOptions{
-			Self: membership.Member{ID: rank[1], Addr: addrOf(rank[1])}, Members: staticMembers{{ID: rank[0], Addr: addrOf(rank[0])}, {ID: rank[1], Addr: addrOf(rank[1])}},
+			Self: membership.Member{ID: rank[1], Addr: addrOf(rank[1])}, Members: membersOf(rank),
 			Transport: c, Collector: collector.New(collector.Options{Concurrency: 4, Logger: slog.New(slog.DiscardHandler)}),
 			Upstream: up, Logger: slog.New(slog.DiscardHandler),
 		})
@@ -375,10 +381,7 @@ func TestDownloaderKeepsCompleteParent(t *testing.T) {
 		c.nodes[addrOf(rank[0])] = &fakeNode{resp: &pb.RegisterResponse{Peers: []*pb.PeerRef{p1}}, then: &pb.RegisterResponse{Peers: []*pb.PeerRef{p2, p1}}}
 		c.nodes[addrOf(rank[1])] = &fakeNode{updates: []*pb.PieceUpdate{complete(d, data)}, ends: true, slow: 5 * time.Second}
 		c.nodes[addrOf(rank[2])] = &fakeNode{}
-		var members staticMembers
-		for _, id := range rank {
-			members = append(members, membership.Member{ID: id, Addr: addrOf(id)})
-		}
+		members := membersOf(rank)
 		dl := NewDownloader(DownloaderOptions{
 			Self: membership.Member{ID: rank[3], Addr: addrOf(rank[3])}, Members: members, Transport: c,
 			Collector: collector.New(collector.Options{Concurrency: 4, Logger: slog.New(slog.DiscardHandler)}),
