@@ -8,7 +8,7 @@ package tracker
 
 import (
 	"math/rand/v2"
-	"sort"
+	"slices"
 	"sync"
 	"time"
 )
@@ -23,16 +23,77 @@ type Peer struct {
 type Tracker struct {
 	mu    sync.Mutex
 	rng   *rand.Rand
-	peers map[string]map[string]Peer // key -> id -> peer
+	peers map[string]*peerSet // key -> registered nodes
 	// held: what each node announced it holds complete (Hold); holders
 	// indexes it by key.
 	held    map[string]holding
-	holders map[string]map[string]bool // key -> ids
+	holders map[string]*peerSet // key -> holding nodes
 }
 
 type holding struct {
 	peer Peer
 	keys []string
+}
+
+// peerSet is a set of peers in a slice, so that a sample draws indices
+// instead of copying, sorting and shuffling the whole set: a blob a whole
+// cluster pulls has every node registered at its owner, and each of them
+// registers again at every refresh.
+type peerSet struct {
+	list []Peer
+	pos  map[string]int // id -> index in list
+}
+
+func (ps *peerSet) put(p Peer) {
+	if i, ok := ps.pos[p.ID]; ok {
+		ps.list[i] = p
+		return
+	}
+	ps.pos[p.ID] = len(ps.list)
+	ps.list = append(ps.list, p)
+}
+
+func (ps *peerSet) has(id string) bool { _, ok := ps.pos[id]; return ok }
+
+// remove swaps the last peer into id's place.
+func (ps *peerSet) remove(id string) {
+	i, ok := ps.pos[id]
+	if !ok {
+		return
+	}
+	last := len(ps.list) - 1
+	ps.list[i] = ps.list[last]
+	ps.pos[ps.list[i].ID] = i
+	ps.list[last] = Peer{}
+	ps.list = ps.list[:last]
+	delete(ps.pos, id)
+}
+
+func (ps *peerSet) len() int {
+	if ps == nil {
+		return 0
+	}
+	return len(ps.list)
+}
+
+// set returns m's set for key, made when missing.
+func set(m map[string]*peerSet, key string) *peerSet {
+	ps := m[key]
+	if ps == nil {
+		ps = &peerSet{pos: map[string]int{}}
+		m[key] = ps
+	}
+	return ps
+}
+
+// removeFrom takes id out of key's set in m, and the set when empty.
+func removeFrom(m map[string]*peerSet, key, id string) {
+	if ps := m[key]; ps != nil {
+		ps.remove(id)
+		if ps.len() == 0 {
+			delete(m, key)
+		}
+	}
 }
 
 // New returns an empty tracker drawing samples from rng (a random source
@@ -41,7 +102,7 @@ func New(rng *rand.Rand) *Tracker {
 	if rng == nil {
 		rng = rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
 	}
-	return &Tracker{rng: rng, peers: map[string]map[string]Peer{}, held: map[string]holding{}, holders: map[string]map[string]bool{}}
+	return &Tracker{rng: rng, peers: map[string]*peerSet{}, held: map[string]holding{}, holders: map[string]*peerSet{}}
 }
 
 // Hold replaces the keys node p announced it holds complete: Peers hands
@@ -50,10 +111,7 @@ func (t *Tracker) Hold(p Peer, keys []string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, k := range t.held[p.ID].keys {
-		delete(t.holders[k], p.ID)
-		if len(t.holders[k]) == 0 {
-			delete(t.holders, k)
-		}
+		removeFrom(t.holders, k, p.ID)
 	}
 	if len(keys) == 0 {
 		delete(t.held, p.ID)
@@ -61,10 +119,7 @@ func (t *Tracker) Hold(p Peer, keys []string) {
 	}
 	t.held[p.ID] = holding{peer: p, keys: keys}
 	for _, k := range keys {
-		if t.holders[k] == nil {
-			t.holders[k] = map[string]bool{}
-		}
-		t.holders[k][p.ID] = true
+		set(t.holders, k).put(p)
 	}
 }
 
@@ -74,13 +129,10 @@ func (t *Tracker) Retain(live map[string]bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for key, ps := range t.peers {
-		for id := range ps {
+		for _, id := range ps.ids() {
 			if !live[id] {
-				delete(ps, id)
+				removeFrom(t.peers, key, id)
 			}
-		}
-		if len(ps) == 0 {
-			delete(t.peers, key)
 		}
 	}
 	for id, h := range t.held {
@@ -88,13 +140,18 @@ func (t *Tracker) Retain(live map[string]bool) {
 			continue
 		}
 		for _, k := range h.keys {
-			delete(t.holders[k], id)
-			if len(t.holders[k]) == 0 {
-				delete(t.holders, k)
-			}
+			removeFrom(t.holders, k, id)
 		}
 		delete(t.held, id)
 	}
+}
+
+func (ps *peerSet) ids() []string {
+	ids := make([]string, len(ps.list))
+	for i, p := range ps.list {
+		ids[i] = p.ID
+	}
+	return ids
 }
 
 // Held is the number of (node, key) holdings announced.
@@ -112,11 +169,12 @@ func (t *Tracker) Held() int {
 func (t *Tracker) Holders(key string) []string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	ids := make([]string, 0, len(t.holders[key]))
-	for id := range t.holders[key] {
-		ids = append(ids, id)
+	ps := t.holders[key]
+	if ps == nil {
+		return []string{}
 	}
-	sort.Strings(ids)
+	ids := ps.ids()
+	slices.Sort(ids)
 	return ids
 }
 
@@ -124,31 +182,44 @@ func (t *Tracker) Holders(key string) []string {
 func (t *Tracker) Add(key string, p Peer) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.peers[key] == nil {
-		t.peers[key] = map[string]Peer{}
-	}
-	t.peers[key][p.ID] = p
+	set(t.peers, key).put(p)
 }
 
-// Peers returns up to max of key's registered and holding nodes, except
-// one, chosen at random.
-func (t *Tracker) Peers(key, except string, max int) []Peer {
+// Peers returns up to limit of key's registered and holding nodes, except
+// one, chosen at random: indices drawn without replacement over the
+// registered then the holding nodes (a partial Fisher–Yates shuffle that
+// keeps only the positions it moved), so a sample costs about limit draws,
+// not the whole set.
+func (t *Tracker) Peers(key, except string, limit int) []Peer {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	all := make([]Peer, 0, len(t.peers[key])+len(t.holders[key]))
-	for id, p := range t.peers[key] {
-		if id != except {
-			all = append(all, p)
+	reg, hold := t.peers[key], t.holders[key]
+	nreg := reg.len()
+	total := nreg + hold.len()
+	out := make([]Peer, 0, min(max(limit, 0), total))
+	moved := map[int]int{}
+	at := func(k int) int {
+		if v, ok := moved[k]; ok {
+			return v
+		}
+		return k
+	}
+	for k := 0; k < total && len(out) < limit; k++ {
+		j := k + t.rng.IntN(total-k)
+		pick := at(j)
+		moved[j] = at(k)
+		var p Peer
+		if pick < nreg {
+			p = reg.list[pick]
+		} else {
+			p = hold.list[pick-nreg]
+			if reg != nil && reg.has(p.ID) {
+				continue // registered too: drawn by its registration's index
+			}
+		}
+		if p.ID != except {
+			out = append(out, p)
 		}
 	}
-	for id := range t.holders[key] {
-		if _, registered := t.peers[key][id]; !registered && id != except {
-			all = append(all, t.held[id].peer)
-		}
-	}
-	// Map order is random but not uniformly so; sort, then shuffle with
-	// the tracker's own source (tests fix it).
-	sort.Slice(all, func(i, j int) bool { return all[i].ID < all[j].ID })
-	t.rng.Shuffle(len(all), func(i, j int) { all[i], all[j] = all[j], all[i] })
-	return all[:min(len(all), max)]
+	return out
 }

@@ -130,3 +130,87 @@ func TestRetain(t *testing.T) {
 		t.Errorf("keys left with nobody are kept: %d registered, %d held", len(tr.peers), len(tr.holders))
 	}
 }
+
+// BenchmarkPeers is the owner's cost of one Register of a blob a whole
+// cluster pulls: every node registers again at each refresh.
+func BenchmarkPeers(b *testing.B) {
+	for _, n := range []int{100, 1000, 2600} {
+		b.Run(fmt.Sprint("registered=", n), func(b *testing.B) {
+			tr := New(rand.New(rand.NewPCG(1, 2)))
+			for i := range n {
+				tr.Add("d", Peer{ID: fmt.Sprint("node-", i), Addr: fmt.Sprint("10.0.0.", i)})
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				tr.Peers("d", "node-7", 32)
+			}
+		})
+	}
+}
+
+// Registrations, holdings and departures in any order: a sample larger
+// than the set is the whole set (registered and holding nodes, each once,
+// the excepted one left out), a smaller one a part of it, as a plain map
+// of the same operations says.
+func TestPeersAfterChanges(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	tr := New(rand.New(rand.NewPCG(7, 8)))
+	registered, holding := map[string]bool{}, map[string]bool{}
+	id := func() string { return fmt.Sprint("n", rng.IntN(40)) }
+	for step := range 2000 {
+		switch op := rng.IntN(10); {
+		case op < 5:
+			n := id()
+			tr.Add("d", Peer{ID: n, Addr: n})
+			registered[n] = true
+		case op < 7:
+			n := id()
+			tr.Hold(Peer{ID: n, Addr: n}, []string{"d"})
+			holding[n] = true
+		case op < 8:
+			n := id()
+			tr.Hold(Peer{ID: n, Addr: n}, nil)
+			delete(holding, n)
+		default:
+			gone := id()
+			live := map[string]bool{}
+			for i := range 40 {
+				if n := fmt.Sprint("n", i); n != gone {
+					live[n] = true
+				}
+			}
+			tr.Retain(live)
+			delete(registered, gone)
+			delete(holding, gone)
+		}
+		except := id()
+		want := map[string]bool{}
+		for n := range registered {
+			want[n] = true
+		}
+		for n := range holding {
+			want[n] = true
+		}
+		delete(want, except)
+		all := tr.Peers("d", except, 100)
+		some := tr.Peers("d", except, 3)
+		got := map[string]bool{}
+		for _, p := range all {
+			if got[p.ID] || !want[p.ID] {
+				t.Fatalf("step %d: Peers = %v: %s repeated or not registered nor holding (want %v)", step, all, p.ID, want)
+			}
+			got[p.ID] = true
+		}
+		if len(got) != len(want) {
+			t.Fatalf("step %d: Peers = %v, want all of %v", step, all, want)
+		}
+		if len(some) != min(3, len(want)) {
+			t.Fatalf("step %d: a sample of 3 = %v, of %d", step, some, len(want))
+		}
+		for _, p := range some {
+			if !want[p.ID] {
+				t.Fatalf("step %d: sample names %s, not in %v", step, p.ID, want)
+			}
+		}
+	}
+}
