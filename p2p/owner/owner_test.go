@@ -52,3 +52,24 @@ func TestRank(t *testing.T) {
 		t.Error("empty members")
 	}
 }
+
+// BenchmarkRank and BenchmarkOf: a node's cost of finding a digest's owner
+// among n members, at every refresh of every download.
+func BenchmarkRank(b *testing.B) {
+	for _, n := range []int{100, 2600} {
+		ids := make([]string, n)
+		for i := range ids {
+			ids[i] = fmt.Sprint("node-", i)
+		}
+		b.Run(fmt.Sprint("members=", n), func(b *testing.B) {
+			for b.Loop() {
+				Rank("sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", ids)
+			}
+		})
+		b.Run(fmt.Sprint("of/members=", n), func(b *testing.B) {
+			for b.Loop() {
+				Of("sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", ids)
+			}
+		})
+	}
+}
