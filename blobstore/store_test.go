@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -150,21 +151,9 @@ func TestResumeRechecksPieces(t *testing.T) {
 	}
 	defer p2.Discard()
 	want := []bool{true, false, true}
-	if got := p2.Bitmap(); !equalBools(got, want) {
+	if got := p2.Bitmap(); !slices.Equal(got, want) {
 		t.Fatalf("resumed bitmap %v, want %v", got, want)
 	}
-}
-
-func equalBools(a, b []bool) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestGC(t *testing.T) {
@@ -216,7 +205,7 @@ func TestGC(t *testing.T) {
 					t.Errorf("blob %d evicted but file remains", i)
 				}
 			}
-			if !equalInts(left, tt.wantLeft) {
+			if !slices.Equal(left, tt.wantLeft) {
 				t.Fatalf("left %v, want %v", left, tt.wantLeft)
 			}
 		})
@@ -237,18 +226,6 @@ func storeBlob(t *testing.T, s *Store, size int64) digest.Digest {
 	}
 	p.Close()
 	return d
-}
-
-func equalInts(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestGCAbandonedPartials(t *testing.T) {
