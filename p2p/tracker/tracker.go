@@ -76,6 +76,14 @@ func (ps *peerSet) len() int {
 	return len(ps.list)
 }
 
+func (ps *peerSet) ids() []string {
+	ids := make([]string, len(ps.list))
+	for i, p := range ps.list {
+		ids[i] = p.ID
+	}
+	return ids
+}
+
 // set returns m's set for key, made when missing.
 func set(m map[string]*peerSet, key string) *peerSet {
 	ps := m[key]
@@ -144,14 +152,6 @@ func (t *Tracker) Retain(live map[string]bool) {
 		}
 		delete(t.held, id)
 	}
-}
-
-func (ps *peerSet) ids() []string {
-	ids := make([]string, len(ps.list))
-	for i, p := range ps.list {
-		ids[i] = p.ID
-	}
-	return ids
 }
 
 // Held is the number of (node, key) holdings announced.
