@@ -3,6 +3,8 @@
 package piece
 
 import (
+	"encoding/base64"
+	"errors"
 	"fmt"
 	"hash/crc32"
 	"math/bits"
@@ -87,3 +89,43 @@ func NewChecksum() interface {
 
 // Checksum returns the piece checksum of b.
 func Checksum(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
+
+// EncodeSet writes a set of pieces (set[i]: piece i is in it) as unpadded
+// base64url of a bitmap, bit i%8 of byte i/8: 172 characters for the 1,024
+// pieces most plans have, small enough for a header.
+func EncodeSet(set []bool) string {
+	b := make([]byte, (len(set)+7)/8)
+	for i, in := range set {
+		if in {
+			b[i/8] |= 1 << (i % 8)
+		}
+	}
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// ErrBadSet means a piece set does not decode to the blob's pieces.
+var ErrBadSet = errors.New("piece: malformed piece set")
+
+// DecodeSet reads what EncodeSet wrote for a blob of count pieces. It
+// refuses a bitmap of another length or with bits past the last piece: a
+// peer's claim about another blob, or garbage.
+func DecodeSet(s string, count int) ([]bool, error) {
+	if count < 0 || len(s) != base64.RawURLEncoding.EncodedLen((count+7)/8) {
+		return nil, fmt.Errorf("%w: %d characters for %d pieces", ErrBadSet, len(s), count)
+	}
+	b, err := base64.RawURLEncoding.DecodeString(s)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrBadSet, err)
+	}
+	if len(b) != (count+7)/8 { // the decoder skips line breaks
+		return nil, fmt.Errorf("%w: %d bytes for %d pieces", ErrBadSet, len(b), count)
+	}
+	if count%8 != 0 && b[len(b)-1]>>(count%8) != 0 {
+		return nil, fmt.Errorf("%w: pieces past the last of %d", ErrBadSet, count)
+	}
+	set := make([]bool, count)
+	for i := range set {
+		set[i] = b[i/8]&(1<<(i%8)) != 0
+	}
+	return set, nil
+}

@@ -1,6 +1,10 @@
 package piece
 
-import "testing"
+import (
+	"errors"
+	"slices"
+	"testing"
+)
 
 func TestPlanFor(t *testing.T) {
 	tests := []struct {
@@ -43,4 +47,65 @@ func TestPlanFor(t *testing.T) {
 	if err := (Plan{Size: 10, PieceSize: 1}).Validate(); err == nil {
 		t.Error("Validate accepted a foreign piece size")
 	}
+}
+
+func TestSet(t *testing.T) {
+	tests := []struct {
+		name  string
+		set   []bool
+		count int
+		err   bool
+	}{
+		{"empty", []bool{}, 0, false},
+		{"one of one", []bool{true}, 1, false},
+		{"none of nine", make([]bool, 9), 9, false},
+		{"a byte's edges", []bool{true, false, false, false, false, false, false, true, true}, 9, false},
+		{"fewer pieces than sent", []bool{true, true, true}, 2, true},
+		{"more pieces than sent", []bool{true}, 9, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := DecodeSet(EncodeSet(tt.set), tt.count)
+			if tt.err {
+				if !errors.Is(err, ErrBadSet) {
+					t.Fatalf("DecodeSet = %v, %v; want ErrBadSet", got, err)
+				}
+				return
+			}
+			if err != nil || !slices.Equal(got, tt.set) {
+				t.Fatalf("DecodeSet(EncodeSet(%v)) = %v, %v", tt.set, got, err)
+			}
+		})
+	}
+	// Bits past the last piece, in a bitmap of the right length.
+	if _, err := DecodeSet("_w", 7); !errors.Is(err, ErrBadSet) {
+		t.Errorf("bit 7 of 7 pieces: %v, want ErrBadSet", err)
+	}
+	if _, err := DecodeSet("!!", 7); !errors.Is(err, ErrBadSet) {
+		t.Errorf("not base64: %v, want ErrBadSet", err)
+	}
+}
+
+// FuzzDecodeSet: a peer's piece set never panics, and what decodes encodes
+// back to a set of the same pieces.
+func FuzzDecodeSet(f *testing.F) {
+	f.Add("_w", 7)
+	f.Add("AQ", 9)
+	f.Add("", 0)
+	f.Fuzz(func(t *testing.T, s string, count int) {
+		if count > 1<<16 {
+			return
+		}
+		set, err := DecodeSet(s, count)
+		if err != nil {
+			return
+		}
+		if len(set) != count {
+			t.Fatalf("%d pieces, want %d", len(set), count)
+		}
+		again, err := DecodeSet(EncodeSet(set), count)
+		if err != nil || !slices.Equal(again, set) {
+			t.Fatalf("round trip of %q: %v, %v", s, again, err)
+		}
+	})
 }

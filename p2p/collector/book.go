@@ -112,13 +112,14 @@ func (pq *parentQueue) refusedAt(i int, ms uint32) bool {
 	return pq.refused != nil && pq.refused[i] > ms
 }
 
-// refuse has pq not asked for piece i before until.
+// refuse has pq not asked for piece i before until (or a later refusal's
+// end).
 func (r *Run) refuse(pq *parentQueue, i int, until time.Time) {
 	if pq.refused == nil {
 		pq.refused = make([]uint32, len(pq.has))
 	}
 	ms := until.Sub(r.epoch)
-	pq.refused[i] = uint32((ms + time.Millisecond - 1) / time.Millisecond)
+	pq.refused[i] = max(pq.refused[i], uint32((ms+time.Millisecond-1)/time.Millisecond))
 }
 
 // sinceEpoch is now in whole milliseconds from the run's epoch; the

@@ -49,6 +49,14 @@ var (
 	ErrElsewhere = errors.New("collector: parent sent this piece already; fetch it elsewhere")
 )
 
+// ElsewhereError is ErrElsewhere with the pieces the parent would send
+// instead, as piece.EncodeSet writes them ("" when it did not say). The run
+// asks that parent for none of the others for a while.
+type ElsewhereError struct{ Offered string }
+
+func (e *ElsewhereError) Error() string { return ErrElsewhere.Error() }
+func (e *ElsewhereError) Unwrap() error { return ErrElsewhere }
+
 // Expect is the checksum a parent announced for a piece, if any.
 type Expect struct {
 	CRC   uint32

@@ -547,6 +547,68 @@ func TestElsewhereIsNotAFailure(t *testing.T) {
 	}
 }
 
+// offeringParent sends only the pieces it offers, and says which in each
+// refusal, as a busy super-seeding peer does.
+type offeringParent struct {
+	fakeParent
+	offered []bool
+}
+
+func (p *offeringParent) Fetch(ctx context.Context, i int, off, n int64) (io.ReadCloser, error) {
+	rc, err := p.fakeParent.Fetch(ctx, i, off, n) // counts the ask
+	if !p.offered[i] {
+		return nil, &ElsewhereError{Offered: piece.EncodeSet(p.offered)}
+	}
+	return rc, err
+}
+
+// TestRefusalWithOffer: one refusal that names what the parent would send
+// keeps the run from asking it for the other pieces it would refuse, one
+// round trip each, and a malformed offer is only a refusal.
+func TestRefusalWithOffer(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		bad         bool
+		maxRefusals int
+	}{
+		{"offer", false, 1},
+		{"malformed offer", true, 8},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				job := newJob(8)
+				c := New(Options{Concurrency: 1, Rand: rand.New(rand.NewPCG(1, 2))})
+				r := c.NewRun(job)
+				offered := []bool{false, false, false, false, false, false, true, true}
+				if tc.bad {
+					offered = offered[:3] // another blob's set
+				}
+				owner := &offeringParent{fakeParent{id: "owner", job: job}, offered}
+				sib := &fakeParent{id: "sibling", job: job}
+				r.AddParent(owner)
+				r.AddParent(sib)
+				all := job.checksums(0, 1, 2, 3, 4, 5, 6, 7)
+				r.Announce("owner", all, nil)
+				r.Announce("sibling", all, nil)
+				if err := r.Run(context.Background()); err != nil {
+					t.Fatal(err)
+				}
+				owner.mu.Lock()
+				defer owner.mu.Unlock()
+				refusals := 0
+				for _, i := range owner.asked {
+					if i < 6 {
+						refusals++
+					}
+				}
+				if refusals == 0 || refusals > tc.maxRefusals {
+					t.Errorf("asked for pieces it would not send %d times (%v), want 1..%d", refusals, owner.asked, tc.maxRefusals)
+				}
+			})
+		})
+	}
+}
+
 // slowParent sends ten bytes per 100 ms until its request is cancelled.
 type slowParent struct{ fakeParent }
 

@@ -8,6 +8,8 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"github.com/registry-proxy/registry-proxy/piece"
 )
 
 // Run is the collection of one blob. Parents and their announcements may be
@@ -354,7 +356,24 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 		return nil
 	}
 	if (errors.Is(err, ErrElsewhere) || errors.Is(err, errStolen)) && !pq.upstream {
-		r.refuse(pq, i, r.c.opts.Now().Add(r.c.opts.ElsewhereFor))
+		now := r.c.opts.Now()
+		r.refuse(pq, i, now.Add(r.c.opts.ElsewhereFor))
+		// The parent said what it would send instead: the rest of what it
+		// has would be refused too, a round trip each. Not asked for them
+		// for a quarter of ElsewhereFor only: a busy parent's answer goes
+		// stale fast (in the simulator a full ElsewhereFor left children
+		// idle: p50 1.29 → 1.36 × the bound, 150 nodes; a quarter 1.31).
+		// A set that does not fit the blob is ignored: the refusal stands,
+		// its hint does not.
+		if ee := (*ElsewhereError)(nil); errors.As(err, &ee) && ee.Offered != "" {
+			if offered, err := piece.DecodeSet(ee.Offered, r.n); err == nil {
+				for _, j := range pq.list {
+					if !offered[j] {
+						r.refuse(pq, int(j), now.Add(r.c.opts.ElsewhereFor/4))
+					}
+				}
+			}
+		}
 		return nil
 	}
 	if err == nil {

@@ -13,6 +13,13 @@ import (
 // another peer just now: the asking peer takes it from there.
 var ErrSentElsewhere = errors.New("peer: piece already sent to another peer; fetch it from there")
 
+// SentElsewhereError is ErrSentElsewhere with the pieces this node would
+// send instead (Fresh[j]: piece j).
+type SentElsewhereError struct{ Fresh []bool }
+
+func (e *SentElsewhereError) Error() string { return ErrSentElsewhere.Error() }
+func (e *SentElsewhereError) Unwrap() error { return ErrSentElsewhere }
+
 // Admission decides whether this node uploads a piece now: a free upload
 // slot (the meter; hoststate.ErrBusy when full) and, with super-seeding,
 // the ledger. The peer server and the simulator both admit through it.
@@ -35,10 +42,11 @@ func (a Admission) Admit(d digest.Digest, i, count int, offers func(int) bool) (
 	}
 	undo := func() {}
 	if a.Ledger != nil {
+		var fresh []bool
 		var ok bool
-		if undo, ok = a.Ledger.Begin(d, i, count, offers, uploads); !ok {
+		if undo, fresh, ok = a.Ledger.Begin(d, i, count, offers, uploads); !ok {
 			releaseSlot()
-			return nil, ErrSentElsewhere
+			return nil, &SentElsewhereError{Fresh: fresh}
 		}
 	}
 	return func(sent bool) {

@@ -37,6 +37,10 @@ import (
 	"github.com/registry-proxy/registry-proxy/piece"
 )
 
+// OfferedHeader, on a 409 (piece sent elsewhere), names the pieces this
+// node would send instead, as piece.EncodeSet writes them.
+const OfferedHeader = "Pieces-Offered"
+
 // ErrNoPiece means this node does not have the piece (yet).
 var ErrNoPiece = errors.New("peer: piece not here")
 
@@ -200,6 +204,9 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 		return
 	case errors.Is(err, ErrSentElsewhere):
 		result = "conflict"
+		if se := (*SentElsewhereError)(nil); errors.As(err, &se) && se.Fresh != nil {
+			w.Header().Set(OfferedHeader, piece.EncodeSet(se.Fresh))
+		}
 		http.Error(w, err.Error(), http.StatusConflict)
 		return
 	}

@@ -71,8 +71,11 @@ func New(opts Options) *Ledger {
 // first copies of: what it holds, and for the node fetching the blob from
 // the upstream also what is still on its way. uploads is the number of
 // uploads in flight, this one excluded. When ok, the copy is counted, and
-// undo takes it back if the upload fails.
-func (l *Ledger) Begin(d digest.Digest, i, count int, offers func(int) bool, uploads int) (undo func(), ok bool) {
+// undo takes it back if the upload fails. When not, fresh marks the pieces
+// it would send now instead (offered, and sent to no one or not lately), so
+// the child learns in one round trip what it would otherwise learn from a
+// refusal per piece.
+func (l *Ledger) Begin(d digest.Digest, i, count int, offers func(int) bool, uploads int) (undo func(), fresh []bool, ok bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	b, found := l.sent.Get(d)
@@ -81,11 +84,15 @@ func (l *Ledger) Begin(d digest.Digest, i, count int, offers func(int) bool, upl
 		l.sent.Add(d, b)
 	}
 	if i < 0 || i >= count {
-		return func() {}, true // not ours to judge: the caller answers "no such piece"
+		return func() {}, nil, true // not ours to judge: the caller answers "no such piece"
 	}
 	now := l.opts.Now()
 	if b.copies[i] > 0 && uploads >= l.opts.Busy && now.Sub(b.last[i]) < l.opts.Respread && unsent(b.copies, offers) {
-		return nil, false
+		fresh = make([]bool, count)
+		for j, n := range b.copies {
+			fresh[j] = (n == 0 || now.Sub(b.last[j]) >= l.opts.Respread) && offers(j)
+		}
+		return nil, fresh, false
 	}
 	b.copies[i]++
 	prev := b.last[i]
@@ -100,7 +107,7 @@ func (l *Ledger) Begin(d digest.Digest, i, count int, offers func(int) bool, upl
 				b.last[i] = prev
 			}
 		})
-	}, true
+	}, nil, true
 }
 
 func unsent(sent []uint32, offers func(int) bool) bool {

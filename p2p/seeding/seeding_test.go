@@ -1,6 +1,7 @@
 package seeding
 
 import (
+	"slices"
 	"testing"
 	"time"
 
@@ -41,7 +42,7 @@ func TestBegin(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			l := New(Options{})
 			for k, s := range tc.steps {
-				undo, ok := l.Begin(d, s.piece, 4, s.held, s.uploads)
+				undo, _, ok := l.Begin(d, s.piece, 4, s.held, s.uploads)
 				if ok != s.want {
 					t.Fatalf("step %d (piece %d, %d uploads): ok %v, want %v", k, s.piece, s.uploads, ok, s.want)
 				}
@@ -58,14 +59,14 @@ func TestBlobsAreSeparate(t *testing.T) {
 	l := New(Options{Blobs: 1})
 	all := func(int) bool { return true }
 	a, b := digest.FromString("a"), digest.FromString("b")
-	if _, ok := l.Begin(a, 0, 2, all, 0); !ok {
+	if _, _, ok := l.Begin(a, 0, 2, all, 0); !ok {
 		t.Fatal("first copy of a refused")
 	}
-	if _, ok := l.Begin(b, 0, 2, all, 5); !ok {
+	if _, _, ok := l.Begin(b, 0, 2, all, 5); !ok {
 		t.Fatal("first copy of b refused after a copy of a")
 	}
 	// a was evicted (one blob kept): its count starts over.
-	if _, ok := l.Begin(a, 0, 2, all, 5); !ok {
+	if _, _, ok := l.Begin(a, 0, 2, all, 5); !ok {
 		t.Fatal("evicted blob still counted")
 	}
 }
@@ -75,20 +76,45 @@ func TestRespread(t *testing.T) {
 	l := New(Options{Respread: 2 * time.Second, Now: func() time.Time { return now }})
 	d := digest.FromString("blob")
 	all := func(int) bool { return true }
-	if _, ok := l.Begin(d, 0, 4, all, 5); !ok {
+	if _, _, ok := l.Begin(d, 0, 4, all, 5); !ok {
 		t.Fatal("first copy refused")
 	}
 	now = now.Add(time.Second)
-	if _, ok := l.Begin(d, 0, 4, all, 5); ok {
+	if _, _, ok := l.Begin(d, 0, 4, all, 5); ok {
 		t.Fatal("duplicate sent one second after the first copy")
 	}
 	now = now.Add(1500 * time.Millisecond)
-	if _, ok := l.Begin(d, 0, 4, all, 5); !ok {
+	if _, _, ok := l.Begin(d, 0, 4, all, 5); !ok {
 		t.Fatal("duplicate refused 2.5 s after the first copy: a slow receiver would hold the piece back")
 	}
 	// The new copy restarts the wait.
 	now = now.Add(time.Second)
-	if _, ok := l.Begin(d, 0, 4, all, 5); ok {
+	if _, _, ok := l.Begin(d, 0, 4, all, 5); ok {
 		t.Fatal("third copy sent one second after the second")
+	}
+}
+
+// TestFresh: a refusal names the pieces the parent would send instead.
+func TestFresh(t *testing.T) {
+	now := time.Unix(100, 0)
+	l := New(Options{Respread: 2 * time.Second, Now: func() time.Time { return now }})
+	d := digest.FromString("blob")
+	held := func(i int) bool { return i != 4 } // 4 not here yet
+	for _, i := range []int{0, 1} {
+		if _, _, ok := l.Begin(d, i, 5, held, 0); !ok {
+			t.Fatalf("first copy of %d refused", i)
+		}
+	}
+	now = now.Add(3 * time.Second) // piece 0's copy left long ago
+	if _, _, ok := l.Begin(d, 1, 5, held, 0); !ok {
+		t.Fatal("idle parent refused a duplicate")
+	}
+	_, fresh, ok := l.Begin(d, 1, 5, held, 5)
+	if ok {
+		t.Fatal("busy parent sent a duplicate while holding unsent pieces")
+	}
+	// 0 went out long ago, 1 just now, 2 and 3 never, 4 is not held.
+	if want := []bool{true, false, true, true, false}; !slices.Equal(fresh, want) {
+		t.Fatalf("fresh %v, want %v", fresh, want)
 	}
 }

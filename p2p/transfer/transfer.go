@@ -23,6 +23,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/internal/drain"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
+	"github.com/registry-proxy/registry-proxy/p2p/peer"
 )
 
 // Options configure a Pool.
@@ -180,7 +181,8 @@ func (pp *peerParent) Fetch(ctx context.Context, i int, _, n int64) (io.ReadClos
 		return nil, fmt.Errorf("transfer: piece %d from %s: %w", i, pp.id, collector.ErrBusy)
 	case http.StatusConflict:
 		drain.Close(resp.Body)
-		return nil, fmt.Errorf("transfer: piece %d from %s: %w", i, pp.id, collector.ErrElsewhere)
+		ee := &collector.ElsewhereError{Offered: resp.Header.Get(peer.OfferedHeader)}
+		return nil, fmt.Errorf("transfer: piece %d from %s: %w", i, pp.id, ee)
 	default:
 		drain.Close(resp.Body)
 		return nil, fmt.Errorf("transfer: piece %d from %s: %s", i, pp.id, resp.Status)

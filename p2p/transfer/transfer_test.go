@@ -1,9 +1,13 @@
 package transfer
 
 import (
+	"bytes"
+	"context"
 	"errors"
 	"io"
+	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 
@@ -11,6 +15,10 @@ import (
 
 	"github.com/registry-proxy/registry-proxy/internal/conntest"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
+	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
+	"github.com/registry-proxy/registry-proxy/p2p/peer"
+	"github.com/registry-proxy/registry-proxy/p2p/seeding"
+	"github.com/registry-proxy/registry-proxy/piece"
 )
 
 // TestFetch maps each answer of a peer's piece endpoint, and keeps the
@@ -67,5 +75,75 @@ func TestFetch(t *testing.T) {
 	// not read and closes its own.
 	if n := srv.Conns(); n != 1 {
 		t.Errorf("%d connections for one piece after three refusals, want 1", n)
+	}
+}
+
+// memSource holds one blob whole, in memory.
+type memSource struct {
+	plan piece.Plan
+	data []byte
+}
+
+func (m memSource) Snapshot(context.Context, digest.Digest) (peer.Snapshot, <-chan struct{}, bool) {
+	done := make([]bool, m.plan.Count())
+	for i := range done {
+		done[i] = true
+	}
+	return peer.Snapshot{Plan: m.plan, Done: done, CRC: make([]uint32, len(done)), Complete: true}, nil, true
+}
+
+func (m memSource) OpenPiece(_ context.Context, _ digest.Digest, i int) (io.ReadSeeker, int64, int64, func(), error) {
+	off, n := m.plan.Range(i)
+	return bytes.NewReader(m.data), off, n, func() {}, nil
+}
+
+// TestRefusalOffersFreshPieces: a busy peer server that refuses a duplicate
+// names, in its 409, the pieces it would send instead, and the pool hands
+// them to the collector as piece.EncodeSet wrote them.
+func TestRefusalOffersFreshPieces(t *testing.T) {
+	plan := piece.PlanFor(4 * piece.MinSize)
+	src := memSource{plan: plan, data: make([]byte, plan.Size)}
+	meter := hoststate.New(hoststate.Options{}) // not sampled: no counters read
+	// Two uploads in flight: busy, for the ledger.
+	for range 2 {
+		release, err := meter.BeginUpload()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer release()
+	}
+	srv := peer.NewServer(peer.Options{Source: src, Meter: meter, Ledger: seeding.New(seeding.Options{})})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	defer func() {
+		srv.Close()
+		if err := <-served; err != nil {
+			t.Error(err)
+		}
+	}()
+	p := NewPool(Options{})
+	defer p.Close()
+	parent := p.Parent("node-b", ln.Addr().String(), digest.FromString("blob"))
+	off, n := plan.Range(1)
+	body, err := parent.Fetch(t.Context(), 1, off, n)
+	if err != nil {
+		t.Fatalf("first copy of piece 1: %v", err)
+	}
+	if _, err := io.Copy(io.Discard, body); err != nil {
+		t.Fatal(err)
+	}
+	body.Close()
+	_, err = parent.Fetch(t.Context(), 1, off, n)
+	var ee *collector.ElsewhereError
+	if !errors.As(err, &ee) || !errors.Is(err, collector.ErrElsewhere) {
+		t.Fatalf("second copy of piece 1 while busy: %v, want an ElsewhereError", err)
+	}
+	got, err := piece.DecodeSet(ee.Offered, plan.Count())
+	if want := []bool{true, false, true, true}; err != nil || !slices.Equal(got, want) {
+		t.Fatalf("offered %q = %v, %v; want %v", ee.Offered, got, err, want)
 	}
 }
