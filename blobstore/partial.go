@@ -52,7 +52,9 @@ type Partial struct {
 	crc       []uint32
 	ndone     int
 	committed bool
-	closed    bool
+	// committing: Commit is syncing the data, without the lock.
+	committing bool
+	closed     bool
 }
 
 func (s *Store) ingestDir(d digest.Digest) string {
@@ -320,14 +322,26 @@ func (p *Partial) Commit(verified digest.Digest) error {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.closed || p.committed {
+	if p.closed || p.committed || p.committing {
 		return fmt.Errorf("blobstore: commit %s: partial closed", p.digest)
 	}
 	if p.ndone != len(p.done) {
 		return fmt.Errorf("blobstore: commit %s: %d of %d pieces done", p.digest, p.ndone, len(p.done))
 	}
-	if err := p.data.Sync(); err != nil {
+	// Every piece is written: the data syncs without the lock, so peers
+	// keep opening pieces (OpenData) and watching them meanwhile. On a busy
+	// disk the sync takes seconds, and held through it the lock left every
+	// peer asking this node for a piece waiting (docs/benchmarks.md).
+	p.committing = true
+	p.mu.Unlock()
+	err := p.s.syncData(p.data)
+	p.mu.Lock()
+	p.committing = false
+	if err != nil {
 		return fmt.Errorf("blobstore: commit %s: sync: %w", p.digest, err)
+	}
+	if p.closed {
+		return fmt.Errorf("blobstore: commit %s: partial closed while syncing", p.digest)
 	}
 	dst := p.s.blobPath(p.digest)
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {

@@ -109,6 +109,8 @@ type Store struct {
 	inUse    map[digest.Digest]int                 // open readers per complete blob
 	partials map[digest.Digest]*Partial            // partial blobs open for writing
 	changes  signal.Changes                        // the complete blobs changed
+	// syncData is (*os.File).Sync; tests hold a commit's sync open with it.
+	syncData func(*os.File) error
 }
 
 // Changed returns a channel closed at the next change of the complete
@@ -164,6 +166,7 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		lru:      l,
 		inUse:    map[digest.Digest]int{},
 		partials: map[digest.Digest]*Partial{},
+		syncData: (*os.File).Sync,
 	}
 	if err := s.load(ctx); err != nil {
 		return nil, err

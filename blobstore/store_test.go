@@ -107,6 +107,65 @@ func TestCommitAndGet(t *testing.T) {
 	}
 }
 
+// TestCommitSyncsWithoutTheLock: while a commit syncs the data (seconds on
+// a busy disk), the partial blob still opens for peers, says what it holds
+// and refuses a second commit; the blob is complete once the sync returns.
+func TestCommitSyncsWithoutTheLock(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t, t.TempDir(), Options{})
+	syncing, release := make(chan struct{}), make(chan struct{})
+	s.syncData = func(f *os.File) error {
+		close(syncing)
+		<-release
+		return f.Sync()
+	}
+	b, d := randBlob(t, int(piece.MinSize)+7)
+	p, err := s.Ingest(ctx, d, piece.PlanFor(int64(len(b))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	fill(t, p, b)
+	committed := make(chan error, 1)
+	go func() { committed <- p.Commit(d) }()
+	<-syncing
+	f, err := p.OpenData()
+	if err != nil {
+		t.Fatalf("OpenData while the commit syncs: %v", err)
+	}
+	defer f.Close()
+	off, n := p.Plan().Range(1)
+	got := make([]byte, n)
+	if _, err := f.ReadAt(got, off); err != nil || !bytes.Equal(got, b[off:off+n]) {
+		t.Fatalf("piece 1 while the commit syncs: %v", err)
+	}
+	if !p.Has(1) || !p.Complete() || len(p.Checksums()) != 2 {
+		t.Fatal("the partial blob forgot its pieces while the commit syncs")
+	}
+	if err := p.Commit(d); err == nil {
+		t.Fatal("a second commit while the first syncs succeeded")
+	}
+	if _, err := s.Get(ctx, d); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Get before the sync returned: %v, want ErrNotFound", err)
+	}
+	close(release)
+	if err := <-committed; err != nil {
+		t.Fatal(err)
+	}
+	blob, err := s.Get(ctx, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer blob.Close()
+	if all, _ := io.ReadAll(blob); !bytes.Equal(all, b) {
+		t.Fatal("committed blob differs")
+	}
+	// The file opened during the sync still reads after the rename.
+	if _, err := f.ReadAt(got, off); err != nil || !bytes.Equal(got, b[off:off+n]) {
+		t.Fatalf("piece 1 after the commit, through the file opened before: %v", err)
+	}
+}
+
 func TestPieceLength(t *testing.T) {
 	s := newStore(t, t.TempDir(), Options{})
 	b, d := randBlob(t, 1000)
