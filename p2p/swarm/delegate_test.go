@@ -1,8 +1,11 @@
 package swarm
 
 import (
+	"fmt"
+	"maps"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -139,4 +142,77 @@ func TestDelegations(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestReadersKeptBeforePlan: until a reader registers, the owner chooses
+// the readers once a second, not at every registration, and sees a member
+// that became fit to read after that second.
+func TestReadersKeptBeforePlan(t *testing.T) {
+	d := digest.FromString("blob")
+	now := time.Unix(100, 0)
+	calls := 0
+	ups := map[string]float64{"a": 30e6, "b": 3e6}
+	uploads := func() map[string]float64 { calls++; return maps.Clone(ups) }
+	ds := &Delegations{Readers: 8, Now: func() time.Time { return now }}
+	dl := &fakeDownloads{}
+	done := make([]bool, 12)
+	for range 5 {
+		if p := ds.Register(dl, d, done, "b", 3e6, uploads); len(p) != 0 {
+			t.Fatalf("b, under half the fastest upload, got %v", p)
+		}
+	}
+	if calls != 1 {
+		t.Fatalf("the members' uploads read %d times for five registrations within a second, want once", calls)
+	}
+	ups["b"] = 30e6 // b's state now says it is fast
+	if p := ds.Register(dl, d, done, "b", 3e6, uploads); len(p) != 0 {
+		t.Fatalf("b got %v before the reader set was chosen again", p)
+	}
+	now = now.Add(readersFor)
+	if p := ds.Register(dl, d, done, "b", 3e6, uploads); len(p) == 0 || calls != 2 {
+		t.Fatalf("after a second, fast b got %v (uploads read %d times), want a share", p, calls)
+	}
+	// The plan made, a's share is waiting for it without another look.
+	if p := ds.Register(dl, d, done, "a", 3e6, uploads); len(p) == 0 || calls != 2 {
+		t.Fatalf("a got %v (uploads read %d times), want its planned share", p, calls)
+	}
+}
+
+// BenchmarkRegisterBeforePlan: the owner's cost of a registration by a node
+// that is not among the readers while none of them has registered yet (the
+// first moments of a pull by every node), at 2,600 members.
+func BenchmarkRegisterBeforePlan(b *testing.B) {
+	d := digest.FromString("blob")
+	const members = 2600
+	ids := make([]string, members)
+	for k := range ids {
+		ids[k] = fmt.Sprintf("node-%04d", k)
+	}
+	uploads := func() map[string]float64 {
+		m := make(map[string]float64, members)
+		for _, id := range ids {
+			m[id] = 300e6
+		}
+		return m
+	}
+	readers := map[string]bool{}
+	for _, id := range owner.Rank(d.String(), ids)[:3] {
+		readers[id] = true
+	}
+	var node string
+	for _, id := range ids {
+		if !readers[id] {
+			node = id
+			break
+		}
+	}
+	ds := &Delegations{}
+	dl := &fakeDownloads{}
+	done := make([]bool, 768)
+	b.ReportAllocs()
+	for b.Loop() {
+		if p := ds.Register(dl, d, done, node, 300e6, uploads); len(p) != 0 {
+			b.Fatalf("a node outside the readers got %d pieces", len(p))
+		}
+	}
 }
