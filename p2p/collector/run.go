@@ -367,9 +367,10 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 		// its hint does not.
 		if ee := (*ElsewhereError)(nil); errors.As(err, &ee) && ee.Offered != "" {
 			if offered, err := piece.DecodeSet(ee.Offered, r.n); err == nil {
+				soon := now.Add(r.c.opts.ElsewhereFor / 4)
 				for _, j := range pq.list {
 					if !offered[j] {
-						r.refuse(pq, int(j), now.Add(r.c.opts.ElsewhereFor/4))
+						r.refuse(pq, int(j), soon)
 					}
 				}
 			}

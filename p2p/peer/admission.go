@@ -7,6 +7,7 @@ import (
 
 	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
 	"github.com/registry-proxy/registry-proxy/p2p/seeding"
+	"github.com/registry-proxy/registry-proxy/piece"
 )
 
 // ErrSentElsewhere means super-seeding refuses a piece this node sent to
@@ -19,6 +20,15 @@ type SentElsewhereError struct{ Fresh []bool }
 
 func (e *SentElsewhereError) Error() string { return ErrSentElsewhere.Error() }
 func (e *SentElsewhereError) Unwrap() error { return ErrSentElsewhere }
+
+// Offered is what a refusal by Admit sends the child in OfferedHeader: the
+// fresh pieces as piece.EncodeSet writes them, "" when err names none.
+func Offered(err error) string {
+	if se := (*SentElsewhereError)(nil); errors.As(err, &se) && se.Fresh != nil {
+		return piece.EncodeSet(se.Fresh)
+	}
+	return ""
+}
 
 // Admission decides whether this node uploads a piece now: a free upload
 // slot (the meter; hoststate.ErrBusy when full) and, with super-seeding,

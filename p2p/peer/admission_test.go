@@ -3,12 +3,14 @@ package peer
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 
 	"github.com/opencontainers/go-digest"
 
 	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
 	"github.com/registry-proxy/registry-proxy/p2p/seeding"
+	"github.com/registry-proxy/registry-proxy/piece"
 )
 
 type noCounters struct{}
@@ -66,4 +68,22 @@ func TestAdmission(t *testing.T) {
 		t.Fatal(err)
 	}
 	done(true)
+}
+
+func TestOffered(t *testing.T) {
+	fresh := []bool{true, false, true}
+	for _, tc := range []struct {
+		name string
+		err  error
+		want string
+	}{
+		{"no error", nil, ""},
+		{"busy", hoststate.ErrBusy, ""},
+		{"refusal without a set", ErrSentElsewhere, ""},
+		{"refusal with a set, wrapped", fmt.Errorf("admit: %w", &SentElsewhereError{Fresh: fresh}), piece.EncodeSet(fresh)},
+	} {
+		if got := Offered(tc.err); got != tc.want {
+			t.Errorf("%s: Offered = %q, want %q", tc.name, got, tc.want)
+		}
+	}
 }

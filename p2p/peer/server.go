@@ -204,8 +204,8 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 		return
 	case errors.Is(err, ErrSentElsewhere):
 		result = "conflict"
-		if se := (*SentElsewhereError)(nil); errors.As(err, &se) && se.Fresh != nil {
-			w.Header().Set(OfferedHeader, piece.EncodeSet(se.Fresh))
+		if offered := Offered(err); offered != "" {
+			w.Header().Set(OfferedHeader, offered)
 		}
 		http.Error(w, err.Error(), http.StatusConflict)
 		return

@@ -773,11 +773,7 @@ func (p *peerParent) admit(i int) (func(sent bool), error) {
 	case errors.Is(err, peer.ErrSentElsewhere):
 		p.s.refused.Add(1)
 		// As the peer server's 409 and the transfer pool's reading of it.
-		ee := &collector.ElsewhereError{}
-		if se := (*peer.SentElsewhereError)(nil); errors.As(err, &se) && se.Fresh != nil {
-			ee.Offered = piece.EncodeSet(se.Fresh)
-		}
-		return nil, ee
+		return nil, &collector.ElsewhereError{Offered: peer.Offered(err)}
 	}
 	return admitted, err
 }
