@@ -358,10 +358,10 @@ func TestMismatchWithPeerPiecesRefetchesFromUpstream(t *testing.T) {
 			run.AddParent(peer)
 			// Its checksums match its lies.
 			plan := piece.PlanFor(int64(len(bad)))
-			crcs := map[int]uint32{}
+			var crcs []collector.Held
 			for i := range plan.Count() {
 				off, n := plan.Range(i)
-				crcs[i] = piece.Checksum(bad[off : off+n])
+				crcs = append(crcs, collector.Held{Index: i, CRC: piece.Checksum(bad[off : off+n])})
 			}
 			run.AnnounceComplete(peer.ID(), crcs)
 			return run.Run(ctx)

@@ -115,11 +115,23 @@ func (pq *parentQueue) refusedAt(i int, ms uint32) bool {
 // refuse has pq not asked for piece i before until (or a later refusal's
 // end).
 func (r *Run) refuse(pq *parentQueue, i int, until time.Time) {
+	pq.refuseUntil(i, r.untilEpoch(until))
+}
+
+// refuseUntil is refuse with the end in ms from the run's epoch, for a
+// refusal of many pieces at once.
+func (pq *parentQueue) refuseUntil(i int, ms uint32) {
 	if pq.refused == nil {
 		pq.refused = make([]uint32, len(pq.has))
 	}
-	ms := until.Sub(r.epoch)
-	pq.refused[i] = max(pq.refused[i], uint32((ms+time.Millisecond-1)/time.Millisecond))
+	pq.refused[i] = max(pq.refused[i], ms)
+}
+
+// untilEpoch is until in whole milliseconds from the run's epoch, rounded
+// up: a refusal lasts at least as long as asked.
+func (r *Run) untilEpoch(until time.Time) uint32 {
+	ms := max(until.Sub(r.epoch), 0)
+	return uint32((ms + time.Millisecond - 1) / time.Millisecond)
 }
 
 // sinceEpoch is now in whole milliseconds from the run's epoch; the

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -84,13 +85,13 @@ func (j *fakeJob) from(src string) (n int) {
 	return n
 }
 
-func (j *fakeJob) checksums(pieces ...int) map[int]uint32 {
-	m := map[int]uint32{}
+func (j *fakeJob) checksums(pieces ...int) []Held {
+	var out []Held
 	for _, i := range pieces {
 		off, n := j.plan.Range(i)
-		m[i] = piece.Checksum(j.data[off : off+n])
+		out = append(out, Held{Index: i, CRC: piece.Checksum(j.data[off : off+n])})
 	}
-	return m
+	return out
 }
 
 func (j *fakeJob) all() []int {
@@ -473,24 +474,37 @@ func TestBusyParentBacksOffBriefly(t *testing.T) {
 	}
 }
 
+// TestPerParentLimit checks that one parent is asked for at most PerParent
+// pieces at once, and that InFlight names them while they are fetched.
 func TestPerParentLimit(t *testing.T) {
-	job := newJob(20)
-	c := New(Options{Concurrency: 8, PerParent: 2})
-	r := c.NewRun(job)
-	gate := make(chan struct{})
-	p := &gatedParent{fakeParent: fakeParent{id: "p", job: job}, gate: gate}
-	r.AddParent(p)
-	r.Announce("p", job.checksums(job.all()...), nil)
-	errc := make(chan error, 1)
-	go func() { errc <- r.Run(context.Background()) }()
-	time.Sleep(100 * time.Millisecond)
-	if n := p.count(); n != 2 {
-		t.Fatalf("%d pieces asked of one parent at once, want 2", n)
-	}
-	close(gate)
-	if err := <-errc; err != nil {
-		t.Fatal(err)
-	}
+	synctest.Test(t, func(t *testing.T) {
+		job := newJob(20)
+		c := New(Options{Concurrency: 8, PerParent: 2})
+		r := c.NewRun(job)
+		gate := make(chan struct{})
+		p := &gatedParent{fakeParent: fakeParent{id: "p", job: job}, gate: gate}
+		r.AddParent(p)
+		r.Announce("p", job.checksums(job.all()...), nil)
+		errc := make(chan error, 1)
+		go func() { errc <- r.Run(t.Context()) }()
+		synctest.Wait()
+		if n := p.count(); n != 2 {
+			t.Fatalf("%d pieces asked of one parent at once, want 2", n)
+		}
+		p.mu.Lock()
+		asked := slices.Sorted(slices.Values(p.asked))
+		p.mu.Unlock()
+		if got := r.InFlight(); !slices.Equal(got, asked) {
+			t.Fatalf("in flight %v, asked %v", got, asked)
+		}
+		close(gate)
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+		if got := r.InFlight(); got != nil {
+			t.Fatalf("in flight after the run: %v", got)
+		}
+	})
 }
 
 type gatedParent struct {
@@ -803,12 +817,12 @@ func TestPiecesCheckedAgainstAuthority(t *testing.T) {
 		r.SetUpstream(&fakeParent{id: UpstreamID, job: job}, false)
 		r.SetAuthority("owner")
 		// The liar's checksums match its corrupt bytes.
-		lies := map[int]uint32{}
+		var lies []Held
 		for i := range 4 {
 			off, n := job.plan.Range(i)
 			b := append([]byte(nil), job.data[off:off+n]...)
 			b[0] ^= 1
-			lies[i] = piece.Checksum(b)
+			lies = append(lies, Held{Index: i, CRC: piece.Checksum(b)})
 		}
 		r.AnnounceComplete("liar", lies)
 		r.Announce("owner", job.checksums(job.all()...), nil)

@@ -200,7 +200,7 @@ func (r *Run) pickLocked() (int, *parentQueue, bool) {
 
 // takeLocked hands piece i to parent pq: in flight, no longer wanted.
 func (r *Run) takeLocked(i int, pq *parentQueue) {
-	r.inflight[i] = true
+	r.inflight = append(r.inflight, i)
 	r.setWantedLocked(i, false)
 	pq.inflight++
 	if pq.upstream {

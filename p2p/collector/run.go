@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sort"
+	"slices"
 	"sync"
 	"time"
 
@@ -40,7 +40,7 @@ type Run struct {
 	nwanted     int
 	wantedList  []int32 // the wanted pieces, in no order
 	wantedPos   []int32 // per piece: its index in wantedList, or -1
-	inflight    []bool
+	inflight    []int // pieces being fetched, a few: one per fetch
 	fetches     map[int]*fetchState // peer fetches in flight
 	cands       []candidate         // statePolicy's, reused
 	failures    []int
@@ -66,7 +66,6 @@ func (c *Collector) NewRun(job Job) *Run {
 		fetchers:    make([]int, n),
 		wanted:      make([]bool, n),
 		wantedPos:   make([]int32, n),
-		inflight:    make([]bool, n),
 		fetches:     map[int]*fetchState{},
 		failures:    make([]int, n),
 		trusted:     make([]uint32, n),
@@ -193,9 +192,15 @@ func (r *Run) RemoveParent(id string) {
 	r.broadcastLocked()
 }
 
+// Held is a piece a parent holds, with its checksum.
+type Held struct {
+	Index int
+	CRC   uint32
+}
+
 // Announce records pieces a parent has (with checksums) and the pieces it is
 // fetching now (replacing its previous list when fetching is not nil).
-func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
+func (r *Run) Announce(id string, has []Held, fetching []int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	pq, ok := r.parents[id]
@@ -203,7 +208,8 @@ func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
 		return
 	}
 	var fresh []int
-	for i, crc := range has {
+	for _, h := range has {
+		i, crc := h.Index, h.CRC
 		if i < 0 || i >= r.n {
 			continue
 		}
@@ -226,7 +232,7 @@ func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
 			r.fetchers[i]--
 		}
 	}
-	sort.Ints(fresh) // one announcement's pieces are first held in index order
+	slices.Sort(fresh) // one announcement's pieces are first held in index order
 	wanted := false
 	for _, i := range fresh {
 		if r.firstHolder[i] == "" {
@@ -261,7 +267,7 @@ func (r *Run) Announce(id string, has map[int]uint32, fetching []int) {
 
 // AnnounceComplete records that a parent holds the whole, verified blob,
 // with the checksum of every piece: it offers every piece.
-func (r *Run) AnnounceComplete(id string, crcs map[int]uint32) {
+func (r *Run) AnnounceComplete(id string, crcs []Held) {
 	r.Announce(id, crcs, []int{})
 }
 
@@ -317,20 +323,21 @@ func (r *Run) Weights() map[string]float64 {
 func (r *Run) InFlight() []int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	var out []int
-	for i, f := range r.inflight {
-		if f {
-			out = append(out, i)
-		}
+	if len(r.inflight) == 0 {
+		return nil
 	}
-	return out
+	out := slices.Clone(r.inflight)
+	slices.Sort(out)
+	return slices.Compact(out)
 }
 
 // finish books the outcome of one fetch.
 func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.inflight[i] = false
+	if k := slices.Index(r.inflight, i); k >= 0 {
+		r.inflight = slices.Delete(r.inflight, k, k+1)
+	}
 	pq.inflight--
 	defer r.broadcastLocked()
 	defer func() {
@@ -367,10 +374,10 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 		// its hint does not.
 		if ee := (*ElsewhereError)(nil); errors.As(err, &ee) && ee.Offered != "" {
 			if offered, err := piece.DecodeSet(ee.Offered, r.n); err == nil {
-				soon := now.Add(r.c.opts.ElsewhereFor / 4)
+				soon := r.untilEpoch(now.Add(r.c.opts.ElsewhereFor / 4))
 				for _, j := range pq.list {
 					if !offered[j] {
-						r.refuse(pq, int(j), soon)
+						pq.refuseUntil(int(j), soon)
 					}
 				}
 			}

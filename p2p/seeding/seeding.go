@@ -39,13 +39,17 @@ type Options struct {
 // Ledger counts the copies of each piece this host has sent.
 type Ledger struct {
 	opts Options
+	// base is the clock's reading at New: copies are timed from it, in
+	// durations, as comparing them is a tenth of comparing time.Times (a
+	// refusal compares every piece's).
+	base time.Time
 	mu   sync.Mutex
 	sent *lru.Cache[digest.Digest, *blob]
 }
 
 type blob struct {
 	copies []uint32
-	last   []time.Time // of the last copy
+	last   []time.Duration // of the last copy, since the ledger's base
 }
 
 // New returns an empty ledger.
@@ -63,7 +67,7 @@ func New(opts Options) *Ledger {
 		opts.Now = time.Now
 	}
 	c, _ := lru.New[digest.Digest, *blob](opts.Blobs) // size > 0 cannot fail
-	return &Ledger{opts: opts, sent: c}
+	return &Ledger{opts: opts, base: opts.Now(), sent: c}
 }
 
 // Begin decides whether piece i of d (of count pieces) may be sent now to
@@ -80,19 +84,17 @@ func (l *Ledger) Begin(d digest.Digest, i, count int, offers func(int) bool, upl
 	defer l.mu.Unlock()
 	b, found := l.sent.Get(d)
 	if !found || len(b.copies) != count {
-		b = &blob{copies: make([]uint32, count), last: make([]time.Time, count)}
+		b = &blob{copies: make([]uint32, count), last: make([]time.Duration, count)}
 		l.sent.Add(d, b)
 	}
 	if i < 0 || i >= count {
 		return func() {}, nil, true // not ours to judge: the caller answers "no such piece"
 	}
-	now := l.opts.Now()
-	if b.copies[i] > 0 && uploads >= l.opts.Busy && now.Sub(b.last[i]) < l.opts.Respread && unsent(b.copies, offers) {
-		fresh = make([]bool, count)
-		for j, n := range b.copies {
-			fresh[j] = (n == 0 || now.Sub(b.last[j]) >= l.opts.Respread) && offers(j)
+	now := l.opts.Now().Sub(l.base)
+	if b.copies[i] > 0 && uploads >= l.opts.Busy && now-b.last[i] < l.opts.Respread {
+		if fresh, unsent := b.fresh(now, l.opts.Respread, offers); unsent {
+			return nil, fresh, false
 		}
-		return nil, fresh, false
 	}
 	b.copies[i]++
 	prev := b.last[i]
@@ -110,11 +112,19 @@ func (l *Ledger) Begin(d digest.Digest, i, count int, offers func(int) bool, upl
 	}, nil, true
 }
 
-func unsent(sent []uint32, offers func(int) bool) bool {
-	for j, n := range sent {
-		if n == 0 && offers(j) {
-			return true
+// fresh marks the offered pieces sent to no one, or not since respread
+// before now; unsent says whether any offered piece was sent to no one,
+// which is what makes a refusal worth its round trip.
+func (b *blob) fresh(now, respread time.Duration, offers func(int) bool) (fresh []bool, unsent bool) {
+	for j, n := range b.copies {
+		if n > 0 && now-b.last[j] < respread || !offers(j) {
+			continue
 		}
+		if fresh == nil {
+			fresh = make([]bool, len(b.copies))
+		}
+		fresh[j] = true
+		unsent = unsent || n == 0
 	}
-	return false
+	return fresh, unsent
 }

@@ -118,3 +118,25 @@ func TestFresh(t *testing.T) {
 		t.Fatalf("fresh %v, want %v", fresh, want)
 	}
 }
+
+// BenchmarkRefusal is a busy parent refusing a duplicate of a 3 GB blob's
+// piece (716 pieces of 4 MiB) while half of its pieces went out lately:
+// the refusal's cost is a scan of the blob's pieces.
+func BenchmarkRefusal(b *testing.B) {
+	const count = 716
+	now := time.Unix(100, 0)
+	l := New(Options{Respread: 2 * time.Second, Now: func() time.Time { return now }})
+	d := digest.FromString("blob")
+	all := func(int) bool { return true }
+	for i := 0; i < count/2; i++ {
+		if _, _, ok := l.Begin(d, i, count, all, 0); !ok {
+			b.Fatal("first copy refused")
+		}
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, fresh, ok := l.Begin(d, 0, count, all, 5); ok || !fresh[count-1] {
+			b.Fatal("duplicate not refused")
+		}
+	}
+}

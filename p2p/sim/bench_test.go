@@ -222,8 +222,8 @@ func TestSimulate(t *testing.T) {
 						Max: r.Max / r.Bound, BoundS: r.Bound, EgressX: r.EgressX, WallS: wall.Seconds(), PeakHeap: heap, PeakLive: live, Flows: res.Flows, Refusals: float64(res.Refused) / float64(max(res.Flows, 1)),
 						Unfinished: res.Unfinished, Horizon: *simHorizon}
 					cases = append(cases, c)
-					t.Logf("%5d nodes %-6s %-6s: p50 %s p99 %s max %s × bound %.1fs | egress %.3f× | sim %.1fs wall, peak heap %.0f MiB (live %.0f), %d flows, %.1f refusals a transfer, %d unfinished at %g× bound",
-						n, sc, mode, c.q(.5, c.P50), c.q(.99, c.P99), c.q(1, c.Max), c.BoundS, c.EgressX, c.WallS, c.PeakHeap, c.PeakLive, c.Flows, c.Refusals, c.Unfinished, c.Horizon)
+					t.Logf("%5d nodes %-6s %-6s: p50 %s p99 %s max %s × bound %.1fs | egress %.3f×, upstream's last byte at %.2f× bound | sim %.1fs wall, peak heap %.0f MiB (live %.0f), %d flows, %.1f refusals a transfer, %d unfinished at %g× bound",
+						n, sc, mode, c.q(.5, c.P50), c.q(.99, c.P99), c.q(1, c.Max), c.BoundS, c.EgressX, float64(res.OriginBusy)/float64(res.Bound), c.WallS, c.PeakHeap, c.PeakLive, c.Flows, c.Refusals, c.Unfinished, c.Horizon)
 				}
 			}
 		}

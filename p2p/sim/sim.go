@@ -759,9 +759,16 @@ func (p *peerParent) admit(i int) (func(sent bool), error) {
 	if j == nil || !j.Has(i) {
 		return nil, errNoPiece
 	}
-	// As the peer server: a node fetching from the upstream offers every
-	// piece.
-	offers := j.Has
+	// As the peer server: what the node holds, read once (the ledger asks
+	// about every piece when it refuses), and a node fetching from the
+	// upstream offers every piece.
+	var held []bool
+	offers := func(i int) bool {
+		if held == nil {
+			held = j.done()
+		}
+		return held[i]
+	}
 	if _, seeding, _ := p.from.dl.Progress(p.s.digest); seeding {
 		offers = func(int) bool { return true }
 	}

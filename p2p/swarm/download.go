@@ -148,7 +148,9 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 		watching[id] = true
 		pending[id] = true
 		wmu.Unlock()
-		arrived := func() {
+		// Only the first update (or the stream's end) counts: once, not
+		// under the lock at every update.
+		arrived := sync.OnceFunc(func() {
 			wmu.Lock()
 			if pending[id] {
 				delete(pending, id)
@@ -160,7 +162,7 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 				}
 			}
 			wmu.Unlock()
-		}
+		})
 		run.AddParent(s.opts.Transport.Parent(id, addr, d))
 		if s.opts.Follower != nil {
 			s.opts.Follower.Follow(id, addr)
@@ -210,15 +212,23 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 		}()
 	}
 
+	// The members' rank for d, kept while they stay the same: ranking
+	// hashes every member, and every downloading node ranks again at each
+	// refresh (1.2% of a 1,000-node simulation, growing with the square of
+	// the nodes).
+	var rankedIDs, rank []string
 	coordinate := func() {
 		members := s.opts.Members.Members()
-		addrs := map[string]string{}
+		addrs := make(map[string]string, len(members))
 		ids := make([]string, 0, len(members))
 		for _, m := range members {
 			addrs[m.ID] = m.Addr
 			ids = append(ids, m.ID)
 		}
-		for _, id := range owner.Rank(d.String(), ids) {
+		if !slices.Equal(ids, rankedIDs) {
+			rankedIDs, rank = ids, owner.Rank(d.String(), ids)
+		}
+		for _, id := range rank {
 			if id == s.opts.Self.ID {
 				// This node owns the digest now: it goes upstream, unless a
 				// live member announced it holds the blob, and takes pieces
@@ -296,7 +306,7 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 
 // announcement is a parent's piece update, checked.
 type announcement struct {
-	has      map[int]uint32
+	has      []collector.Held
 	fetching []int
 	complete bool
 }
@@ -315,12 +325,12 @@ func parseUpdate(up *pb.PieceUpdate, d digest.Digest, plan piece.Plan) (announce
 	if len(up.GetPieces()) > n || len(up.GetFetching()) > n {
 		return announcement{}, fmt.Errorf("%d pieces and %d fetching announced of %d", len(up.GetPieces()), len(up.GetFetching()), n)
 	}
-	a := announcement{complete: up.GetComplete(), has: make(map[int]uint32, len(up.GetPieces())), fetching: make([]int, 0, len(up.GetFetching()))}
+	a := announcement{complete: up.GetComplete(), has: make([]collector.Held, 0, len(up.GetPieces())), fetching: make([]int, 0, len(up.GetFetching()))}
 	for _, p := range up.GetPieces() {
 		if int64(p.GetIndex()) >= int64(n) {
 			return announcement{}, fmt.Errorf("piece %d of %d", p.GetIndex(), n)
 		}
-		a.has[int(p.GetIndex())] = p.GetChecksum()
+		a.has = append(a.has, collector.Held{Index: int(p.GetIndex()), CRC: p.GetChecksum()})
 	}
 	for _, f := range up.GetFetching() {
 		if int64(f) >= int64(n) {
@@ -328,8 +338,19 @@ func parseUpdate(up *pb.PieceUpdate, d digest.Digest, plan piece.Plan) (announce
 		}
 		a.fetching = append(a.fetching, int(f))
 	}
-	if a.complete && len(a.has) != n {
-		return announcement{}, fmt.Errorf("complete, with checksums of %d of %d pieces", len(a.has), n)
+	if a.complete {
+		// Every piece's checksum, each once: a repeat stands for a missing one.
+		seen := make([]bool, n)
+		distinct := 0
+		for _, h := range a.has {
+			if !seen[h.Index] {
+				seen[h.Index] = true
+				distinct++
+			}
+		}
+		if distinct != n {
+			return announcement{}, fmt.Errorf("complete, with checksums of %d of %d pieces", distinct, n)
+		}
 	}
 	return a, nil
 }

@@ -130,6 +130,10 @@ func FuzzPieceUpdate(f *testing.F) {
 	ok, _ := proto.Marshal(&pb.PieceUpdate{Digest: testDigest, Size: plan.Size, PieceSize: plan.PieceSize,
 		Pieces: []*pb.Piece{{Index: 0, Checksum: 7}, {Index: 2}}, Fetching: []uint32{1}})
 	f.Add(ok)
+	// Complete, but piece 0 twice for piece 1: refused.
+	dup, _ := proto.Marshal(&pb.PieceUpdate{Digest: testDigest, Size: plan.Size, PieceSize: plan.PieceSize, Complete: true,
+		Pieces: []*pb.Piece{{Index: 0}, {Index: 0}, {Index: 2}}})
+	f.Add(dup)
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var up pb.PieceUpdate
@@ -140,10 +144,15 @@ func FuzzPieceUpdate(f *testing.F) {
 		if err != nil {
 			return
 		}
-		for i := range a.has {
-			if i < 0 || i >= plan.Count() {
-				t.Fatalf("piece %d accepted of %d", i, plan.Count())
+		covered := map[int]bool{}
+		for _, h := range a.has {
+			if h.Index < 0 || h.Index >= plan.Count() {
+				t.Fatalf("piece %d accepted of %d", h.Index, plan.Count())
 			}
+			covered[h.Index] = true
+		}
+		if a.complete && len(covered) != plan.Count() {
+			t.Fatalf("complete accepted with %d of %d pieces", len(covered), plan.Count())
 		}
 		run := collector.New(collector.Options{}).NewRun(fakeJob{plan})
 		run.AddParent(fakeParent("p"))
