@@ -300,21 +300,23 @@ func TestUpstreamIsLastResort(t *testing.T) {
 }
 
 func TestUpstreamWaitsUntilAllowed(t *testing.T) {
-	job := newJob(4)
-	r := newCollector(SelectorState, nil).NewRun(job)
-	up := &fakeParent{id: UpstreamID, job: job}
-	r.SetUpstream(up, false)
-	r.AddParent(&fakeParent{id: "empty", job: job})
-	errc := make(chan error, 1)
-	go func() { errc <- r.Run(context.Background()) }()
-	time.Sleep(50 * time.Millisecond)
-	if up.count() != 0 {
-		t.Fatal("upstream used before it was allowed")
-	}
-	r.AllowUpstream(true)
-	if err := <-errc; err != nil || job.from(UpstreamID) != 4 {
-		t.Fatalf("err %v, upstream %d", err, job.from(UpstreamID))
-	}
+	synctest.Test(t, func(t *testing.T) {
+		job := newJob(4)
+		r := newCollector(SelectorState, nil).NewRun(job)
+		up := &fakeParent{id: UpstreamID, job: job}
+		r.SetUpstream(up, false)
+		r.AddParent(&fakeParent{id: "empty", job: job})
+		errc := make(chan error, 1)
+		go func() { errc <- r.Run(t.Context()) }()
+		synctest.Wait() // every worker idle
+		if up.count() != 0 {
+			t.Fatal("upstream used before it was allowed")
+		}
+		r.AllowUpstream(true)
+		if err := <-errc; err != nil || job.from(UpstreamID) != 4 {
+			t.Fatalf("err %v, upstream %d", err, job.from(UpstreamID))
+		}
+	})
 }
 
 func TestBestPiece(t *testing.T) {
@@ -408,30 +410,33 @@ func TestReaderWindowFirst(t *testing.T) {
 }
 
 func TestStalledPeersFallBackToUpstream(t *testing.T) {
-	job := newJob(3)
-	clk := &fixedClock{t: time.Unix(1e9, 0)}
-	c := New(Options{Concurrency: 1, Now: func() time.Time { return clk.t }, Rand: rand.New(rand.NewPCG(1, 2)), StallTimeout: time.Minute, BlockFor: time.Hour})
-	r := c.NewRun(job)
-	up := &fakeParent{id: UpstreamID, job: job}
-	r.SetUpstream(up, false) // not the owner
-	bad := &fakeParent{id: "owner", job: job, corrupt: true}
-	r.AddParent(bad)
-	r.Announce("owner", job.checksums(job.all()...), nil)
-	errc := make(chan error, 1)
-	go func() { errc <- r.Run(context.Background()) }()
-	// The owner's first piece fails its checksum and the owner is blocked;
-	// nothing else may send until the stall timeout passes.
-	time.Sleep(100 * time.Millisecond)
-	if up.count() != 0 || bad.count() != 1 {
-		t.Fatalf("upstream asked %d, owner %d times before the stall timeout", up.count(), bad.count())
-	}
-	r.mu.Lock()
-	clk.t = clk.t.Add(2 * time.Minute)
-	r.broadcastLocked()
-	r.mu.Unlock()
-	if err := <-errc; err != nil || job.from(UpstreamID) != 3 {
-		t.Fatalf("err %v, upstream sent %d", err, job.from(UpstreamID))
-	}
+	synctest.Test(t, func(t *testing.T) {
+		job := newJob(3)
+		clk := &fixedClock{t: time.Unix(1e9, 0)}
+		c := New(Options{Concurrency: 1, Now: func() time.Time { return clk.t }, Rand: rand.New(rand.NewPCG(1, 2)), StallTimeout: time.Minute, BlockFor: time.Hour})
+		r := c.NewRun(job)
+		up := &fakeParent{id: UpstreamID, job: job}
+		r.SetUpstream(up, false) // not the owner
+		bad := &fakeParent{id: "owner", job: job, corrupt: true}
+		r.AddParent(bad)
+		r.Announce("owner", job.checksums(job.all()...), nil)
+		errc := make(chan error, 1)
+		go func() { errc <- r.Run(t.Context()) }()
+		// The owner's first piece fails its checksum and the owner is
+		// blocked; nothing else may send until the stall timeout passes
+		// (on the run's clock, which stands still here).
+		synctest.Wait()
+		if up.count() != 0 || bad.count() != 1 {
+			t.Fatalf("upstream asked %d, owner %d times before the stall timeout", up.count(), bad.count())
+		}
+		r.mu.Lock()
+		clk.t = clk.t.Add(2 * time.Minute)
+		r.broadcastLocked()
+		r.mu.Unlock()
+		if err := <-errc; err != nil || job.from(UpstreamID) != 3 {
+			t.Fatalf("err %v, upstream sent %d", err, job.from(UpstreamID))
+		}
+	})
 }
 
 // busyParent answers ErrBusy a few times, as a parent at its upload limit.
