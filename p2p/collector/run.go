@@ -38,9 +38,9 @@ type Run struct {
 	fetchers    []int    // per piece: parents fetching it
 	wanted      []bool   // per piece: not done and not in flight
 	nwanted     int
-	wantedList  []int32 // the wanted pieces, in no order
-	wantedPos   []int32 // per piece: its index in wantedList, or -1
-	inflight    []int // pieces being fetched, a few: one per fetch
+	wantedList  []int32             // the wanted pieces, in no order
+	wantedPos   []int32             // per piece: its index in wantedList, or -1
+	inflight    []int               // pieces being fetched, a few: one per fetch
 	fetches     map[int]*fetchState // peer fetches in flight
 	cands       []candidate         // statePolicy's, reused
 	failures    []int

@@ -40,8 +40,8 @@ type Options struct {
 type Ledger struct {
 	opts Options
 	// base is the clock's reading at New: copies are timed from it, in
-	// durations, as comparing them is a tenth of comparing time.Times (a
-	// refusal compares every piece's).
+	// durations, which compare as plain integers where time.Times compare
+	// wall and monotonic readings (a refusal compares every piece's).
 	base time.Time
 	mu   sync.Mutex
 	sent *lru.Cache[digest.Digest, *blob]
