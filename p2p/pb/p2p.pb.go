@@ -614,8 +614,14 @@ type RegisterResponse struct {
 	// (and takes them from it); each piece is still read from the upstream
 	// about once.
 	UpstreamPieces []uint32 `protobuf:"varint,4,rep,packed,name=upstream_pieces,json=upstreamPieces,proto3" json:"upstream_pieces,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The nodes reading pieces of the blob from the upstream as the owner's
+	// delegates, the registering node aside: each holds pieces no other node
+	// has until it sends them, so the registering node follows them beyond its
+	// max_peers (a node that filled its parents before they were chosen would
+	// otherwise never see those pieces).
+	Readers       []*PeerRef `protobuf:"bytes,5,rep,name=readers,proto3" json:"readers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RegisterResponse) Reset() {
@@ -672,6 +678,13 @@ func (x *RegisterResponse) GetFetchYourself() bool {
 func (x *RegisterResponse) GetUpstreamPieces() []uint32 {
 	if x != nil {
 		return x.UpstreamPieces
+	}
+	return nil
+}
+
+func (x *RegisterResponse) GetReaders() []*PeerRef {
+	if x != nil {
+		return x.Readers
 	}
 	return nil
 }
@@ -999,12 +1012,13 @@ const file_p2p_pb_p2p_proto_rawDesc = "" +
 	"repositoryJ\x04\b\x06\x10\aR\rauthorization\"-\n" +
 	"\aPeerRef\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
-	"\x04addr\x18\x02 \x01(\tR\x04addr\"\xab\x01\n" +
+	"\x04addr\x18\x02 \x01(\tR\x04addr\"\xe4\x01\n" +
 	"\x10RegisterResponse\x12\x12\n" +
 	"\x04size\x18\x01 \x01(\x03R\x04size\x123\n" +
 	"\x05peers\x18\x02 \x03(\v2\x1d.registryproxy.p2p.v1.PeerRefR\x05peers\x12%\n" +
 	"\x0efetch_yourself\x18\x03 \x01(\bR\rfetchYourself\x12'\n" +
-	"\x0fupstream_pieces\x18\x04 \x03(\rR\x0eupstreamPieces\"6\n" +
+	"\x0fupstream_pieces\x18\x04 \x03(\rR\x0eupstreamPieces\x127\n" +
+	"\areaders\x18\x05 \x03(\v2\x1d.registryproxy.p2p.v1.PeerRefR\areaders\"6\n" +
 	"\bHeldBlob\x12\x16\n" +
 	"\x06digest\x18\x01 \x01(\tR\x06digest\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\"`\n" +
@@ -1065,22 +1079,23 @@ var file_p2p_pb_p2p_proto_depIdxs = []int32{
 	2,  // 0: registryproxy.p2p.v1.Host.state:type_name -> registryproxy.p2p.v1.HostState
 	4,  // 1: registryproxy.p2p.v1.PieceUpdate.pieces:type_name -> registryproxy.p2p.v1.Piece
 	7,  // 2: registryproxy.p2p.v1.RegisterResponse.peers:type_name -> registryproxy.p2p.v1.PeerRef
-	9,  // 3: registryproxy.p2p.v1.AnnounceRequest.blobs:type_name -> registryproxy.p2p.v1.HeldBlob
-	0,  // 4: registryproxy.p2p.v1.HostSync.SyncHost:input_type -> registryproxy.p2p.v1.SyncHostRequest
-	3,  // 5: registryproxy.p2p.v1.Pieces.WatchPieces:input_type -> registryproxy.p2p.v1.WatchPiecesRequest
-	6,  // 6: registryproxy.p2p.v1.Tracker.Register:input_type -> registryproxy.p2p.v1.RegisterRequest
-	10, // 7: registryproxy.p2p.v1.Tracker.Announce:input_type -> registryproxy.p2p.v1.AnnounceRequest
-	12, // 8: registryproxy.p2p.v1.Tracker.Preheat:input_type -> registryproxy.p2p.v1.PreheatRequest
-	1,  // 9: registryproxy.p2p.v1.HostSync.SyncHost:output_type -> registryproxy.p2p.v1.Host
-	5,  // 10: registryproxy.p2p.v1.Pieces.WatchPieces:output_type -> registryproxy.p2p.v1.PieceUpdate
-	8,  // 11: registryproxy.p2p.v1.Tracker.Register:output_type -> registryproxy.p2p.v1.RegisterResponse
-	11, // 12: registryproxy.p2p.v1.Tracker.Announce:output_type -> registryproxy.p2p.v1.AnnounceResponse
-	13, // 13: registryproxy.p2p.v1.Tracker.Preheat:output_type -> registryproxy.p2p.v1.PreheatProgress
-	9,  // [9:14] is the sub-list for method output_type
-	4,  // [4:9] is the sub-list for method input_type
-	4,  // [4:4] is the sub-list for extension type_name
-	4,  // [4:4] is the sub-list for extension extendee
-	0,  // [0:4] is the sub-list for field type_name
+	7,  // 3: registryproxy.p2p.v1.RegisterResponse.readers:type_name -> registryproxy.p2p.v1.PeerRef
+	9,  // 4: registryproxy.p2p.v1.AnnounceRequest.blobs:type_name -> registryproxy.p2p.v1.HeldBlob
+	0,  // 5: registryproxy.p2p.v1.HostSync.SyncHost:input_type -> registryproxy.p2p.v1.SyncHostRequest
+	3,  // 6: registryproxy.p2p.v1.Pieces.WatchPieces:input_type -> registryproxy.p2p.v1.WatchPiecesRequest
+	6,  // 7: registryproxy.p2p.v1.Tracker.Register:input_type -> registryproxy.p2p.v1.RegisterRequest
+	10, // 8: registryproxy.p2p.v1.Tracker.Announce:input_type -> registryproxy.p2p.v1.AnnounceRequest
+	12, // 9: registryproxy.p2p.v1.Tracker.Preheat:input_type -> registryproxy.p2p.v1.PreheatRequest
+	1,  // 10: registryproxy.p2p.v1.HostSync.SyncHost:output_type -> registryproxy.p2p.v1.Host
+	5,  // 11: registryproxy.p2p.v1.Pieces.WatchPieces:output_type -> registryproxy.p2p.v1.PieceUpdate
+	8,  // 12: registryproxy.p2p.v1.Tracker.Register:output_type -> registryproxy.p2p.v1.RegisterResponse
+	11, // 13: registryproxy.p2p.v1.Tracker.Announce:output_type -> registryproxy.p2p.v1.AnnounceResponse
+	13, // 14: registryproxy.p2p.v1.Tracker.Preheat:output_type -> registryproxy.p2p.v1.PreheatProgress
+	10, // [10:15] is the sub-list for method output_type
+	5,  // [5:10] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_p2p_pb_p2p_proto_init() }

@@ -35,6 +35,10 @@ var (
 	simReaders   = flag.Int("sim-readers", 0, "TestSimulate: nodes reading one blob from the upstream (pieces.readers; 0: the node's default)")
 	simResults   = flag.String("sim-results", "", "TestSimulate: directory for JSON, Markdown and plots (default results/sim-<time>)")
 	simHorizon   = flag.Float64("sim-horizon", 5, "TestSimulate: stop each run at this many times the bound; nodes still pulling count as unfinished")
+	simNoSeeding = flag.Bool("sim-no-seeding", false, "TestSimulate: parents send duplicates freely (no super-seeding)")
+	simUploadLim = flag.Int("sim-upload-limit", 0, "TestSimulate: each node's concurrent uploads (0: the simulator's default)")
+	simTrace     = flag.Bool("sim-trace", false, "TestSimulate: write the cluster's state every simulated second to trace-<case>.txt in the results directory (pieces held, holders, parents, children, sole holders)")
+	simProgress  = flag.Duration("sim-progress", 10*time.Second, "TestSimulate: log the nodes done every this much simulated time")
 	simHeapProf  = flag.String("sim-heap-profile", "", "TestSimulate: write the heap profile (in use) taken near each run's peak heap to this file")
 	simValidate  = flag.String("sim-validate", "", "TestSimulate: instead, simulate the namespace harness's setup (8 nodes, 256 MiB, 25 MB/s, scenarios a, b, d) and compare with the JSON runs in this results directory")
 )
@@ -195,15 +199,23 @@ func TestSimulate(t *testing.T) {
 			for _, mode := range strings.Split(*simModes, ",") {
 				for seed := range uint64(*simSeeds) {
 					cfg := Config{Nodes: n, Size: size, Up: float64(bw), Down: float64(bw), OriginUp: float64(origin),
-						Latency: *simLatency, Selector: mode, Seed: seed + 1, Readers: *simReaders}
+						Latency: *simLatency, Selector: mode, Seed: seed + 1, Readers: *simReaders, NoSeeding: *simNoSeeding, UploadLimit: *simUploadLim}
 					scenarioConfig(sc, n, &cfg)
 					cfg.Horizon = time.Duration(*simHorizon * float64(boundOf(cfg)))
 					// Inside the bubble time.Now is the simulated clock: progress
 					// is reported in simulated time only.
 					cfg.Progress = func(at time.Duration, done int) {
-						if at%(10*time.Second) == 0 {
+						if at%*simProgress == 0 {
 							t.Logf("  %d nodes %s %s: simulated %v, %d done", n, sc, mode, at.Round(time.Second), done)
 						}
+					}
+					if *simTrace {
+						f, err := os.Create(filepath.Join(dir, fmt.Sprintf("trace-%s-n%d-%s-%d.txt", sc, n, mode, seed+1)))
+						if err != nil {
+							t.Fatal(err)
+						}
+						defer f.Close()
+						cfg.Trace = f
 					}
 					runtime.GC()
 					stop := make(chan struct{})

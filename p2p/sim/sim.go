@@ -87,6 +87,10 @@ type Config struct {
 	// Progress, when set, is called every simulated second with the
 	// simulated time and the nodes done so far.
 	Progress func(at time.Duration, done int)
+	// Trace, when set, gets the cluster's state every simulated second
+	// (with Progress): pieces held, holders, parents and children, flows,
+	// refusals, and the nodes that alone hold pieces.
+	Trace io.Writer
 }
 
 func (c *Config) defaults() {
@@ -192,6 +196,9 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 					return
 				case <-time.After(time.Second):
 					cfg.Progress(time.Since(start), int(finished.Load()))
+					if cfg.Trace != nil {
+						s.trace(cfg.Trace, time.Since(start))
+					}
 				}
 			}
 		})
@@ -258,6 +265,8 @@ type simulation struct {
 	// lastOrigin is when the upstream last finished a transfer.
 	lastOrigin atomic.Int64
 	refused    atomic.Int64
+	// ownerRefused are the refusals by the digest's owner (Trace).
+	ownerRefused atomic.Int64
 }
 
 func newSim(cfg Config) *simulation {
@@ -391,11 +400,12 @@ type node struct {
 	// delegations: state-aware seeding as owner (state mode, as the node).
 	delegations *swarm.Delegations
 
-	mu       sync.Mutex
-	job      *job
-	watchers []*watcher
-	done     chan struct{}
-	err      error
+	following atomic.Int64
+	mu        sync.Mutex
+	job       *job
+	watchers  []*watcher
+	done      chan struct{}
+	err       error
 }
 
 // watcher is a node following another's pieces: updates queue here, and
@@ -494,7 +504,9 @@ func (n *node) open() *job {
 // Progress and Delegate are the node's downloads (swarm.Downloads) for its
 // server: its downloader, built after it.
 func (n *node) Progress(d digest.Digest) ([]int, bool, bool) { return n.dl.Progress(d) }
-func (n *node) Delegate(d digest.Digest, pieces []int)       { n.dl.Delegate(d, pieces) }
+func (n *node) Delegate(d digest.Digest, pieces []int, reader string) {
+	n.dl.Delegate(d, pieces, reader)
+}
 
 // simOwner starts the node's download for a registering node, as the task
 // manager does for the owner.
@@ -568,6 +580,8 @@ func (t transport) Watch(ctx context.Context, addr string, _ digest.Digest, _ st
 	}
 	p.mu.Unlock()
 	defer p.unwatch(w)
+	t.n.following.Add(1)
+	defer t.n.following.Add(-1)
 	first := p.update(have)
 	time.AfterFunc(t.n.s.cfg.Latency, func() { w.push(first) })
 	for {
@@ -776,9 +790,15 @@ func (p *peerParent) admit(i int) (func(sent bool), error) {
 	switch {
 	case errors.Is(err, hoststate.ErrBusy):
 		p.s.refused.Add(1)
+		if p.from.id == p.s.owner {
+			p.s.ownerRefused.Add(1)
+		}
 		return nil, collector.ErrBusy
 	case errors.Is(err, peer.ErrSentElsewhere):
 		p.s.refused.Add(1)
+		if p.from.id == p.s.owner {
+			p.s.ownerRefused.Add(1)
+		}
 		// As the peer server's 409 and the transfer pool's reading of it.
 		return nil, &collector.ElsewhereError{Offered: peer.Offered(err)}
 	}
@@ -807,4 +827,63 @@ func Quantile(ds []time.Duration, q float64) time.Duration {
 	}
 	sort.Float64s(s)
 	return time.Duration(report.Quantile(s, q))
+}
+
+// trace writes the cluster's state at simulated time at: how many pieces
+// the nodes hold, how many nodes hold each piece, how many parents each node
+// follows and how many children follow it, the flows, refusals and upstream
+// bytes so far, and each node that alone holds pieces (a piece held by one
+// node spreads only through the nodes following it).
+func (s *simulation) trace(w io.Writer, at time.Duration) {
+	holders := make([]int, s.plan.Count())
+	held := make([][]bool, len(s.nodes))
+	var counts, parents, children []int
+	for k, n := range s.nodes {
+		n.mu.Lock()
+		j := n.job
+		children = append(children, len(n.watchers))
+		n.mu.Unlock()
+		parents = append(parents, int(n.following.Load()))
+		c := 0
+		if j != nil {
+			held[k] = j.done()
+			for i, ok := range held[k] {
+				if ok {
+					holders[i]++
+					c++
+				}
+			}
+		}
+		counts = append(counts, c)
+	}
+	s.net.mu.Lock()
+	flows := 0
+	for _, n := range s.nodes {
+		flows += len(n.h.downs)
+	}
+	origin := s.origin.sent
+	s.net.mu.Unlock()
+	fmt.Fprintf(w, "%v: pieces held %s; holders a piece %s; parents %s; children %s; %d flows, %d refusals (%d by the owner), upstream %.0f MB\n",
+		at, quantiles(counts), quantiles(holders), quantiles(parents), quantiles(children), flows, s.refused.Load(), s.ownerRefused.Load(), origin/1e6)
+	for k, n := range s.nodes {
+		sole := 0
+		for i, ok := range held[k] {
+			if ok && holders[i] == 1 {
+				sole++
+			}
+		}
+		if sole > 0 {
+			n.mu.Lock()
+			children := len(n.watchers)
+			n.mu.Unlock()
+			fmt.Fprintf(w, "  %s alone holds %d pieces; owner %v, %d children\n", n.id, sole, n.id == s.owner, children)
+		}
+	}
+}
+
+// quantiles is the min, p10, p50, p90 and max of xs.
+func quantiles(xs []int) string {
+	xs = slices.Clone(xs)
+	slices.Sort(xs)
+	return fmt.Sprintf("[min %d p10 %d p50 %d p90 %d max %d]", xs[0], xs[len(xs)/10], xs[len(xs)/2], xs[len(xs)*9/10], xs[len(xs)-1])
 }

@@ -75,7 +75,7 @@ func (ds *Delegations) Register(dl Downloads, d digest.Digest, done []bool, node
 	}
 	pieces, fresh := ds.claim(d, len(done), node, ownerUp, uploads, func(i int) bool { return !done[i] && !busy[i] })
 	if fresh {
-		dl.Delegate(d, pieces)
+		dl.Delegate(d, pieces, node)
 	}
 	return toUint32(pieces)
 }
@@ -137,6 +137,27 @@ func (ds *Delegations) claim(d digest.Digest, count int, node string, ownerUp fl
 	delete(dl.planned, node)
 	dl.claimed[node] = pieces
 	return pieces, len(pieces) > 0
+}
+
+// Claimants lists the nodes that claimed pieces of d to read from the
+// upstream, in no particular order.
+func (ds *Delegations) Claimants(d digest.Digest) []string {
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	if ds.by == nil {
+		return nil
+	}
+	dl, ok := ds.by.Peek(d)
+	if !ok {
+		return nil
+	}
+	var out []string
+	for id, pieces := range dl.claimed {
+		if len(pieces) > 0 {
+			out = append(out, id)
+		}
+	}
+	return out
 }
 
 // self stands for the owner among the readers: member ids are never empty.

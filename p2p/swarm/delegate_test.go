@@ -21,7 +21,7 @@ type fakeDownloads struct {
 }
 
 func (f *fakeDownloads) Progress(digest.Digest) ([]int, bool, bool) { return f.fetching, true, true }
-func (f *fakeDownloads) Delegate(_ digest.Digest, pieces []int) {
+func (f *fakeDownloads) Delegate(_ digest.Digest, pieces []int, _ string) {
 	f.calls++
 	if f.delegated == nil {
 		f.delegated = map[string][]int{}
@@ -69,6 +69,11 @@ func TestDelegations(t *testing.T) {
 		}
 		if dl.calls != 3 {
 			t.Errorf("the owner's download was told %d times, want once per delegate", dl.calls)
+		}
+		claimants := ds.Claimants(d)
+		slices.Sort(claimants)
+		if want := []string{"a", "b", "c"}; !slices.Equal(claimants, want) {
+			t.Errorf("claimants %v, want %v (the members with a share)", claimants, want)
 		}
 		// Registering again: the same pieces, the download not told again.
 		if again := ints(ds.Register(dl, d, done, "c", 3e6, fast)); !slices.Equal(again, got["c"]) || dl.calls != 3 {

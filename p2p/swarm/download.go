@@ -50,8 +50,10 @@ type Downloader struct {
 
 	mu   sync.Mutex
 	runs map[digest.Digest]*collector.Run
-	// delegated are pieces this node, as owner, left to delegates.
+	// delegated are pieces this node, as owner, left to delegates, and
+	// readers those delegates.
 	delegated map[digest.Digest][]int
+	readers   map[digest.Digest][]string
 }
 
 // NewDownloader returns a downloader.
@@ -68,16 +70,19 @@ func NewDownloader(opts DownloaderOptions) *Downloader {
 	if opts.Tracker == nil {
 		opts.Tracker = tracker.New(nil)
 	}
-	return &Downloader{opts: opts, log: opts.Logger.With("component", "swarm"), runs: map[digest.Digest]*collector.Run{}, delegated: map[digest.Digest][]int{}}
+	return &Downloader{opts: opts, log: opts.Logger.With("component", "swarm"), runs: map[digest.Digest]*collector.Run{}, delegated: map[digest.Digest][]int{}, readers: map[digest.Digest][]string{}}
 }
 
 // Delegate leaves pieces of d to the nodes that read them from the upstream
 // as this owner's delegates (Server.Register): the download takes them from
-// those peers.
-func (s *Downloader) Delegate(d digest.Digest, pieces []int) {
+// those peers, following reader whatever its parents.
+func (s *Downloader) Delegate(d digest.Digest, pieces []int, reader string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.delegated[d] = append(s.delegated[d], pieces...)
+	if !slices.Contains(s.readers[d], reader) {
+		s.readers[d] = append(s.readers[d], reader)
+	}
 	if run := s.runs[d]; run != nil {
 		run.DenyUpstream(pieces)
 	}
@@ -115,6 +120,7 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 		if s.runs[d] == run {
 			delete(s.runs, d)
 			delete(s.delegated, d)
+			delete(s.readers, d)
 		}
 		s.mu.Unlock()
 	}()
@@ -133,7 +139,10 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 	pending := map[string]bool{}
 	pendingDone := make(chan struct{}, 1)
 	plan := job.Plan()
-	addParent := func(id, addr string) {
+	// reader: the parent reads pieces from the upstream for the owner, and
+	// no other node has them until it sends them: followed whatever the
+	// number of parents (at most pieces.readers of them).
+	addParent := func(id, addr string, reader bool) {
 		if id == s.opts.Self.ID || addr == "" {
 			return
 		}
@@ -141,7 +150,7 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 		// Each refresh names up to MaxPeers new registrants; following
 		// them all would grow with the cluster (every announcement of
 		// every peer reaches every node). The owner comes first.
-		if watching[id] || len(watching) > s.opts.MaxPeers {
+		if watching[id] || len(watching) > s.opts.MaxPeers && !reader {
 			wmu.Unlock()
 			return
 		}
@@ -235,8 +244,14 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 				// from whoever registered or holds it.
 				run.SetAuthority("")
 				run.AllowUpstream(!slices.ContainsFunc(s.opts.Tracker.Holders(d.String()), func(h string) bool { _, live := addrs[h]; return live }))
+				s.mu.Lock()
+				readers := slices.Clone(s.readers[d])
+				s.mu.Unlock()
+				for _, r := range readers {
+					addParent(r, addrs[r], true)
+				}
 				for _, p := range s.opts.Tracker.Peers(d.String(), "", s.opts.MaxPeers) {
-					addParent(p.ID, p.Addr)
+					addParent(p.ID, p.Addr, false)
 				}
 				return
 			}
@@ -266,9 +281,12 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 			// The owner's piece checksums, read from the upstream, are the
 			// ones every piece is checked against.
 			run.SetAuthority(id)
-			addParent(id, addrs[id])
+			addParent(id, addrs[id], false)
+			for _, p := range resp.GetReaders() {
+				addParent(p.GetId(), p.GetAddr(), true)
+			}
 			for _, p := range resp.GetPeers() {
-				addParent(p.GetId(), p.GetAddr())
+				addParent(p.GetId(), p.GetAddr(), false)
 			}
 			return
 		}

@@ -403,3 +403,53 @@ func TestDownloaderKeepsCompleteParent(t *testing.T) {
 		}
 	})
 }
+
+// A reader the owner names once the node's parents are full is followed
+// all the same: it holds pieces no other node has (the owner delegated
+// them), and the node is not to read them from the upstream.
+func TestDownloaderFollowsReadersBeyondMaxPeers(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, d, rank := newTestCluster(4, 4*piece.MinSize, 4)
+		data := c.data
+		whole := complete(d, data)
+		half := func(pieces ...int) *pb.PieceUpdate {
+			up := &pb.PieceUpdate{Digest: whole.Digest, Size: whole.Size, PieceSize: whole.PieceSize}
+			for _, i := range pieces {
+				up.Pieces = append(up.Pieces, whole.Pieces[i])
+			}
+			return up
+		}
+		peer, reader := &pb.PeerRef{Id: rank[1], Addr: addrOf(rank[1])}, &pb.PeerRef{Id: rank[2], Addr: addrOf(rank[2])}
+		// First the owner names a peer (the node's one place beside the
+		// owner), then, the reader chosen, the reader too.
+		c.nodes[addrOf(rank[0])] = &fakeNode{
+			resp:    &pb.RegisterResponse{Peers: []*pb.PeerRef{peer}},
+			then:    &pb.RegisterResponse{Peers: []*pb.PeerRef{peer}, Readers: []*pb.PeerRef{reader}},
+			updates: []*pb.PieceUpdate{half(0, 2)},
+		}
+		c.nodes[addrOf(rank[1])] = &fakeNode{updates: []*pb.PieceUpdate{half(0)}}
+		c.nodes[addrOf(rank[2])] = &fakeNode{updates: []*pb.PieceUpdate{half(1, 3)}}
+		up := &countingUpstream{data: data}
+		dl := NewDownloader(DownloaderOptions{
+			Self: membership.Member{ID: rank[3], Addr: addrOf(rank[3])}, Members: membersOf(rank), Transport: c,
+			Collector: collector.New(collector.Options{Concurrency: 4, Logger: slog.New(slog.DiscardHandler)}),
+			Upstream:  up, Logger: slog.New(slog.DiscardHandler), MaxPeers: 1,
+		})
+		job := newMemJob(d, int64(len(data)))
+		if err := dl.Fill(context.Background(), job, task.Request{Digest: d}); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(job.data, data) {
+			t.Fatal("the job's bytes differ from the blob")
+		}
+		if got := c.nodes[addrOf(rank[2])].watchers.Load(); got != 1 {
+			t.Errorf("the reader was watched %d times, want once", got)
+		}
+		if got := job.source[rank[2]]; got != 2 {
+			t.Errorf("%d pieces from the reader, want its 2 (by parent %v)", got, job.source)
+		}
+		if got := up.bytes.Load(); got != 0 {
+			t.Errorf("the upstream sent %d bytes, want none", got)
+		}
+	})
+}

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"time"
 
 	lru "github.com/hashicorp/golang-lru/v2"
@@ -68,7 +69,7 @@ func (o tasksOwner) OpenForPeers(ctx context.Context, req task.Request) (Owned, 
 // to delegates; *Downloader is one.
 type Downloads interface {
 	Progress(d digest.Digest) (fetching []int, seeding, ok bool)
-	Delegate(d digest.Digest, pieces []int)
+	Delegate(d digest.Digest, pieces []int, reader string)
 }
 
 // Uploads are upload capacities in bytes/s, 0 when unknown: this node's and
@@ -198,8 +199,28 @@ func (s *Server) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Reg
 	default:
 		resp.Size = t.Size()
 		resp.UpstreamPieces = s.delegate(d, t, who.ID)
+		resp.Readers = s.readers(d, who.ID)
 	}
 	return resp, nil
+}
+
+// readers are d's delegates but node, as peers: the nodes with pieces no
+// other node has until they send them.
+func (s *Server) readers(d digest.Digest, node string) []*pb.PeerRef {
+	if s.opts.Delegations == nil {
+		return nil
+	}
+	ids := s.opts.Delegations.Claimants(d)
+	if len(ids) == 0 {
+		return nil
+	}
+	var out []*pb.PeerRef
+	for _, m := range s.opts.Members.Members() {
+		if m.ID != node && slices.Contains(ids, m.ID) {
+			out = append(out, &pb.PeerRef{Id: m.ID, Addr: m.Addr})
+		}
+	}
+	return out
 }
 
 // delegate hands node pieces of t to read from the upstream when this
