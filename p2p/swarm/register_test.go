@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"testing/synctest"
@@ -179,8 +180,9 @@ func (fakeParent) Fetch(context.Context, int, int64, int64) (io.ReadCloser, erro
 
 // fakeOwner answers registrations as the owner's task manager would.
 type fakeOwner struct {
-	err   error
-	calls int
+	err    error
+	calls  int
+	pieces int // of the blob, none held; 1 when 0
 }
 
 func (o *fakeOwner) OpenForPeers(context.Context, task.Request) (Owned, error) {
@@ -188,13 +190,25 @@ func (o *fakeOwner) OpenForPeers(context.Context, task.Request) (Owned, error) {
 	if o.err != nil {
 		return nil, o.err
 	}
-	return fakeOwned{}, nil
+	return fakeOwned{n: max(o.pieces, 1)}, nil
 }
 
-type fakeOwned struct{}
+type fakeOwned struct{ n int }
 
-func (fakeOwned) Size() int64                { return 42 }
-func (fakeOwned) Pieces() ([]bool, []uint32) { return []bool{false}, []uint32{0} }
+func (fakeOwned) Size() int64                  { return 42 }
+func (o fakeOwned) Pieces() ([]bool, []uint32) { return make([]bool, o.n), make([]uint32, o.n) }
+
+// equalUploads: every other member uploads as fast as the owner ("owner",
+// whose own state it does not stream to itself).
+type equalUploads struct{}
+
+func (equalUploads) OwnUpload() float64 { return 100e6 }
+func (equalUploads) UploadOf(id string) float64 {
+	if id == "owner" {
+		return 0
+	}
+	return 100e6
+}
 
 // An owner that cannot fetch a blob with its own credentials has the
 // registering nodes fetch it themselves for privateFor, then tries again.
@@ -231,4 +245,43 @@ func TestRegisterPrivate(t *testing.T) {
 			}
 		}
 	})
+}
+
+// Each registration's answer names the upstream readers that claimed a
+// share, the registering node aside: a node follows them whatever else it
+// follows.
+func TestRegisterNamesReaders(t *testing.T) {
+	s := newRegisterSwarm(t)
+	s.opts.Members = staticMembers{{ID: "owner", Addr: "127.0.0.1:7000"}, {ID: "child", Addr: "127.0.0.2:7000"}, {ID: "reader", Addr: "127.0.0.3:7000"}}
+	s.opts.Owner = &fakeOwner{pieces: 12}
+	s.opts.Delegations = &Delegations{Readers: 3}
+	s.opts.Uploads = equalUploads{}
+	s.opts.Downloads = &fakeDownloads{}
+	register := func(id, ip string) *pb.RegisterResponse {
+		t.Helper()
+		resp, err := s.Register(from(ip), &pb.RegisterRequest{Digest: testDigest, HostId: id, Addr: ip + ":7000", Registry: "reg.test", Repository: "team/app"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
+	ids := func(refs []*pb.PeerRef) (out []string) {
+		for _, r := range refs {
+			out = append(out, r.GetId()+"@"+r.GetAddr())
+		}
+		return out
+	}
+	first := register("child", "127.0.0.2")
+	if len(first.GetUpstreamPieces()) == 0 {
+		t.Fatal("the first reader to register got no share; the test needs one")
+	}
+	if got := ids(first.GetReaders()); len(got) != 0 {
+		t.Errorf("the first reader was named readers %v, want none (itself aside, none has claimed)", got)
+	}
+	if got, want := ids(register("reader", "127.0.0.3").GetReaders()), []string{"child@127.0.0.2:7000"}; !slices.Equal(got, want) {
+		t.Errorf("the second reader was named %v, want %v", got, want)
+	}
+	if got, want := ids(register("child", "127.0.0.2").GetReaders()), []string{"reader@127.0.0.3:7000"}; !slices.Equal(got, want) {
+		t.Errorf("the first reader, again, was named %v, want %v", got, want)
+	}
 }
