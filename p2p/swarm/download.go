@@ -100,6 +100,9 @@ func (s *Downloader) Progress(d digest.Digest) (fetching []int, seeding, ok bool
 	return run.InFlight(), run.UpstreamAllowed(), true
 }
 
+// maxReaders bounds the readers a download follows beyond MaxPeers.
+const maxReaders = 16
+
 // Fill collects job's pieces from the cluster; it implements task.Filler.
 func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Request) error {
 	d := req.Digest
@@ -282,8 +285,11 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 			// ones every piece is checked against.
 			run.SetAuthority(id)
 			addParent(id, addrs[id], false)
-			for _, p := range resp.GetReaders() {
-				addParent(p.GetId(), p.GetAddr(), true)
+			for k, p := range resp.GetReaders() {
+				// The owner names at most pieces.readers; past maxReaders a
+				// list counts as ordinary peers, so no answer can make this
+				// node follow the whole cluster.
+				addParent(p.GetId(), p.GetAddr(), k < maxReaders)
 			}
 			for _, p := range resp.GetPeers() {
 				addParent(p.GetId(), p.GetAddr(), false)

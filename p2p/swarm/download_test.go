@@ -453,3 +453,37 @@ func TestDownloaderFollowsReadersBeyondMaxPeers(t *testing.T) {
 		}
 	})
 }
+
+// An answer naming more readers than maxReaders makes the node follow
+// maxReaders of them beyond MaxPeers, not the whole list.
+func TestDownloaderFollowsAtMostMaxReaders(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const named = maxReaders + 4
+		c, d, rank := newTestCluster(5, 2*piece.MinSize, named+2)
+		var readers []*pb.PeerRef
+		for _, id := range rank[1 : named+1] {
+			readers = append(readers, &pb.PeerRef{Id: id, Addr: addrOf(id)})
+			c.nodes[addrOf(id)] = &fakeNode{}
+		}
+		c.nodes[addrOf(rank[0])] = &fakeNode{resp: &pb.RegisterResponse{Readers: readers}, updates: []*pb.PieceUpdate{complete(d, c.data)}}
+		self := rank[named+1]
+		dl := NewDownloader(DownloaderOptions{
+			Self: membership.Member{ID: self, Addr: addrOf(self)}, Members: membersOf(rank), Transport: c,
+			Collector: collector.New(collector.Options{Concurrency: 4, Logger: slog.New(slog.DiscardHandler)}),
+			Upstream:  &countingUpstream{data: c.data}, Logger: slog.New(slog.DiscardHandler), MaxPeers: 1,
+		})
+		job := newMemJob(d, int64(len(c.data)))
+		if err := dl.Fill(context.Background(), job, task.Request{Digest: d}); err != nil {
+			t.Fatal(err)
+		}
+		watched := 0
+		for _, r := range readers {
+			if c.nodes[r.GetAddr()].watchers.Load() > 0 {
+				watched++
+			}
+		}
+		if watched != maxReaders {
+			t.Errorf("followed %d of %d named readers with MaxPeers 1, want %d", watched, named, maxReaders)
+		}
+	})
+}
