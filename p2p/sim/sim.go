@@ -400,6 +400,7 @@ type node struct {
 	// delegations: state-aware seeding as owner (state mode, as the node).
 	delegations *swarm.Delegations
 
+	// following counts the parents this node watches (Trace).
 	following atomic.Int64
 	mu        sync.Mutex
 	job       *job
@@ -789,20 +790,22 @@ func (p *peerParent) admit(i int) (func(sent bool), error) {
 	admitted, err := peer.Admission{Meter: p.from.meter, Ledger: p.from.ledger}.Admit(p.s.digest, i, p.s.plan.Count(), offers)
 	switch {
 	case errors.Is(err, hoststate.ErrBusy):
-		p.s.refused.Add(1)
-		if p.from.id == p.s.owner {
-			p.s.ownerRefused.Add(1)
-		}
+		p.s.refusedBy(p.from)
 		return nil, collector.ErrBusy
 	case errors.Is(err, peer.ErrSentElsewhere):
-		p.s.refused.Add(1)
-		if p.from.id == p.s.owner {
-			p.s.ownerRefused.Add(1)
-		}
+		p.s.refusedBy(p.from)
 		// As the peer server's 409 and the transfer pool's reading of it.
 		return nil, &collector.ElsewhereError{Offered: peer.Offered(err)}
 	}
 	return admitted, err
+}
+
+// refusedBy counts a piece request parent refused.
+func (s *simulation) refusedBy(parent *node) {
+	s.refused.Add(1)
+	if parent.id == s.owner {
+		s.ownerRefused.Add(1)
+	}
 }
 
 func sleep(ctx context.Context, d time.Duration) error {

@@ -50,10 +50,15 @@ type Downloader struct {
 
 	mu   sync.Mutex
 	runs map[digest.Digest]*collector.Run
-	// delegated are pieces this node, as owner, left to delegates, and
-	// readers those delegates.
-	delegated map[digest.Digest][]int
-	readers   map[digest.Digest][]string
+	// delegated is what this node, as owner, left to delegates.
+	delegated map[digest.Digest]*delegates
+}
+
+// delegates are the pieces of a blob an owner left to the nodes that read
+// them from the upstream, and those nodes.
+type delegates struct {
+	pieces  []int
+	readers []string
 }
 
 // NewDownloader returns a downloader.
@@ -70,7 +75,7 @@ func NewDownloader(opts DownloaderOptions) *Downloader {
 	if opts.Tracker == nil {
 		opts.Tracker = tracker.New(nil)
 	}
-	return &Downloader{opts: opts, log: opts.Logger.With("component", "swarm"), runs: map[digest.Digest]*collector.Run{}, delegated: map[digest.Digest][]int{}, readers: map[digest.Digest][]string{}}
+	return &Downloader{opts: opts, log: opts.Logger.With("component", "swarm"), runs: map[digest.Digest]*collector.Run{}, delegated: map[digest.Digest]*delegates{}}
 }
 
 // Delegate leaves pieces of d to the nodes that read them from the upstream
@@ -79,9 +84,14 @@ func NewDownloader(opts DownloaderOptions) *Downloader {
 func (s *Downloader) Delegate(d digest.Digest, pieces []int, reader string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.delegated[d] = append(s.delegated[d], pieces...)
-	if !slices.Contains(s.readers[d], reader) {
-		s.readers[d] = append(s.readers[d], reader)
+	dg := s.delegated[d]
+	if dg == nil {
+		dg = &delegates{}
+		s.delegated[d] = dg
+	}
+	dg.pieces = append(dg.pieces, pieces...)
+	if !slices.Contains(dg.readers, reader) {
+		dg.readers = append(dg.readers, reader)
 	}
 	if run := s.runs[d]; run != nil {
 		run.DenyUpstream(pieces)
@@ -114,8 +124,8 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 	run.SetUpstream(s.opts.Collector.NewUpstreamParent(src, req.Registry, req.Repo, d, req.Header), req.UpstreamOnly)
 	s.mu.Lock()
 	s.runs[d] = run
-	if p := s.delegated[d]; len(p) > 0 && !req.UpstreamOnly {
-		run.DenyUpstream(p)
+	if dg := s.delegated[d]; dg != nil && len(dg.pieces) > 0 && !req.UpstreamOnly {
+		run.DenyUpstream(dg.pieces)
 	}
 	s.mu.Unlock()
 	defer func() {
@@ -123,7 +133,6 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 		if s.runs[d] == run {
 			delete(s.runs, d)
 			delete(s.delegated, d)
-			delete(s.readers, d)
 		}
 		s.mu.Unlock()
 	}()
@@ -144,7 +153,8 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 	plan := job.Plan()
 	// reader: the parent reads pieces from the upstream for the owner, and
 	// no other node has them until it sends them: followed whatever the
-	// number of parents (at most pieces.readers of them).
+	// number of parents (the owner names at most pieces.readers; maxReaders
+	// bounds a longer list).
 	addParent := func(id, addr string, reader bool) {
 		if id == s.opts.Self.ID || addr == "" {
 			return
@@ -247,8 +257,11 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 				// from whoever registered or holds it.
 				run.SetAuthority("")
 				run.AllowUpstream(!slices.ContainsFunc(s.opts.Tracker.Holders(d.String()), func(h string) bool { _, live := addrs[h]; return live }))
+				var readers []string
 				s.mu.Lock()
-				readers := slices.Clone(s.readers[d])
+				if dg := s.delegated[d]; dg != nil {
+					readers = slices.Clone(dg.readers)
+				}
 				s.mu.Unlock()
 				for _, r := range readers {
 					addParent(r, addrs[r], true)
