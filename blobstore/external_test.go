@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	"github.com/registry-proxy/registry-proxy/piece"
 )
 
 // memExternal is an external store in memory.
@@ -163,5 +164,38 @@ func TestRunGCDropsShadowedCopies(t *testing.T) {
 		}
 		cancel()
 		<-done
+	})
+}
+
+// A commit of a blob the external store already holds drops this store's
+// copy at once: the external store's change came before the commit (a
+// client reads the last byte before the commit syncs) and none follows.
+func TestRunGCDropsCopyCommittedAfterExternal(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ext := newMemExternal()
+		s := newStore(t, t.TempDir(), Options{External: ext})
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			s.RunGC(ctx, time.Hour)
+		}()
+		defer func() { cancel(); <-done }()
+		b, d := randBlob(t, 4096)
+		p, err := s.Ingest(ctx, d, piece.PlanFor(int64(len(b))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fill(t, p, b)
+		ext.put(b)
+		synctest.Wait() // RunGC saw the change with nothing of its own to drop
+		if err := p.Commit(d); err != nil {
+			t.Fatal(err)
+		}
+		p.Close()
+		synctest.Wait()
+		if n, _ := s.Usage(); n != 0 {
+			t.Fatalf("%d blobs of this store's kept after the commit of one the external store holds", n)
+		}
 	})
 }

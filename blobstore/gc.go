@@ -174,9 +174,9 @@ func (s *Store) gcPartials(now time.Time) (int, error) {
 }
 
 // RunGC collects every interval until ctx ends. With an external store it
-// also drops this store's copies of the blobs the external store holds,
-// when that changes, and again shortly after for a copy that was being
-// read.
+// also drops this store's copies of the blobs the external store holds:
+// when that changes, when this store commits a blob it holds, and again
+// shortly after for a copy that was being read.
 func (s *Store) RunGC(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
@@ -188,6 +188,11 @@ func (s *Store) RunGC(ctx context.Context, interval time.Duration) {
 	} else {
 		retry.Stop()
 	}
+	drop := func() {
+		if s.dropShadowed() {
+			retry.Reset(shadowRetry)
+		}
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -197,14 +202,13 @@ func (s *Store) RunGC(ctx context.Context, interval time.Duration) {
 		case <-changed:
 			changed = s.opts.External.Changed()
 			s.changes.Notify() // Complete changed with the external store
-			if s.dropShadowed() {
-				retry.Reset(shadowRetry)
-			}
+			drop()
 			continue
 		case <-retry.C:
-			if s.dropShadowed() {
-				retry.Reset(shadowRetry)
-			}
+			drop()
+			continue
+		case <-s.shadowKick:
+			drop()
 			continue
 		}
 		if changed != nil {
@@ -221,9 +225,12 @@ func (s *Store) RunGC(ctx context.Context, interval time.Duration) {
 const shadowRetry = 2 * time.Second
 
 // kickGC asks RunGC for a collection now.
-func (s *Store) kickGC() {
+func (s *Store) kickGC() { s.kick(s.gcKick) }
+
+// kick sends on a buffered channel of one unless a kick is already waiting.
+func (s *Store) kick(c chan struct{}) {
 	select {
-	case s.gcKick <- struct{}{}:
+	case c <- struct{}{}:
 	default:
 	}
 }

@@ -370,6 +370,11 @@ func (p *Partial) Commit(verified digest.Digest) error {
 	p.s.lru.Add(p.digest, &entry{size: p.plan.Size, lastAccess: now, persisted: now})
 	p.s.changes.Notify()
 	p.s.mu.Unlock()
+	if ext := p.s.opts.External; ext != nil {
+		if size, ok := ext.Stat(p.digest); ok && size == p.plan.Size {
+			p.s.kick(p.s.shadowKick)
+		}
+	}
 	return nil
 }
 

@@ -99,9 +99,14 @@ type entry struct {
 // Store is a content-addressed blob store on a local disk.
 type Store struct {
 	gcKick chan struct{} // asks RunGC for a collection now (disk full)
-	root   string
-	opts   Options
-	log    *slog.Logger
+	// shadowKick asks RunGC to drop copies the external store holds: a
+	// commit can land after the external store gained the blob (a client
+	// finishes reading before the commit syncs), and then no change of the
+	// external store comes to say so.
+	shadowKick chan struct{}
+	root       string
+	opts       Options
+	log        *slog.Logger
 
 	mu       sync.Mutex
 	lru      *simplelru.LRU[digest.Digest, *entry] // complete blobs, least recently used first
@@ -159,14 +164,15 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		opts.PartialMaxAge = opts.MaxAge
 	}
 	s := &Store{
-		gcKick:   make(chan struct{}, 1),
-		root:     root,
-		opts:     opts,
-		log:      opts.Logger.With("component", "blobstore"),
-		lru:      l,
-		inUse:    map[digest.Digest]int{},
-		partials: map[digest.Digest]*Partial{},
-		syncData: (*os.File).Sync,
+		gcKick:     make(chan struct{}, 1),
+		shadowKick: make(chan struct{}, 1),
+		root:       root,
+		opts:       opts,
+		log:        opts.Logger.With("component", "blobstore"),
+		lru:        l,
+		inUse:      map[digest.Digest]int{},
+		partials:   map[digest.Digest]*Partial{},
+		syncData:   (*os.File).Sync,
 	}
 	if err := s.load(ctx); err != nil {
 		return nil, err
