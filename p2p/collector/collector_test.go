@@ -692,6 +692,37 @@ func TestSlowPieceMovesToFasterParent(t *testing.T) {
 	})
 }
 
+// Two parents that each look much faster than they send (both report
+// themselves idle): a slow piece moves once, not back and forth from its
+// first byte each time.
+func TestSlowPieceMovesOnce(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		job := newJob(3) // pieces of 1024 bytes: ten seconds each from either slow parent
+		// Piece 2 comes from a quick parent; its worker then stays idle to
+		// move slow pieces.
+		c := New(Options{Concurrency: 3, PerParent: 2, Rand: rand.New(rand.NewPCG(1, 2)),
+			State: func(string) (*pb.HostState, bool) { return idle(), true }})
+		r := c.NewRun(job)
+		a := &slowParent{fakeParent{id: "a", job: job}}
+		b := &slowParent{fakeParent{id: "b", job: job}}
+		r.AddParent(a)
+		r.AddParent(b)
+		r.AddParent(&fakeParent{id: "quick", job: job})
+		r.SetUpstream(&fakeParent{id: UpstreamID, job: job}, false)
+		r.Announce("a", job.checksums(0, 1), nil)
+		r.Announce("b", job.checksums(0, 1), nil)
+		r.Announce("quick", job.checksums(2), nil)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := r.Run(ctx); err != nil {
+			t.Fatalf("the pieces did not arrive within a minute: %v (asked a %d, b %d times)", err, a.count(), b.count())
+		}
+		if n := a.count() + b.count(); n != 4 {
+			t.Errorf("asked %d times (a %d, b %d), want 4: each piece from one parent, then once from the other", n, a.count(), b.count())
+		}
+	})
+}
+
 // A cancelled run returns, and no worker keeps asking parents: their
 // fetches fail at once on a cancelled context.
 func TestCancelledRunStops(t *testing.T) {

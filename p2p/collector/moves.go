@@ -89,12 +89,16 @@ const (
 
 // stealLocked cancels a peer fetch in flight that another available parent
 // could send much sooner; the piece goes back to the window, and the slow
-// parent refuses it for a while, so the faster one gets it.
+// parent refuses it for a while, so the faster one gets it. A piece moves
+// once: the weights are estimates, and two parents each looking faster
+// than the other's actual rate (a slow parent's upload split among several
+// children) took the piece from each other every second, each time from
+// its first byte, for good.
 func (r *Run) stealLocked() {
 	now := r.c.opts.Now()
 	for i, fs := range r.fetches {
 		elapsed := now.Sub(fs.start)
-		if elapsed < stealAfter {
+		if elapsed < stealAfter || r.moved[i] {
 			continue
 		}
 		read := fs.read.Load()
@@ -112,6 +116,7 @@ func (r *Run) stealLocked() {
 				r.refuse(fs.pq, i, now.Add(r.c.opts.ElsewhereFor))
 				fs.cancel(errStolen)
 				delete(r.fetches, i)
+				r.moved[i] = true
 				return
 			}
 		}

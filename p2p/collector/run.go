@@ -42,6 +42,7 @@ type Run struct {
 	wantedPos   []int32             // per piece: its index in wantedList, or -1
 	inflight    []int               // pieces being fetched, a few: one per fetch
 	fetches     map[int]*fetchState // peer fetches in flight
+	moved       []bool              // per piece: moved once to a faster parent (stealLocked)
 	cands       []candidate         // statePolicy's, reused
 	failures    []int
 	epoch       time.Time // refusals count from here
@@ -67,6 +68,7 @@ func (c *Collector) NewRun(job Job) *Run {
 		wanted:      make([]bool, n),
 		wantedPos:   make([]int32, n),
 		fetches:     map[int]*fetchState{},
+		moved:       make([]bool, n),
 		failures:    make([]int, n),
 		trusted:     make([]uint32, n),
 		trustedSeen: make([]bool, n),
