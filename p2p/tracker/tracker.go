@@ -1,9 +1,14 @@
 // Package tracker keeps, for each digest a node owns, the nodes that
-// registered to fetch it, and hands each newcomer a random sample of them.
+// registered to fetch it, and hands each newcomer a sample of them.
 // A random sample, not the newest: when a whole cluster registers within a
 // second, "the newest 32" is the same 32 nodes for everyone, and those few
 // would upload to the whole cluster while the rest of it idles. Random
 // samples make the peer graph an expander, where every node's upload counts.
+// Of a random draw of twice the sample, the nodes handed out least go: a
+// plain random sample names the first registrants to nearly every later
+// node and the last ones to almost none, whose upload then idles (in 1,000
+// simulated nodes a tenth were followed by 3 nodes or fewer, and a tenth by
+// 70 or more; docs/benchmarks.md).
 package tracker
 
 import (
@@ -40,8 +45,9 @@ type holding struct {
 // cluster pulls has every node registered at its owner, and each of them
 // registers again at every refresh.
 type peerSet struct {
-	list []Peer
-	pos  map[string]int // id -> index in list
+	list  []Peer
+	named []int          // how often each was handed out
+	pos   map[string]int // id -> index in list
 }
 
 func (ps *peerSet) put(p Peer) {
@@ -51,6 +57,7 @@ func (ps *peerSet) put(p Peer) {
 	}
 	ps.pos[p.ID] = len(ps.list)
 	ps.list = append(ps.list, p)
+	ps.named = append(ps.named, 0)
 }
 
 func (ps *peerSet) has(id string) bool { _, ok := ps.pos[id]; return ok }
@@ -62,10 +69,10 @@ func (ps *peerSet) remove(id string) {
 		return
 	}
 	last := len(ps.list) - 1
-	ps.list[i] = ps.list[last]
+	ps.list[i], ps.named[i] = ps.list[last], ps.named[last]
 	ps.pos[ps.list[i].ID] = i
 	ps.list[last] = Peer{}
-	ps.list = ps.list[:last]
+	ps.list, ps.named = ps.list[:last], ps.named[:last]
 	delete(ps.pos, id)
 }
 
@@ -186,10 +193,10 @@ func (t *Tracker) Add(key string, p Peer) {
 }
 
 // Peers returns up to limit of key's registered and holding nodes, except
-// one, chosen at random: indices drawn without replacement over the
-// registered then the holding nodes (a partial Fisher–Yates shuffle that
-// keeps only the positions it moved), so a sample costs about limit draws,
-// not the whole set.
+// one: the least handed out of twice limit drawn at random (indices drawn
+// without replacement over the registered then the holding nodes, a partial
+// Fisher–Yates shuffle that keeps only the positions it moved, so a sample
+// costs about 2×limit draws, not the whole set).
 func (t *Tracker) Peers(key, except string, limit int) []Peer {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -204,22 +211,30 @@ func (t *Tracker) Peers(key, except string, limit int) []Peer {
 		}
 		return k
 	}
-	for k := 0; k < total && len(out) < limit; k++ {
+	type cand struct {
+		ps *peerSet
+		i  int
+	}
+	var cands []cand
+	for k := 0; k < total && len(cands) < 2*limit; k++ {
 		j := k + t.rng.IntN(total-k)
 		pick := at(j)
 		moved[j] = at(k)
-		var p Peer
-		if pick < nreg {
-			p = reg.list[pick]
-		} else {
-			p = hold.list[pick-nreg]
-			if reg != nil && reg.has(p.ID) {
+		c := cand{reg, pick}
+		if pick >= nreg {
+			c = cand{hold, pick - nreg}
+			if reg != nil && reg.has(hold.list[c.i].ID) {
 				continue // registered too: drawn by its registration's index
 			}
 		}
-		if p.ID != except {
-			out = append(out, p)
+		if c.ps.list[c.i].ID != except {
+			cands = append(cands, c)
 		}
+	}
+	slices.SortStableFunc(cands, func(a, b cand) int { return a.ps.named[a.i] - b.ps.named[b.i] })
+	for _, c := range cands[:min(max(limit, 0), len(cands))] {
+		c.ps.named[c.i]++
+		out = append(out, c.ps.list[c.i])
 	}
 	return out
 }

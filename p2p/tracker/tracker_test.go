@@ -214,3 +214,31 @@ func TestPeersAfterChanges(t *testing.T) {
 		}
 	}
 }
+
+// Nodes registering one after another, each handed 8 of those before it:
+// no registrant is handed out much more than the others. A plain random
+// sample hands the k-th about 8 × ln(n/k) times, the first ones nearly 50
+// times here and the last ones almost never.
+func TestPeersEvenAsNodesArrive(t *testing.T) {
+	const n, k = 400, 8
+	tr := New(rand.New(rand.NewPCG(5, 6)))
+	named := map[string]int{}
+	for i := range n {
+		id := fmt.Sprint("n", i)
+		for _, p := range tr.Peers("d", id, k) {
+			named[p.ID]++
+		}
+		tr.Add("d", Peer{ID: id})
+	}
+	// The last registrants have had few chances to be handed out: judge
+	// the first three quarters.
+	lo, hi := n*k, 0
+	for i := range 3 * n / 4 {
+		c := named[fmt.Sprint("n", i)]
+		lo, hi = min(lo, c), max(hi, c)
+	}
+	t.Logf("handed out per node, first %d registrants: min %d, max %d", 3*n/4, lo, hi)
+	if lo < 1 || hi > 2*k {
+		t.Errorf("handed out between %d and %d times each, want within [1, %d]", lo, hi, 2*k)
+	}
+}
