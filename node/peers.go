@@ -247,7 +247,7 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	if cfg.Upload.SuperSeed {
 		ledger = seeding.New(seeding.Options{})
 	}
-	p.server = peer.NewServer(peer.Options{Source: sw, Meter: meter, Ledger: ledger, HostSync: hostSync, Tracker: sw, TLS: serverTLS,
+	p.server = peer.NewServer(peer.Options{Source: sw, Children: sw, Meter: meter, Ledger: ledger, HostSync: hostSync, Tracker: sw, TLS: serverTLS,
 		WriteStall: cfg.Limits.WriteStall, Faults: faults, Metrics: m, Logger: log})
 	p.wg.Add(1)
 	go func() {

@@ -87,3 +87,26 @@ func TestOffered(t *testing.T) {
 		}
 	}
 }
+
+// A node offers as first copies every piece while it fetches from the
+// upstream or holds the blob, else the pieces it holds.
+func TestSnapshotOffers(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		snap Snapshot
+		want []bool
+	}{
+		{"seeding", Snapshot{Seeding: true}, []bool{true, true, true}},
+		{"complete", Snapshot{Complete: true}, []bool{true, true, true}},
+		{"downloading", Snapshot{Done: []bool{true, false, true}}, []bool{true, false, true}},
+		{"a short list", Snapshot{Done: []bool{true}}, []bool{true, false, false}},
+	} {
+		var got []bool
+		for j := range 3 {
+			got = append(got, tc.snap.Offers(j))
+		}
+		if fmt.Sprint(got) != fmt.Sprint(tc.want) {
+			t.Errorf("%s: offers %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}

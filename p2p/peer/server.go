@@ -56,6 +56,14 @@ type Snapshot struct {
 	Seeding bool
 }
 
+// Offers reports whether piece j is one this node offers as a first copy
+// (super-seeding, Admission): every piece while it fetches from the
+// upstream or once it holds the blob, else the pieces it holds. The peer
+// server and the simulator both ask it.
+func (s Snapshot) Offers(j int) bool {
+	return s.Seeding || s.Complete || j < len(s.Done) && s.Done[j]
+}
+
 // Source is the content this node can serve.
 type Source interface {
 	// Snapshot returns what the node has of d and a channel closed at the
@@ -66,10 +74,19 @@ type Source interface {
 	OpenPiece(ctx context.Context, d digest.Digest, i int) (f io.ReadSeeker, off, n int64, release func(), err error)
 }
 
+// Children hears of the peers that follow this node's pieces of a blob.
+type Children interface {
+	// Watching is called as child starts following d here; ctx is the
+	// request's, which authenticates the child.
+	Watching(ctx context.Context, d digest.Digest, child string)
+}
+
 // Options configure a Server.
 type Options struct {
 	Source Source
-	Meter  *hoststate.Meter
+	// Children hears of each peer that watches a blob's pieces; may be nil.
+	Children Children
+	Meter    *hoststate.Meter
 	// Ledger refuses duplicates of pieces while new ones wait (409); nil
 	// sends every piece asked for.
 	Ledger   *seeding.Ledger
@@ -192,8 +209,7 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 	count, offers := 0, func(int) bool { return true }
 	if s.opts.Ledger != nil {
 		snap, _, _ := s.opts.Source.Snapshot(r.Context(), d)
-		count = snap.Plan.Count()
-		offers = func(j int) bool { return snap.Seeding || snap.Complete || (j < len(snap.Done) && snap.Done[j]) }
+		count, offers = snap.Plan.Count(), snap.Offers
 	}
 	admitted, err := Admission{Meter: s.opts.Meter, Ledger: s.opts.Ledger}.Admit(d, i, count, offers)
 	switch {
@@ -278,6 +294,9 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 	snap, changed, ok := s.opts.Source.Snapshot(stream.Context(), d)
 	if !ok {
 		return status.Errorf(codes.NotFound, "%s: not here", d)
+	}
+	if s.opts.Children != nil {
+		s.opts.Children.Watching(stream.Context(), d, req.GetHostId())
 	}
 	sent := make([]bool, len(snap.Done))
 	var lastFetching string

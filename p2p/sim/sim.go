@@ -508,6 +508,7 @@ func (n *node) Progress(d digest.Digest) ([]int, bool, bool) { return n.dl.Progr
 func (n *node) Delegate(d digest.Digest, pieces []int, reader string) {
 	n.dl.Delegate(d, pieces, reader)
 }
+func (n *node) FollowBack(d digest.Digest, child membership.Member) { n.dl.FollowBack(d, child) }
 
 // simOwner starts the node's download for a registering node, as the task
 // manager does for the owner.
@@ -559,13 +560,17 @@ func (t transport) Register(ctx context.Context, addr string, req *pb.RegisterRe
 	if err := sleep(ctx, t.n.s.cfg.Latency); err != nil {
 		return nil, err
 	}
-	// The caller as the peer server sees it: no certificate (an insecure
-	// peer port), so the id it claims.
-	resp, err := o.server.Register(grpcpeer.NewContext(ctx, &grpcpeer.Peer{Addr: simAddr(t.n.id)}), req)
+	resp, err := o.server.Register(t.n.callerContext(ctx), req)
 	if err != nil {
 		return nil, err
 	}
 	return resp, sleep(ctx, t.n.s.cfg.Latency)
+}
+
+// callerContext is ctx as a peer server sees a request from n: no
+// certificate (an insecure peer port), so the id it claims.
+func (n *node) callerContext(ctx context.Context) context.Context {
+	return grpcpeer.NewContext(ctx, &grpcpeer.Peer{Addr: simAddr(n.id)})
 }
 
 // Watch follows the pieces of the node at addr: what it holds now, then
@@ -581,6 +586,8 @@ func (t transport) Watch(ctx context.Context, addr string, _ digest.Digest, _ st
 	}
 	p.mu.Unlock()
 	defer p.unwatch(w)
+	// As the peer server's WatchPieces: the watched node hears of its child.
+	p.server.Watching(t.n.callerContext(ctx), p.s.digest, t.n.id)
 	t.n.following.Add(1)
 	defer t.n.following.Add(-1)
 	first := p.update(have)
@@ -774,18 +781,15 @@ func (p *peerParent) admit(i int) (func(sent bool), error) {
 	if j == nil || !j.Has(i) {
 		return nil, errNoPiece
 	}
-	// As the peer server: what the node holds, read once (the ledger asks
-	// about every piece when it refuses), and a node fetching from the
-	// upstream offers every piece.
-	var held []bool
+	// As the peer server: what the node holds, read once when the ledger
+	// asks (only when it may refuse).
+	_, seeding, _ := p.from.dl.Progress(p.s.digest)
+	var snap *peer.Snapshot
 	offers := func(i int) bool {
-		if held == nil {
-			held = j.done()
+		if snap == nil {
+			snap = &peer.Snapshot{Seeding: seeding, Done: j.done()}
 		}
-		return held[i]
-	}
-	if _, seeding, _ := p.from.dl.Progress(p.s.digest); seeding {
-		offers = func(int) bool { return true }
+		return snap.Offers(i)
 	}
 	admitted, err := peer.Admission{Meter: p.from.meter, Ledger: p.from.ledger}.Admit(p.s.digest, i, p.s.plan.Count(), offers)
 	switch {
@@ -861,13 +865,35 @@ func (s *simulation) trace(w io.Writer, at time.Duration) {
 	}
 	s.net.mu.Lock()
 	flows := 0
+	var upUse, downUse []int // percent of the link in use now
 	for _, n := range s.nodes {
 		flows += len(n.h.downs)
+		upUse = append(upUse, int(100*n.h.upRate/n.h.up))
+		downUse = append(downUse, int(100*n.h.downRate/n.h.down))
 	}
 	origin := s.origin.sent
 	s.net.mu.Unlock()
-	fmt.Fprintf(w, "%v: pieces held %s; holders a piece %s; parents %s; children %s; %d flows, %d refusals (%d by the owner), upstream %.0f MB\n",
-		at, quantiles(counts), quantiles(holders), quantiles(parents), quantiles(children), flows, s.refused.Load(), s.ownerRefused.Load(), origin/1e6)
+	fmt.Fprintf(w, "%v: pieces held %s; holders a piece %s; parents %s; children %s; upload %% %s; download %% %s; %d flows, %d refusals (%d by the owner), upstream %.0f MB\n",
+		at, quantiles(counts), quantiles(holders), quantiles(parents), quantiles(children), quantiles(upUse), quantiles(downUse), flows, s.refused.Load(), s.ownerRefused.Load(), origin/1e6)
+	// The three nodes furthest behind: what they download now, and from
+	// how many parents, and how busy those parents' uploads are.
+	order := make([]int, len(s.nodes))
+	for k := range order {
+		order[k] = k
+	}
+	slices.SortFunc(order, func(a, b int) int { return counts[a] - counts[b] })
+	for _, k := range order[:min(3, len(order))] {
+		n := s.nodes[k]
+		s.net.mu.Lock()
+		var parentUse []int
+		for _, f := range n.h.downs {
+			parentUse = append(parentUse, int(100*f.src.upRate/f.src.up), len(f.src.ups))
+		}
+		down := int(100 * n.h.downRate / n.h.down)
+		s.net.mu.Unlock()
+		fmt.Fprintf(w, "  behind: %s holds %d pieces, follows %d parents, downloads %d%% in %d flows; senders' upload %%, uploads: %v\n",
+			n.id, counts[k], n.following.Load(), down, len(parentUse)/2, parentUse)
+	}
 	for k, n := range s.nodes {
 		sole := 0
 		for i, ok := range held[k] {

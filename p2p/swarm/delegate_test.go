@@ -9,6 +9,8 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/registry-proxy/registry-proxy/p2p/membership"
+
 	"github.com/registry-proxy/registry-proxy/p2p/owner"
 )
 
@@ -20,7 +22,8 @@ type fakeDownloads struct {
 	calls     int
 }
 
-func (f *fakeDownloads) Progress(digest.Digest) ([]int, bool, bool) { return f.fetching, true, true }
+func (f *fakeDownloads) Progress(digest.Digest) ([]int, bool, bool)  { return f.fetching, true, true }
+func (f *fakeDownloads) FollowBack(digest.Digest, membership.Member) {}
 func (f *fakeDownloads) Delegate(_ digest.Digest, pieces []int, _ string) {
 	f.calls++
 	if f.delegated == nil {

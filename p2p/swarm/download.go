@@ -52,6 +52,9 @@ type Downloader struct {
 	runs map[digest.Digest]*collector.Run
 	// delegated is what this node, as owner, left to delegates.
 	delegated map[digest.Digest]*delegates
+	// children takes the members that follow a running download here to
+	// its Fill, which follows them back.
+	children map[digest.Digest]chan membership.Member
 }
 
 // delegates are the pieces of a blob an owner left to the nodes that read
@@ -75,7 +78,8 @@ func NewDownloader(opts DownloaderOptions) *Downloader {
 	if opts.Tracker == nil {
 		opts.Tracker = tracker.New(nil)
 	}
-	return &Downloader{opts: opts, log: opts.Logger.With("component", "swarm"), runs: map[digest.Digest]*collector.Run{}, delegated: map[digest.Digest]*delegates{}}
+	return &Downloader{opts: opts, log: opts.Logger.With("component", "swarm"), runs: map[digest.Digest]*collector.Run{},
+		delegated: map[digest.Digest]*delegates{}, children: map[digest.Digest]chan membership.Member{}}
 }
 
 // Delegate leaves pieces of d to the nodes that read them from the upstream
@@ -95,6 +99,25 @@ func (s *Downloader) Delegate(d digest.Digest, pieces []int, reader string) {
 	}
 	if run := s.runs[d]; run != nil {
 		run.DenyUpstream(pieces)
+	}
+}
+
+// FollowBack has the running download of d follow child, a member that
+// follows it: a node late to register is named to few later ones, and
+// without it its upload would idle while its parents' ran full; and the
+// nodes that follow a slow node, done before it, have upload to spare for
+// it. Followed beyond MaxPeers, at most MaxPeers of them; none when no
+// download of d runs or it has no room for more.
+func (s *Downloader) FollowBack(d digest.Digest, child membership.Member) {
+	s.mu.Lock()
+	ch := s.children[d]
+	s.mu.Unlock()
+	if ch == nil {
+		return
+	}
+	select {
+	case ch <- child:
+	default: // the download has a backlog of children to follow already
 	}
 }
 
@@ -122,8 +145,12 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 		src = s.opts.PeerUpstream
 	}
 	run.SetUpstream(s.opts.Collector.NewUpstreamParent(src, req.Registry, req.Repo, d, req.Header), req.UpstreamOnly)
+	children := make(chan membership.Member, 16)
 	s.mu.Lock()
 	s.runs[d] = run
+	if !req.UpstreamOnly {
+		s.children[d] = children
+	}
 	if dg := s.delegated[d]; dg != nil && len(dg.pieces) > 0 && !req.UpstreamOnly {
 		run.DenyUpstream(dg.pieces)
 	}
@@ -133,6 +160,9 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 		if s.runs[d] == run {
 			delete(s.runs, d)
 			delete(s.delegated, d)
+		}
+		if s.children[d] == children {
+			delete(s.children, d)
 		}
 		s.mu.Unlock()
 	}()
@@ -146,16 +176,13 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 	defer cancel()
 
 	var wmu sync.Mutex
-	watching := map[string]bool{}
+	watching := map[string]parentKind{}
+	followedBack := 0
 	// pending holds parents whose first update has not arrived yet.
 	pending := map[string]bool{}
 	pendingDone := make(chan struct{}, 1)
 	plan := job.Plan()
-	// reader: the parent reads pieces from the upstream for the owner, and
-	// no other node has them until it sends them: followed whatever the
-	// number of parents (the owner names at most pieces.readers; maxReaders
-	// bounds a longer list).
-	addParent := func(id, addr string, reader bool) {
+	addParent := func(id, addr string, kind parentKind) {
 		if id == s.opts.Self.ID || addr == "" {
 			return
 		}
@@ -163,11 +190,15 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 		// Each refresh names up to MaxPeers new registrants; following
 		// them all would grow with the cluster (every announcement of
 		// every peer reaches every node). The owner comes first.
-		if watching[id] || len(watching) > s.opts.MaxPeers && !reader {
+		_, known := watching[id]
+		if known || kind == ordinary && len(watching)-followedBack > s.opts.MaxPeers || kind == child && followedBack >= s.opts.MaxPeers {
 			wmu.Unlock()
 			return
 		}
-		watching[id] = true
+		watching[id] = kind
+		if kind == child {
+			followedBack++
+		}
 		pending[id] = true
 		wmu.Unlock()
 		// Only the first update (or the stream's end) counts: once, not
@@ -229,6 +260,9 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 				run.RemoveParent(id)
 			}
 			wmu.Lock()
+			if watching[id] == child {
+				followedBack--
+			}
 			delete(watching, id)
 			wmu.Unlock()
 		}()
@@ -264,10 +298,10 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 				}
 				s.mu.Unlock()
 				for _, r := range readers {
-					addParent(r, addrs[r], true)
+					addParent(r, addrs[r], reader)
 				}
 				for _, p := range s.opts.Tracker.Peers(d.String(), "", s.opts.MaxPeers) {
-					addParent(p.ID, p.Addr, false)
+					addParent(p.ID, p.Addr, ordinary)
 				}
 				return
 			}
@@ -297,15 +331,19 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 			// The owner's piece checksums, read from the upstream, are the
 			// ones every piece is checked against.
 			run.SetAuthority(id)
-			addParent(id, addrs[id], false)
+			addParent(id, addrs[id], ordinary)
 			for k, p := range resp.GetReaders() {
 				// The owner names at most pieces.readers; past maxReaders a
 				// list counts as ordinary peers, so no answer can make this
 				// node follow the whole cluster.
-				addParent(p.GetId(), p.GetAddr(), k < maxReaders)
+				kind := reader
+				if k >= maxReaders {
+					kind = ordinary
+				}
+				addParent(p.GetId(), p.GetAddr(), kind)
 			}
 			for _, p := range resp.GetPeers() {
-				addParent(p.GetId(), p.GetAddr(), false)
+				addParent(p.GetId(), p.GetAddr(), ordinary)
 			}
 			return
 		}
@@ -337,9 +375,27 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 			return err
 		case <-t.C:
 			coordinate()
+		case m := <-children:
+			addParent(m.ID, m.Addr, child)
 		}
 	}
 }
+
+// parentKind is why a download follows a parent.
+type parentKind int
+
+const (
+	// ordinary: the owner, or named by it; at most MaxPeers.
+	ordinary parentKind = iota
+	// reader: it reads pieces from the upstream for the owner, and no other
+	// node has them until it sends them: followed whatever the number of
+	// parents (the owner names at most pieces.readers; maxReaders bounds a
+	// longer list).
+	reader
+	// child: it follows this node (FollowBack); at most MaxPeers besides
+	// the others.
+	child
+)
 
 // announcement is a parent's piece update, checked.
 type announcement struct {

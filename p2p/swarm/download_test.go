@@ -487,3 +487,57 @@ func TestDownloaderFollowsAtMostMaxReaders(t *testing.T) {
 		}
 	})
 }
+
+// A member that follows this node is followed back, beyond MaxPeers and at
+// most MaxPeers of them: here the pieces the owner's peers lack come from
+// the one child followed back, none from the upstream, and a second child
+// past the bound is not watched.
+func TestDownloaderFollowsChildrenBack(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c, d, rank := newTestCluster(6, 4*piece.MinSize, 5)
+		whole := complete(d, c.data)
+		some := func(pieces ...int) *pb.PieceUpdate {
+			up := &pb.PieceUpdate{Digest: whole.Digest, Size: whole.Size, PieceSize: whole.PieceSize}
+			for _, i := range pieces {
+				up.Pieces = append(up.Pieces, whole.Pieces[i])
+			}
+			return up
+		}
+		peer := &pb.PeerRef{Id: rank[1], Addr: addrOf(rank[1])}
+		c.nodes[addrOf(rank[0])] = &fakeNode{resp: &pb.RegisterResponse{Peers: []*pb.PeerRef{peer}}, updates: []*pb.PieceUpdate{some(0)}}
+		c.nodes[addrOf(rank[1])] = &fakeNode{updates: []*pb.PieceUpdate{some(1)}}
+		c.nodes[addrOf(rank[2])] = &fakeNode{updates: []*pb.PieceUpdate{some(2, 3)}}
+		c.nodes[addrOf(rank[3])] = &fakeNode{updates: []*pb.PieceUpdate{some(2, 3)}}
+		up := &countingUpstream{data: c.data}
+		self := rank[4]
+		dl := NewDownloader(DownloaderOptions{
+			Self: membership.Member{ID: self, Addr: addrOf(self)}, Members: membersOf(rank), Transport: c,
+			Collector: collector.New(collector.Options{Concurrency: 4, Logger: slog.New(slog.DiscardHandler)}),
+			Upstream:  up, Logger: slog.New(slog.DiscardHandler), MaxPeers: 1,
+		})
+		job := newMemJob(d, int64(len(c.data)))
+		errc := make(chan error, 1)
+		go func() { errc <- dl.Fill(context.Background(), job, task.Request{Digest: d}) }()
+		synctest.Wait() // pieces 0 and 1 in; 2 and 3 held by no parent
+		for _, id := range rank[2:4] {
+			dl.FollowBack(d, membership.Member{ID: id, Addr: addrOf(id)})
+		}
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(job.data, c.data) {
+			t.Fatal("the job's bytes differ from the blob")
+		}
+		if got := job.source[rank[2]]; got != 2 {
+			t.Errorf("%d pieces from the child followed back, want 2 (by parent %v)", got, job.source)
+		}
+		if got := c.nodes[addrOf(rank[3])].watchers.Load(); got != 0 {
+			t.Errorf("a child past MaxPeers was watched %d times, want none", got)
+		}
+		if got := up.bytes.Load(); got != 0 {
+			t.Errorf("the upstream sent %d bytes, want none", got)
+		}
+		// No download of d runs now: nothing to follow back, and no block.
+		dl.FollowBack(d, membership.Member{ID: rank[3], Addr: addrOf(rank[3])})
+	})
+}

@@ -65,11 +65,12 @@ func (o tasksOwner) OpenForPeers(ctx context.Context, req task.Request) (Owned, 
 	return t, nil
 }
 
-// Downloads tells what a running download fetches now, and leaves pieces
-// to delegates; *Downloader is one.
+// Downloads tells what a running download fetches now, leaves pieces to
+// delegates and follows the peers that follow it; *Downloader is one.
 type Downloads interface {
 	Progress(d digest.Digest) (fetching []int, seeding, ok bool)
 	Delegate(d digest.Digest, pieces []int, reader string)
+	FollowBack(d digest.Digest, child membership.Member)
 }
 
 // Uploads are upload capacities in bytes/s, 0 when unknown: this node's and
@@ -279,6 +280,20 @@ func (s *Server) caller(ctx context.Context, claimed string) (membership.Member,
 		return m, nil
 	}
 	return membership.Member{}, status.Errorf(codes.PermissionDenied, "node %q is not a member", id)
+}
+
+// Watching implements peer.Children: this node's download of d follows
+// back a member that follows it (Downloader.FollowBack).
+func (s *Server) Watching(ctx context.Context, d digest.Digest, child string) {
+	if s.opts.Downloads == nil {
+		return
+	}
+	m, err := s.caller(ctx, child)
+	if err != nil {
+		s.log.Debug("not following back a watching peer", "peer", child, "digest", d, "err", err)
+		return
+	}
+	s.opts.Downloads.FollowBack(d, m)
 }
 
 // Snapshot implements peer.Source.
