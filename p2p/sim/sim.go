@@ -88,8 +88,9 @@ type Config struct {
 	// simulated time and the nodes done so far.
 	Progress func(at time.Duration, done int)
 	// Trace, when set, gets the cluster's state every simulated second
-	// (with Progress): pieces held, holders, parents and children, flows,
-	// refusals, and the nodes that alone hold pieces.
+	// (with Progress): pieces held, holders, parents and children, upload
+	// and download use, flows, refusals, the nodes furthest behind, and the
+	// nodes that alone hold pieces.
 	Trace io.Writer
 }
 
@@ -838,9 +839,10 @@ func Quantile(ds []time.Duration, q float64) time.Duration {
 
 // trace writes the cluster's state at simulated time at: how many pieces
 // the nodes hold, how many nodes hold each piece, how many parents each node
-// follows and how many children follow it, the flows, refusals and upstream
-// bytes so far, and each node that alone holds pieces (a piece held by one
-// node spreads only through the nodes following it).
+// follows and how many children follow it, how much of its links each node
+// uses now, the flows, refusals and upstream bytes so far, the nodes furthest
+// behind, and each node that alone holds pieces (a piece held by one node
+// spreads only through the nodes following it).
 func (s *simulation) trace(w io.Writer, at time.Duration) {
 	holders := make([]int, s.plan.Count())
 	held := make([][]bool, len(s.nodes))
@@ -885,14 +887,14 @@ func (s *simulation) trace(w io.Writer, at time.Duration) {
 	for _, k := range order[:min(3, len(order))] {
 		n := s.nodes[k]
 		s.net.mu.Lock()
-		var parentUse []int
+		var senders []string // each sender's upload use and uploads
 		for _, f := range n.h.downs {
-			parentUse = append(parentUse, int(100*f.src.upRate/f.src.up), len(f.src.ups))
+			senders = append(senders, fmt.Sprintf("%d%%/%d", int(100*f.src.upRate/f.src.up), len(f.src.ups)))
 		}
 		down := int(100 * n.h.downRate / n.h.down)
 		s.net.mu.Unlock()
-		fmt.Fprintf(w, "  behind: %s holds %d pieces, follows %d parents, downloads %d%% in %d flows; senders' upload %%, uploads: %v\n",
-			n.id, counts[k], n.following.Load(), down, len(parentUse)/2, parentUse)
+		fmt.Fprintf(w, "  behind: %s holds %d pieces, follows %d parents, downloads %d%% in %d flows; senders' upload use/uploads: %v\n",
+			n.id, counts[k], n.following.Load(), down, len(senders), senders)
 	}
 	for k, n := range s.nodes {
 		sole := 0
@@ -902,10 +904,7 @@ func (s *simulation) trace(w io.Writer, at time.Duration) {
 			}
 		}
 		if sole > 0 {
-			n.mu.Lock()
-			children := len(n.watchers)
-			n.mu.Unlock()
-			fmt.Fprintf(w, "  %s alone holds %d pieces; owner %v, %d children\n", n.id, sole, n.id == s.owner, children)
+			fmt.Fprintf(w, "  %s alone holds %d pieces; owner %v, %d children\n", n.id, sole, n.id == s.owner, children[k])
 		}
 	}
 }
