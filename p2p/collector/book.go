@@ -6,11 +6,13 @@ import "time"
 
 // parentQueue is what the run knows of one parent.
 type parentQueue struct {
-	p         Parent
-	upstream  bool
-	has       []bool    // per piece: announced
-	list      []int32   // the announced pieces, in the order announced
-	crc       []uint32  // per piece: announced checksum
+	p        Parent
+	upstream bool
+	has      []bool  // per piece: announced
+	list     []int32 // the announced pieces, in the order announced
+	// crc is, per piece, the announced checksum; nil until one is not zero
+	// (a parent that sends none, as the simulator's, costs nothing a piece).
+	crc       []uint32
 	fetching  []bool    // per piece: the parent itself is fetching it now
 	fetchList []int     // the pieces marked in fetching (some since unmarked)
 	offering  int       // pieces it has that this node wants (refusals aside)
@@ -95,6 +97,24 @@ func (r *Run) setWantedLocked(i int, w bool) {
 			}
 		}
 	}
+}
+
+// checksum is piece i's announced checksum (zero: none announced).
+func (pq *parentQueue) checksum(i int) uint32 {
+	if pq.crc == nil {
+		return 0
+	}
+	return pq.crc[i]
+}
+
+func (pq *parentQueue) setChecksum(i int, crc uint32) {
+	if pq.crc == nil {
+		if crc == 0 {
+			return
+		}
+		pq.crc = make([]uint32, len(pq.has))
+	}
+	pq.crc[i] = crc
 }
 
 // available says whether a peer parent may be given another piece now.

@@ -1011,3 +1011,20 @@ func TestIdleWorkersWake(t *testing.T) {
 		}
 	})
 }
+
+// A parent's checksums cost nothing a piece until one is announced: a
+// cluster's children hold a queue per parent.
+func TestChecksumsKeptOnlyOnceAnnounced(t *testing.T) {
+	pq := &parentQueue{has: make([]bool, 8)}
+	pq.setChecksum(3, 0)
+	if pq.crc != nil || pq.checksum(3) != 0 {
+		t.Fatalf("zero checksum allocated %d", len(pq.crc))
+	}
+	pq.setChecksum(5, 0xbeef)
+	pq.setChecksum(6, 0)
+	for i, want := range []uint32{0, 0, 0, 0, 0, 0xbeef, 0, 0} {
+		if got := pq.checksum(i); got != want {
+			t.Errorf("piece %d: checksum %#x, want %#x", i, got, want)
+		}
+	}
+}

@@ -56,7 +56,7 @@ func (r *Run) fetch(ctx context.Context, i int, pq *parentQueue) error {
 	var crc uint32
 	known := !pq.upstream && pq.has[i]
 	if known {
-		crc = pq.crc[i]
+		crc = pq.checksum(i)
 		if r.trustedSeen[i] {
 			crc = r.trusted[i]
 		}

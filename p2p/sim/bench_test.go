@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"runtime/metrics"
 	"runtime/pprof"
 	"sort"
@@ -37,8 +38,9 @@ var (
 	simHorizon   = flag.Float64("sim-horizon", 5, "TestSimulate: stop each run at this many times the bound; nodes still pulling count as unfinished")
 	simNoSeeding = flag.Bool("sim-no-seeding", false, "TestSimulate: parents send duplicates freely (no super-seeding)")
 	simUploadLim = flag.Int("sim-upload-limit", 0, "TestSimulate: each node's concurrent uploads (0: the simulator's default)")
-	simTrace     = flag.Bool("sim-trace", false, "TestSimulate: write the cluster's state every simulated second to trace-<case>.txt in the results directory (pieces held, holders, parents, children, sole holders)")
+	simTrace     = flag.Bool("sim-trace", false, "TestSimulate: write the cluster's state every simulated second to trace-<case>.txt in the results directory (pieces held, holders, parents, children, link use, the nodes furthest behind, the upstream's readers, sole holders)")
 	simProgress  = flag.Duration("sim-progress", 10*time.Second, "TestSimulate: log the nodes done every this much simulated time")
+	simMemLimit  = flag.String("sim-mem-limit", "3.5GiB", "TestSimulate: the Go runtime's soft memory limit for the run (GOMEMLIMIT; 0: none): the collector works harder near it instead of letting garbage grow the heap to twice the live data")
 	simHeapProf  = flag.String("sim-heap-profile", "", "TestSimulate: write the heap profile (in use) taken near each run's peak heap to this file")
 	simValidate  = flag.String("sim-validate", "", "TestSimulate: instead, simulate the namespace harness's setup (8 nodes, 256 MiB, 25 MB/s, scenarios a, b, d) and compare with the JSON runs in this results directory")
 )
@@ -189,6 +191,13 @@ func TestSimulate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if *simMemLimit != "0" {
+		limit, err := units.RAMInBytes(*simMemLimit)
+		if err != nil {
+			t.Fatalf("-sim-mem-limit: %v", err)
+		}
+		defer debug.SetMemoryLimit(debug.SetMemoryLimit(limit))
+	}
 	dir := resultsDir(t, *simResults, "sim")
 	var cases []scaleCase
 	var runs []report.Run
@@ -234,8 +243,8 @@ func TestSimulate(t *testing.T) {
 						Max: r.Max / r.Bound, BoundS: r.Bound, EgressX: r.EgressX, WallS: wall.Seconds(), PeakHeap: heap, PeakLive: live, Flows: res.Flows, Refusals: float64(res.Refused) / float64(max(res.Flows, 1)),
 						Unfinished: res.Unfinished, Horizon: *simHorizon}
 					cases = append(cases, c)
-					t.Logf("%5d nodes %-6s %-6s: p50 %s p99 %s max %s × bound %.1fs | egress %.3f×, upstream's last byte at %.2f× bound | sim %.1fs wall, peak heap %.0f MiB (live %.0f), %d flows, %.1f refusals a transfer, %d unfinished at %g× bound",
-						n, sc, mode, c.q(.5, c.P50), c.q(.99, c.P99), c.q(1, c.Max), c.BoundS, c.EgressX, float64(res.OriginBusy)/float64(res.Bound), c.WallS, c.PeakHeap, c.PeakLive, c.Flows, c.Refusals, c.Unfinished, c.Horizon)
+					t.Logf("%5d nodes %-6s %-6s: p50 %s p99 %s max %s × bound %.1fs | egress %.3f×, upstream's last byte at %.2f× bound | sim %.1fs wall, peak heap %.0f MiB (live %.0f), %d flows, %.1f refusals a transfer (%.0f%% busy), %d unfinished at %g× bound",
+						n, sc, mode, c.q(.5, c.P50), c.q(.99, c.P99), c.q(1, c.Max), c.BoundS, c.EgressX, float64(res.OriginBusy)/float64(res.Bound), c.WallS, c.PeakHeap, c.PeakLive, c.Flows, c.Refusals, 100*float64(res.RefusedBusy)/float64(max(res.Refused, 1)), c.Unfinished, c.Horizon)
 				}
 			}
 		}

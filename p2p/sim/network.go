@@ -121,14 +121,54 @@ func (nw *network) remove(now time.Time, f *flow) {
 
 // reschedule gives new rates to the flows at src's uploads and dst's
 // downloads.
+//
+// A flow's room at its other end is what the other flows there leave it,
+// but at least an equal share of that end: else a flow that starts where
+// both ends are full (an upstream piece at a reader whose download its
+// peers fill) would get nothing until one of them changed, where TCP gives
+// it its share. An end whose flows that share overcommits gets its flows
+// shared again (one level: what that frees elsewhere waits for an event
+// there), so no host ever sends or receives above its capacity.
 func (nw *network) reschedule(now time.Time, src, dst *host) {
 	for _, set := range [][]*flow{src.ups, dst.downs} {
 		for _, f := range set {
 			f.settle(now)
 		}
 	}
-	nw.fill(now, src.ups, src.up, func(f *flow) float64 { return f.dst.down - (f.dst.downRate - f.rate) })
-	nw.fill(now, dst.downs, dst.down, func(f *flow) float64 { return f.src.up - (f.src.upRate - f.rate) })
+	nw.fill(now, src.ups, src.up, downRoom)
+	for _, f := range src.ups {
+		if h := f.dst; h.downRate > h.down*(1+1e-9) {
+			nw.refill(now, h.downs, h.down)
+		}
+	}
+	nw.fill(now, dst.downs, dst.down, upRoom)
+	for _, f := range dst.downs {
+		if h := f.src; h.upRate > h.up*(1+1e-9) {
+			nw.refill(now, h.ups, h.up)
+		}
+	}
+}
+
+// downRoom is f's room at its receiver: what the receiver's other flows
+// leave, or its equal share there.
+func downRoom(f *flow) float64 {
+	h := f.dst
+	return max(h.down-(h.downRate-f.rate), h.down/float64(len(h.downs)))
+}
+
+// upRoom is f's room at its sender.
+func upRoom(f *flow) float64 {
+	h := f.src
+	return max(h.up-(h.upRate-f.rate), h.up/float64(len(h.ups)))
+}
+
+// refill shares capacity among flows again, none above its rate now: the
+// end's flows back within its capacity, nothing more anywhere.
+func (nw *network) refill(now time.Time, flows []*flow, capacity float64) {
+	for _, f := range flows {
+		f.settle(now)
+	}
+	nw.fill(now, flows, capacity, func(f *flow) float64 { return f.rate })
 }
 
 // fill shares capacity among flows, each at most its room at the other end.

@@ -89,8 +89,8 @@ type Config struct {
 	Progress func(at time.Duration, done int)
 	// Trace, when set, gets the cluster's state every simulated second
 	// (with Progress): pieces held, holders, parents and children, upload
-	// and download use, flows, refusals, the nodes furthest behind, and the
-	// nodes that alone hold pieces.
+	// and download use, flows, refusals, the nodes furthest behind, the
+	// upstream's readers, and the nodes that alone hold pieces.
 	Trace io.Writer
 }
 
@@ -146,6 +146,9 @@ type Result struct {
 	// Refused are the piece requests parents refused (busy, or sent
 	// elsewhere): each a round trip that moved no piece.
 	Refused int64
+	// RefusedBusy are the refusals of a parent at its upload limit; the
+	// rest were pieces it had sent elsewhere.
+	RefusedBusy int64
 	// Unfinished nodes were still pulling at the horizon; their Completion
 	// is -1.
 	Unfinished int
@@ -244,6 +247,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	res.OriginBusy = time.Duration(s.lastOrigin.Load())
 	res.Flows = s.net.total
 	res.Refused = s.refused.Load()
+	res.RefusedBusy = s.refusedBusy.Load()
 	return res, errors.Join(errs...)
 }
 
@@ -266,6 +270,8 @@ type simulation struct {
 	// lastOrigin is when the upstream last finished a transfer.
 	lastOrigin atomic.Int64
 	refused    atomic.Int64
+	// refusedBusy are the refusals at the upload limit.
+	refusedBusy atomic.Int64
 	// ownerRefused are the refusals by the digest's owner (Trace).
 	ownerRefused atomic.Int64
 }
@@ -796,6 +802,7 @@ func (p *peerParent) admit(i int) (func(sent bool), error) {
 	switch {
 	case errors.Is(err, hoststate.ErrBusy):
 		p.s.refusedBy(p.from)
+		p.s.refusedBusy.Add(1)
 		return nil, collector.ErrBusy
 	case errors.Is(err, peer.ErrSentElsewhere):
 		p.s.refusedBy(p.from)
@@ -841,8 +848,9 @@ func Quantile(ds []time.Duration, q float64) time.Duration {
 // the nodes hold, how many nodes hold each piece, how many parents each node
 // follows and how many children follow it, how much of its links each node
 // uses now, the flows, refusals and upstream bytes so far, the nodes furthest
-// behind, and each node that alone holds pieces (a piece held by one node
-// spreads only through the nodes following it).
+// behind, each node reading from the upstream now (its upstream flows and
+// what else shares its download), and each node that alone holds pieces (a
+// piece held by one node spreads only through the nodes following it).
 func (s *simulation) trace(w io.Writer, at time.Duration) {
 	holders := make([]int, s.plan.Count())
 	held := make([][]bool, len(s.nodes))
@@ -896,6 +904,23 @@ func (s *simulation) trace(w io.Writer, at time.Duration) {
 		fmt.Fprintf(w, "  behind: %s holds %d pieces, follows %d parents, downloads %d%% in %d flows; senders' upload use/uploads: %v\n",
 			n.id, counts[k], n.following.Load(), down, len(senders), senders)
 	}
+	// The upstream's readers: how much of the upstream each takes now, and
+	// what else shares its download.
+	s.net.mu.Lock()
+	for _, n := range s.nodes {
+		ups, rate := 0, 0.0
+		for _, f := range n.h.downs {
+			if f.src == s.origin {
+				ups++
+				rate += f.rate
+			}
+		}
+		if ups > 0 {
+			fmt.Fprintf(w, "  reading: %s, %d upstream flows at %.0f MB/s in all; downloads %d%% in %d flows\n",
+				n.id, ups, rate/1e6, int(100*n.h.downRate/n.h.down), len(n.h.downs))
+		}
+	}
+	s.net.mu.Unlock()
 	for k, n := range s.nodes {
 		sole := 0
 		for i, ok := range held[k] {

@@ -1,0 +1,65 @@
+package sim
+
+import (
+	"context"
+	"math"
+	"testing"
+	"testing/synctest"
+)
+
+// A flow that starts where both its ends are full gets a share, as TCP
+// gives it, and no host sends or receives above its capacity: the upstream
+// serving one reader fully, a second reader whose download two peers fill.
+func TestFlowBetweenFullEndsGetsItsShare(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx, cancel := context.WithCancel(t.Context())
+		defer cancel()
+		nw := newNetwork()
+		go nw.run(ctx)
+		origin := &host{up: 100, down: 1e9}
+		reader := &host{up: 1e9, down: 100}
+		other := &host{up: 1e9, down: 1000}
+		p1, p2 := &host{up: 1000, down: 1e9}, &host{up: 1000, down: 1e9}
+		start := func(src, dst *host) {
+			go nw.transfer(ctx, src, dst, 1e12) //nolint:errcheck // ends with ctx
+			synctest.Wait()
+		}
+		start(p1, reader)
+		start(p2, reader)
+		start(origin, other)
+		start(origin, reader)
+
+		nw.mu.Lock()
+		defer nw.mu.Unlock()
+		rate := func(src, dst *host) float64 {
+			for _, f := range src.ups {
+				if f.dst == dst {
+					return f.rate
+				}
+			}
+			t.Fatalf("no flow")
+			return 0
+		}
+		// Max-min fair: a third of the reader's download each; the other
+		// reader the rest of the upstream.
+		for _, c := range []struct {
+			name     string
+			src, dst *host
+			want     float64
+		}{
+			{"upstream to the reader", origin, reader, 100.0 / 3},
+			{"peer 1 to the reader", p1, reader, 100.0 / 3},
+			{"peer 2 to the reader", p2, reader, 100.0 / 3},
+			{"upstream to the other reader", origin, other, 200.0 / 3},
+		} {
+			if got := rate(c.src, c.dst); math.Abs(got-c.want) > 1e-6 {
+				t.Errorf("%s: %.2f bytes/s, want %.2f", c.name, got, c.want)
+			}
+		}
+		for name, h := range map[string]*host{"origin": origin, "reader": reader, "other": other, "p1": p1, "p2": p2} {
+			if h.upRate > h.up*(1+1e-9) || h.downRate > h.down*(1+1e-9) {
+				t.Errorf("%s above capacity: up %.2f of %.0f, down %.2f of %.0f", name, h.upRate, h.up, h.downRate, h.down)
+			}
+		}
+	})
+}
