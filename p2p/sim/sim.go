@@ -801,20 +801,23 @@ func (p *peerParent) admit(i int) (func(sent bool), error) {
 	admitted, err := peer.Admission{Meter: p.from.meter, Ledger: p.from.ledger}.Admit(p.s.digest, i, p.s.plan.Count(), offers)
 	switch {
 	case errors.Is(err, hoststate.ErrBusy):
-		p.s.refusedBy(p.from)
-		p.s.refusedBusy.Add(1)
+		p.s.refusedBy(p.from, true)
 		return nil, collector.ErrBusy
 	case errors.Is(err, peer.ErrSentElsewhere):
-		p.s.refusedBy(p.from)
+		p.s.refusedBy(p.from, false)
 		// As the peer server's 409 and the transfer pool's reading of it.
 		return nil, &collector.ElsewhereError{Offered: peer.Offered(err)}
 	}
 	return admitted, err
 }
 
-// refusedBy counts a piece request parent refused.
-func (s *simulation) refusedBy(parent *node) {
+// refusedBy counts a piece request parent refused, busy: at its upload
+// limit.
+func (s *simulation) refusedBy(parent *node, busy bool) {
 	s.refused.Add(1)
+	if busy {
+		s.refusedBusy.Add(1)
+	}
 	if parent.id == s.owner {
 		s.ownerRefused.Add(1)
 	}
