@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"syscall"
 
@@ -55,6 +56,29 @@ type Partial struct {
 	// committing: Commit is syncing the data, without the lock.
 	committing bool
 	closed     bool
+	// sealed: Commit was given the blob's own digest; its bytes may be
+	// read to the end while it syncs.
+	sealed bool
+	// resets counts Reset calls: bytes read before one may not be the blob's.
+	resets int
+	// changed is closed and replaced at every change (a piece done, Reset,
+	// sealed, committed, closed).
+	changed chan struct{}
+}
+
+// State is what a reader of a partial blob needs at one instant.
+type State struct {
+	// End is the end of the run of done pieces from the offset asked
+	// about (the offset itself when its piece is not done).
+	End int64
+	// Sealed: the bytes have matched the blob's digest.
+	Sealed bool
+	// Resets is the number of Resets so far.
+	Resets int
+	// Closed: no change will follow.
+	Closed bool
+	// Changed is closed at the next change.
+	Changed <-chan struct{}
 }
 
 func (s *Store) ingestDir(d digest.Digest) string {
@@ -77,7 +101,7 @@ func (s *Store) Ingest(ctx context.Context, d digest.Digest, plan piece.Plan) (*
 		s.mu.Unlock()
 		return nil, fmt.Errorf("blobstore: ingest %s: %w", d, ErrBusy)
 	}
-	p := &Partial{s: s, digest: d, plan: plan, dir: s.ingestDir(d)}
+	p := &Partial{s: s, digest: d, plan: plan, dir: s.ingestDir(d), changed: make(chan struct{})}
 	s.partials[d] = p
 	s.mu.Unlock()
 
@@ -196,18 +220,51 @@ func (p *Partial) Has(i int) bool {
 	return i >= 0 && i < len(p.done) && p.done[i]
 }
 
-// Checksums returns a copy of the piece checksums, zero where not done.
-func (p *Partial) Checksums() []uint32 {
+// Pieces returns copies of the done flags and the checksums (zero where not
+// done), taken together.
+func (p *Partial) Pieces() (done []bool, crc []uint32) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return append([]uint32(nil), p.crc...)
+	return slices.Clone(p.done), slices.Clone(p.crc)
 }
 
-// Bitmap returns a copy of the done flags.
-func (p *Partial) Bitmap() []bool {
+// Changed returns a channel closed at the next change: a piece done, Reset,
+// Commit sealing or completing the blob, Close. Once the partial is closed
+// it returns a closed channel.
+func (p *Partial) Changed() <-chan struct{} {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return append([]bool(nil), p.done...)
+	return p.changed
+}
+
+// StateAt returns the partial's state as a reader at off sees it.
+func (p *Partial) StateAt(off int64) State {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	st := State{End: off, Sealed: p.sealed, Resets: p.resets, Closed: p.closed, Changed: p.changed}
+	if off >= p.plan.Size {
+		st.End = p.plan.Size
+		return st
+	}
+	j := p.plan.Index(off)
+	for j < len(p.done) && p.done[j] {
+		j++
+	}
+	if j > p.plan.Index(off) {
+		st.End, _ = p.plan.Range(j)
+		if j >= len(p.done) {
+			st.End = p.plan.Size
+		}
+	}
+	return st
+}
+
+// notifyLocked wakes everyone waiting on Changed.
+func (p *Partial) notifyLocked() {
+	close(p.changed)
+	if !p.closed {
+		p.changed = make(chan struct{})
+	}
 }
 
 // Complete reports whether every piece is done.
@@ -278,6 +335,7 @@ func (p *Partial) MarkDone(i int, crc uint32) (bool, error) {
 	}
 	p.done[i], p.crc[i] = true, crc
 	p.ndone++
+	p.notifyLocked()
 	return true, nil
 }
 
@@ -285,10 +343,15 @@ func (p *Partial) MarkDone(i int, crc uint32) (bool, error) {
 func (p *Partial) Reset() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.closed {
+		return fmt.Errorf("blobstore: reset %s: partial closed", p.digest)
+	}
 	for i := range p.done {
 		p.done[i], p.crc[i] = false, 0
 	}
 	p.ndone = 0
+	p.resets++
+	p.notifyLocked()
 	if err := p.records.Truncate(0); err != nil {
 		return fmt.Errorf("blobstore: reset records: %w", err)
 	}
@@ -333,6 +396,8 @@ func (p *Partial) Commit(verified digest.Digest) error {
 	// disk the sync takes seconds, and held through it the lock left every
 	// peer asking this node for a piece waiting (docs/benchmarks.md).
 	p.committing = true
+	p.sealed = true
+	p.notifyLocked()
 	p.mu.Unlock()
 	err := p.s.syncData(p.data)
 	p.mu.Lock()
@@ -357,6 +422,7 @@ func (p *Partial) Commit(verified digest.Digest) error {
 		return fmt.Errorf("blobstore: commit %s: sync dir: %w", p.digest, err)
 	}
 	p.committed = true
+	p.notifyLocked()
 	p.records.Close()
 	if err := os.RemoveAll(p.dir); err != nil {
 		p.s.log.Warn("removing ingest dir after commit", "dir", p.dir, "err", err)
@@ -398,6 +464,7 @@ func (p *Partial) Close() {
 		return
 	}
 	p.closed = true
+	p.notifyLocked()
 	p.mu.Unlock()
 	p.closeFiles()
 	p.s.mu.Lock()

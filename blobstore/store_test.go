@@ -139,7 +139,7 @@ func TestCommitSyncsWithoutTheLock(t *testing.T) {
 	if _, err := f.ReadAt(got, off); err != nil || !bytes.Equal(got, b[off:off+n]) {
 		t.Fatalf("piece 1 while the commit syncs: %v", err)
 	}
-	if !p.Has(1) || !p.Complete() || len(p.Checksums()) != 2 {
+	if done, crc := p.Pieces(); !p.Has(1) || !p.Complete() || len(crc) != 2 || !slices.Equal(done, []bool{true, true}) {
 		t.Fatal("the partial blob forgot its pieces while the commit syncs")
 	}
 	if err := p.Commit(d); err == nil {
@@ -210,7 +210,7 @@ func TestResumeRechecksPieces(t *testing.T) {
 	}
 	defer p2.Discard()
 	want := []bool{true, false, true}
-	if got := p2.Bitmap(); !slices.Equal(got, want) {
+	if got, _ := p2.Pieces(); !slices.Equal(got, want) {
 		t.Fatalf("resumed bitmap %v, want %v", got, want)
 	}
 }
@@ -406,5 +406,112 @@ func TestSetLimits(t *testing.T) {
 	}
 	if n, b := s.Usage(); n != 1 || b > 2*size*9/10 {
 		t.Errorf("after SetLimits(2000): %d blobs, %d bytes", n, b)
+	}
+}
+
+// closed reports whether ch is closed now.
+func closed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+// TestPartialChanges: the partial blob alone says which pieces are done, and
+// wakes its waiters at each change: a piece done, a reset, the commit
+// sealing the bytes (before they sync) and completing the blob, the close.
+func TestPartialChanges(t *testing.T) {
+	ctx := context.Background()
+	s := newStore(t, t.TempDir(), Options{})
+	syncing, release := make(chan struct{}), make(chan struct{})
+	s.syncData = func(f *os.File) error {
+		close(syncing)
+		<-release
+		return f.Sync()
+	}
+	b, d := randBlob(t, int(piece.MinSize)*3+5)
+	plan := piece.PlanFor(int64(len(b)))
+	p, err := s.Ingest(ctx, d, plan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+
+	put := func(i int) {
+		t.Helper()
+		off, n := plan.Range(i)
+		crc, err := p.WritePiece(i, bytes.NewReader(b[off:off+n]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.MarkDone(i, crc); err != nil {
+			t.Fatal(err)
+		}
+	}
+	off1, _ := plan.Range(1)
+	off2, _ := plan.Range(2)
+	off3, _ := plan.Range(3)
+
+	ch := p.Changed()
+	off, n := plan.Range(1)
+	if _, err := p.WritePiece(1, bytes.NewReader(b[off:off+n])); err != nil {
+		t.Fatal(err)
+	}
+	if closed(ch) || p.Has(1) {
+		t.Fatal("a piece written but not marked done counts as a change")
+	}
+	put(1)
+	if !closed(ch) {
+		t.Fatal("Changed not closed when a piece was done")
+	}
+	for _, c := range []struct {
+		off, end int64
+	}{{0, 0}, {off1, off2}, {off1 + 10, off2}, {off2, off2}, {int64(len(b)), int64(len(b))}} {
+		if st := p.StateAt(c.off); st.End != c.end || st.Sealed || st.Resets != 0 || st.Closed {
+			t.Fatalf("StateAt(%d) = %+v, want end %d", c.off, st, c.end)
+		}
+	}
+	put(2)
+	put(3)
+	if st := p.StateAt(off1); st.End != int64(len(b)) {
+		t.Fatalf("run to the blob's end: %+v", st)
+	}
+	if st := p.StateAt(off3); st.End != int64(len(b)) {
+		t.Fatalf("last piece: %+v", st)
+	}
+
+	ch = p.Changed()
+	if err := p.Reset(); err != nil {
+		t.Fatal(err)
+	}
+	if st := p.StateAt(off1); !closed(ch) || st.End != off1 || st.Resets != 1 {
+		t.Fatalf("after Reset: closed %v, %+v", closed(ch), st)
+	}
+	if done, crc := p.Pieces(); slices.Contains(done, true) || slices.ContainsFunc(crc, func(c uint32) bool { return c != 0 }) {
+		t.Fatalf("pieces kept after Reset: %v %v", done, crc)
+	}
+
+	fill(t, p, b)
+	ch = p.Changed()
+	committed := make(chan error, 1)
+	go func() { committed <- p.Commit(d) }()
+	<-syncing
+	if st := p.StateAt(0); !closed(ch) || !st.Sealed || closed(st.Changed) {
+		t.Fatalf("while the commit syncs: closed %v, %+v", closed(ch), st)
+	}
+	ch = p.StateAt(0).Changed
+	close(release)
+	if err := <-committed; err != nil {
+		t.Fatal(err)
+	}
+	if !closed(ch) {
+		t.Fatal("Changed not closed when the blob was committed")
+	}
+	ch = p.Changed()
+	p.Close()
+	if !closed(ch) || !closed(p.Changed()) || !p.StateAt(0).Closed {
+		t.Fatal("a closed partial must say so, and its Changed stay closed")
 	}
 }

@@ -242,7 +242,6 @@ func (m *Manager) Open(ctx context.Context, req Request) (*Task, error) {
 		m:        m,
 		req:      req,
 		ready:    make(chan struct{}),
-		changed:  make(chan struct{}),
 		finished: make(chan struct{}),
 		readers:  map[*Reader]struct{}{},
 		sources:  map[string]int64{},

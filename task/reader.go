@@ -5,27 +5,20 @@ import (
 	"fmt"
 	"io"
 	"os"
+
+	"github.com/registry-proxy/registry-proxy/blobstore"
 )
 
-// available is how many bytes from off can be read now: the run of done
-// pieces from off, less the blob's last byte until the digest has matched,
-// so no reader ever receives a whole blob that is not verified.
-func (t *Task) availableLocked(off, hold int64) int64 {
-	if off >= t.plan.Size {
-		return 0
+// readable is how many bytes from off can be read in state st: the run of
+// done pieces from off, less the blob's last byte (and the byte before hold)
+// until the digest has matched, so no reader ever receives a whole blob that
+// is not verified.
+func readable(st blobstore.State, off, size, hold int64) int64 {
+	end := st.End
+	if !st.Sealed && end >= size {
+		end = size - 1
 	}
-	j := t.plan.Index(off)
-	for j < len(t.done) && t.done[j] {
-		j++
-	}
-	end, _ := t.plan.Range(j)
-	if j >= len(t.done) {
-		end = t.plan.Size
-	}
-	if !t.verified && end >= t.plan.Size {
-		end = t.plan.Size - 1
-	}
-	if !t.verified && hold > 0 && end >= hold {
+	if !st.Sealed && hold > 0 && end >= hold {
 		end = hold - 1
 	}
 	return max(end-off, 0)
@@ -62,10 +55,9 @@ func (t *Task) NewReader(ctx context.Context) (*Reader, error) {
 		}
 		return nil, fmt.Errorf("task: open %s: %w", t.req.Digest, err)
 	}
-	r := &Reader{t: t, ctx: ctx, f: f}
+	r := &Reader{t: t, ctx: ctx, f: f, gen: t.partial.StateAt(0).Resets}
 	now := t.m.opts.Now()
 	t.mu.Lock()
-	r.gen = t.gen
 	t.readers[r] = struct{}{}
 	t.wantedAt = now
 	t.mu.Unlock()
@@ -78,21 +70,29 @@ func (r *Reader) available() (int64, error) {
 	t := r.t
 	for {
 		t.mu.Lock()
-		n, verified, err, ch := t.availableLocked(r.off, r.hold), t.verified, t.err, t.changed
-		stale := r.gen != t.gen
+		off, hold := r.off, r.hold
 		t.mu.Unlock()
-		switch {
-		case stale:
+		st := t.partial.StateAt(off)
+		switch n := readable(st, off, t.plan.Size, hold); {
+		case st.Resets != r.gen:
 			return 0, ErrDigestMismatch
 		case n > 0:
 			return n, nil
-		case verified && r.off >= t.plan.Size:
+		case st.Sealed && off >= t.plan.Size:
 			return 0, io.EOF
-		case err != nil:
+		}
+		if err := t.Err(); err != nil {
 			return 0, err
 		}
 		select {
-		case <-ch:
+		case <-st.Changed:
+		case <-t.finished:
+			if err := t.Err(); err != nil {
+				return 0, err
+			}
+			if st.Closed {
+				return 0, fmt.Errorf("task: %s: download ended", t.req.Digest)
+			}
 		case <-r.ctx.Done():
 			return 0, r.ctx.Err()
 		}

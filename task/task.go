@@ -49,15 +49,14 @@ type Task struct {
 	partial *blobstore.Partial
 	started time.Time
 
+	// The pieces' state (which are done, their checksums, whether the
+	// blob has matched its digest) is the partial blob's alone; the task
+	// adds who reads it and how the download ended.
 	mu       sync.Mutex
-	changed  chan struct{} // closed and replaced on every change
-	done     []bool
-	verified bool
 	wantedAt time.Time // last reader or peer interest (Touch)
 	err      error
 	finished chan struct{}
 	elapsed  time.Duration
-	gen      int // bumped when the pieces are thrown away
 	readers  map[*Reader]struct{}
 	sources  map[string]int64
 }
@@ -78,7 +77,6 @@ func (t *Task) open() error {
 		return fmt.Errorf("task: %w", err)
 	}
 	t.partial = p
-	t.done = p.Bitmap()
 	return nil
 }
 
@@ -92,11 +90,7 @@ func (t *Task) Plan() piece.Plan { return t.plan }
 func (t *Task) Size() int64 { return t.plan.Size }
 
 // Has implements collector.Job.
-func (t *Task) Has(i int) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.done[i]
-}
+func (t *Task) Has(i int) bool { return t.partial.Has(i) }
 
 // Put implements collector.Job.
 func (t *Task) Put(i int, r io.Reader, source string, want collector.Expect) error {
@@ -113,9 +107,7 @@ func (t *Task) Put(i int, r io.Reader, source string, want collector.Expect) err
 	}
 	_, n := t.plan.Range(i)
 	t.mu.Lock()
-	t.done[i] = true
 	t.sources[source] += n
-	t.broadcastLocked()
 	t.mu.Unlock()
 	kind := metrics.SourcePeer
 	if source == collector.UpstreamID {
@@ -132,35 +124,20 @@ func (t *Task) Next() int {
 	next := -1
 	for r := range t.readers {
 		i := t.plan.Index(r.off)
-		if i < len(t.done) && !t.done[i] && (next < 0 || i < next) {
+		if i < t.plan.Count() && (next < 0 || i < next) && !t.partial.Has(i) {
 			next = i
 		}
 	}
 	return next
 }
 
-func (t *Task) broadcastLocked() {
-	close(t.changed)
-	t.changed = make(chan struct{})
-}
-
-// Changed returns a channel closed at the task's next change (a piece
-// done, the task finished).
-func (t *Task) Changed() <-chan struct{} {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.changed
-}
+// Changed returns a channel closed at the download's next change: a piece
+// done, the pieces thrown away, the blob verified, committed or given up
+// (the partial blob closed, after which it is closed at once).
+func (t *Task) Changed() <-chan struct{} { return t.partial.Changed() }
 
 // Pieces returns which pieces are done, with their checksums.
-func (t *Task) Pieces() (done []bool, crc []uint32) {
-	t.mu.Lock()
-	done = append([]bool(nil), t.done...)
-	t.mu.Unlock()
-	// A piece is marked in the partial blob before the task, so every done
-	// piece here has its checksum there.
-	return done, t.partial.Checksums()
-}
+func (t *Task) Pieces() (done []bool, crc []uint32) { return t.partial.Pieces() }
 
 // OpenFile opens the blob's bytes (partial or committed) for reading pieces
 // that are done.
@@ -257,12 +234,7 @@ func (t *Task) restart() error {
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	for i := range t.done {
-		t.done[i] = false
-	}
 	t.sources = map[string]int64{}
-	t.gen++
-	t.broadcastLocked()
 	return nil
 }
 
@@ -271,15 +243,14 @@ func (t *Task) verify(ctx context.Context, fillDone chan error) error {
 	h := t.req.Digest.Algorithm().Hash()
 	bp := make([]byte, 1<<20)
 	for i := 0; i < t.plan.Count(); i++ {
+		off, n := t.plan.Range(i)
 		for {
-			t.mu.Lock()
-			ok, ch := t.done[i], t.changed
-			t.mu.Unlock()
-			if ok {
+			st := t.partial.StateAt(off)
+			if st.End > off {
 				break
 			}
 			select {
-			case <-ch:
+			case <-st.Changed:
 			case err := <-fillDone:
 				fillDone <- err // run reads it again
 				if err != nil {
@@ -292,7 +263,6 @@ func (t *Task) verify(ctx context.Context, fillDone chan error) error {
 				return ctx.Err()
 			}
 		}
-		off, n := t.plan.Range(i)
 		if _, err := io.CopyBuffer(h, io.NewSectionReader(t.partial, off, n), bp); err != nil {
 			return fmt.Errorf("task: hash piece %d: %w", i, err)
 		}
@@ -301,12 +271,8 @@ func (t *Task) verify(ctx context.Context, fillDone chan error) error {
 	if got != t.req.Digest {
 		return fmt.Errorf("%w: %s hashed to %s", ErrDigestMismatch, t.req.Digest, got)
 	}
-	// The bytes are verified: readers may finish while the commit syncs
-	// them to disk.
-	t.mu.Lock()
-	t.verified = true
-	t.broadcastLocked()
-	t.mu.Unlock()
+	// Commit seals the partial blob first: readers may finish while it
+	// syncs the bytes to disk.
 	return t.partial.Commit(got)
 }
 
@@ -327,7 +293,6 @@ func (t *Task) finish(err error) {
 	t.err = err
 	t.elapsed = time.Since(t.started)
 	close(t.finished)
-	t.broadcastLocked()
 	t.mu.Unlock()
 	st := t.Stats()
 	t.m.recent.Add(t.req.Digest, st)

@@ -523,3 +523,66 @@ func TestFetch(t *testing.T) {
 		t.Fatal("a corrupt blob was stored")
 	}
 }
+
+// A reader waiting for a piece that will not come, and a peer watching the
+// download's changes, both learn when the download fails: the reader gets
+// its error after the bytes that did arrive, the watch wakes.
+func TestFailureWakesReadersAndWatchers(t *testing.T) {
+	data, d := blob(t, int(piece.MinSize)*3)
+	errSource := errors.New("source gone")
+	put := make(chan struct{})
+	fail := make(chan struct{})
+	st, err := blobstore.Open(context.Background(), t.TempDir(), blobstore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := NewManager(Options{
+		Store: st,
+		Sizer: fixedSize(len(data)),
+		Filler: fillFunc(func(ctx context.Context, job collector.Job, _ Request) error {
+			off, n := job.Plan().Range(0)
+			if err := job.Put(0, bytes.NewReader(data[off:off+n]), "test", collector.Expect{}); err != nil {
+				return err
+			}
+			close(put)
+			<-fail
+			return errSource
+		}),
+	})
+	defer m.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	tk, err := m.Open(ctx, Request{Digest: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := tk.NewReader(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	<-put
+	changed := tk.Changed()
+	if done, crc := tk.Pieces(); !slices.Equal(done, []bool{true, false, false}) || crc[0] != piece.Checksum(data[:piece.MinSize]) {
+		t.Fatalf("pieces %v %v", done, crc)
+	}
+	got := make(chan error, 1)
+	var n int64
+	go func() {
+		b, err := io.ReadAll(r)
+		n = int64(len(b))
+		got <- err
+	}()
+	close(fail)
+	if err := <-got; !errors.Is(err, errSource) {
+		t.Fatalf("reader: %v, want %v", err, errSource)
+	}
+	if _, size := tk.Plan().Range(0); n != size {
+		t.Fatalf("reader got %d bytes before the failure, want piece 0's %d", n, size)
+	}
+	select {
+	case <-changed:
+	case <-ctx.Done():
+		t.Fatal("Changed not closed when the download failed")
+	}
+}
