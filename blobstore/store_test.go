@@ -107,18 +107,24 @@ func TestCommitAndGet(t *testing.T) {
 	}
 }
 
+// holdSync makes s's next commit sync close syncing and wait for release.
+func holdSync(s *Store) (syncing, release chan struct{}) {
+	syncing, release = make(chan struct{}), make(chan struct{})
+	s.syncData = func(f *os.File) error {
+		close(syncing)
+		<-release
+		return f.Sync()
+	}
+	return syncing, release
+}
+
 // TestCommitSyncsWithoutTheLock: while a commit syncs the data (seconds on
 // a busy disk), the partial blob still opens for peers, says what it holds
 // and refuses a second commit; the blob is complete once the sync returns.
 func TestCommitSyncsWithoutTheLock(t *testing.T) {
 	ctx := context.Background()
 	s := newStore(t, t.TempDir(), Options{})
-	syncing, release := make(chan struct{}), make(chan struct{})
-	s.syncData = func(f *os.File) error {
-		close(syncing)
-		<-release
-		return f.Sync()
-	}
+	syncing, release := holdSync(s)
 	b, d := randBlob(t, int(piece.MinSize)+7)
 	p, err := s.Ingest(ctx, d, piece.PlanFor(int64(len(b))))
 	if err != nil {
@@ -425,12 +431,7 @@ func closed(ch <-chan struct{}) bool {
 func TestPartialChanges(t *testing.T) {
 	ctx := context.Background()
 	s := newStore(t, t.TempDir(), Options{})
-	syncing, release := make(chan struct{}), make(chan struct{})
-	s.syncData = func(f *os.File) error {
-		close(syncing)
-		<-release
-		return f.Sync()
-	}
+	syncing, release := holdSync(s)
 	b, d := randBlob(t, int(piece.MinSize)*3+5)
 	plan := piece.PlanFor(int64(len(b)))
 	p, err := s.Ingest(ctx, d, plan)

@@ -249,15 +249,7 @@ func TestReaderGetsPrefixBeforeCompletion(t *testing.T) {
 	m, _ := newManager(t, src)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	tk, err := m.Open(ctx, Request{Digest: d})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := tk.NewReader(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
+	tk, r := openReader(t, ctx, m, d)
 	src.gate <- struct{}{} // exactly one piece may arrive
 	buf := make([]byte, 1000)
 	if _, err := io.ReadFull(r, buf); err != nil {
@@ -284,15 +276,7 @@ func TestRangeReadPrioritised(t *testing.T) {
 	m, _ := newManager(t, src)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	tk, err := m.Open(ctx, Request{Digest: d})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := tk.NewReader(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
+	_, r := openReader(t, ctx, m, d)
 	off := 6 * piece.MinSize
 	r.Seek(off, io.SeekStart)
 	got := make(chan []byte, 1)
@@ -552,15 +536,7 @@ func TestFailureWakesReadersAndWatchers(t *testing.T) {
 	defer m.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	tk, err := m.Open(ctx, Request{Digest: d})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := tk.NewReader(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
+	tk, r := openReader(t, ctx, m, d)
 	<-put
 	changed := tk.Changed()
 	if done, crc := tk.Pieces(); !slices.Equal(done, []bool{true, false, false}) || crc[0] != piece.Checksum(data[:piece.MinSize]) {
@@ -585,4 +561,20 @@ func TestFailureWakesReadersAndWatchers(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("Changed not closed when the download failed")
 	}
+}
+
+// openReader opens d's download on m and a reader of it, closed at the
+// test's end.
+func openReader(t *testing.T, ctx context.Context, m *Manager, d digest.Digest) (*Task, *Reader) {
+	t.Helper()
+	tk, err := m.Open(ctx, Request{Digest: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := tk.NewReader(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return tk, r
 }
