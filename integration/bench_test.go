@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -71,6 +72,20 @@ func waitComplete(tb testing.TB, p *proxy, d digest.Digest) {
 
 func mbps(bytes int64, d time.Duration) float64 { return float64(bytes) / d.Seconds() / 1e6 }
 
+// cpuSeconds runs f and returns how many CPU-seconds the whole machine was
+// busy meanwhile (every process and the kernel: client, upstream, proxy).
+func cpuSeconds(f func()) float64 {
+	busy0, total0 := cpuTimes()
+	start := time.Now()
+	f()
+	wall := time.Since(start).Seconds()
+	busy1, total1 := cpuTimes()
+	if total1 <= total0 {
+		return 0
+	}
+	return float64(busy1-busy0) / float64(total1-total0) * float64(runtime.NumCPU()) * wall
+}
+
 // BenchmarkMirror measures one blob through the proxy binary and straight
 // from the same upstream, side by side in each iteration:
 //
@@ -78,7 +93,10 @@ func mbps(bytes int64, d time.Duration) float64 { return float64(bytes) / d.Seco
 //     real registries; proxy cold vs direct (pieces in parallel)
 //   - unpaced: in-memory upstream on loopback; proxy cold vs direct (the
 //     proxy's own cost per byte) and proxy warm vs direct
-//   - the proxy's peak RSS growth while serving cold, and time to first byte.
+//   - the proxy's peak RSS growth while serving cold, and time to first byte
+//   - where the unpaced cold time goes: the machine's CPU-seconds during it
+//     and during the direct download, and the ratio the machine's cores
+//     would allow if the cold download kept every one of them busy.
 func BenchmarkMirror(b *testing.B) {
 	size, err := units.RAMInBytes(*benchSize)
 	if err != nil {
@@ -106,7 +124,7 @@ func BenchmarkMirror(b *testing.B) {
 		}
 		syscall.Sync()
 	}
-	var pacedX, coldX, warmX, rssMiB, ttfbMs, coldMBps, warmMBps, directMBps float64
+	var pacedX, coldX, warmX, rssMiB, ttfbMs, coldMBps, warmMBps, directMBps, coldCPU, directCPU, ceilingX float64
 	for i := 0; i < b.N; i++ {
 		reg.SetPace(50e6)
 		quiesce(nil)
@@ -120,10 +138,11 @@ func BenchmarkMirror(b *testing.B) {
 
 		reg.SetPace(0)
 		quiesce(nil)
-		dFast := timedPull(b, direct, d)
+		var dFast, cFast fetch.Result
+		dCPU := cpuSeconds(func() { dFast = timedPull(b, direct, d) })
 		px2 := startProxy(b, b.TempDir(), args...)
 		quiesce(nil)
-		cFast := timedPull(b, via(px2), d)
+		cCPU := cpuSeconds(func() { cFast = timedPull(b, via(px2), d) })
 		quiesce(px2)
 		wFast := timedPull(b, via(px2), d)
 		px2.stopProxy()
@@ -136,6 +155,11 @@ func BenchmarkMirror(b *testing.B) {
 		coldMBps += mbps(size, cFast.Total)
 		warmMBps += mbps(size, wFast.Total)
 		directMBps += mbps(size, dFast.Total)
+		coldCPU += cCPU
+		directCPU += dCPU
+		ceiling := dFast.Total.Seconds() / (cCPU / float64(runtime.NumCPU()))
+		ceilingX += ceiling
+		b.Logf("unpaced CPU-seconds (whole machine, %d cores): direct %.2f, proxy cold %.2f: the cores allow cold/direct %.2f at most", runtime.NumCPU(), dCPU, cCPU, ceiling)
 		b.Logf("size %s | paced 50MB/s/conn: direct %.2fs, proxy cold %.2fs (ttfb %v) | unpaced: direct %.2fs (%.0f MB/s), proxy cold %.2fs (%.0f MB/s, ttfb %v), proxy warm %.2fs (%.0f MB/s) | proxy RSS %d KiB -> peak %d KiB",
 			units.BytesSize(float64(size)), dPaced.Total.Seconds(), cPaced.Total.Seconds(), cPaced.TTFB.Round(time.Millisecond),
 			dFast.Total.Seconds(), mbps(size, dFast.Total), cFast.Total.Seconds(), mbps(size, cFast.Total), cFast.TTFB.Round(time.Millisecond),
@@ -150,6 +174,9 @@ func BenchmarkMirror(b *testing.B) {
 	b.ReportMetric(coldMBps/n, "cold-MB/s")
 	b.ReportMetric(warmMBps/n, "warm-MB/s")
 	b.ReportMetric(directMBps/n, "direct-MB/s")
+	b.ReportMetric(coldCPU/n, "cold-cpu-s")
+	b.ReportMetric(directCPU/n, "direct-cpu-s")
+	b.ReportMetric(ceilingX/n, "cpu-ceiling-cold/direct")
 	b.ReportMetric(0, "ns/op")
 }
 
