@@ -112,8 +112,9 @@ type Options struct {
 	// PerParent bounds the pieces fetched from one peer at once, so one
 	// child does not take every upload slot of a parent.
 	PerParent int
-	// ElsewhereFor is how long a parent that answered ErrElsewhere for a
-	// piece is not asked for it again.
+	// ElsewhereFor is the longest a parent that answered ErrElsewhere for
+	// a piece is not asked for it again; a run uses twice its typical peer
+	// piece time when that is shorter.
 	ElsewhereFor time.Duration
 	// StallTimeout lets the upstream send pieces that no peer could send
 	// for this long, even where only the owner should go upstream.

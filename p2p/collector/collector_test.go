@@ -1028,3 +1028,51 @@ func TestChecksumsKeptOnlyOnceAnnounced(t *testing.T) {
 		}
 	}
 }
+
+// TestElsewhereForFollowsPieceTime: a parent that sent a piece elsewhere is
+// left alone for twice this run's typical peer piece time (a moving
+// average of the pieces done), within a twentieth of ElsewhereFor and
+// ElsewhereFor itself; before any peer piece, for ElsewhereFor.
+func TestElsewhereForFollowsPieceTime(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		took []time.Duration // peer pieces done before the refusal
+		want time.Duration
+	}{
+		{"no piece yet", nil, time.Second},
+		{"fast pieces", []time.Duration{100 * time.Millisecond}, 200 * time.Millisecond},
+		{"very fast pieces: the floor", []time.Duration{5 * time.Millisecond}, 50 * time.Millisecond},
+		{"slow pieces: the ceiling", []time.Duration{2 * time.Second}, time.Second},
+		{"moving average", []time.Duration{100 * time.Millisecond, 900 * time.Millisecond}, 400 * time.Millisecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clk := &fixedClock{t: time.Unix(1e9, 0)}
+			c := New(Options{Concurrency: 1, Now: clk.now, ElsewhereFor: time.Second})
+			job := newJob(4)
+			r := c.NewRun(job)
+			p := &fakeParent{id: "p", job: job}
+			r.AddParent(p)
+			r.Announce("p", job.checksums(0, 1, 2, 3), nil)
+			pq := r.parents["p"]
+			ctx := context.Background()
+			for k, took := range tc.took {
+				pq.inflight++
+				if err := r.finish(ctx, 0, pq, took, nil); err != nil {
+					t.Fatal(err)
+				}
+				if k == 0 && r.pieceTime != took {
+					t.Fatalf("first piece: average %v, want %v", r.pieceTime, took)
+				}
+			}
+			pq.inflight++
+			if err := r.finish(ctx, 1, pq, time.Millisecond, ErrElsewhere); err != nil {
+				t.Fatal(err)
+			}
+			now := clk.t
+			if !r.offers(pq, 0, now) || r.offers(pq, 1, now.Add(tc.want-time.Millisecond)) || !r.offers(pq, 1, now.Add(tc.want)) {
+				t.Fatalf("piece 1 refused until %v, want %v from now",
+					r.epochTime(pq.refused[1]).Sub(now), tc.want)
+			}
+		})
+	}
+}

@@ -105,8 +105,9 @@ func (r *Run) worker(ctx context.Context) error {
 		r.wakeOne()
 		began := r.c.opts.Now()
 		err := r.fetch(ctx, i, pq)
-		r.c.opts.Metrics.Piece(parentKind(pq), pieceResult(ctx, err), r.c.opts.Now().Sub(began))
-		if err := r.finish(ctx, i, pq, err); err != nil {
+		took := r.c.opts.Now().Sub(began)
+		r.c.opts.Metrics.Piece(parentKind(pq), pieceResult(ctx, err), took)
+		if err := r.finish(ctx, i, pq, took, err); err != nil {
 			return err
 		}
 	}

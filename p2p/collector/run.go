@@ -47,6 +47,9 @@ type Run struct {
 	failures    []int
 	epoch       time.Time // refusals count from here
 	progress    time.Time // last piece done by a peer
+	// pieceTime is a moving average of how long a peer piece took, start
+	// to end (elsewhereFor).
+	pieceTime time.Duration
 	// granted: pieces this node reads from the upstream as the owner's
 	// delegate, before any peer piece; denied: pieces the owner left to
 	// its delegates, from the upstream only when stalled. Nil until set.
@@ -334,7 +337,7 @@ func (r *Run) InFlight() []int {
 }
 
 // finish books the outcome of one fetch.
-func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) error {
+func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, took time.Duration, err error) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if k := slices.Index(r.inflight, i); k >= 0 {
@@ -366,17 +369,18 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 	}
 	if (errors.Is(err, ErrElsewhere) || errors.Is(err, errStolen)) && !pq.upstream {
 		now := r.c.opts.Now()
-		r.refuse(pq, i, now.Add(r.c.opts.ElsewhereFor))
+		elsewhere := r.elsewhereForLocked()
+		r.refuse(pq, i, now.Add(elsewhere))
 		// The parent said what it would send instead: the rest of what it
 		// has would be refused too, a round trip each. Not asked for them
-		// for a quarter of ElsewhereFor only: a busy parent's answer goes
-		// stale fast (in the simulator a full ElsewhereFor left children
-		// idle: p50 1.29 → 1.36 × the bound, 150 nodes; a quarter 1.31).
+		// for a quarter of that only: a busy parent's answer goes stale
+		// fast (in the simulator the whole time left children idle: p50
+		// 1.29 → 1.36 × the bound, 150 nodes; a quarter 1.31).
 		// A set that does not fit the blob is ignored: the refusal stands,
 		// its hint does not.
 		if ee := (*ElsewhereError)(nil); errors.As(err, &ee) && ee.Offered != "" {
 			if offered, err := piece.DecodeSet(ee.Offered, r.n); err == nil {
-				soon := r.untilEpoch(now.Add(r.c.opts.ElsewhereFor / 4))
+				soon := r.untilEpoch(now.Add(elsewhere / 4))
 				for _, j := range pq.list {
 					if !offered[j] {
 						pq.refuseUntil(int(j), soon)
@@ -389,6 +393,11 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 	if err == nil {
 		if !pq.upstream {
 			r.progress = r.c.opts.Now()
+			if r.pieceTime == 0 {
+				r.pieceTime = took
+			} else {
+				r.pieceTime += (took - r.pieceTime) / 8
+			}
 		}
 		pq.picks++
 		_, n := r.job.Plan().Range(i)
@@ -420,4 +429,18 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, err error) err
 	}
 	r.c.log.Warn("piece failed, retrying", "digest", r.job.Digest(), "piece", i, "parent", pq.p.ID(), "attempt", r.failures[i], "err", err)
 	return nil
+}
+
+// elsewhereForLocked is how long a parent that sent a piece elsewhere is not
+// asked for it again: about the time the child that got it takes to pass it
+// on, twice a peer piece's typical time here, at most ElsewhereFor (and at
+// least a twentieth of it). A fixed time meant six piece times on a 25 MB/s
+// link and seventy on 300 MB/s ones, where children sat out refusals while
+// parents holding what they lacked idled (docs/benchmarks.md).
+func (r *Run) elsewhereForLocked() time.Duration {
+	most := r.c.opts.ElsewhereFor
+	if r.pieceTime == 0 {
+		return most
+	}
+	return min(max(2*r.pieceTime, most/20), most)
 }

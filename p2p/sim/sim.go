@@ -89,7 +89,8 @@ type Config struct {
 	Progress func(at time.Duration, done int)
 	// Trace, when set, gets the cluster's state every simulated second
 	// (with Progress): pieces held, holders, parents and children, upload
-	// and download use, flows, refusals, the nodes furthest behind, the
+	// and download use, flows, refusals, the unfinished nodes whose upload
+	// idles and what their children lack, the nodes furthest behind, the
 	// upstream's readers, and the nodes that alone hold pieces.
 	Trace io.Writer
 }
@@ -421,12 +422,15 @@ type node struct {
 // grows with what is pending, not with the blob: a cluster holds one
 // watcher per parent and child.
 type watcher struct {
+	child   *node // the watching node (Trace)
 	mu      sync.Mutex
 	pending []*pb.PieceUpdate
 	ready   chan struct{} // one token: pending is not empty
 }
 
-func newWatcher() *watcher { return &watcher{ready: make(chan struct{}, 1)} }
+func newWatcher(child *node) *watcher {
+	return &watcher{child: child, ready: make(chan struct{}, 1)}
+}
 
 func (w *watcher) push(up *pb.PieceUpdate) {
 	w.mu.Lock()
@@ -584,7 +588,7 @@ func (n *node) callerContext(ctx context.Context) context.Context {
 // each new piece, each one latency after it happened, as WatchPieces does.
 func (t transport) Watch(ctx context.Context, addr string, _ digest.Digest, _ string, fn func(*pb.PieceUpdate)) error {
 	p := t.n.s.byID[addr]
-	w := newWatcher()
+	w := newWatcher(t.n)
 	p.mu.Lock()
 	p.watchers = append(p.watchers, w)
 	var have []int
@@ -858,10 +862,14 @@ func (s *simulation) trace(w io.Writer, at time.Duration) {
 	holders := make([]int, s.plan.Count())
 	held := make([][]bool, len(s.nodes))
 	var counts, parents, children []int
+	kids := make([][]*node, len(s.nodes))
 	for k, n := range s.nodes {
 		n.mu.Lock()
 		j := n.job
 		children = append(children, len(n.watchers))
+		for _, w := range n.watchers {
+			kids[k] = append(kids[k], w.child)
+		}
 		n.mu.Unlock()
 		parents = append(parents, int(n.following.Load()))
 		c := 0
@@ -888,6 +896,49 @@ func (s *simulation) trace(w io.Writer, at time.Duration) {
 	s.net.mu.Unlock()
 	fmt.Fprintf(w, "%v: pieces held %s; holders a piece %s; parents %s; children %s; upload %% %s; download %% %s; %d flows, %d refusals (%d by the owner), upstream %.0f MB\n",
 		at, quantiles(counts), quantiles(holders), quantiles(parents), quantiles(children), quantiles(upUse), quantiles(downUse), flows, s.refused.Load(), s.ownerRefused.Load(), origin/1e6)
+	// The unfinished nodes whose upload idles (a third or less in use): is
+	// it that they hold nothing their children lack, or that they have
+	// few children?
+	index := make(map[*node]int, len(s.nodes))
+	for k, n := range s.nodes {
+		index[n] = k
+	}
+	var idle, idleKids, idleWanting, idleHeld, busy, busyKids, busyWanting int
+	var wanting, wantingDown []int // children lacking one; their download use
+	for k := range s.nodes {
+		if counts[k] == 0 || counts[k] == s.plan.Count() {
+			continue
+		}
+		want := 0 // children lacking a piece k holds, not fetching it now
+		var down []int
+		for _, c := range kids[k] {
+			ch := held[index[c]]
+			fetching, _, _ := c.dl.Progress(s.digest)
+			for i, ok := range held[k] {
+				if ok && (ch == nil || !ch[i]) && !slices.Contains(fetching, i) {
+					want++
+					down = append(down, downUse[index[c]])
+					break
+				}
+			}
+		}
+		if upUse[k] <= 33 {
+			wantingDown = append(wantingDown, down...)
+			idle++
+			idleKids += len(kids[k])
+			idleWanting += want
+			idleHeld += counts[k]
+			wanting = append(wanting, want)
+		} else {
+			busy++
+			busyKids += len(kids[k])
+			busyWanting += want
+		}
+	}
+	if idle > 0 {
+		fmt.Fprintf(w, "  idle uploads: %d unfinished nodes at 33%% or less, holding %d pieces, %d children, %d of them lacking a piece it holds and not fetching it (mean); children lacking one %s, their download %% %s; the busy ones: %d children, %d lacking (mean)\n",
+			idle, idleHeld/idle, idleKids/idle, idleWanting/idle, quantiles(wanting), quantiles(wantingDown), busyKids/max(busy, 1), busyWanting/max(busy, 1))
+	}
 	// The three nodes furthest behind: what they download now, and from
 	// how many parents, and how busy those parents' uploads are.
 	order := make([]int, len(s.nodes))
@@ -939,6 +990,9 @@ func (s *simulation) trace(w io.Writer, at time.Duration) {
 
 // quantiles is the min, p10, p50, p90 and max of xs.
 func quantiles(xs []int) string {
+	if len(xs) == 0 {
+		return "[none]"
+	}
 	xs = slices.Clone(xs)
 	slices.Sort(xs)
 	return fmt.Sprintf("[min %d p10 %d p50 %d p90 %d max %d]", xs[0], xs[len(xs)/10], xs[len(xs)/2], xs[len(xs)*9/10], xs[len(xs)-1])
