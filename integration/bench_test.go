@@ -157,7 +157,10 @@ func BenchmarkMirror(b *testing.B) {
 		directMBps += mbps(size, dFast.Total)
 		coldCPU += cCPU
 		directCPU += dCPU
-		ceiling := dFast.Total.Seconds() / (cCPU / float64(runtime.NumCPU()))
+		var ceiling float64 // 0: /proc/stat unreadable
+		if cCPU > 0 {
+			ceiling = dFast.Total.Seconds() / (cCPU / float64(runtime.NumCPU()))
+		}
 		ceilingX += ceiling
 		b.Logf("unpaced CPU-seconds (whole machine, %d cores): direct %.2f, proxy cold %.2f: the cores allow cold/direct %.2f at most", runtime.NumCPU(), dCPU, cCPU, ceiling)
 		b.Logf("size %s | paced 50MB/s/conn: direct %.2fs, proxy cold %.2fs (ttfb %v) | unpaced: direct %.2fs (%.0f MB/s), proxy cold %.2fs (%.0f MB/s, ttfb %v), proxy warm %.2fs (%.0f MB/s) | proxy RSS %d KiB -> peak %d KiB",

@@ -855,9 +855,11 @@ func Quantile(ds []time.Duration, q float64) time.Duration {
 // the nodes hold, how many nodes hold each piece, how many parents each node
 // follows and how many children follow it, how much of its links each node
 // uses now, the flows, refusals and upstream bytes so far, the nodes furthest
-// behind, each node reading from the upstream now (its upstream flows and
-// what else shares its download), and each node that alone holds pieces (a
-// piece held by one node spreads only through the nodes following it).
+// behind, the unfinished nodes whose upload idles (their children that lack
+// a piece they hold, those children's download use), each node reading from
+// the upstream now (its upstream flows and what else shares its download),
+// and each node that alone holds pieces (a piece held by one node spreads
+// only through the nodes following it).
 func (s *simulation) trace(w io.Writer, at time.Duration) {
 	holders := make([]int, s.plan.Count())
 	held := make([][]bool, len(s.nodes))
@@ -896,9 +898,9 @@ func (s *simulation) trace(w io.Writer, at time.Duration) {
 	s.net.mu.Unlock()
 	fmt.Fprintf(w, "%v: pieces held %s; holders a piece %s; parents %s; children %s; upload %% %s; download %% %s; %d flows, %d refusals (%d by the owner), upstream %.0f MB\n",
 		at, quantiles(counts), quantiles(holders), quantiles(parents), quantiles(children), quantiles(upUse), quantiles(downUse), flows, s.refused.Load(), s.ownerRefused.Load(), origin/1e6)
-	// The unfinished nodes whose upload idles (a third or less in use): is
-	// it that they hold nothing their children lack, or that they have
-	// few children?
+	// The unfinished nodes whose upload idles (a third or less in use): do
+	// their children lack pieces they hold and not fetch them elsewhere,
+	// and have those children download room to ask?
 	index := make(map[*node]int, len(s.nodes))
 	for k, n := range s.nodes {
 		index[n] = k
