@@ -39,9 +39,10 @@ type Admission struct {
 }
 
 // Admit reserves the upload of piece i of d, a blob of count pieces of which
-// this node can send those offers says. done releases it; a piece that was
-// not sent is taken off the ledger again.
-func (a Admission) Admit(d digest.Digest, i, count int, offers func(int) bool) (done func(sent bool), err error) {
+// this node can send those offers says; reading: it reads d from the
+// upstream now. done releases it; a piece that was not sent is taken off the
+// ledger again.
+func (a Admission) Admit(d digest.Digest, i, count int, offers func(int) bool, reading bool) (done func(sent bool), err error) {
 	uploads := 0
 	releaseSlot := func() {}
 	if a.Meter != nil {
@@ -54,7 +55,7 @@ func (a Admission) Admit(d digest.Digest, i, count int, offers func(int) bool) (
 	if a.Ledger != nil {
 		var fresh []bool
 		var ok bool
-		if undo, fresh, ok = a.Ledger.Begin(d, i, count, offers, uploads); !ok {
+		if undo, fresh, ok = a.Ledger.Begin(d, i, count, offers, reading, uploads); !ok {
 			releaseSlot()
 			return nil, &SentElsewhereError{Fresh: fresh}
 		}

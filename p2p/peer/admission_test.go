@@ -27,33 +27,33 @@ func TestAdmission(t *testing.T) {
 	a := Admission{Meter: meter, Ledger: seeding.New(seeding.Options{Busy: 1})}
 
 	// Piece 0 goes out, and is sent.
-	first, err := a.Admit(d, 0, 4, all)
+	first, err := a.Admit(d, 0, 4, all, true)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// While it uploads, piece 0 again is refused: pieces nobody has wait.
-	if _, err := a.Admit(d, 0, 4, all); !errors.Is(err, ErrSentElsewhere) {
+	if _, err := a.Admit(d, 0, 4, all, true); !errors.Is(err, ErrSentElsewhere) {
 		t.Fatalf("a duplicate while busy: %v, want ErrSentElsewhere", err)
 	}
 	if got := meter.Uploads(); got != 1 {
 		t.Fatalf("%d uploads after a refusal, want 1 (its slot given back)", got)
 	}
 	// Piece 1 fails to send: taken off the ledger, so it may go again.
-	second, err := a.Admit(d, 1, 4, all)
+	second, err := a.Admit(d, 1, 4, all, true)
 	if err != nil {
 		t.Fatal(err)
 	}
 	second(false)
-	again, err := a.Admit(d, 1, 4, all)
+	again, err := a.Admit(d, 1, 4, all, true)
 	if err != nil {
 		t.Fatalf("a piece whose upload failed: %v", err)
 	}
 	// Slots: two in flight of three, then the limit.
-	third, err := a.Admit(d, 2, 4, all)
+	third, err := a.Admit(d, 2, 4, all, true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.Admit(d, 3, 4, all); !errors.Is(err, hoststate.ErrBusy) {
+	if _, err := a.Admit(d, 3, 4, all, true); !errors.Is(err, hoststate.ErrBusy) {
 		t.Fatalf("beyond the upload limit: %v, want hoststate.ErrBusy", err)
 	}
 	first(true)
@@ -63,7 +63,7 @@ func TestAdmission(t *testing.T) {
 		t.Errorf("%d uploads after all ended", got)
 	}
 	// Without meter and ledger everything is admitted.
-	done, err := Admission{}.Admit(d, 0, 4, all)
+	done, err := Admission{}.Admit(d, 0, 4, all, true)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -206,12 +206,12 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer release()
-	count, offers := 0, func(int) bool { return true }
+	count, offers, reading := 0, func(int) bool { return true }, false
 	if s.opts.Ledger != nil {
 		snap, _, _ := s.opts.Source.Snapshot(r.Context(), d)
-		count, offers = snap.Plan.Count(), snap.Offers
+		count, offers, reading = snap.Plan.Count(), snap.Offers, snap.Seeding
 	}
-	admitted, err := Admission{Meter: s.opts.Meter, Ledger: s.opts.Ledger}.Admit(d, i, count, offers)
+	admitted, err := Admission{Meter: s.opts.Meter, Ledger: s.opts.Ledger}.Admit(d, i, count, offers, reading)
 	switch {
 	case errors.Is(err, hoststate.ErrBusy):
 		result = "busy"

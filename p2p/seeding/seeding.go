@@ -11,6 +11,15 @@
 // parent with idle upload slots, or nothing new to offer, sends whatever it
 // is asked for, and a piece whose last copy left long ago (its receiver may
 // be too slow to pass it on) goes out again.
+//
+// A node reading from the upstream holds pieces no one else has yet, so it
+// refuses duplicates from two uploads on. A relay (every other parent) holds
+// pieces others hold too and its "sent to no one" pieces are often ones its
+// children have already, so it sends duplicates up to more uploads: from
+// two, each piece new to the swarm reached one more child per relay and
+// round, and a relay's upload idled beside children lacking what it held
+// (simulator, 300 and 1,000 nodes, equal links: 1.40–1.65 × the bound at
+// p99 with two, 1.30–1.40 with four; docs/benchmarks.md).
 package seeding
 
 import (
@@ -23,9 +32,13 @@ import (
 
 // Options configure a Ledger.
 type Options struct {
-	// Busy is the number of uploads in flight from which duplicates are
-	// refused; below it the parent's upload has room for them.
+	// Busy is the number of uploads in flight from which a node reading
+	// the blob from the upstream refuses duplicates; below it the parent's
+	// upload has room for them (default 2).
 	Busy int
+	// RelayBusy is the same for a node not reading from the upstream
+	// (default 4).
+	RelayBusy int
 	// Blobs bounds how many blobs' counts are kept.
 	Blobs int
 	// Respread is how long after its last copy a piece is refused: past it
@@ -57,6 +70,9 @@ func New(opts Options) *Ledger {
 	if opts.Busy <= 0 {
 		opts.Busy = 2
 	}
+	if opts.RelayBusy <= 0 {
+		opts.RelayBusy = 4
+	}
 	if opts.Blobs <= 0 {
 		opts.Blobs = 1024
 	}
@@ -73,13 +89,14 @@ func New(opts Options) *Ledger {
 // Begin decides whether piece i of d (of count pieces) may be sent now to
 // a child. offers reports the pieces this host has, or will have, to offer
 // first copies of: what it holds, and for the node fetching the blob from
-// the upstream also what is still on its way. uploads is the number of
-// uploads in flight, this one excluded. When ok, the copy is counted, and
+// the upstream also what is still on its way. reading: this node reads d
+// from the upstream now. uploads is the number of uploads in flight, this
+// one excluded. When ok, the copy is counted, and
 // undo takes it back if the upload fails. When not, fresh marks the pieces
 // it would send now instead (offered, and sent to no one or not lately), so
 // the child learns in one round trip what it would otherwise learn from a
 // refusal per piece.
-func (l *Ledger) Begin(d digest.Digest, i, count int, offers func(int) bool, uploads int) (undo func(), fresh []bool, ok bool) {
+func (l *Ledger) Begin(d digest.Digest, i, count int, offers func(int) bool, reading bool, uploads int) (undo func(), fresh []bool, ok bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	b, found := l.sent.Get(d)
@@ -91,7 +108,11 @@ func (l *Ledger) Begin(d digest.Digest, i, count int, offers func(int) bool, upl
 		return func() {}, nil, true // not ours to judge: the caller answers "no such piece"
 	}
 	now := l.opts.Now().Sub(l.base)
-	if b.copies[i] > 0 && uploads >= l.opts.Busy && now-b.last[i] < l.opts.Respread {
+	busy := l.opts.RelayBusy
+	if reading {
+		busy = l.opts.Busy
+	}
+	if b.copies[i] > 0 && uploads >= busy && now-b.last[i] < l.opts.Respread {
 		if fresh, unsent := b.fresh(now, l.opts.Respread, offers); unsent {
 			return nil, fresh, false
 		}

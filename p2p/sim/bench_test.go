@@ -39,6 +39,7 @@ var (
 	simNoSeeding = flag.Bool("sim-no-seeding", false, "TestSimulate: parents send duplicates freely (no super-seeding)")
 	simUploadLim = flag.Int("sim-upload-limit", 0, "TestSimulate: each node's concurrent uploads (0: the simulator's default)")
 	simConc      = flag.Int("sim-concurrency", 0, "TestSimulate: each node's pieces in flight (pieces.concurrency; 0: the simulator's default)")
+	simSync      = flag.Duration("sim-sync-interval", 0, "TestSimulate: how often a parent sends its host state to its children (upload.syncer.interval; 0: the node's default); the meter samples every second")
 	simTrace     = flag.Bool("sim-trace", false, "TestSimulate: write the cluster's state every simulated second to trace-<case>.txt in the results directory (pieces held, holders, parents, children, link use, idle uploads and what their children lack, the nodes furthest behind, the upstream's readers, sole holders)")
 	simProgress  = flag.Duration("sim-progress", 10*time.Second, "TestSimulate: log the nodes done every this much simulated time")
 	simMemLimit  = flag.String("sim-mem-limit", "3.5GiB", "TestSimulate: the Go runtime's soft memory limit for the run (GOMEMLIMIT; 0: none): the collector works harder near it instead of letting garbage grow the heap to twice the live data")
@@ -209,7 +210,7 @@ func TestSimulate(t *testing.T) {
 			for _, mode := range strings.Split(*simModes, ",") {
 				for seed := range uint64(*simSeeds) {
 					cfg := Config{Nodes: n, Size: size, Up: float64(bw), Down: float64(bw), OriginUp: float64(origin),
-						Latency: *simLatency, Selector: mode, Seed: seed + 1, Readers: *simReaders, NoSeeding: *simNoSeeding, UploadLimit: *simUploadLim, Concurrency: *simConc}
+						Latency: *simLatency, Selector: mode, Seed: seed + 1, Readers: *simReaders, NoSeeding: *simNoSeeding, UploadLimit: *simUploadLim, Concurrency: *simConc, SyncInterval: *simSync}
 					scenarioConfig(sc, n, &cfg)
 					cfg.Horizon = time.Duration(*simHorizon * float64(boundOf(cfg)))
 					// Inside the bubble time.Now is the simulated clock: progress

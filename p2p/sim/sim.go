@@ -802,7 +802,7 @@ func (p *peerParent) admit(i int) (func(sent bool), error) {
 		}
 		return snap.Offers(i)
 	}
-	admitted, err := peer.Admission{Meter: p.from.meter, Ledger: p.from.ledger}.Admit(p.s.digest, i, p.s.plan.Count(), offers)
+	admitted, err := peer.Admission{Meter: p.from.meter, Ledger: p.from.ledger}.Admit(p.s.digest, i, p.s.plan.Count(), offers, seeding)
 	switch {
 	case errors.Is(err, hoststate.ErrBusy):
 		p.s.refusedBy(p.from, true)

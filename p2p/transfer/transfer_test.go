@@ -104,15 +104,17 @@ func TestRefusalOffersFreshPieces(t *testing.T) {
 	plan := piece.PlanFor(4 * piece.MinSize)
 	src := memSource{plan: plan, data: make([]byte, plan.Size)}
 	meter := hoststate.New(hoststate.Options{}) // not sampled: no counters read
-	// Two uploads in flight: busy, for the ledger.
-	for range 2 {
+	// Two uploads in flight: busy, for the ledger of this relay (it holds
+	// the blob, it does not read it from the upstream).
+	const busy = 2
+	for range busy {
 		release, err := meter.BeginUpload()
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer release()
 	}
-	srv := peer.NewServer(peer.Options{Source: src, Meter: meter, Ledger: seeding.New(seeding.Options{})})
+	srv := peer.NewServer(peer.Options{Source: src, Meter: meter, Ledger: seeding.New(seeding.Options{RelayBusy: busy})})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
