@@ -78,10 +78,12 @@ func TestFetch(t *testing.T) {
 	}
 }
 
-// memSource holds one blob whole, in memory.
+// memSource holds one blob whole, in memory; reading: it says it still
+// reads the blob from the upstream (super-seeding's stricter case).
 type memSource struct {
-	plan piece.Plan
-	data []byte
+	plan    piece.Plan
+	data    []byte
+	reading bool
 }
 
 func (m memSource) Snapshot(context.Context, digest.Digest) (peer.Snapshot, <-chan struct{}, bool) {
@@ -89,7 +91,7 @@ func (m memSource) Snapshot(context.Context, digest.Digest) (peer.Snapshot, <-ch
 	for i := range done {
 		done[i] = true
 	}
-	return peer.Snapshot{Plan: m.plan, Done: done, CRC: make([]uint32, len(done)), Complete: true}, nil, true
+	return peer.Snapshot{Plan: m.plan, Done: done, CRC: make([]uint32, len(done)), Complete: !m.reading, Seeding: m.reading}, nil, true
 }
 
 func (m memSource) OpenPiece(_ context.Context, _ digest.Digest, i int) (io.ReadSeeker, int64, int64, func(), error) {
@@ -99,22 +101,38 @@ func (m memSource) OpenPiece(_ context.Context, _ digest.Digest, i int) (io.Read
 
 // TestRefusalOffersFreshPieces: a busy peer server that refuses a duplicate
 // names, in its 409, the pieces it would send instead, and the pool hands
-// them to the collector as piece.EncodeSet wrote them.
+// them to the collector as piece.EncodeSet wrote them. Busy is the ledger's
+// default: two uploads while the node reads from the upstream, four for a
+// relay.
 func TestRefusalOffersFreshPieces(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		reading bool
+		uploads int
+		refused bool
+	}{
+		{"reading from the upstream", true, 2, true},
+		{"relay", false, 4, true},
+		{"relay below its limit", false, 2, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			testRefusal(t, tc.reading, tc.uploads, tc.refused)
+		})
+	}
+}
+
+func testRefusal(t *testing.T, reading bool, uploads int, refused bool) {
 	plan := piece.PlanFor(4 * piece.MinSize)
-	src := memSource{plan: plan, data: make([]byte, plan.Size)}
+	src := memSource{plan: plan, data: make([]byte, plan.Size), reading: reading}
 	meter := hoststate.New(hoststate.Options{}) // not sampled: no counters read
-	// Two uploads in flight: busy, for the ledger of this relay (it holds
-	// the blob, it does not read it from the upstream).
-	const busy = 2
-	for range busy {
+	for range uploads {
 		release, err := meter.BeginUpload()
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer release()
 	}
-	srv := peer.NewServer(peer.Options{Source: src, Meter: meter, Ledger: seeding.New(seeding.Options{RelayBusy: busy})})
+	srv := peer.NewServer(peer.Options{Source: src, Meter: meter, Ledger: seeding.New(seeding.Options{})})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -139,7 +157,14 @@ func TestRefusalOffersFreshPieces(t *testing.T) {
 		t.Fatal(err)
 	}
 	body.Close()
-	_, err = parent.Fetch(t.Context(), 1, off, n)
+	body, err = parent.Fetch(t.Context(), 1, off, n)
+	if !refused {
+		if err != nil {
+			t.Fatalf("second copy of piece 1 from a relay below its limit: %v", err)
+		}
+		body.Close()
+		return
+	}
 	var ee *collector.ElsewhereError
 	if !errors.As(err, &ee) || !errors.Is(err, collector.ErrElsewhere) {
 		t.Fatalf("second copy of piece 1 while busy: %v, want an ElsewhereError", err)
