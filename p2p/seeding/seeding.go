@@ -18,7 +18,7 @@
 // children have already, so it sends duplicates up to more uploads: from
 // two, each piece new to the swarm reached one more child per relay and
 // round, and a relay's upload idled beside children lacking what it held
-// (simulator, equal links, p99 × the bound: 300 nodes 1.40–1.43 with two,
+// (simulator, equal links, p99 × the bound: 300 nodes 1.39–1.43 with two,
 // 1.30–1.32 with four; 1,000 nodes 1.48–1.65 and 1.40–1.41;
 // docs/benchmarks.md).
 package seeding
