@@ -865,7 +865,9 @@ func (s *simulation) trace(w io.Writer, at time.Duration) {
 	held := make([][]bool, len(s.nodes))
 	var counts, parents, children []int
 	kids := make([][]*node, len(s.nodes))
+	fetching := make([][]int, len(s.nodes)) // per node: the pieces in flight
 	for k, n := range s.nodes {
+		fetching[k], _, _ = n.dl.Progress(s.digest)
 		n.mu.Lock()
 		j := n.job
 		children = append(children, len(n.watchers))
@@ -914,10 +916,9 @@ func (s *simulation) trace(w io.Writer, at time.Duration) {
 		want := 0 // children lacking a piece k holds, not fetching it now
 		var down []int
 		for _, c := range kids[k] {
-			ch := held[index[c]]
-			fetching, _, _ := c.dl.Progress(s.digest)
+			ch, fetch := held[index[c]], fetching[index[c]]
 			for i, ok := range held[k] {
-				if ok && (ch == nil || !ch[i]) && !slices.Contains(fetching, i) {
+				if ok && (ch == nil || !ch[i]) && !slices.Contains(fetch, i) {
 					want++
 					down = append(down, downUse[index[c]])
 					break
