@@ -2,6 +2,7 @@ package piece
 
 import (
 	"errors"
+	"math/rand/v2"
 	"slices"
 	"testing"
 )
@@ -108,4 +109,22 @@ func FuzzDecodeSet(f *testing.F) {
 			t.Fatalf("round trip of %q: %v, %v", s, again, err)
 		}
 	})
+}
+
+// BenchmarkSet is a refusal's offer of a 3 GB blob (716 pieces, about half
+// of them in it, at random) written by the parent and read by the child:
+// refusals outnumber pieces sent, each carries one.
+func BenchmarkSet(b *testing.B) {
+	const count = 716
+	rng := rand.New(rand.NewPCG(1, 2))
+	set := make([]bool, count)
+	for i := range set {
+		set[i] = rng.IntN(2) == 0
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := DecodeSet(EncodeSet(set), count); err != nil {
+			b.Fatal(err)
+		}
+	}
 }

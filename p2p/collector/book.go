@@ -7,6 +7,8 @@ import "time"
 // parentQueue is what the run knows of one parent.
 type parentQueue struct {
 	p        Parent
+	id       string // p.ID(), read once
+	removed  bool   // RemoveParent took it out of the run
 	upstream bool
 	has      []bool  // per piece: announced
 	list     []int32 // the announced pieces, in the order announced

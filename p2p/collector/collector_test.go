@@ -1076,3 +1076,35 @@ func TestElsewhereForFollowsPieceTime(t *testing.T) {
 		})
 	}
 }
+
+// A Peer announces for its own parent only: once removed (its stream
+// ended), a late update is dropped, also after a parent of the same name
+// came back in its place.
+func TestPeerRemovedIgnoresLateUpdates(t *testing.T) {
+	job := newJob(10)
+	r := newCollector(SelectorState, nil).NewRun(job)
+	old := r.AddParent(&fakeParent{id: "p", job: job})
+	old.Announce(job.checksums(0, 1), []int{2})
+	if again := r.AddParent(&fakeParent{id: "p", job: job}); again.pq != old.pq {
+		t.Fatal("adding a parent again replaced its books")
+	}
+	old.Remove()
+	old.Remove() // twice: nothing more to take back
+	for i := range job.done {
+		if r.holders[i] != 0 || r.fetchers[i] != 0 {
+			t.Fatalf("piece %d: %d holders, %d fetchers after removal", i, r.holders[i], r.fetchers[i])
+		}
+	}
+	p := &fakeParent{id: "p", job: job}
+	back := r.AddParent(p)
+	old.Announce(job.checksums(job.all()...), nil)
+	old.AnnounceComplete(job.checksums(job.all()...))
+	if r.holders[5] != 0 || back.pq.has[5] {
+		t.Fatal("a removed parent's update reached the one that replaced it")
+	}
+	back.Announce(job.checksums(job.all()...), nil)
+	run(t, r)
+	if job.from("p") != 10 {
+		t.Fatalf("%d pieces from the parent that came back, want 10", job.from("p"))
+	}
+}

@@ -17,7 +17,7 @@ const measuredFactor = 4
 // weightLocked is pq's selection weight: its host state, capped by what
 // this node measured from it.
 func (r *Run) weightLocked(pq *parentQueue) float64 {
-	st, ok := r.c.opts.State(pq.p.ID())
+	st, ok := r.c.opts.State(pq.id)
 	w := Weight(st, ok)
 	if pq.measured > 0 {
 		w = min(w, measuredFactor*pq.measured)

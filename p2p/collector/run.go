@@ -96,7 +96,7 @@ func (r *Run) SetUpstream(p Parent, allowed bool) {
 	r.closeUpstream(p)
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.upstream = &parentQueue{p: p, upstream: true}
+	r.upstream = &parentQueue{p: p, id: p.ID(), upstream: true}
 	r.allowUpstream = allowed
 	r.broadcastLocked()
 }
@@ -161,16 +161,28 @@ func (r *Run) UpstreamAllowed() bool {
 	return r.allowUpstream
 }
 
-// AddParent adds a peer parent with no pieces yet.
-func (r *Run) AddParent(p Parent) {
+// Peer is a parent added to a run (AddParent's answer): its announcements
+// and its removal go to its books directly, where a lookup by name for
+// each cost more than the announcement itself at thousands of simulated
+// nodes (one per piece, parent and child).
+type Peer struct {
+	r  *Run
+	pq *parentQueue
+}
+
+// AddParent adds a peer parent with no pieces yet; a parent already there
+// stays as it is.
+func (r *Run) AddParent(p Parent) Peer {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if _, ok := r.parents[p.ID()]; ok {
-		return
+	id := p.ID()
+	if pq, ok := r.parents[id]; ok {
+		return Peer{r, pq}
 	}
-	pq := &parentQueue{p: p, has: make([]bool, r.n), crc: make([]uint32, r.n), fetching: make([]bool, r.n)}
-	r.parents[p.ID()] = pq
+	pq := &parentQueue{p: p, id: id, has: make([]bool, r.n), crc: make([]uint32, r.n), fetching: make([]bool, r.n)}
+	r.parents[id] = pq
 	r.order = append(r.order, pq)
+	return Peer{r, pq}
 }
 
 // RemoveParent forgets a parent (it left, or its stream ended).
@@ -178,21 +190,33 @@ func (r *Run) RemoveParent(id string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if pq, ok := r.parents[id]; ok {
-		for i := range r.n {
-			if pq.has[i] {
-				r.holders[i]--
-			}
-			if pq.fetching[i] {
-				r.fetchers[i]--
-			}
+		r.removeLocked(pq)
+	}
+}
+
+// Remove forgets the parent (it left, or its stream ended); nothing when it
+// is gone already.
+func (pe Peer) Remove() {
+	pe.r.mu.Lock()
+	defer pe.r.mu.Unlock()
+	if !pe.pq.removed {
+		pe.r.removeLocked(pe.pq)
+	}
+}
+
+func (r *Run) removeLocked(pq *parentQueue) {
+	for i := range r.n {
+		if pq.has[i] {
+			r.holders[i]--
+		}
+		if pq.fetching[i] {
+			r.fetchers[i]--
 		}
 	}
-	delete(r.parents, id)
-	for i, o := range r.order {
-		if o.p.ID() == id {
-			r.order = append(r.order[:i:i], r.order[i+1:]...)
-			break
-		}
+	pq.removed = true
+	delete(r.parents, pq.id)
+	if k := slices.Index(r.order, pq); k >= 0 {
+		r.order = append(r.order[:k:k], r.order[k+1:]...)
 	}
 	r.broadcastLocked()
 }
@@ -208,10 +232,25 @@ type Held struct {
 func (r *Run) Announce(id string, has []Held, fetching []int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	pq, ok := r.parents[id]
-	if !ok {
-		return
+	if pq, ok := r.parents[id]; ok {
+		r.announceLocked(pq, has, fetching)
 	}
+}
+
+// Announce is Run.Announce for this parent; nothing once it is removed.
+func (pe Peer) Announce(has []Held, fetching []int) {
+	pe.r.mu.Lock()
+	defer pe.r.mu.Unlock()
+	if !pe.pq.removed {
+		pe.r.announceLocked(pe.pq, has, fetching)
+	}
+}
+
+// AnnounceComplete is Run.AnnounceComplete for this parent.
+func (pe Peer) AnnounceComplete(crcs []Held) { pe.Announce(crcs, []int{}) }
+
+func (r *Run) announceLocked(pq *parentQueue, has []Held, fetching []int) {
+	id := pq.id
 	var fresh []int
 	for _, h := range has {
 		i, crc := h.Index, h.CRC

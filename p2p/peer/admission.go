@@ -39,10 +39,10 @@ type Admission struct {
 }
 
 // Admit reserves the upload of piece i of d, a blob of count pieces of which
-// this node can send those offers says; reading: it reads d from the
-// upstream now. done releases it; a piece that was not sent is taken off the
-// ledger again.
-func (a Admission) Admit(d digest.Digest, i, count int, offers func(int) bool, reading bool) (done func(sent bool), err error) {
+// offer says what this node can send first copies of; reading: it reads d
+// from the upstream now. done releases it; a piece that was not sent is
+// taken off the ledger again.
+func (a Admission) Admit(d digest.Digest, i, count int, offer seeding.Offer, reading bool) (done func(sent bool), err error) {
 	uploads := 0
 	releaseSlot := func() {}
 	if a.Meter != nil {
@@ -55,7 +55,7 @@ func (a Admission) Admit(d digest.Digest, i, count int, offers func(int) bool, r
 	if a.Ledger != nil {
 		var fresh []bool
 		var ok bool
-		if undo, fresh, ok = a.Ledger.Begin(d, i, count, offers, reading, uploads); !ok {
+		if undo, fresh, ok = a.Ledger.Begin(d, i, count, offer, reading, uploads); !ok {
 			releaseSlot()
 			return nil, &SentElsewhereError{Fresh: fresh}
 		}

@@ -22,7 +22,7 @@ func (noCounters) Free(context.Context) (uint64, error)        { return 0, nil }
 
 func TestAdmission(t *testing.T) {
 	d := digest.FromString("blob")
-	all := func(int) bool { return true }
+	all := seeding.Offer{All: true}
 	meter := hoststate.New(hoststate.Options{Counters: noCounters{}, UploadLimit: 3})
 	a := Admission{Meter: meter, Ledger: seeding.New(seeding.Options{Busy: 1})}
 
@@ -90,7 +90,7 @@ func TestOffered(t *testing.T) {
 
 // A node offers as first copies every piece while it fetches from the
 // upstream or holds the blob, else the pieces it holds.
-func TestSnapshotOffers(t *testing.T) {
+func TestSnapshotOffer(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		snap Snapshot
@@ -103,7 +103,7 @@ func TestSnapshotOffers(t *testing.T) {
 	} {
 		var got []bool
 		for j := range 3 {
-			got = append(got, tc.snap.Offers(j))
+			got = append(got, tc.snap.Offer().Has(j))
 		}
 		if fmt.Sprint(got) != fmt.Sprint(tc.want) {
 			t.Errorf("%s: offers %v, want %v", tc.name, got, tc.want)

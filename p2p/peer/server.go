@@ -56,12 +56,12 @@ type Snapshot struct {
 	Seeding bool
 }
 
-// Offers reports whether piece j is one this node offers as a first copy
-// (super-seeding, Admission): every piece while it fetches from the
-// upstream or once it holds the blob, else the pieces it holds. The peer
-// server and the simulator both ask it.
-func (s Snapshot) Offers(j int) bool {
-	return s.Seeding || s.Complete || j < len(s.Done) && s.Done[j]
+// Offer is what this node offers as first copies (super-seeding,
+// Admission): every piece while it fetches from the upstream or once it
+// holds the blob, else the pieces it holds. The peer server and the
+// simulator both ask it.
+func (s Snapshot) Offer() seeding.Offer {
+	return seeding.Offer{All: s.Seeding || s.Complete, Held: s.Done}
 }
 
 // Source is the content this node can serve.
@@ -206,12 +206,12 @@ func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer release()
-	count, offers, reading := 0, func(int) bool { return true }, false
+	count, offer, reading := 0, seeding.Offer{All: true}, false
 	if s.opts.Ledger != nil {
 		snap, _, _ := s.opts.Source.Snapshot(r.Context(), d)
-		count, offers, reading = snap.Plan.Count(), snap.Offers, snap.Seeding
+		count, offer, reading = snap.Plan.Count(), snap.Offer(), snap.Seeding
 	}
-	admitted, err := Admission{Meter: s.opts.Meter, Ledger: s.opts.Ledger}.Admit(d, i, count, offers, reading)
+	admitted, err := Admission{Meter: s.opts.Meter, Ledger: s.opts.Ledger}.Admit(d, i, count, offer, reading)
 	switch {
 	case errors.Is(err, hoststate.ErrBusy):
 		result = "busy"

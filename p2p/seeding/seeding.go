@@ -61,6 +61,17 @@ type Ledger struct {
 	sent *lru.Cache[digest.Digest, *blob]
 }
 
+// Offer is what a node can send first copies of: every piece when All (it
+// reads the blob from the upstream, so what it lacks is on its way, or it
+// holds the whole blob), else the pieces Held marks.
+type Offer struct {
+	All  bool
+	Held []bool
+}
+
+// Has says whether piece j is offered.
+func (o Offer) Has(j int) bool { return o.All || j < len(o.Held) && o.Held[j] }
+
 type blob struct {
 	copies []uint32
 	last   []time.Duration // of the last copy, since the ledger's base
@@ -88,16 +99,15 @@ func New(opts Options) *Ledger {
 }
 
 // Begin decides whether piece i of d (of count pieces) may be sent now to
-// a child. offers reports the pieces this host has, or will have, to offer
-// first copies of: what it holds, and for the node fetching the blob from
-// the upstream also what is still on its way. reading: this node reads d
+// a child. offer is what this host has, or will have, to offer first
+// copies of. reading: this node reads d
 // from the upstream now. uploads is the number of uploads in flight, this
 // one excluded. When ok, the copy is counted, and
 // undo takes it back if the upload fails. When not, fresh marks the pieces
 // it would send now instead (offered, and sent to no one or not lately), so
 // the child learns in one round trip what it would otherwise learn from a
 // refusal per piece.
-func (l *Ledger) Begin(d digest.Digest, i, count int, offers func(int) bool, reading bool, uploads int) (undo func(), fresh []bool, ok bool) {
+func (l *Ledger) Begin(d digest.Digest, i, count int, offer Offer, reading bool, uploads int) (undo func(), fresh []bool, ok bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	b, found := l.sent.Get(d)
@@ -114,7 +124,7 @@ func (l *Ledger) Begin(d digest.Digest, i, count int, offers func(int) bool, rea
 		busy = l.opts.Busy
 	}
 	if b.copies[i] > 0 && uploads >= busy && now-b.last[i] < l.opts.Respread {
-		if fresh, unsent := b.fresh(now, l.opts.Respread, offers); unsent {
+		if fresh, unsent := b.fresh(now, l.opts.Respread, offer); unsent {
 			return nil, fresh, false
 		}
 	}
@@ -136,10 +146,17 @@ func (l *Ledger) Begin(d digest.Digest, i, count int, offers func(int) bool, rea
 
 // fresh marks the offered pieces sent to no one, or not since respread
 // before now; unsent says whether any offered piece was sent to no one,
-// which is what makes a refusal worth its round trip.
-func (b *blob) fresh(now, respread time.Duration, offers func(int) bool) (fresh []bool, unsent bool) {
-	for j, n := range b.copies {
-		if n > 0 && now-b.last[j] < respread || !offers(j) {
+// which is what makes a refusal worth its round trip. A refusal scans the
+// blob's pieces, and refusals outnumber pieces sent: the offer is read as
+// a slice, not asked piece by piece.
+func (b *blob) fresh(now, respread time.Duration, offer Offer) (fresh []bool, unsent bool) {
+	copies, last := b.copies, b.last
+	if !offer.All {
+		n := min(len(offer.Held), len(copies))
+		copies, last = copies[:n], last[:n]
+	}
+	for j, n := range copies {
+		if n > 0 && now-last[j] < respread || !offer.All && !offer.Held[j] {
 			continue
 		}
 		if fresh == nil {

@@ -10,20 +10,17 @@ import (
 
 func TestBegin(t *testing.T) {
 	d := digest.FromString("blob")
-	all := func(int) bool { return true }
-	only := func(set ...int) func(int) bool {
-		return func(i int) bool {
-			for _, s := range set {
-				if s == i {
-					return true
-				}
-			}
-			return false
+	all := Offer{All: true}
+	only := func(set ...int) Offer {
+		held := make([]bool, 4)
+		for _, s := range set {
+			held[s] = true
 		}
+		return Offer{Held: held}
 	}
 	type step struct {
 		piece, uploads int
-		held           func(int) bool
+		held           Offer
 		want           bool
 		undo           bool // take the copy back afterwards
 	}
@@ -61,7 +58,7 @@ func TestBegin(t *testing.T) {
 
 func TestBlobsAreSeparate(t *testing.T) {
 	l := New(Options{Blobs: 1})
-	all := func(int) bool { return true }
+	all := Offer{All: true}
 	a, b := digest.FromString("a"), digest.FromString("b")
 	if _, _, ok := l.Begin(a, 0, 2, all, true, 0); !ok {
 		t.Fatal("first copy of a refused")
@@ -79,7 +76,7 @@ func TestRespread(t *testing.T) {
 	now := time.Unix(100, 0)
 	l := New(Options{Respread: 2 * time.Second, Now: func() time.Time { return now }})
 	d := digest.FromString("blob")
-	all := func(int) bool { return true }
+	all := Offer{All: true}
 	if _, _, ok := l.Begin(d, 0, 4, all, true, 5); !ok {
 		t.Fatal("first copy refused")
 	}
@@ -103,7 +100,7 @@ func TestFresh(t *testing.T) {
 	now := time.Unix(100, 0)
 	l := New(Options{Respread: 2 * time.Second, Now: func() time.Time { return now }})
 	d := digest.FromString("blob")
-	held := func(i int) bool { return i != 4 } // 4 not here yet
+	held := Offer{Held: []bool{true, true, true, true, false}} // 4 not here yet
 	for _, i := range []int{0, 1} {
 		if _, _, ok := l.Begin(d, i, 5, held, true, 0); !ok {
 			t.Fatalf("first copy of %d refused", i)
@@ -131,7 +128,7 @@ func BenchmarkRefusal(b *testing.B) {
 	now := time.Unix(100, 0)
 	l := New(Options{Respread: 2 * time.Second, Now: func() time.Time { return now }})
 	d := digest.FromString("blob")
-	all := func(int) bool { return true }
+	all := Offer{All: true}
 	for i := 0; i < count/2; i++ {
 		if _, _, ok := l.Begin(d, i, count, all, true, 0); !ok {
 			b.Fatal("first copy refused")

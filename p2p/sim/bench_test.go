@@ -30,6 +30,7 @@ var (
 	simBW        = flag.String("sim-bw", "300MB", "TestSimulate: each node's upload and download, bytes/s")
 	simOrigin    = flag.String("sim-origin", "300MB", "TestSimulate: the upstream's upload, bytes/s")
 	simLatency   = flag.Duration("sim-latency", time.Millisecond, "TestSimulate: one-way latency between hosts")
+	simStep      = flag.Duration("sim-step", 5*time.Microsecond, "TestSimulate: transfers end on multiples of this (0: exactly; see Config.Step)")
 	simModes     = flag.String("sim-modes", "state,fcfs", "TestSimulate: modes (state, fcfs, direct)")
 	simScenarios = flag.String("sim-scenarios", "equal,hetero,loaded", "TestSimulate: equal links; hetero (uploads spread ±50%, 10% of nodes at 1/10); loaded (10% of nodes with 4 background uploads)")
 	simSeeds     = flag.Int("sim-seeds", 1, "TestSimulate: runs per case (different seeds)")
@@ -210,7 +211,7 @@ func TestSimulate(t *testing.T) {
 			for _, mode := range strings.Split(*simModes, ",") {
 				for seed := range uint64(*simSeeds) {
 					cfg := Config{Nodes: n, Size: size, Up: float64(bw), Down: float64(bw), OriginUp: float64(origin),
-						Latency: *simLatency, Selector: mode, Seed: seed + 1, Readers: *simReaders, NoSeeding: *simNoSeeding, UploadLimit: *simUploadLim, Concurrency: *simConc, SyncInterval: *simSync}
+						Latency: *simLatency, Step: *simStep, Selector: mode, Seed: seed + 1, Readers: *simReaders, NoSeeding: *simNoSeeding, UploadLimit: *simUploadLim, Concurrency: *simConc, SyncInterval: *simSync}
 					scenarioConfig(sc, n, &cfg)
 					cfg.Horizon = time.Duration(*simHorizon * float64(boundOf(cfg)))
 					// Inside the bubble time.Now is the simulated clock: progress

@@ -17,6 +17,7 @@ import (
 // event touches, which keeps an event cheap at thousands of hosts; flows
 // further away catch up at their own next event.
 type network struct {
+	step  time.Duration // transfers end on its multiples; 0: exactly
 	mu    sync.Mutex
 	heap  flowHeap
 	kick  chan struct{}
@@ -41,7 +42,9 @@ type flow struct {
 	done         chan struct{}
 }
 
-func newNetwork() *network { return &network{kick: make(chan struct{}, 1)} }
+func newNetwork(step time.Duration) *network {
+	return &network{step: step, kick: make(chan struct{}, 1)}
+}
 
 // transfer moves n bytes from src to dst; it returns when they arrived or
 // ctx ended.
@@ -195,6 +198,11 @@ func (nw *network) fill(now time.Time, flows []*flow, capacity float64, room fun
 		// waits for the next event at its ends, as one at rate 0 does.
 		if secs := f.remaining / r; r > 0 && secs < 1e6 {
 			eta := now.Add(time.Duration(secs*1e9) + 1)
+			if nw.step > 0 {
+				if t := eta.Truncate(nw.step); t.Before(eta) {
+					eta = t.Add(nw.step)
+				}
+			}
 			heap.Push(&nw.heap, heapItem{at: eta, f: f, ver: f.ver})
 		}
 	}

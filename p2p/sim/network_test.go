@@ -5,6 +5,7 @@ import (
 	"math"
 	"testing"
 	"testing/synctest"
+	"time"
 )
 
 // A flow that starts where both its ends are full gets a share, as TCP
@@ -14,7 +15,7 @@ func TestFlowBetweenFullEndsGetsItsShare(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		ctx, cancel := context.WithCancel(t.Context())
 		defer cancel()
-		nw := newNetwork()
+		nw := newNetwork(0)
 		go nw.run(ctx)
 		origin := &host{up: 100, down: 1e9}
 		reader := &host{up: 1e9, down: 100}
@@ -62,4 +63,42 @@ func TestFlowBetweenFullEndsGetsItsShare(t *testing.T) {
 			}
 		}
 	})
+}
+
+// With a step, a transfer ends on a multiple of it, never before its exact
+// end and at most a step after; without, at its exact end (within the
+// nanosecond the clock rounds up by).
+func TestStepRoundsTransferEnds(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		step time.Duration
+	}{
+		{"exact", 0},
+		{"7ms steps", 7 * time.Millisecond},
+		{"20µs steps", 20 * time.Microsecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				ctx, cancel := context.WithCancel(t.Context())
+				defer cancel()
+				nw := newNetwork(tc.step)
+				go nw.run(ctx)
+				src, dst := &host{up: 1000, down: 1e9}, &host{up: 1e9, down: 1000}
+				start := time.Now()
+				exact := start.Add(1501 * time.Millisecond) // 1,501 bytes at 1,000 bytes/s
+				if err := nw.transfer(ctx, src, dst, 1501); err != nil {
+					t.Fatal(err)
+				}
+				end := time.Now()
+				switch {
+				case end.Before(exact):
+					t.Fatalf("ended %v early", exact.Sub(end))
+				case tc.step == 0 && end.Sub(exact) > time.Microsecond:
+					t.Fatalf("ended %v late without a step", end.Sub(exact))
+				case tc.step > 0 && (end.Sub(exact) > tc.step || !end.Truncate(tc.step).Equal(end)):
+					t.Fatalf("ended %v after the exact end, not on a %v step", end.Sub(exact), tc.step)
+				}
+			})
+		})
+	}
 }

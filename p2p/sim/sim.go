@@ -61,6 +61,11 @@ type Config struct {
 	Up, Down, OriginUp float64
 	// Latency is one way, between any two hosts.
 	Latency time.Duration
+	// Step, when set, ends every transfer on a multiple of it (a transfer
+	// ends at most Step late). The clock moves once for all the events an
+	// instant holds and runs their goroutines side by side, where exact
+	// ends give each event an instant of its own.
+	Step time.Duration
 	// Selector is collector.SelectorState, collector.SelectorFCFS or Direct.
 	Selector string
 	// Throttled nodes upload at a tenth of Up; Loaded nodes run
@@ -281,7 +286,7 @@ func newSim(cfg Config) *simulation {
 	rng := rand.New(rand.NewPCG(cfg.Seed, 0x5eed))
 	s := &simulation{
 		cfg:    cfg,
-		net:    newNetwork(),
+		net:    newNetwork(cfg.Step),
 		digest: digest.FromString(fmt.Sprintf("sim blob %d", cfg.Seed)),
 		plan:   piece.PlanFor(cfg.Size),
 		origin: &host{up: cfg.OriginUp, down: cfg.OriginUp},
@@ -417,38 +422,31 @@ type node struct {
 	err       error
 }
 
-// watcher is a node following another's pieces: updates queue here, and
-// the watching node's Watch call hands them to its downloader. The queue
-// grows with what is pending, not with the blob: a cluster holds one
-// watcher per parent and child.
+// watcher is a node following another's pieces: the parent's timer hands
+// each update straight to the watching node's downloader, as the stream's
+// receiving goroutine would, without a goroutine per watch to wake: at a
+// thousand nodes waking them cost more than the updates themselves.
 type watcher struct {
-	child   *node // the watching node (Trace)
-	mu      sync.Mutex
-	pending []*pb.PieceUpdate
-	ready   chan struct{} // one token: pending is not empty
-}
-
-func newWatcher(child *node) *watcher {
-	return &watcher{child: child, ready: make(chan struct{}, 1)}
+	child *node // the watching node (Trace)
+	// mu is held while fn runs: one update at a time, as a stream
+	// delivers them, and none once Watch has returned.
+	mu     sync.Mutex
+	fn     func(*pb.PieceUpdate)
+	closed bool
 }
 
 func (w *watcher) push(up *pb.PieceUpdate) {
 	w.mu.Lock()
-	w.pending = append(w.pending, up)
-	w.mu.Unlock()
-	select {
-	case w.ready <- struct{}{}:
-	default:
+	defer w.mu.Unlock()
+	if !w.closed {
+		w.fn(up)
 	}
 }
 
-// take returns what is pending, oldest first, and empties the queue.
-func (w *watcher) take() []*pb.PieceUpdate {
+func (w *watcher) close() {
 	w.mu.Lock()
-	defer w.mu.Unlock()
-	ups := w.pending
-	w.pending = nil
-	return ups
+	w.closed = true
+	w.mu.Unlock()
 }
 
 // publishState samples the meter every second and sends the state to
@@ -588,7 +586,7 @@ func (n *node) callerContext(ctx context.Context) context.Context {
 // each new piece, each one latency after it happened, as WatchPieces does.
 func (t transport) Watch(ctx context.Context, addr string, _ digest.Digest, _ string, fn func(*pb.PieceUpdate)) error {
 	p := t.n.s.byID[addr]
-	w := newWatcher(t.n)
+	w := &watcher{child: t.n, fn: fn}
 	p.mu.Lock()
 	p.watchers = append(p.watchers, w)
 	var have []int
@@ -596,23 +594,16 @@ func (t transport) Watch(ctx context.Context, addr string, _ digest.Digest, _ st
 		have = p.job.held()
 	}
 	p.mu.Unlock()
-	defer p.unwatch(w)
 	// As the peer server's WatchPieces: the watched node hears of its child.
 	p.server.Watching(t.n.callerContext(ctx), p.s.digest, t.n.id)
 	t.n.following.Add(1)
 	defer t.n.following.Add(-1)
 	first := p.update(have)
 	time.AfterFunc(t.n.s.cfg.Latency, func() { w.push(first) })
-	for {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-w.ready:
-			for _, up := range w.take() {
-				fn(up)
-			}
-		}
-	}
+	<-ctx.Done()
+	p.unwatch(w)
+	w.close()
+	return ctx.Err()
 }
 
 // Parent is the node at addr as a parent of this one.
@@ -792,17 +783,14 @@ func (p *peerParent) admit(i int) (func(sent bool), error) {
 	if j == nil || !j.Has(i) {
 		return nil, errNoPiece
 	}
-	// As the peer server: what the node holds, read once when the ledger
-	// asks (only when it may refuse).
+	// As the peer server, from a snapshot of what the node holds: read in
+	// place, under the job's lock, where a copy for every request cost
+	// more than the ledger's decision.
 	_, seeding, _ := p.from.dl.Progress(p.s.digest)
-	var snap *peer.Snapshot
-	offers := func(i int) bool {
-		if snap == nil {
-			snap = &peer.Snapshot{Seeding: seeding, Done: j.done()}
-		}
-		return snap.Offers(i)
-	}
-	admitted, err := peer.Admission{Meter: p.from.meter, Ledger: p.from.ledger}.Admit(p.s.digest, i, p.s.plan.Count(), offers, seeding)
+	j.mu.Lock()
+	snap := peer.Snapshot{Seeding: seeding, Done: j.have}
+	admitted, err := peer.Admission{Meter: p.from.meter, Ledger: p.from.ledger}.Admit(p.s.digest, i, p.s.plan.Count(), snap.Offer(), seeding)
+	j.mu.Unlock()
 	switch {
 	case errors.Is(err, hoststate.ErrBusy):
 		p.s.refusedBy(p.from, true)
@@ -828,17 +816,11 @@ func (s *simulation) refusedBy(parent *node, busy bool) {
 }
 
 func sleep(ctx context.Context, d time.Duration) error {
-	if d <= 0 {
-		return ctx.Err()
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	// Every sleep here is a latency, a few milliseconds: a cancelled
+	// request returns at its end. time.Sleep parks on the goroutine's own
+	// timer, where a timer and a select cost a cluster's requests twice.
+	time.Sleep(d)
+	return ctx.Err()
 }
 
 // Quantile returns the q-quantile (0..1) of ds, nearest rank.

@@ -216,7 +216,7 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 			}
 			wmu.Unlock()
 		})
-		run.AddParent(s.opts.Transport.Parent(id, addr, d))
+		peer := run.AddParent(s.opts.Transport.Parent(id, addr, d))
 		if s.opts.Follower != nil {
 			s.opts.Follower.Follow(id, addr)
 		}
@@ -238,16 +238,16 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 					// it stays in watching, so it is not added again.
 					s.log.Warn("ignoring a peer's piece updates", "peer", id, "digest", d, "err", err)
 					ignored = true
-					run.RemoveParent(id)
+					peer.Remove()
 					wcancel()
 					return
 				}
 				if a.complete {
 					complete = true
-					run.AnnounceComplete(id, a.has)
+					peer.AnnounceComplete(a.has)
 					return
 				}
-				run.Announce(id, a.has, a.fetching)
+				peer.Announce(a.has, a.fetching)
 			})
 			// A parent that said it is complete ends its stream with nothing
 			// more to tell: it stays followed (a place among MaxPeers, not
@@ -257,7 +257,7 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 			}
 			if err != nil {
 				s.log.Debug("piece stream ended", "peer", id, "digest", d, "err", err)
-				run.RemoveParent(id)
+				peer.Remove()
 			}
 			wmu.Lock()
 			if watching[id] == child {
