@@ -8,7 +8,7 @@ import "time"
 type parentQueue struct {
 	p        Parent
 	id       string // p.ID(), read once
-	removed  bool   // RemoveParent took it out of the run
+	removed  bool   // Peer.Remove took it out of the run
 	upstream bool
 	has      []bool  // per piece: announced
 	list     []int32 // the announced pieces, in the order announced

@@ -185,15 +185,6 @@ func (r *Run) AddParent(p Parent) Peer {
 	return Peer{r, pq}
 }
 
-// RemoveParent forgets a parent (it left, or its stream ended).
-func (r *Run) RemoveParent(id string) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if pq, ok := r.parents[id]; ok {
-		r.removeLocked(pq)
-	}
-}
-
 // Remove forgets the parent (it left, or its stream ended); nothing when it
 // is gone already.
 func (pe Peer) Remove() {

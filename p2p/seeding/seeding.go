@@ -147,16 +147,11 @@ func (l *Ledger) Begin(d digest.Digest, i, count int, offer Offer, reading bool,
 // fresh marks the offered pieces sent to no one, or not since respread
 // before now; unsent says whether any offered piece was sent to no one,
 // which is what makes a refusal worth its round trip. A refusal scans the
-// blob's pieces, and refusals outnumber pieces sent: the offer is read as
-// a slice, not asked piece by piece.
+// blob's pieces, and refusals outnumber pieces sent: the offer is a value
+// whose Has inlines, not a function called per piece.
 func (b *blob) fresh(now, respread time.Duration, offer Offer) (fresh []bool, unsent bool) {
-	copies, last := b.copies, b.last
-	if !offer.All {
-		n := min(len(offer.Held), len(copies))
-		copies, last = copies[:n], last[:n]
-	}
-	for j, n := range copies {
-		if n > 0 && now-last[j] < respread || !offer.All && !offer.Held[j] {
+	for j, n := range b.copies {
+		if n > 0 && now-b.last[j] < respread || !offer.Has(j) {
 			continue
 		}
 		if fresh == nil {
