@@ -62,7 +62,9 @@ type containerdVersion struct {
 	name   string
 	daemon func(t testing.TB) string
 	ctr    func(t testing.TB) string
-	config func(dir string) string
+	// config is the daemon's config.toml, its state under dir, images
+	// unpacked by the snapshotter named.
+	config func(dir, snapshotter string) string
 	// env is the daemon's environment beyond the test's.
 	env func(t testing.TB) []string
 }
@@ -72,7 +74,7 @@ var containerds = []containerdVersion{
 		name:   "containerd-1.x",
 		daemon: func(t testing.TB) string { return tool(t, "containerd", "/usr/bin") },
 		ctr:    func(t testing.TB) string { return tool(t, "ctr", "/usr/bin") },
-		config: func(d string) string {
+		config: func(d, snap string) string {
 			return fmt.Sprintf(`version = 2
 root = "%[1]s/root"
 state = "%[1]s/state"
@@ -83,10 +85,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   path = "%[1]s/opt"
 [plugins."io.containerd.grpc.v1.cri"]
   [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "native"
+    snapshotter = "%[2]s"
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "%[1]s/certs.d"
-`, d)
+`, d, snap)
 		},
 	},
 	{
@@ -98,7 +100,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 			shim := tool(t, "containerd-shim-runc-v2", filepath.Join(filepath.Dir(tool(t, "containerd2")), "..", "containerd2-shim"))
 			return []string{"PATH=" + filepath.Dir(shim) + ":" + os.Getenv("PATH")}
 		},
-		config: func(d string) string {
+		config: func(d, snap string) string {
 			return fmt.Sprintf(`version = 3
 root = "%[1]s/root"
 state = "%[1]s/state"
@@ -106,14 +108,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 [grpc]
   address = "%[1]s/c.sock"
 [plugins."io.containerd.cri.v1.images"]
-  snapshotter = "native"
+  snapshotter = "%[3]s"
   [plugins."io.containerd.cri.v1.images".registry]
     config_path = "%[1]s/certs.d"
 [plugins."io.containerd.transfer.v1.local"]
   [[plugins."io.containerd.transfer.v1.local".unpack_config]]
     platform = "linux/%[2]s"
-    snapshotter = "native"
-`, d, runtime.GOARCH)
+    snapshotter = "%[3]s"
+`, d, runtime.GOARCH, snap)
 		},
 	},
 }
@@ -133,7 +135,7 @@ func startContainerd(t testing.TB, v containerdVersion, mirror string) *containe
 	d := shortTemp(t, "rp-ctd-")
 	env := &containerdEnv{dir: d, sock: d + "/c.sock", hosts: d + "/certs.d", ctr: ctr, daemon: daemon}
 	cfg := filepath.Join(d, "config.toml")
-	if err := os.WriteFile(cfg, []byte(v.config(d)), 0o644); err != nil {
+	if err := os.WriteFile(cfg, []byte(v.config(d, "native")), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	// The hosts files as an operator writes them: registry-proxy

@@ -46,6 +46,7 @@ var (
 	cbCtr          = flag.Int("cluster-ctr", 8, "BenchmarkCluster: scenario c's nodes pulling with containerd (the others with curl)")
 	cbContainerd   = flag.String("cluster-containerd", "1.x", "BenchmarkCluster: scenario c's containerd, 1.x (Debian's) or 2.x")
 	cbPuller       = flag.String("cluster-puller", "crictl", "BenchmarkCluster: scenario c pulls with crictl (through CRI, as kubelet does) or ctr")
+	cbSnapshotter  = flag.String("cluster-snapshotter", "overlayfs", "BenchmarkCluster: scenario c's containerd snapshotter: overlayfs (containerd's and kubelet's default) or native (copies every layer's files into each snapshot above it)")
 	cbWaves        = flag.Int("cluster-waves", 3, "BenchmarkCluster: scenario d's waves")
 	cbWaveGap      = flag.Duration("cluster-wave-gap", 4*time.Second, "BenchmarkCluster: scenario d's time between waves")
 	cbSyncInterval = flag.String("cluster-sync-interval", "3s", "BenchmarkCluster: upload.syncer.interval of the proxies")
@@ -57,22 +58,23 @@ var (
 
 // clusterSpec is one run of one scenario in one mode.
 type clusterSpec struct {
-	Scenario  string
-	Mode      string // state, fcfs, direct
-	Repeat    int
-	Nodes     int
-	Size      int64   // the blob, scenarios a, b, d
-	Layers    []int64 // the image's layer files, scenario c
-	NodeBps   int64
-	Origin    int64
-	Slow      int    // b, e: slow parents
-	SlowKind  string // b, e: throttle or load
-	SlowOwner bool   // e: the digest's owner is one of the slow
-	Waves     int
-	Gap       time.Duration
-	Ctr       int    // c: nodes pulling with containerd
-	Ctd       string // c: containerd 1.x or 2.x
-	Puller    string // c: crictl or ctr
+	Scenario    string
+	Mode        string // state, fcfs, direct
+	Repeat      int
+	Nodes       int
+	Size        int64   // the blob, scenarios a, b, d
+	Layers      []int64 // the image's layer files, scenario c
+	NodeBps     int64
+	Origin      int64
+	Slow        int    // b, e: slow parents
+	SlowKind    string // b, e: throttle or load
+	SlowOwner   bool   // e: the digest's owner is one of the slow
+	Waves       int
+	Gap         time.Duration
+	Ctr         int    // c: nodes pulling with containerd
+	Ctd         string // c: containerd 1.x or 2.x
+	Puller      string // c: crictl or ctr
+	Snapshotter string // c: containerd's snapshotter
 }
 
 // containerdFor is the containerd of a scenario c: 1.x or 2.x.
@@ -300,7 +302,7 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 			tb.Fatal(err)
 		}
 		cfg := filepath.Join(dir, "config.toml")
-		os.WriteFile(cfg, []byte(ctd.config(dir)), 0o644)
+		os.WriteFile(cfg, []byte(ctd.config(dir, sp.Snapshotter)), 0o644)
 		startIn(tb, ctx, u, hosts[i], nil, ctd.daemon(tb), "--config", cfg, "--log-level", "warn")
 		ctrSock[i] = dir
 		deadline := time.Now().Add(30 * time.Second)
@@ -342,7 +344,7 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 			} else if ok {
 				var out []byte
 				out, err = h.Command(ctx, ctd.ctr(tb), "--address", dir+"/c.sock", "--namespace", "bench", "images", "pull",
-					"--hosts-dir", dir+"/certs.d", "--snapshotter", "native", "bench.invalid/bench/image:latest").CombinedOutput()
+					"--hosts-dir", dir+"/certs.d", "--snapshotter", sp.Snapshotter, "bench.invalid/bench/image:latest").CombinedOutput()
 				if err != nil {
 					err = fmt.Errorf("ctr pull: %w: %s", err, tail(string(out), 5))
 				}
@@ -405,7 +407,7 @@ func (sp clusterSpec) note() string {
 		n = append(n, fmt.Sprintf("%d parents' uploads loaded by 4 background transfers each", sp.Slow))
 	}
 	if len(sp.Layers) > 0 {
-		n = append(n, fmt.Sprintf("image of %d layers, %d nodes pull with containerd %s (%s), the others fetch each layer with curl", len(sp.Layers), min(sp.Ctr, sp.Nodes), sp.Ctd, sp.Puller))
+		n = append(n, fmt.Sprintf("image of %d layers, %d nodes pull with containerd %s (%s, %s), the others fetch each layer with curl", len(sp.Layers), min(sp.Ctr, sp.Nodes), sp.Ctd, sp.Puller, sp.Snapshotter))
 	}
 	if sp.Waves > 1 {
 		n = append(n, fmt.Sprintf("%d waves %v apart, times from each node's own start, bound for the first wave", sp.Waves, sp.Gap))
@@ -529,7 +531,7 @@ func BenchmarkCluster(b *testing.B) {
 					case "e":
 						sp.Slow, sp.SlowKind, sp.SlowOwner = *cbSlow, *cbSlowKind, true
 					case "c":
-						sp.Layers, sp.Ctr, sp.Ctd, sp.Puller = layers, *cbCtr, *cbContainerd, *cbPuller
+						sp.Layers, sp.Ctr, sp.Ctd, sp.Puller, sp.Snapshotter = layers, *cbCtr, *cbContainerd, *cbPuller, *cbSnapshotter
 					case "d":
 						sp.Waves, sp.Gap = *cbWaves, *cbWaveGap
 					default:
@@ -585,7 +587,7 @@ func TestClusterNamespacesSmall(t *testing.T) {
 // through containerd 2.x's CRI and their proxies while a third fetches the
 // layers with curl.
 func TestClusterContainerdNamespaces(t *testing.T) {
-	r := runCluster(t, clusterSpec{Scenario: "c", Mode: "state", Nodes: 3, Layers: []int64{8 << 20, 4 << 20}, NodeBps: 50e6, Origin: 50e6, Ctr: 2, Ctd: "2.x", Puller: "crictl"})
+	r := runCluster(t, clusterSpec{Scenario: "c", Mode: "state", Nodes: 3, Layers: []int64{8 << 20, 4 << 20}, NodeBps: 50e6, Origin: 50e6, Ctr: 2, Ctd: "2.x", Puller: "crictl", Snapshotter: "overlayfs"})
 	t.Logf("3 nodes (2 containerd), 12 MiB image: max %.2fs, upstream egress %.3f x, bytes %v", r.Max, r.EgressX, r.BySource)
 	if len(r.Seconds) != 3 {
 		t.Errorf("%d nodes finished, want 3", len(r.Seconds))
