@@ -1,9 +1,10 @@
 package sim
 
 import (
+	"cmp"
 	"container/heap"
 	"context"
-	"sort"
+	"slices"
 	"sync"
 	"time"
 )
@@ -17,11 +18,12 @@ import (
 // event touches, which keeps an event cheap at thousands of hosts; flows
 // further away catch up at their own next event.
 type network struct {
-	step  time.Duration // transfers end on its multiples; 0: exactly
-	mu    sync.Mutex
-	heap  flowHeap
-	kick  chan struct{}
-	total int64 // flows ever started
+	step   time.Duration // transfers end on its multiples; 0: exactly
+	mu     sync.Mutex
+	heap   flowHeap
+	capped []capped // fill's buffer
+	kick   chan struct{}
+	total  int64 // flows ever started
 }
 
 type host struct {
@@ -36,7 +38,8 @@ type flow struct {
 	remaining    float64
 	rate         float64
 	at           time.Time // remaining is as of at
-	ver          int
+	eta          time.Time // when it ends at its rate (while in the heap)
+	heapIx       int       // its place in the heap; -1: not there
 	upIx, downIx int
 	finished     bool
 	done         chan struct{}
@@ -49,7 +52,7 @@ func newNetwork(step time.Duration) *network {
 // transfer moves n bytes from src to dst; it returns when they arrived or
 // ctx ended.
 func (nw *network) transfer(ctx context.Context, src, dst *host, n int64) error {
-	f := &flow{src: src, dst: dst, remaining: float64(n), done: make(chan struct{})}
+	f := &flow{src: src, dst: dst, remaining: float64(n), heapIx: -1, done: make(chan struct{})}
 	nw.mu.Lock()
 	now := time.Now()
 	nw.total++
@@ -111,7 +114,9 @@ func (nw *network) remove(now time.Time, f *flow) {
 	f.src.upRate -= f.rate
 	f.dst.downRate -= f.rate
 	f.rate = 0
-	f.ver++
+	if f.heapIx >= 0 {
+		heap.Remove(&nw.heap, f.heapIx)
+	}
 	s, d := f.src, f.dst
 	last := s.ups[len(s.ups)-1]
 	s.ups[f.upIx], last.upIx = last, f.upIx
@@ -176,15 +181,12 @@ func (nw *network) refill(now time.Time, flows []*flow, capacity float64) {
 
 // fill shares capacity among flows, each at most its room at the other end.
 func (nw *network) fill(now time.Time, flows []*flow, capacity float64, room func(*flow) float64) {
-	type capped struct {
-		f    *flow
-		room float64
+	cs := nw.capped[:0]
+	for _, f := range flows {
+		cs = append(cs, capped{f, max(room(f), 0)})
 	}
-	cs := make([]capped, len(flows))
-	for k, f := range flows {
-		cs[k] = capped{f, max(room(f), 0)}
-	}
-	sort.Slice(cs, func(a, b int) bool { return cs[a].room < cs[b].room })
+	nw.capped = cs
+	slices.SortFunc(cs, func(a, b capped) int { return cmp.Compare(a.room, b.room) })
 	left := capacity
 	for k, c := range cs {
 		r := min(c.room, left/float64(len(cs)-k))
@@ -193,19 +195,34 @@ func (nw *network) fill(now time.Time, flows []*flow, capacity float64, room fun
 		f.src.upRate += r - f.rate
 		f.dst.downRate += r - f.rate
 		f.rate = r
-		f.ver++
 		// A rate of float residue would overflow the clock: such a flow
 		// waits for the next event at its ends, as one at rate 0 does.
-		if secs := f.remaining / r; r > 0 && secs < 1e6 {
-			eta := now.Add(time.Duration(secs*1e9) + 1)
-			if nw.step > 0 {
-				if t := eta.Truncate(nw.step); t.Before(eta) {
-					eta = t.Add(nw.step)
-				}
+		secs := f.remaining / r
+		if r <= 0 || secs >= 1e6 {
+			if f.heapIx >= 0 {
+				heap.Remove(&nw.heap, f.heapIx)
 			}
-			heap.Push(&nw.heap, heapItem{at: eta, f: f, ver: f.ver})
+			continue
+		}
+		eta := now.Add(time.Duration(secs*1e9) + 1)
+		if nw.step > 0 {
+			if t := eta.Truncate(nw.step); t.Before(eta) {
+				eta = t.Add(nw.step)
+			}
+		}
+		f.eta = eta
+		if f.heapIx >= 0 {
+			heap.Fix(&nw.heap, f.heapIx)
+		} else {
+			heap.Push(&nw.heap, f)
 		}
 	}
+}
+
+// capped is a flow and its room at the other end, as fill sorts them.
+type capped struct {
+	f    *flow
+	room float64
 }
 
 // run completes flows at their time until ctx ends.
@@ -227,25 +244,16 @@ func (nw *network) run(ctx context.Context) {
 	for {
 		nw.mu.Lock()
 		now := time.Now()
-		for nw.heap.Len() > 0 {
-			top := nw.heap[0]
-			if top.ver != top.f.ver || top.f.finished {
-				heap.Pop(&nw.heap)
-				continue
-			}
-			if top.at.After(now) {
-				break
-			}
-			heap.Pop(&nw.heap)
-			nw.remove(now, top.f)
-
-			close(top.f.done)
+		for nw.heap.Len() > 0 && !nw.heap[0].eta.After(now) {
+			f := nw.heap[0]
+			nw.remove(now, f) // takes it off the heap
+			close(f.done)
 		}
 		if !pending.After(now) {
 			pending = time.Time{}
 		}
 		if nw.heap.Len() > 0 {
-			if at := nw.heap[0].at; pending.IsZero() || at.Before(pending) {
+			if at := nw.heap[0].eta; pending.IsZero() || at.Before(pending) {
 				pending = at
 				time.AfterFunc(at.Sub(now), wake)
 			}
@@ -259,21 +267,26 @@ func (nw *network) run(ctx context.Context) {
 	}
 }
 
-type heapItem struct {
-	at  time.Time
-	f   *flow
-	ver int
-}
-
-type flowHeap []heapItem
+// flowHeap holds the flows with a rate, soonest end first; each flow knows
+// its place, so a new rate moves it instead of leaving a stale entry behind.
+type flowHeap []*flow
 
 func (h flowHeap) Len() int           { return len(h) }
-func (h flowHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
-func (h flowHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
-func (h *flowHeap) Push(x any)        { *h = append(*h, x.(heapItem)) }
+func (h flowHeap) Less(i, j int) bool { return h[i].eta.Before(h[j].eta) }
+func (h flowHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].heapIx, h[j].heapIx = i, j
+}
+func (h *flowHeap) Push(x any) {
+	f := x.(*flow)
+	f.heapIx = len(*h)
+	*h = append(*h, f)
+}
 func (h *flowHeap) Pop() any {
 	old := *h
-	x := old[len(old)-1]
+	f := old[len(old)-1]
+	old[len(old)-1] = nil
+	f.heapIx = -1
 	*h = old[:len(old)-1]
-	return x
+	return f
 }
