@@ -102,3 +102,64 @@ func TestStepRoundsTransferEnds(t *testing.T) {
 		})
 	}
 }
+
+// A flow's end moves with its rate: flows that start, end or are cancelled
+// at a shared sender give the others new ends, each flow is in the heap
+// once while it has a rate, and the heap is empty when all have ended.
+func TestFlowEndsMoveWithRates(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx, cancel := context.WithCancel(t.Context())
+		defer cancel()
+		nw := newNetwork(0)
+		go nw.run(ctx)
+		src := &host{up: 1000, down: 1e9}
+		a, b, c := &host{up: 1e9, down: 1e9}, &host{up: 1e9, down: 1e9}, &host{up: 1e9, down: 1e9}
+		start := time.Now()
+		ends := make(chan string, 2)
+		go func() {
+			if err := nw.transfer(ctx, src, a, 1000); err == nil {
+				ends <- "a"
+			}
+		}()
+		time.Sleep(500 * time.Millisecond) // a: 500 bytes left
+		go func() {
+			if err := nw.transfer(ctx, src, b, 250); err == nil {
+				ends <- "b"
+			}
+		}()
+		cctx, ccancel := context.WithCancel(ctx)
+		cerr := make(chan error, 1)
+		go func() { cerr <- nw.transfer(cctx, src, c, 1e6) }()
+		synctest.Wait()
+		nw.mu.Lock()
+		if n := nw.heap.Len(); n != 3 {
+			t.Errorf("%d heap entries for 3 flows", n)
+		}
+		nw.mu.Unlock()
+		// a third each until c is cancelled at 0.6 s; then a half each.
+		time.Sleep(100 * time.Millisecond)
+		ccancel()
+		if err := <-cerr; err == nil {
+			t.Fatal("cancelled transfer returned no error")
+		}
+		// At 0.6 s: a has 500−33.3 left, b 250−33.3. At 500 bytes/s each,
+		// b ends at 0.6+0.4333 s; a then has 466.7−216.7 = 250 left at the
+		// whole 1,000 bytes/s: it ends 0.25 s later.
+		wantB := 600*time.Millisecond + 433333333*time.Nanosecond
+		wantA := wantB + 250*time.Millisecond
+		for _, want := range []struct {
+			name string
+			at   time.Duration
+		}{{"b", wantB}, {"a", wantA}} {
+			got := <-ends
+			if at := time.Since(start); got != want.name || (at-want.at).Abs() > time.Microsecond {
+				t.Errorf("%s ended at %v, want %s at %v", got, at, want.name, want.at)
+			}
+		}
+		nw.mu.Lock()
+		defer nw.mu.Unlock()
+		if n := nw.heap.Len(); n != 0 {
+			t.Errorf("%d heap entries after every flow ended", n)
+		}
+	})
+}
