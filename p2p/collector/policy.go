@@ -4,6 +4,7 @@ package collector
 
 import (
 	"math"
+	"slices"
 	"time"
 
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
@@ -30,6 +31,9 @@ func (r *Run) weightLocked(pq *parentQueue) float64 {
 // window it looked at, of which the upstream takes the first (nil: none).
 type policy interface {
 	pick(r *Run, now time.Time) (i int, pq *parentQueue, win []int)
+	// announced books what the policy keeps of an announcement: fresh are
+	// the pieces pq announced for the first time.
+	announced(r *Run, pq *parentQueue, fresh []int)
 }
 
 // policyFor is the policy a Selector names (validated in New).
@@ -45,8 +49,28 @@ func policyFor(selector string) policy {
 // it elsewhere).
 type fcfsPolicy struct{}
 
+// announced records the first parent to announce each piece; one
+// announcement's pieces are first held in index order.
+func (fcfsPolicy) announced(r *Run, pq *parentQueue, fresh []int) {
+	if len(fresh) == 0 {
+		return
+	}
+	if r.firstHolder == nil {
+		r.firstHolder = make([]string, r.n)
+	}
+	slices.Sort(fresh)
+	for _, i := range fresh {
+		if r.firstHolder[i] == "" {
+			r.firstHolder[i] = pq.id
+		}
+	}
+}
+
 func (fcfsPolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
 	win := r.windowLocked(r.c.opts.Window)
+	if r.firstHolder == nil {
+		return 0, nil, win // no parent announced a piece
+	}
 	for _, i := range win {
 		first, ok := r.parents[r.firstHolder[i]]
 		if !ok {
@@ -78,6 +102,10 @@ type candidate struct {
 // statePolicy chooses a parent by weighted random choice on its host state
 // (capped by the rate measured from it), then its best piece (bestPiece).
 type statePolicy struct{}
+
+// announced: the state policy weighs the parents holding a piece now, not
+// the order they announced it in.
+func (statePolicy) announced(*Run, *parentQueue, []int) {}
 
 func (statePolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
 	cands := r.cands[:0] // the run's, reused: a pick runs on every change

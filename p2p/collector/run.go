@@ -33,7 +33,7 @@ type Run struct {
 	authority   string
 	trusted     []uint32
 	trustedSeen []bool
-	firstHolder []string // per piece: first parent that announced it (FCFS)
+	firstHolder []string // per piece: first parent that announced it (FCFS's; nil until then)
 	holders     []int    // per piece: parents that have it
 	fetchers    []int    // per piece: parents fetching it
 	wanted      []bool   // per piece: not done and not in flight
@@ -65,7 +65,6 @@ func (c *Collector) NewRun(job Job) *Run {
 		epoch:       c.opts.Now(),
 		wake:        make(chan struct{}, 1),
 		parents:     map[string]*parentQueue{},
-		firstHolder: make([]string, n),
 		holders:     make([]int, n),
 		fetchers:    make([]int, n),
 		wanted:      make([]bool, n),
@@ -267,12 +266,9 @@ func (r *Run) announceLocked(pq *parentQueue, has []Held, fetching []int) {
 			r.fetchers[i]--
 		}
 	}
-	slices.Sort(fresh) // one announcement's pieces are first held in index order
+	r.c.policy.announced(r, pq, fresh)
 	wanted := false
 	for _, i := range fresh {
-		if r.firstHolder[i] == "" {
-			r.firstHolder[i] = id
-		}
 		wanted = wanted || !r.job.Has(i)
 	}
 	if fetching != nil {
