@@ -1013,18 +1013,25 @@ func TestIdleWorkersWake(t *testing.T) {
 }
 
 // A parent's checksums cost nothing a piece until one is announced: a
-// cluster's children hold a queue per parent.
+// cluster's children hold a queue per parent, and parents that announce no
+// checksums (the simulator's) would hold four bytes a piece for nothing.
 func TestChecksumsKeptOnlyOnceAnnounced(t *testing.T) {
-	pq := &parentQueue{has: make([]bool, 8)}
-	pq.setChecksum(3, 0)
+	job := newJob(8)
+	r := newCollector(SelectorState, nil).NewRun(job)
+	r.AddParent(&fakeParent{id: "p", job: job})
+	r.Announce("p", []Held{{Index: 3}}, nil)
+	pq := r.parents["p"]
 	if pq.crc != nil || pq.checksum(3) != 0 {
 		t.Fatalf("zero checksum allocated %d", len(pq.crc))
 	}
-	pq.setChecksum(5, 0xbeef)
-	pq.setChecksum(6, 0)
+	r.Announce("p", []Held{{Index: 5, CRC: 0xbeef}, {Index: 6}}, nil)
+	r.SetAuthority("p")
 	for i, want := range []uint32{0, 0, 0, 0, 0, 0xbeef, 0, 0} {
 		if got := pq.checksum(i); got != want {
 			t.Errorf("piece %d: checksum %#x, want %#x", i, got, want)
+		}
+		if got := r.trusted[i]; got != want {
+			t.Errorf("piece %d: trusted checksum %#x, want %#x", i, got, want)
 		}
 	}
 }

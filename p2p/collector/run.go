@@ -178,7 +178,7 @@ func (r *Run) AddParent(p Parent) Peer {
 	if pq, ok := r.parents[id]; ok {
 		return Peer{r, pq}
 	}
-	pq := &parentQueue{p: p, id: id, has: make([]bool, r.n), crc: make([]uint32, r.n), fetching: make([]bool, r.n)}
+	pq := &parentQueue{p: p, id: id, has: make([]bool, r.n), fetching: make([]bool, r.n)}
 	r.parents[id] = pq
 	r.order = append(r.order, pq)
 	return Peer{r, pq}
@@ -257,7 +257,7 @@ func (r *Run) announceLocked(pq *parentQueue, has []Held, fetching []int) {
 				pq.dry = time.Time{}
 			}
 		}
-		pq.crc[i] = crc
+		pq.setChecksum(i, crc)
 		if id == r.authority {
 			r.trusted[i], r.trustedSeen[i] = crc, true
 		}
@@ -318,7 +318,7 @@ func (r *Run) SetAuthority(id string) {
 	if pq, ok := r.parents[id]; ok {
 		for i, has := range pq.has {
 			if has {
-				r.trusted[i], r.trustedSeen[i] = pq.crc[i], true
+				r.trusted[i], r.trustedSeen[i] = pq.checksum(i), true
 			}
 		}
 	}
