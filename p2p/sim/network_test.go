@@ -8,15 +8,29 @@ import (
 	"time"
 )
 
+// startNetwork runs a network in the test's bubble until the test ends.
+func startNetwork(t *testing.T, step time.Duration) *network {
+	ctx, cancel := context.WithCancel(t.Context())
+	nw := newNetwork(step)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		nw.run(ctx)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	return nw
+}
+
 // A flow that starts where both its ends are full gets a share, as TCP
 // gives it, and no host sends or receives above its capacity: the upstream
 // serving one reader fully, a second reader whose download two peers fill.
 func TestFlowBetweenFullEndsGetsItsShare(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		ctx, cancel := context.WithCancel(t.Context())
-		defer cancel()
-		nw := newNetwork(0)
-		go nw.run(ctx)
+		ctx := t.Context()
+		nw := startNetwork(t, 0)
 		origin := &host{up: 100, down: 1e9}
 		reader := &host{up: 1e9, down: 100}
 		other := &host{up: 1e9, down: 1000}
@@ -79,10 +93,8 @@ func TestStepRoundsTransferEnds(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				ctx, cancel := context.WithCancel(t.Context())
-				defer cancel()
-				nw := newNetwork(tc.step)
-				go nw.run(ctx)
+				ctx := t.Context()
+				nw := startNetwork(t, tc.step)
 				src, dst := &host{up: 1000, down: 1e9}, &host{up: 1e9, down: 1000}
 				start := time.Now()
 				exact := start.Add(1501 * time.Millisecond) // 1,501 bytes at 1,000 bytes/s
@@ -108,10 +120,8 @@ func TestStepRoundsTransferEnds(t *testing.T) {
 // once while it has a rate, and the heap is empty when all have ended.
 func TestFlowEndsMoveWithRates(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		ctx, cancel := context.WithCancel(t.Context())
-		defer cancel()
-		nw := newNetwork(0)
-		go nw.run(ctx)
+		ctx := t.Context()
+		nw := startNetwork(t, 0)
 		src := &host{up: 1000, down: 1e9}
 		a, b, c := &host{up: 1e9, down: 1e9}, &host{up: 1e9, down: 1e9}, &host{up: 1e9, down: 1e9}
 		start := time.Now()
