@@ -154,7 +154,7 @@ func toRun(scenario string, repeat int, cfg Config, res Result) report.Run {
 		if c < 0 {
 			c = cfg.Horizon // censored: still pulling then
 		}
-		r.Seconds[fmt.Sprintf("node-%04d", k)] = c.Seconds()
+		r.Seconds[nodeID(k)] = c.Seconds()
 	}
 	r.Finish()
 	return r
