@@ -135,6 +135,8 @@ func startContainerd(t testing.TB, v containerdVersion, mirror string) *containe
 	d := shortTemp(t, "rp-ctd-")
 	env := &containerdEnv{dir: d, sock: d + "/c.sock", hosts: d + "/certs.d", ctr: ctr, daemon: daemon}
 	cfg := filepath.Join(d, "config.toml")
+	// native: checkUnpacked reads the layers' files from its snapshot
+	// directories.
 	if err := os.WriteFile(cfg, []byte(v.config(d, "native")), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -385,14 +385,17 @@ func newSim(cfg Config) *simulation {
 // Members implements swarm.Members: every node, always alive.
 func (s *simulation) Members() []membership.Member { return s.members }
 
+// idPrefix begins every node's id; its index follows.
+const idPrefix = "node-"
+
 // nodeID is the id (and address) of the simulation's node k.
-func nodeID(k int) string { return fmt.Sprintf("node-%04d", k) }
+func nodeID(k int) string { return fmt.Sprintf("%s%04d", idPrefix, k) }
 
 // node is the node with this id, nil for none. Ids name their index: a
 // child looks up each parent's state on every pick, where a map's hashing
 // of the id cost 2% of a 1,000-node run.
 func (s *simulation) node(id string) *node {
-	k, err := strconv.Atoi(strings.TrimPrefix(id, "node-"))
+	k, err := strconv.Atoi(strings.TrimPrefix(id, idPrefix))
 	if err != nil || k < 0 || k >= len(s.nodes) || s.nodes[k].id != id {
 		return nil
 	}
