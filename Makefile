@@ -11,7 +11,7 @@ PKGS    := ./...
 BENCH_SIZE  ?= 1GiB
 BENCH_COUNT ?= 1
 
-.PHONY: all build image deps tools demo test unit integration lint vet staticcheck bench bench-cluster bench-coldstart bench-containerd bench-preheat bench-sim fuzz fmt clean proto
+.PHONY: all build image deps tools demo test unit integration lint vet staticcheck bench bench-cluster bench-lab bench-coldstart bench-containerd bench-preheat bench-sim fuzz fmt clean proto
 
 all: build
 
@@ -81,6 +81,16 @@ bench-cluster: tools
 		-cluster-nodes $(CLUSTER_NODES) -cluster-size $(CLUSTER_SIZE) -cluster-up $(CLUSTER_UP) \
 		-cluster-origin $(CLUSTER_ORIGIN) -cluster-runs $(CLUSTER_RUNS) -cluster-scenarios $(CLUSTER_SCENARIOS) \
 		-cluster-containerd $(CLUSTER_CONTAINERD)
+
+# What the cluster harness's network itself costs: the same lab as
+# bench-cluster, the blob's bytes relayed on the Kumar–Ross schedule over
+# plain TCP (no proxy), LAB_CHUNK bytes received whole before they are passed
+# on; max ÷ bound, the floor for scenario a.
+LAB_CHUNK ?= 256KiB
+bench-lab: tools
+	$(GO) test -run '^$$' -bench LabBound -benchtime 1x -timeout 30m -v ./integration/ \
+		-cluster-nodes $(CLUSTER_NODES) -cluster-size $(CLUSTER_SIZE) -cluster-up $(CLUSTER_UP) \
+		-cluster-origin $(CLUSTER_ORIGIN) -cluster-runs $(CLUSTER_RUNS) -lab-chunk $(LAB_CHUNK)
 
 # Cold start: COLD_NODES proxies in network namespaces started at the same
 # instant; seconds until all see each other and are ready, and upstream

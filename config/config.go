@@ -16,6 +16,7 @@ import (
 	"github.com/BurntSushi/toml"
 	"github.com/docker/go-units"
 
+	"github.com/registry-proxy/registry-proxy/piece"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
 )
 
@@ -156,6 +157,7 @@ type Pieces struct {
 	Readers     int           `toml:"readers"`
 	MinRate     Size          `toml:"min_rate"`
 	RaceAfter   time.Duration `toml:"race_after"`
+	MinSize     Size          `toml:"min_size"`
 }
 
 // Store is the [store] table.
@@ -203,7 +205,7 @@ func Default() Config {
 			Allow:                 DefaultAllow(),
 			Credentials:           map[string]Credential{},
 		},
-		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1, Readers: 4, MinRate: 256 << 10, RaceAfter: 5 * time.Second},
+		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1, Readers: 4, MinRate: 256 << 10, RaceAfter: 5 * time.Second, MinSize: Size(piece.MinSize)},
 		Store:  Store{GCInterval: 5 * time.Minute, MaxBlobSize: 64 << 30, PartialMaxAge: 24 * time.Hour},
 		P2P:    P2P{Join: []string{}, Selector: "state", MaxPeers: 32, AloneAfter: 10 * time.Second},
 		Upload: Upload{Limit: 16, SuperSeed: true, Syncer: Syncer{Enable: true, Interval: 3 * time.Second, Capacity: 50}},
@@ -283,6 +285,9 @@ func (c Config) Validate() error {
 	}
 	if c.Pieces.Upstream < 0 || c.Pieces.Upstream > c.Pieces.Concurrency {
 		errs = append(errs, fmt.Errorf("pieces.upstream %d: want 0 (as pieces.concurrency) to pieces.concurrency", c.Pieces.Upstream))
+	}
+	if err := piece.ValidMin(int64(c.Pieces.MinSize)); err != nil {
+		errs = append(errs, fmt.Errorf("pieces.min_size: %w", err))
 	}
 	if c.Pieces.Readers < 1 || c.Pieces.Readers > 64 {
 		errs = append(errs, fmt.Errorf("pieces.readers %d: want 1 to 64", c.Pieces.Readers))

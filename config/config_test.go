@@ -57,6 +57,8 @@ func TestValidate(t *testing.T) {
 		{"concurrency", func(c *Config) { c.Pieces.Concurrency = 0 }, "pieces.concurrency"},
 		{"watermarks", func(c *Config) { c.Store.HighWater, c.Store.LowWater = 10, 20 }, "low_water"},
 		{"timeout", func(c *Config) { c.Pieces.Timeout = 0 }, "pieces.timeout"},
+		{"piece size", func(c *Config) { c.Pieces.MinSize = 3 << 20 }, "pieces.min_size"},
+		{"piece size too small", func(c *Config) { c.Pieces.MinSize = 64 << 10 }, "pieces.min_size"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -324,6 +324,36 @@ func TestClusterCorruptParent(t *testing.T) {
 	}
 }
 
+// Nodes that cut a blob into pieces of another size (pieces.min_size set
+// differently) do not use each other's pieces: the node says why, takes the
+// blob from the upstream, and serves it verified.
+func TestClusterPieceSizeMismatch(t *testing.T) {
+	reg := startRegistry(t)
+	const size = 16 << 20
+	d := pushBlob(t, reg, size, 15)
+	ids := []string{"node-a", "node-b"}
+	c := newCluster(t, reg, ids)
+	c.nodes = append(c.nodes, c.startNode(t, 0), c.startNode(t, 1, "--config", writeTOML(t, "[pieces]\nmin_size = \"1MiB\"\n")))
+	c.waitMembers(t, len(ids))
+	holder, other := 0, 1
+	if owner.Rank(d, ids)[0] == ids[1] {
+		holder, other = 1, 0
+	}
+	if _, err := fetchVerified(c.url(holder, "cluster/blob", d), d); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fetchVerified(c.url(other, "cluster/blob", d), d); err != nil {
+		t.Fatalf("pull through %s: %v", ids[other], err)
+	}
+	if out := c.nodes[other].output(); !strings.Contains(out, "pieces.min_size the same on every node") || !strings.Contains(out, ids[holder]) {
+		t.Errorf("%s did not say why it ignored %s's pieces", ids[other], ids[holder])
+	}
+	st := stats(t, c.nodes[other], d)
+	if st.Sources[ids[holder]] != 0 || st.Sources["upstream"] != size {
+		t.Errorf("%s's bytes by source: %v, want all %d from the upstream", ids[other], st.Sources, size)
+	}
+}
+
 // One parent throttled to 4 MB/s among idle ones: with selector=state the
 // child takes few pieces from it; FCFS takes them from whoever announced first.
 func TestClusterThrottledParent(t *testing.T) {

@@ -18,6 +18,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/registry-proxy/registry-proxy/internal/testregistry"
+	"github.com/registry-proxy/registry-proxy/piece"
 )
 
 func TestCLI(t *testing.T) {
@@ -133,8 +134,8 @@ func TestCrashResumesPartialBlob(t *testing.T) {
 	}
 	total := reg.BlobBytes()
 	// Pieces in flight at the crash are fetched again: at most concurrency
-	// (2) pieces of 4 MiB more than one copy.
-	if total > size+2*(4<<20) {
+	// (2) pieces more than one copy.
+	if total > size+2*piece.PlanFor(size).PieceSize {
 		t.Errorf("upstream sent %d bytes in all (%d before the crash); resume refetched too much", total, first)
 	}
 	if !strings.Contains(px2.output(), "resumed partial blob") {

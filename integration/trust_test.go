@@ -26,6 +26,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/p2p/owner"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/p2p/trust"
+	"github.com/registry-proxy/registry-proxy/piece"
 )
 
 // waitOutput waits until a process has logged s.
@@ -45,7 +46,8 @@ func waitOutput(t *testing.T, p *proc, s string, timeout time.Duration) {
 // from another secret), not gRPC; a member with the secret does.
 func TestPeerPortRefusesOutsiders(t *testing.T) {
 	c := startCluster(t, 2)
-	d := pushBlob(t, c.reg, 8<<20, 31)
+	const size = 8 << 20
+	d := pushBlob(t, c.reg, size, 31)
 	if _, err := fetchVerified(c.url(0, "cluster/blob", d), d); err != nil {
 		t.Fatal(err)
 	}
@@ -116,7 +118,7 @@ func TestPeerPortRefusesOutsiders(t *testing.T) {
 	}
 	// A member with the secret gets the piece.
 	code, body, err := get(tlsClient(outsider(c.secret).ClientConfig()), "https"+pieceURL)
-	if err != nil || code != http.StatusOK || len(body) != 4<<20 {
+	if err != nil || code != http.StatusOK || int64(len(body)) != piece.PlanFor(size).PieceSize {
 		t.Fatalf("a member's piece request: status %d, %d bytes, %v", code, len(body), err)
 	}
 }

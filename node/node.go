@@ -24,6 +24,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/internal/pace"
 	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
+	"github.com/registry-proxy/registry-proxy/piece"
 	"github.com/registry-proxy/registry-proxy/preheat"
 	"github.com/registry-proxy/registry-proxy/proxy"
 	"github.com/registry-proxy/registry-proxy/proxy/access"
@@ -113,6 +114,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		MaxTasks:       cfg.Limits.Tasks,
 		MaxPerRegistry: cfg.Limits.TasksPerRegistry,
 		IdleStop:       cfg.Limits.IdleDownload,
+		Pieces:         piece.Planner{Min: int64(cfg.Pieces.MinSize)},
 		Metrics:        m,
 		Logger:         log,
 	}

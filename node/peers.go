@@ -181,6 +181,7 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		Downloads:  downloads,
 		Registries: up,
 		MaxPeers:   cfg.P2P.MaxPeers,
+		Pieces:     taskOpts.Pieces,
 		Logger:     log,
 	}
 	if p.syncer != nil && cfg.P2P.Selector == collector.SelectorState {

@@ -11,8 +11,15 @@ import (
 )
 
 const (
-	// MinSize is the smallest piece. Below it, per-request overhead dominates.
+	// MinSize is the smallest piece unless a cluster sets another
+	// (pieces.min_size). A node passes a piece on only once it holds it
+	// whole, so each hop delays a piece by its own transfer time; each piece
+	// also costs a request, an answer and bookkeeping. On 300 MB/s links
+	// (the simulator) 4 MiB pieces did better than 1 MiB ones; on 25 MB/s
+	// links (the namespace harness) 1 MiB ones did (docs/benchmarks.md).
 	MinSize int64 = 4 << 20
+	// LeastMin is the smallest MinSize a cluster may choose.
+	LeastMin int64 = 256 << 10
 	// MaxSize is the largest piece, so one slow piece never holds back much.
 	MaxSize int64 = 64 << 20
 	// TargetCount is the number of pieces a plan aims at before pieces grow
@@ -26,13 +33,27 @@ type Plan struct {
 	PieceSize int64 // size of every piece but the last
 }
 
-// PlanFor returns the plan for a blob of the given size: MinSize pieces, doubled
+// PlanFor returns the plan for a blob of the given size with the default
+// MinSize (Planner.For).
+func PlanFor(size int64) Plan { return Planner{}.For(size) }
+
+// Planner derives plans with a cluster's smallest piece. Every node of a
+// cluster must use the same: a node with another plan of a blob cannot
+// use its peers' pieces of it.
+type Planner struct {
+	Min int64 // the smallest piece, a power of two in [LeastMin, MaxSize]; 0: MinSize
+}
+
+// For returns the plan for a blob of the given size: Min pieces, doubled
 // until there are at most TargetCount of them, capped at MaxSize.
-func PlanFor(size int64) Plan {
+func (pl Planner) For(size int64) Plan {
 	if size < 0 {
 		size = 0
 	}
-	ps := MinSize
+	ps := pl.Min
+	if ps <= 0 {
+		ps = MinSize
+	}
 	if n := (size + TargetCount - 1) / TargetCount; n > ps {
 		ps = int64(1) << (63 - bits.LeadingZeros64(uint64(n-1)) + 1)
 	}
@@ -66,9 +87,21 @@ func (p Plan) Index(off int64) int {
 	return int(off / p.PieceSize)
 }
 
-// Validate reports whether the plan is the one every node would derive.
+// ValidMin reports whether min may be a cluster's smallest piece.
+func ValidMin(min int64) error {
+	if min < LeastMin || min > MaxSize || bits.OnesCount64(uint64(min)) != 1 {
+		return fmt.Errorf("smallest piece %d: want a power of two from %d to %d", min, LeastMin, MaxSize)
+	}
+	return nil
+}
+
+// Validate reports whether the plan is one a node derives for its blob size
+// with some valid smallest piece.
 func (p Plan) Validate() error {
-	if want := PlanFor(p.Size); want != p {
+	if err := ValidMin(p.PieceSize); err != nil {
+		return fmt.Errorf("piece plan %d/%d: %w", p.Size, p.PieceSize, err)
+	}
+	if want := (Planner{Min: p.PieceSize}).For(p.Size); want != p {
 		return fmt.Errorf("piece plan %d/%d: want piece size %d for that blob size", p.Size, p.PieceSize, want.PieceSize)
 	}
 	return nil

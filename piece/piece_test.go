@@ -50,6 +50,50 @@ func TestPlanFor(t *testing.T) {
 	}
 }
 
+// A cluster's smallest piece sets the plans of blobs up to TargetCount of
+// them; beyond, the count rules, whatever the smallest piece. Every plan a
+// valid Planner makes validates; plans no Planner makes do not.
+func TestPlanner(t *testing.T) {
+	for _, tt := range []struct {
+		min, size, pieceSize int64
+	}{
+		{0, 1 << 30, 4 << 20},
+		{1 << 20, 0, 1 << 20},
+		{1 << 20, 1 << 30, 1 << 20},
+		{1 << 20, 1<<30 + 1, 2 << 20},
+		{1 << 20, 3 << 30, 4 << 20},
+		{256 << 10, 8 << 20, 256 << 10},
+		{LeastMin, 200 << 30, MaxSize},
+		{MaxSize, 1, MaxSize},
+	} {
+		p := Planner{Min: tt.min}.For(tt.size)
+		if p.PieceSize != tt.pieceSize || p.Size != tt.size {
+			t.Errorf("Planner{%d}.For(%d) = %d/%d, want piece size %d", tt.min, tt.size, p.Size, p.PieceSize, tt.pieceSize)
+		}
+		if err := p.Validate(); err != nil {
+			t.Errorf("Planner{%d}.For(%d): %v", tt.min, tt.size, err)
+		}
+	}
+	for _, p := range []Plan{
+		{Size: 1 << 30, PieceSize: 512 << 10}, // 2,048 pieces: no Planner makes it
+		{Size: 8 << 20, PieceSize: 128 << 10}, // below LeastMin
+		{Size: 8 << 20, PieceSize: 3 << 20},   // not a power of two
+		{Size: 8 << 20, PieceSize: 128 << 20}, // above MaxSize
+	} {
+		if err := p.Validate(); err == nil {
+			t.Errorf("plan %d/%d validated", p.Size, p.PieceSize)
+		}
+	}
+	for _, tt := range []struct {
+		min int64
+		ok  bool
+	}{{LeastMin, true}, {1 << 20, true}, {MaxSize, true}, {0, false}, {128 << 10, false}, {3 << 20, false}, {2 * MaxSize, false}, {-1 << 20, false}} {
+		if err := ValidMin(tt.min); (err == nil) != tt.ok {
+			t.Errorf("ValidMin(%d) = %v, want ok %v", tt.min, err, tt.ok)
+		}
+	}
+}
+
 func TestSet(t *testing.T) {
 	tests := []struct {
 		name  string

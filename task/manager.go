@@ -16,6 +16,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/blobstore"
 	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
+	"github.com/registry-proxy/registry-proxy/piece"
 )
 
 var (
@@ -100,6 +101,8 @@ type Options struct {
 	// IdleStop stops a download that has had no reader and no peer asking
 	// for it (Touch) for this long; zero never stops one.
 	IdleStop time.Duration
+	// Pieces cuts blobs into pieces (the cluster's smallest piece).
+	Pieces piece.Planner
 	// Now is the clock; time.Now when nil.
 	Now    func() time.Time
 	Logger *slog.Logger

@@ -71,7 +71,7 @@ func (t *Task) open() error {
 	if max := t.m.opts.MaxBlobSize; max > 0 && size > max {
 		return fmt.Errorf("%w: %s is %d bytes, limit %d", ErrTooLarge, t.req.Digest, size, max)
 	}
-	t.plan = piece.PlanFor(size)
+	t.plan = t.m.opts.Pieces.For(size)
 	p, err := t.m.opts.Store.Ingest(ctx, t.req.Digest, t.plan)
 	if err != nil {
 		return fmt.Errorf("task: %w", err)

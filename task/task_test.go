@@ -578,3 +578,30 @@ func openReader(t *testing.T, ctx context.Context, m *Manager, d digest.Digest) 
 	t.Cleanup(func() { r.Close() })
 	return tk, r
 }
+
+// The manager cuts blobs with its planner: a cluster's smallest piece sets
+// the pieces of a task, and the blob is assembled and verified from them.
+func TestPiecesFromThePlanner(t *testing.T) {
+	for _, min := range []int64{piece.LeastMin, 1 << 20, 0} {
+		data, d := blob(t, 3<<20+5)
+		src := &fakeSource{data: data}
+		m, st := newManager(t, src, func(o *Options) { o.Pieces = piece.Planner{Min: min} })
+		tk, err := m.Open(context.Background(), Request{Digest: d})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := piece.Planner{Min: min}.For(int64(len(data)))
+		if tk.Plan() != want {
+			t.Errorf("min %d: plan %+v, want %+v", min, tk.Plan(), want)
+		}
+		if err := tk.Wait(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := st.Stat(d); err != nil {
+			t.Fatalf("min %d: %v", min, err)
+		}
+		if done, _ := tk.Pieces(); len(done) != want.Count() {
+			t.Errorf("min %d: %d pieces, want %d", min, len(done), want.Count())
+		}
+	}
+}

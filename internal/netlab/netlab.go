@@ -11,10 +11,15 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Host is one namespace.
@@ -176,4 +181,35 @@ func Leftovers(ctx context.Context) ([]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// Do runs f on an OS thread moved into h's network namespace, so that the
+// sockets f makes are the host's (and stay so, whichever thread uses them
+// later); the thread moves back before it serves any other goroutine.
+func (h *Host) Do(f func() error) error {
+	runtime.LockOSThread()
+	self, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("netlab: %w", err)
+	}
+	defer self.Close()
+	ns, err := os.Open(filepath.Join("/run/netns", h.Name))
+	if err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("netlab: host %s: %w", h.Name, err)
+	}
+	defer ns.Close()
+	if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("netlab: enter %s: %w", h.Name, err)
+	}
+	ferr := f()
+	if err := unix.Setns(int(self.Fd()), unix.CLONE_NEWNET); err != nil {
+		// The thread stays locked, and ends with this goroutine: it must
+		// not run anything else in the host's namespace.
+		return errors.Join(ferr, fmt.Errorf("netlab: leave %s: %w", h.Name, err))
+	}
+	runtime.UnlockOSThread()
+	return ferr
 }

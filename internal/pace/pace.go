@@ -22,7 +22,7 @@ type Limiter struct {
 }
 
 // New returns a limiter at bps bytes/s (0: unlimited) whose bucket holds
-// 4 MiB: a piece's worth may go at once after a pause.
+// 4 MiB: a few pieces' worth may go at once after a pause.
 func New(bps uint64) *Limiter { return NewBurst(bps, 4<<20) }
 
 // NewBurst is New with a bucket of burst bytes: a small one paces from the

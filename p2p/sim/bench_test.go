@@ -21,6 +21,7 @@ import (
 	"github.com/docker/go-units"
 
 	"github.com/registry-proxy/registry-proxy/internal/report"
+	"github.com/registry-proxy/registry-proxy/piece"
 )
 
 var (
@@ -39,6 +40,7 @@ var (
 	simHorizon   = flag.Float64("sim-horizon", 5, "TestSimulate: stop each run at this many times the bound; nodes still pulling count as unfinished")
 	simNoSeeding = flag.Bool("sim-no-seeding", false, "TestSimulate: parents send duplicates freely (no super-seeding)")
 	simUploadLim = flag.Int("sim-upload-limit", 0, "TestSimulate: each node's concurrent uploads (0: the simulator's default)")
+	simMinPiece  = flag.String("sim-min-piece", "0", "TestSimulate: the smallest piece (pieces.min_size; 0: the node's default), also for -sim-validate")
 	simConc      = flag.Int("sim-concurrency", 0, "TestSimulate: each node's pieces in flight (pieces.concurrency; 0: the simulator's default)")
 	simSync      = flag.Duration("sim-sync-interval", 0, "TestSimulate: how often a parent sends its host state to its children (upload.syncer.interval; 0: the node's default); the meter samples every second")
 	simTrace     = flag.Bool("sim-trace", false, "TestSimulate: write the cluster's state every simulated second to trace-<case>.txt in the results directory (pieces held, holders, parents, children, link use, idle uploads and what their children lack, the nodes furthest behind, the upstream's readers, sole holders)")
@@ -142,6 +144,20 @@ func writeHeapProfile(path string) {
 	_ = pprof.Lookup("heap").WriteTo(f, 0)
 }
 
+// minPiece is -sim-min-piece in bytes.
+func minPiece(t *testing.T) int64 {
+	n, err := units.RAMInBytes(*simMinPiece)
+	if err != nil {
+		t.Fatalf("-sim-min-piece: %v", err)
+	}
+	if n != 0 {
+		if err := piece.ValidMin(n); err != nil {
+			t.Fatalf("-sim-min-piece: %v", err)
+		}
+	}
+	return n
+}
+
 func toRun(scenario string, repeat int, cfg Config, res Result) report.Run {
 	r := report.Run{Scenario: scenario, Mode: cfg.Selector, Repeat: repeat, Nodes: cfg.Nodes, Size: cfg.Size,
 		NodeBps: int64(cfg.Up), OriginBps: int64(cfg.OriginUp), Seconds: map[string]float64{},
@@ -211,7 +227,7 @@ func TestSimulate(t *testing.T) {
 			for _, mode := range strings.Split(*simModes, ",") {
 				for seed := range uint64(*simSeeds) {
 					cfg := Config{Nodes: n, Size: size, Up: float64(bw), Down: float64(bw), OriginUp: float64(origin),
-						Latency: *simLatency, Step: *simStep, Selector: mode, Seed: seed + 1, Readers: *simReaders, NoSeeding: *simNoSeeding, UploadLimit: *simUploadLim, Concurrency: *simConc, SyncInterval: *simSync}
+						Latency: *simLatency, Step: *simStep, Selector: mode, Seed: seed + 1, Readers: *simReaders, NoSeeding: *simNoSeeding, UploadLimit: *simUploadLim, Concurrency: *simConc, SyncInterval: *simSync, MinPiece: minPiece(t)}
 					scenarioConfig(sc, n, &cfg)
 					cfg.Horizon = time.Duration(*simHorizon * float64(boundOf(cfg)))
 					// Inside the bubble time.Now is the simulated clock: progress
@@ -331,7 +347,7 @@ func validate(t *testing.T, dir string) {
 			var sims []report.Run
 			for seed := range uint64(5) {
 				cfg := Config{Nodes: h.Nodes, Size: h.Size, Up: float64(h.NodeBps), Down: float64(h.NodeBps), OriginUp: float64(h.OriginBps),
-					Latency: 200 * time.Microsecond, Selector: mode, Seed: seed + 1}
+					Latency: 200 * time.Microsecond, Selector: mode, Seed: seed + 1, MinPiece: minPiece(t)}
 				switch sc {
 				case "b":
 					// The harness's default: two parents throttled to a tenth.

@@ -58,6 +58,8 @@ const Direct = "direct"
 type Config struct {
 	Nodes int
 	Size  int64 // blob bytes
+	// MinPiece is the smallest piece (pieces.min_size); 0: piece.MinSize.
+	MinPiece int64
 	// Up and Down are each node's capacities, OriginUp the upstream
 	// registry's upload capacity, in bytes/s.
 	Up, Down, OriginUp float64
@@ -289,7 +291,7 @@ func newSim(cfg Config) *simulation {
 		cfg:    cfg,
 		net:    newNetwork(cfg.Step),
 		digest: digest.FromString(fmt.Sprintf("sim blob %d", cfg.Seed)),
-		plan:   piece.PlanFor(cfg.Size),
+		plan:   piece.Planner{Min: cfg.MinPiece}.For(cfg.Size),
 		origin: &host{up: cfg.OriginUp, down: cfg.OriginUp},
 		sink:   &host{up: math.MaxFloat64 / 4, down: math.MaxFloat64 / 4},
 	}
@@ -363,6 +365,7 @@ func newSim(cfg Config) *simulation {
 			Owner:       simOwner{n},
 			Downloads:   n,
 			MaxPeers:    cfg.MaxPeers,
+			Pieces:      piece.Planner{Min: cfg.MinPiece},
 			Delegations: n.delegations,
 			Uploads:     simUploads{n},
 			Logger:      slog.New(slog.DiscardHandler),

@@ -412,7 +412,7 @@ func parseUpdate(up *pb.PieceUpdate, d digest.Digest, plan piece.Plan) (announce
 		return announcement{}, fmt.Errorf("update for %q, not %s", up.GetDigest(), d)
 	}
 	if up.GetSize() != plan.Size || up.GetPieceSize() != plan.PieceSize {
-		return announcement{}, fmt.Errorf("piece plan %d/%d differs from %d/%d", up.GetSize(), up.GetPieceSize(), plan.Size, plan.PieceSize)
+		return announcement{}, fmt.Errorf("piece plan %d/%d differs from %d/%d (is pieces.min_size the same on every node?)", up.GetSize(), up.GetPieceSize(), plan.Size, plan.PieceSize)
 	}
 	n := plan.Count()
 	if len(up.GetPieces()) > n || len(up.GetFetching()) > n {

@@ -100,6 +100,8 @@ type ServerOptions struct {
 	Registries RegistryChecker
 	// MaxPeers bounds the peer list an owner hands out.
 	MaxPeers int
+	// Pieces cuts stored blobs into pieces, as the tasks do.
+	Pieces piece.Planner
 	// Delegations and Uploads let a slow owner hand pieces to faster
 	// registering nodes to read from the upstream; either nil: never.
 	Delegations *Delegations
@@ -299,7 +301,7 @@ func (s *Server) Watching(ctx context.Context, d digest.Digest, child string) {
 // Snapshot implements peer.Source.
 func (s *Server) Snapshot(ctx context.Context, d digest.Digest) (peer.Snapshot, <-chan struct{}, bool) {
 	if size, err := s.opts.Store.Stat(d); err == nil {
-		plan := piece.PlanFor(size)
+		plan := s.opts.Pieces.For(size)
 		crcs, err := s.pieceChecksums(ctx, d, plan)
 		if err != nil {
 			s.log.Warn("checksumming a stored blob's pieces", "digest", d, "err", err)
@@ -356,7 +358,7 @@ func (s *Server) pieceChecksums(ctx context.Context, d digest.Digest, plan piece
 // OpenPiece implements peer.Source.
 func (s *Server) OpenPiece(ctx context.Context, d digest.Digest, i int) (io.ReadSeeker, int64, int64, func(), error) {
 	if b, err := s.opts.Store.Get(ctx, d); err == nil {
-		plan := piece.PlanFor(b.Size)
+		plan := s.opts.Pieces.For(b.Size)
 		if i >= plan.Count() {
 			b.Close()
 			return nil, 0, 0, nil, peer.ErrNoPiece

@@ -1,0 +1,165 @@
+package integration
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"net"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/docker/go-units"
+
+	"github.com/registry-proxy/registry-proxy/internal/netlab"
+	"github.com/registry-proxy/registry-proxy/internal/relay"
+	"github.com/registry-proxy/registry-proxy/internal/report"
+)
+
+var (
+	lbChunk = flag.String("lab-chunk", "256KiB", "BenchmarkLabBound: bytes a node receives whole before it relays them (the engine's piece is 4 MiB or more)")
+)
+
+// BenchmarkLabBound measures what the cluster harness's network itself
+// costs: the same lab as BenchmarkCluster (its -cluster-nodes, -cluster-size,
+// -cluster-up, -cluster-origin, -cluster-runs), the blob's bytes sent by
+// relay's schedules, which reach the Kumar–Ross bound on paper, with no
+// proxy, hashing or disk. Their max ÷ bound is the harness's floor for any
+// engine on equal links: the yardstick for scenario a. (Its schedules are
+// not optimal for unequal uploads, so it says nothing of b and e.)
+func BenchmarkLabBound(b *testing.B) {
+	needRoot(b)
+	size, err := units.RAMInBytes(*cbSize)
+	if err != nil {
+		b.Fatal(err)
+	}
+	up, err := units.FromHumanSize(*cbUp)
+	if err != nil {
+		b.Fatal(err)
+	}
+	origin, err := units.FromHumanSize(*cbOrigin)
+	if err != nil {
+		b.Fatal(err)
+	}
+	chunk, err := units.RAMInBytes(*lbChunk)
+	if err != nil {
+		b.Fatal(err)
+	}
+	over := map[relay.Schedule][]float64{}
+	for range b.N {
+		for run := range *cbRuns {
+			for _, sched := range []relay.Schedule{relay.Split, relay.Dealt} {
+				x := labBoundRun(b, relay.Options{Size: size, Chunk: chunk, Schedule: sched}, *cbNodes, up, origin)
+				over[sched] = append(over[sched], x)
+				b.Logf("run %d, %s: max ÷ bound %.3f", run+1, sched, x)
+			}
+		}
+	}
+	for sched, xs := range over {
+		b.ReportMetric(median(xs), string(sched)+"-max/bound")
+	}
+	b.ReportMetric(0, "ns/op")
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// labBoundRun builds the lab and returns one schedule's max ÷ bound.
+func labBoundRun(tb testing.TB, opts relay.Options, nodes int, up, origin int64) float64 {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	u := &undoer{}
+	unregister := onInterrupt(u.run)
+	defer func() { unregister(); u.run() }()
+	lab, err := netlab.New(ctx)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	u.add(func() {
+		if err := lab.Close(); err != nil {
+			tb.Logf("netlab: %v", err)
+		}
+	})
+	oh, err := lab.AddHost(ctx, 1, netlab.Limits{Up: origin})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var eps []relay.Endpoint
+	var ups, downs []float64
+	for i := range nodes {
+		lim := netlab.Limits{Up: up, Down: up}
+		h, err := lab.AddHost(ctx, i+2, lim)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		eps = append(eps, relay.Endpoint{IP: h.IP, NS: h})
+		ups, downs = append(ups, float64(lim.Up)), append(downs, float64(lim.Down))
+	}
+	res, err := relay.Run(ctx, relay.Endpoint{IP: oh.IP, NS: oh}, eps, opts)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	bound := report.KumarRoss(float64(opts.Size), float64(origin), ups, downs)
+	var ts []string
+	for _, d := range res.Done {
+		ts = append(ts, fmt.Sprintf("%.2f", d.Seconds()))
+	}
+	tb.Logf("%s: nodes done at %s s; bound %.2f s", opts.Schedule, strings.Join(ts, " "), bound)
+	return res.Max().Seconds() / bound
+}
+
+// A socket made in Host.Do is the host's: it binds the host's address, which
+// the root namespace does not have, and the other hosts reach it.
+func TestNetlabDo(t *testing.T) {
+	needRoot(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	lab, err := netlab.New(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lab.Close()
+	h1, err := lab.AddHost(ctx, 1, netlab.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h2, err := lab.AddHost(ctx, 2, netlab.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := net.JoinHostPort(h1.IP, "7100")
+	if l, err := net.Listen("tcp", addr); err == nil {
+		l.Close()
+		t.Fatalf("the root namespace could listen on host 1's %s", addr)
+	}
+	var l net.Listener
+	if err := h1.Do(func() (err error) { l, err = net.Listen("tcp", addr); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var c net.Conn
+	if err := h2.Do(func() (err error) { c, err = net.Dial("tcp", addr); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got := s.RemoteAddr().(*net.TCPAddr).IP.String(); got != h2.IP {
+		t.Fatalf("connection from %s, want host 2's %s", got, h2.IP)
+	}
+	// This goroutine's thread is back in the root namespace.
+	if l2, err := net.Listen("tcp", addr); err == nil {
+		l2.Close()
+		t.Fatal("after Do, the root namespace could listen on host 1's address")
+	}
+}
