@@ -5,7 +5,12 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"go.uber.org/goleak"
 )
+
+// Every run's goroutines end before Run returns.
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 func loopback(n int) []Endpoint {
 	eps := make([]Endpoint, n)
