@@ -19,6 +19,7 @@ import (
 
 	"github.com/docker/go-units"
 
+	"github.com/registry-proxy/registry-proxy/config"
 	"github.com/registry-proxy/registry-proxy/internal/netlab"
 	"github.com/registry-proxy/registry-proxy/internal/probe"
 	"github.com/registry-proxy/registry-proxy/internal/report"
@@ -318,7 +319,7 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 
 	res := report.Run{Scenario: sp.Scenario, Mode: sp.Mode, Repeat: sp.Repeat, Nodes: sp.Nodes, Size: total,
 		NodeBps: sp.NodeBps, OriginBps: sp.Origin, Seconds: map[string]float64{},
-		BySource: map[string]int64{}, ByParent: map[string]int64{}, PieceSize: piece.PlanFor(biggest).PieceSize}
+		BySource: map[string]int64{}, ByParent: map[string]int64{}, PieceSize: clusterPlanner(tb).For(biggest).PieceSize}
 	per := (sp.Nodes + max(sp.Waves, 1) - 1) / max(sp.Waves, 1)
 	var mu sync.Mutex
 	var wg sync.WaitGroup
@@ -393,6 +394,21 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 	res.Note = sp.note()
 	res.Finish()
 	return res
+}
+
+// clusterPlanner cuts blobs as the proxies do: with -cluster-config's
+// pieces.min_size, if it sets one.
+func clusterPlanner(tb testing.TB) piece.Planner {
+	tb.Helper()
+	p := filepath.Join(tb.TempDir(), "cluster-config.toml")
+	if err := os.WriteFile(p, []byte(strings.ReplaceAll(*cbConfig, `\n`, "\n")), 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	cfg, err := config.Load(p)
+	if err != nil {
+		tb.Fatalf("-cluster-config: %v", err)
+	}
+	return piece.Planner{Min: int64(cfg.Pieces.MinSize)}
 }
 
 func (sp clusterSpec) note() string {
