@@ -76,11 +76,13 @@ CLUSTER_RUNS      ?= 3
 CLUSTER_SCENARIOS ?= a,b,c,d,e
 # Scenario c: every node pulls with crictl through this containerd's CRI.
 CLUSTER_CONTAINERD ?= 1.x
+# TOML added to every proxy's configuration, say '[pieces]\nmin_size = "1MiB"'.
+CLUSTER_CONFIG ?=
 bench-cluster: tools
 	$(GO) test -run '^$$' -bench Cluster -benchtime 1x -timeout 150m -v ./integration/ \
 		-cluster-nodes $(CLUSTER_NODES) -cluster-size $(CLUSTER_SIZE) -cluster-up $(CLUSTER_UP) \
 		-cluster-origin $(CLUSTER_ORIGIN) -cluster-runs $(CLUSTER_RUNS) -cluster-scenarios $(CLUSTER_SCENARIOS) \
-		-cluster-containerd $(CLUSTER_CONTAINERD)
+		-cluster-containerd $(CLUSTER_CONTAINERD) -cluster-config '$(CLUSTER_CONFIG)'
 
 # What the cluster harness's network itself costs: the same lab as
 # bench-cluster, the blob's bytes relayed on the Kumar–Ross schedule over
