@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"slices"
 	"sync"
@@ -345,7 +346,7 @@ func TestBestPiece(t *testing.T) {
 		{"fewest fetchers beat rarity", func() { r.Announce("c", nil, []int{2, 4}) }, now.Add(2 * time.Second), 3},
 	} {
 		tc.setup()
-		if got := r.bestPiece(owner, r.cursor(), tc.at); got != tc.want {
+		if got := r.bestPiece(owner, r.cursor(), tc.at, false); got != tc.want {
 			t.Errorf("%s: piece %d, want %d", tc.name, got, tc.want)
 		}
 	}
@@ -383,7 +384,7 @@ func TestDryParent(t *testing.T) {
 		}, now.Add(time.Second + time.Millisecond), 5, false},
 	} {
 		tc.setup()
-		if got := r.bestPiece(p, r.cursor(), tc.at); got != tc.want {
+		if got := r.bestPiece(p, r.cursor(), tc.at, false); got != tc.want {
 			t.Errorf("%s: piece %d, want %d", tc.name, got, tc.want)
 		}
 		if dry := tc.at.Before(p.dry); dry != tc.dry {
@@ -1113,5 +1114,60 @@ func TestPeerRemovedIgnoresLateUpdates(t *testing.T) {
 	run(t, r)
 	if job.from("p") != 10 {
 		t.Fatalf("%d pieces from the parent that came back, want 10", job.from("p"))
+	}
+}
+
+// TestSlowLinkSendsOnlyRarePieces: while another peer sends this node a
+// piece, a parent on a link under a quarter of the fastest parent's is
+// asked only for pieces no other parent holds; with nothing else in
+// flight, for any; a parent whose state is unknown is not held back.
+func TestSlowLinkSendsOnlyRarePieces(t *testing.T) {
+	states := map[string]*pb.HostState{
+		"fast": {MaxTxBandwidth: 25e6, UploadLimit: 16},
+		"slow": {MaxTxBandwidth: 2.5e6, UploadLimit: 16},
+	}
+	job := newJob(6)
+	job.next = 0
+	r := newCollector(SelectorState, states).NewRun(job)
+	for _, id := range []string{"fast", "slow", "unknown"} {
+		r.AddParent(&fakeParent{id: id, job: job})
+	}
+	r.Announce("fast", job.checksums(0, 1, 2, 3), nil)
+	r.Announce("slow", job.checksums(0, 1, 2, 3, 4, 5), nil)
+	fast, slow, unknown := r.parents["fast"], r.parents["slow"], r.parents["unknown"]
+	now := r.epoch.Add(time.Minute)
+	picks := func() map[int]bool {
+		got := map[int]bool{}
+		for range 50 {
+			if i, pq, _ := (statePolicy{}).pick(r, now); pq == slow {
+				got[i] = true
+			} else if pq != nil {
+				t.Fatalf("picked %s, want slow or none", pq.id)
+			}
+		}
+		return got
+	}
+	fast.inflight = r.c.opts.PerParent // fetching from fast: it is busy, and a piece is coming
+	if got := picks(); !maps.Equal(got, map[int]bool{4: true}) {
+		t.Errorf("fast busy: slow asked for %v, want only 4 (of its own two, the nearest)", got)
+	}
+	r.setWantedLocked(4, false)
+	r.setWantedLocked(5, false)
+	if got := picks(); len(got) != 0 {
+		t.Errorf("slow holds nothing of its own: asked for %v", got)
+	}
+	if now.Before(slow.dry) {
+		t.Error("held back, the slow parent was marked dry (that is for refusals)")
+	}
+	fast.inflight, fast.blocked = 0, now.Add(time.Hour) // nothing in flight: slow may send anything
+	if got := picks(); !got[0] {
+		t.Errorf("nothing else in flight: slow asked for %v, want the urgent piece 0", got)
+	}
+	// A parent with no known state is not slow.
+	r.Announce("unknown", job.checksums(0), nil)
+	fast.inflight, fast.blocked = r.c.opts.PerParent, time.Time{}
+	slow.blocked = now.Add(time.Hour)
+	if i, pq, _ := (statePolicy{}).pick(r, now); pq != unknown || i != 0 {
+		t.Errorf("picked piece %d from %v, want 0 from the parent of unknown state", i, pq)
 	}
 }

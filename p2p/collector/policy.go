@@ -118,6 +118,16 @@ func (statePolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
 			total += w
 		}
 	}
+	// While a peer sends this node anything, a parent on a link far slower
+	// than the fastest parent's sends only pieces no other parent has: a
+	// piece it takes seconds over would otherwise be the one the whole
+	// download waits for at its end, where a fast parent frees up in a
+	// piece's time (scenario e: the throttled nodes' pieces were the last
+	// ones their children got, docs/benchmarks.md).
+	slowBelow := int64(0)
+	if r.peerFetchingLocked() {
+		slowBelow = r.fastestLocked(now) / slowLink
+	}
 	cursor := r.cursor()
 	// A chosen parent may offer nothing after all (it refused every piece
 	// it has for now): choose again without it.
@@ -131,7 +141,8 @@ func (statePolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
 			}
 			x -= c.weight
 		}
-		if i := r.bestPiece(cands[k].pq, cursor, now); i >= 0 {
+		tx := r.maxTxLocked(cands[k].pq)
+		if i := r.bestPiece(cands[k].pq, cursor, now, tx > 0 && tx < slowBelow); i >= 0 {
 			return i, cands[k].pq, nil
 		}
 		total -= cands[k].weight
@@ -146,8 +157,9 @@ func (statePolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
 // first over the whole blob, not a window: when every node wanted the same
 // few pieces next, the few nodes holding them would serve the whole cluster.
 // A parent found to offer nothing (every wanted piece it has refused) is
-// dry until the first refusal ends.
-func (r *Run) bestPiece(pq *parentQueue, cursor int, now time.Time) int {
+// dry until the first refusal ends. uniqueOnly looks only at pieces no other
+// parent holds.
+func (r *Run) bestPiece(pq *parentQueue, cursor int, now time.Time, uniqueOnly bool) int {
 	ms := r.sinceEpoch(now)
 	// wake: the first refusal to end among the wanted pieces it has.
 	best, bestKey, wake := -1, [4]int{}, uint32(math.MaxUint32)
@@ -158,7 +170,7 @@ func (r *Run) bestPiece(pq *parentQueue, cursor int, now time.Time) int {
 	}
 	for _, i32 := range candidates {
 		i := int(i32)
-		if !r.wanted[i] || !pq.has[i] {
+		if !r.wanted[i] || !pq.has[i] || uniqueOnly && r.holders[i] > 1 {
 			continue
 		}
 		if pq.refusedAt(i, ms) {
@@ -178,7 +190,7 @@ func (r *Run) bestPiece(pq *parentQueue, cursor int, now time.Time) int {
 			best, bestKey = i, key
 		}
 	}
-	if best < 0 && wake != math.MaxUint32 {
+	if best < 0 && wake != math.MaxUint32 && !uniqueOnly {
 		pq.dry = r.epochTime(wake)
 	}
 	return best
@@ -191,6 +203,34 @@ func less(a, b [4]int) bool {
 		}
 	}
 	return false
+}
+
+// slowLink: a parent whose link's maximum is under the fastest parent's
+// divided by this is slow (statePolicy.pick).
+const slowLink = 4
+
+// fastestLocked is the highest upload maximum a parent reports, looked at
+// again at most every fastestEvery (a pick runs on every change; host
+// states move every few seconds).
+func (r *Run) fastestLocked(now time.Time) int64 {
+	if r.fastestAt.IsZero() || now.Sub(r.fastestAt) >= fastestEvery {
+		r.fastest, r.fastestAt = 0, now
+		for _, pq := range r.order {
+			r.fastest = max(r.fastest, r.maxTxLocked(pq))
+		}
+	}
+	return r.fastest
+}
+
+const fastestEvery = 250 * time.Millisecond
+
+// maxTxLocked is the upload maximum pq reports; 0 when unknown.
+func (r *Run) maxTxLocked(pq *parentQueue) int64 {
+	st, ok := r.c.opts.State(pq.id)
+	if !ok || st == nil {
+		return 0
+	}
+	return int64(st.GetMaxTxBandwidth())
 }
 
 // Weight is a parent's share of the next choice: its spare upload bandwidth

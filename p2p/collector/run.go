@@ -50,6 +50,10 @@ type Run struct {
 	// pieceTime is a moving average of how long a peer piece took, start
 	// to end (elsewhereFor).
 	pieceTime time.Duration
+	// fastest is the highest upload maximum a parent reported, as of
+	// fastestAt (fastestLocked).
+	fastest   int64
+	fastestAt time.Time
 	// granted: pieces this node reads from the upstream as the owner's
 	// delegate, before any peer piece; denied: pieces the owner left to
 	// its delegates, from the upstream only when stalled. Nil until set.
