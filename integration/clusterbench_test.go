@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -125,6 +126,26 @@ func startIn(tb testing.TB, ctx context.Context, u *undoer, h *netlab.Host, stdo
 	return cmd
 }
 
+// newClusterLab makes the lab of a cluster run, closed by u, and its host 1,
+// the origin, uploading at origin bytes/s.
+func newClusterLab(tb testing.TB, ctx context.Context, u *undoer, origin int64) (*netlab.Lab, *netlab.Host) {
+	tb.Helper()
+	lab, err := netlab.New(ctx)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	u.add(func() {
+		if err := lab.Close(); err != nil {
+			tb.Logf("netlab: %v", err)
+		}
+	})
+	h, err := lab.AddHost(ctx, 1, netlab.Limits{Up: origin})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return lab, h
+}
+
 // registryInfo is what cmd/testregistry prints.
 type registryInfo struct {
 	Digest string
@@ -171,19 +192,7 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 		exec.Command("chmod", "-R", "u+w", runDir).Run() // snapshots may hold read-only dirs
 		os.RemoveAll(runDir)
 	})
-	lab, err := netlab.New(ctx)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	u.add(func() {
-		if err := lab.Close(); err != nil {
-			tb.Logf("netlab: %v", err)
-		}
-	})
-	regHost, err := lab.AddHost(ctx, 1, netlab.Limits{Up: sp.Origin})
-	if err != nil {
-		tb.Fatal(err)
-	}
+	lab, regHost := newClusterLab(tb, ctx, u, sp.Origin)
 	regArgs := []string{"--blob", fmt.Sprint(sp.Size)}
 	if len(sp.Layers) > 0 {
 		var files []string
@@ -396,6 +405,22 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 	return res
 }
 
+// clusterLinks is the blob size, each node's link and the origin's upload
+// the -cluster flags set.
+func clusterLinks(tb testing.TB) (size, up, origin int64) {
+	tb.Helper()
+	var errs []error
+	size, err := units.RAMInBytes(*cbSize)
+	errs = append(errs, err)
+	up, err = units.FromHumanSize(*cbUp)
+	errs = append(errs, err)
+	origin, err = units.FromHumanSize(*cbOrigin)
+	if err := errors.Join(append(errs, err)...); err != nil {
+		tb.Fatal(err)
+	}
+	return size, up, origin
+}
+
 // clusterPlanner cuts blobs as the proxies do: with -cluster-config's
 // pieces.min_size, if it sets one.
 func clusterPlanner(tb testing.TB) piece.Planner {
@@ -489,10 +514,7 @@ func pullBlobs(ctx context.Context, h *netlab.Host, mode, regURL, mirror string,
 // every mode once per repeat, so ratios between modes come from runs made
 // one after the other on the same machine.
 func BenchmarkCluster(b *testing.B) {
-	size, err := units.RAMInBytes(*cbSize)
-	if err != nil {
-		b.Fatal(err)
-	}
+	size, up, origin := clusterLinks(b)
 	var layers []int64
 	for _, l := range strings.Split(*cbImage, ",") {
 		n, err := units.RAMInBytes(strings.TrimSpace(l))
@@ -500,14 +522,6 @@ func BenchmarkCluster(b *testing.B) {
 			b.Fatal(err)
 		}
 		layers = append(layers, n)
-	}
-	up, err := units.FromHumanSize(*cbUp)
-	if err != nil {
-		b.Fatal(err)
-	}
-	origin, err := units.FromHumanSize(*cbOrigin)
-	if err != nil {
-		b.Fatal(err)
 	}
 	if left, _ := netlab.Leftovers(context.Background()); len(left) > 0 {
 		b.Logf("network namespaces or links of an earlier lab are still here: %v", left)

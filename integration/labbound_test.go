@@ -4,7 +4,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"net"
 	"slices"
 	"strings"
 	"testing"
@@ -30,18 +29,7 @@ var (
 // not optimal for unequal uploads, so it says nothing of b and e.)
 func BenchmarkLabBound(b *testing.B) {
 	needRoot(b)
-	size, err := units.RAMInBytes(*cbSize)
-	if err != nil {
-		b.Fatal(err)
-	}
-	up, err := units.FromHumanSize(*cbUp)
-	if err != nil {
-		b.Fatal(err)
-	}
-	origin, err := units.FromHumanSize(*cbOrigin)
-	if err != nil {
-		b.Fatal(err)
-	}
+	size, up, origin := clusterLinks(b)
 	chunk, err := units.RAMInBytes(*lbChunk)
 	if err != nil {
 		b.Fatal(err)
@@ -78,19 +66,7 @@ func labBoundRun(tb testing.TB, opts relay.Options, nodes int, up, origin int64)
 	u := &undoer{}
 	unregister := onInterrupt(u.run)
 	defer func() { unregister(); u.run() }()
-	lab, err := netlab.New(ctx)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	u.add(func() {
-		if err := lab.Close(); err != nil {
-			tb.Logf("netlab: %v", err)
-		}
-	})
-	oh, err := lab.AddHost(ctx, 1, netlab.Limits{Up: origin})
-	if err != nil {
-		tb.Fatal(err)
-	}
+	lab, oh := newClusterLab(tb, ctx, u, origin)
 	var eps []relay.Endpoint
 	var ups, downs []float64
 	for i := range nodes {
@@ -113,53 +89,4 @@ func labBoundRun(tb testing.TB, opts relay.Options, nodes int, up, origin int64)
 	}
 	tb.Logf("%s: nodes done at %s s; bound %.2f s", opts.Schedule, strings.Join(ts, " "), bound)
 	return res.Max().Seconds() / bound
-}
-
-// A socket made in Host.Do is the host's: it binds the host's address, which
-// the root namespace does not have, and the other hosts reach it.
-func TestNetlabDo(t *testing.T) {
-	needRoot(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	lab, err := netlab.New(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lab.Close()
-	h1, err := lab.AddHost(ctx, 1, netlab.Limits{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	h2, err := lab.AddHost(ctx, 2, netlab.Limits{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := net.JoinHostPort(h1.IP, "7100")
-	if l, err := net.Listen("tcp", addr); err == nil {
-		l.Close()
-		t.Fatalf("the root namespace could listen on host 1's %s", addr)
-	}
-	var l net.Listener
-	if err := h1.Do(func() (err error) { l, err = net.Listen("tcp", addr); return err }); err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	var c net.Conn
-	if err := h2.Do(func() (err error) { c, err = net.Dial("tcp", addr); return err }); err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	s, err := l.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	if got := s.RemoteAddr().(*net.TCPAddr).IP.String(); got != h2.IP {
-		t.Fatalf("connection from %s, want host 2's %s", got, h2.IP)
-	}
-	// This goroutine's thread is back in the root namespace.
-	if l2, err := net.Listen("tcp", addr); err == nil {
-		l2.Close()
-		t.Fatal("after Do, the root namespace could listen on host 1's address")
-	}
 }

@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -13,13 +14,7 @@ import (
 // The lab's hosts reach each other and the root namespace, and nothing of
 // the lab is left after Close.
 func TestNetlab(t *testing.T) {
-	needRoot(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	lab, err := netlab.New(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctx, lab := newLab(t)
 	closed := false
 	defer func() {
 		if !closed {
@@ -70,5 +65,61 @@ func TestNetlab(t *testing.T) {
 		if strings.Contains(l, lab.ID) {
 			t.Errorf("left behind: %s", l)
 		}
+	}
+}
+
+// newLab makes a lab for a test of at most two minutes; the test closes it.
+func newLab(t *testing.T) (context.Context, *netlab.Lab) {
+	t.Helper()
+	needRoot(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	lab, err := netlab.New(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ctx, lab
+}
+
+// A socket made in Host.Do is the host's: it binds the host's address, which
+// the root namespace does not have, and the other hosts reach it.
+func TestNetlabDo(t *testing.T) {
+	ctx, lab := newLab(t)
+	defer lab.Close()
+	h1, err := lab.AddHost(ctx, 1, netlab.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h2, err := lab.AddHost(ctx, 2, netlab.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := net.JoinHostPort(h1.IP, "7100")
+	if l, err := net.Listen("tcp", addr); err == nil {
+		l.Close()
+		t.Fatalf("the root namespace could listen on host 1's %s", addr)
+	}
+	var l net.Listener
+	if err := h1.Do(func() (err error) { l, err = net.Listen("tcp", addr); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var c net.Conn
+	if err := h2.Do(func() (err error) { c, err = net.Dial("tcp", addr); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got := s.RemoteAddr().(*net.TCPAddr).IP.String(); got != h2.IP {
+		t.Fatalf("connection from %s, want host 2's %s", got, h2.IP)
+	}
+	// This goroutine's thread is back in the root namespace.
+	if l2, err := net.Listen("tcp", addr); err == nil {
+		l2.Close()
+		t.Fatal("after Do, the root namespace could listen on host 1's address")
 	}
 }
