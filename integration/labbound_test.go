@@ -4,7 +4,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -45,18 +44,9 @@ func BenchmarkLabBound(b *testing.B) {
 		}
 	}
 	for sched, xs := range over {
-		b.ReportMetric(median(xs), string(sched)+"-max/bound")
+		b.ReportMetric(report.MedianOf(xs), string(sched)+"-max/bound")
 	}
 	b.ReportMetric(0, "ns/op")
-}
-
-func median(xs []float64) float64 {
-	s := slices.Clone(xs)
-	slices.Sort(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
 // labBoundRun builds the lab and returns one schedule's max ÷ bound.

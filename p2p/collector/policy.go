@@ -141,8 +141,12 @@ func (statePolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
 			}
 			x -= c.weight
 		}
-		tx := r.maxTxLocked(cands[k].pq)
-		if i := r.bestPiece(cands[k].pq, cursor, now, tx > 0 && tx < slowBelow); i >= 0 {
+		slow := false
+		if slowBelow > 0 {
+			tx := r.maxTxLocked(cands[k].pq)
+			slow = tx > 0 && tx < slowBelow
+		}
+		if i := r.bestPiece(cands[k].pq, cursor, now, slow); i >= 0 {
 			return i, cands[k].pq, nil
 		}
 		total -= cands[k].weight

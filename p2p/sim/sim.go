@@ -287,11 +287,12 @@ type simulation struct {
 
 func newSim(cfg Config) *simulation {
 	rng := rand.New(rand.NewPCG(cfg.Seed, 0x5eed))
+	pieces := piece.Planner{Min: cfg.MinPiece}
 	s := &simulation{
 		cfg:    cfg,
 		net:    newNetwork(cfg.Step),
 		digest: digest.FromString(fmt.Sprintf("sim blob %d", cfg.Seed)),
-		plan:   piece.Planner{Min: cfg.MinPiece}.For(cfg.Size),
+		plan:   pieces.For(cfg.Size),
 		origin: &host{up: cfg.OriginUp, down: cfg.OriginUp},
 		sink:   &host{up: math.MaxFloat64 / 4, down: math.MaxFloat64 / 4},
 	}
@@ -365,7 +366,7 @@ func newSim(cfg Config) *simulation {
 			Owner:       simOwner{n},
 			Downloads:   n,
 			MaxPeers:    cfg.MaxPeers,
-			Pieces:      piece.Planner{Min: cfg.MinPiece},
+			Pieces:      pieces,
 			Delegations: n.delegations,
 			Uploads:     simUploads{n},
 			Logger:      slog.New(slog.DiscardHandler),
