@@ -333,7 +333,7 @@ func TestClusterPieceSizeMismatch(t *testing.T) {
 	d := pushBlob(t, reg, size, 15)
 	ids := []string{"node-a", "node-b"}
 	c := newCluster(t, reg, ids)
-	c.nodes = append(c.nodes, c.startNode(t, 0), c.startNode(t, 1, "--config", writeTOML(t, "[pieces]\nmin_size = \"1MiB\"\n")))
+	c.nodes = append(c.nodes, c.startNode(t, 0), c.startNode(t, 1, "--config", writeTOML(t, "[pieces]\nmin_size = \"4MiB\"\n")))
 	c.waitMembers(t, len(ids))
 	holder, other := 0, 1
 	if owner.Rank(d, ids)[0] == ids[1] {

@@ -12,19 +12,25 @@ import (
 
 const (
 	// MinSize is the smallest piece unless a cluster sets another
-	// (pieces.min_size). A node passes a piece on only once it holds it
-	// whole, so each hop delays a piece by its own transfer time; each piece
-	// also costs a request, an answer and bookkeeping. On 300 MB/s links
-	// (the simulator) 4 MiB pieces did better than 1 MiB ones; on 25 MB/s
-	// links (the namespace harness) 1 MiB ones did (docs/benchmarks.md).
-	MinSize int64 = 4 << 20
+	// (pieces.min_size).
+	MinSize int64 = 1 << 20
 	// LeastMin is the smallest MinSize a cluster may choose.
 	LeastMin int64 = 256 << 10
 	// MaxSize is the largest piece, so one slow piece never holds back much.
 	MaxSize int64 = 64 << 20
-	// TargetCount is the number of pieces a plan aims at before pieces grow
-	// beyond MinSize; it bounds the size of bitmaps and metadata messages.
-	TargetCount = 1024
+	// AimCount and AimSize: pieces grow from the smallest while a blob has
+	// more than AimCount of them and they are under AimSize. A node passes a
+	// piece on only once it holds it whole, so a pull ends about a few piece
+	// times after the bound: with fewer pieces each is a larger share of the
+	// blob; with smaller ones each request costs more against its transfer
+	// time. 256 pieces of at most 4 MiB beat 64 of 4 MiB (256 MiB on 25 MB/s
+	// links, the namespace harness; 256 MB on 300 MB/s, the simulator) and
+	// 954 of 1 MiB (1 GB on 300 MB/s); docs/benchmarks.md.
+	AimCount       = 256
+	AimSize  int64 = 4 << 20
+	// MaxCount is the number of pieces beyond which pieces grow whatever
+	// their size; it bounds the size of bitmaps and metadata messages.
+	MaxCount = 1024
 )
 
 // Plan is the piece layout of one blob.
@@ -45,7 +51,8 @@ type Planner struct {
 }
 
 // For returns the plan for a blob of the given size: Min pieces, doubled
-// until there are at most TargetCount of them, capped at MaxSize.
+// while there are more than AimCount of them under AimSize and while there
+// are more than MaxCount, capped at MaxSize.
 func (pl Planner) For(size int64) Plan {
 	if size < 0 {
 		size = 0
@@ -54,11 +61,12 @@ func (pl Planner) For(size int64) Plan {
 	if ps <= 0 {
 		ps = MinSize
 	}
-	if n := (size + TargetCount - 1) / TargetCount; n > ps {
-		ps = int64(1) << (63 - bits.LeadingZeros64(uint64(n-1)) + 1)
+	count := func(ps int64) int64 { return (size + ps - 1) / ps }
+	for ps < AimSize && count(ps) > AimCount {
+		ps *= 2
 	}
-	if ps > MaxSize {
-		ps = MaxSize
+	for ps < MaxSize && count(ps) > MaxCount {
+		ps *= 2
 	}
 	return Plan{Size: size, PieceSize: ps}
 }
@@ -124,8 +132,8 @@ func NewChecksum() interface {
 func Checksum(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
 
 // EncodeSet writes a set of pieces (set[i]: piece i is in it) as unpadded
-// base64url of a bitmap, bit i%8 of byte i/8: 172 characters for the 1,024
-// pieces most plans have, small enough for a header.
+// base64url of a bitmap, bit i%8 of byte i/8: 172 characters for 1,024
+// pieces, the most a blob under 64 GiB has, small enough for a header.
 func EncodeSet(set []bool) string {
 	b := make([]byte, (len(set)+7)/8)
 	for i, in := range set {

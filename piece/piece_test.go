@@ -17,6 +17,8 @@ func TestPlanFor(t *testing.T) {
 		{1, MinSize, 1},
 		{MinSize, MinSize, 1},
 		{MinSize + 1, MinSize, 2},
+		{256 << 20, 1 << 20, 256},
+		{256<<20 + 1, 2 << 20, 129},
 		{1 << 30, 4 << 20, 256},
 		{4 << 30, 4 << 20, 1024},
 		{4<<30 + 1, 8 << 20, 513},
@@ -50,19 +52,23 @@ func TestPlanFor(t *testing.T) {
 	}
 }
 
-// A cluster's smallest piece sets the plans of blobs up to TargetCount of
-// them; beyond, the count rules, whatever the smallest piece. Every plan a
-// valid Planner makes validates; plans no Planner makes do not.
+// Pieces grow from a cluster's smallest piece to AimCount of them while
+// under AimSize, then beyond MaxCount, whatever the smallest piece. Every
+// plan a valid Planner makes validates; plans no Planner makes do not.
 func TestPlanner(t *testing.T) {
 	for _, tt := range []struct {
 		min, size, pieceSize int64
 	}{
 		{0, 1 << 30, 4 << 20},
 		{1 << 20, 0, 1 << 20},
-		{1 << 20, 1 << 30, 1 << 20},
-		{1 << 20, 1<<30 + 1, 2 << 20},
+		{1 << 20, 1 << 30, 4 << 20},
 		{1 << 20, 3 << 30, 4 << 20},
-		{256 << 10, 8 << 20, 256 << 10},
+		{LeastMin, 8 << 20, 256 << 10},
+		{LeastMin, 64 << 20, 256 << 10},
+		{LeastMin, 64<<20 + 1, 512 << 10},
+		{LeastMin, 1 << 30, 4 << 20},
+		{8 << 20, 1 << 30, 8 << 20},
+		{8 << 20, 16 << 30, 16 << 20},
 		{LeastMin, 200 << 30, MaxSize},
 		{MaxSize, 1, MaxSize},
 	} {
@@ -74,8 +80,17 @@ func TestPlanner(t *testing.T) {
 			t.Errorf("Planner{%d}.For(%d): %v", tt.min, tt.size, err)
 		}
 	}
+	// Whatever the smallest piece and the size, the plan validates.
+	for _, min := range []int64{LeastMin, 512 << 10, 1 << 20, 2 << 20, 4 << 20, 8 << 20, MaxSize} {
+		for size := int64(1); size < 300<<30; size = size*3 + 7 {
+			if err := (Planner{Min: min}).For(size).Validate(); err != nil {
+				t.Fatalf("Planner{%d}.For(%d): %v", min, size, err)
+			}
+		}
+	}
 	for _, p := range []Plan{
 		{Size: 1 << 30, PieceSize: 512 << 10}, // 2,048 pieces: no Planner makes it
+		{Size: 1 << 30, PieceSize: 1 << 20},   // 1,024 pieces of under AimSize
 		{Size: 8 << 20, PieceSize: 128 << 10}, // below LeastMin
 		{Size: 8 << 20, PieceSize: 3 << 20},   // not a power of two
 		{Size: 8 << 20, PieceSize: 128 << 20}, // above MaxSize
