@@ -57,18 +57,17 @@ func (pl Planner) For(size int64) Plan {
 	if size < 0 {
 		size = 0
 	}
-	ps := pl.Min
-	if ps <= 0 {
-		ps = MinSize
+	p := Plan{Size: size, PieceSize: min(pl.Min, MaxSize)}
+	if p.PieceSize <= 0 {
+		p.PieceSize = MinSize
 	}
-	count := func(ps int64) int64 { return (size + ps - 1) / ps }
-	for ps < AimSize && count(ps) > AimCount {
-		ps *= 2
+	for p.PieceSize < AimSize && p.Count() > AimCount {
+		p.PieceSize *= 2
 	}
-	for ps < MaxSize && count(ps) > MaxCount {
-		ps *= 2
+	for p.PieceSize < MaxSize && p.Count() > MaxCount {
+		p.PieceSize *= 2
 	}
-	return Plan{Size: size, PieceSize: ps}
+	return p
 }
 
 // Count is the number of pieces. An empty blob has one empty piece so that it
