@@ -62,6 +62,7 @@ staticcheck: tools
 # cold start and preheat benchmarks have their own targets below.
 bench: tools
 	$(GO) test -run '^$$' -bench 'Mirror|WarmAccessCheck|Load|PeerTransfer|ServePeers|ContainerdServe' -benchtime 1x -count $(BENCH_COUNT) -timeout 60m ./integration/ -bench-size $(BENCH_SIZE)
+	$(GO) test -run '^$$' -bench WritePiece -benchtime 3x ./blobstore/
 
 # Cluster scenarios (a: all at once, b: slow parents, c: every node pulls an
 # image with crictl through containerd's CRI, d: waves, e: slow parents, the owner among them) on real processes in

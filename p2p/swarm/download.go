@@ -54,7 +54,54 @@ type Downloader struct {
 	delegated map[digest.Digest]*delegates
 	// children takes the members that follow a running download here to
 	// its Fill, which follows them back.
-	children map[digest.Digest]chan membership.Member
+	children map[digest.Digest]*childQueue
+}
+
+// maxQueuedChildren bounds the members a childQueue holds between two
+// takes; more are dropped (at most maxFollowedBack are followed back).
+const maxQueuedChildren = 1024
+
+// maxFollowedBack is how many of the nodes that follow a download it
+// follows back: half maxPeers (16 of the default 32), as many as a channel
+// of 16 let through before the queue. Each parent followed is a stream of
+// piece updates for the collector: with maxPeers followed back, 1,000
+// simulated nodes took a fifth to a third more time for the same times to
+// pull (docs/benchmarks.md).
+func maxFollowedBack(maxPeers int) int { return max(1, maxPeers/2) }
+
+// childQueue holds the members that began to follow a download, for its
+// Fill to follow back. It drops none below maxQueuedChildren: a node's
+// first children arrive together (a cluster registers within a second),
+// and a bounded channel dropped all but the first 16 of them, so that the
+// nodes that registered last, named to few, were followed back by none of
+// their parents and their upload idled (docs/benchmarks.md).
+type childQueue struct {
+	mu    sync.Mutex
+	list  []membership.Member
+	ready chan struct{} // holds a token while list is not empty
+}
+
+func newChildQueue() *childQueue { return &childQueue{ready: make(chan struct{}, 1)} }
+
+func (q *childQueue) put(m membership.Member) {
+	q.mu.Lock()
+	if len(q.list) < maxQueuedChildren {
+		q.list = append(q.list, m)
+	}
+	q.mu.Unlock()
+	select {
+	case q.ready <- struct{}{}:
+	default: // a token is there already
+	}
+}
+
+// take returns the members queued since the last take.
+func (q *childQueue) take() []membership.Member {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	list := q.list
+	q.list = nil
+	return list
 }
 
 // delegates are the pieces of a blob an owner left to the nodes that read
@@ -79,7 +126,7 @@ func NewDownloader(opts DownloaderOptions) *Downloader {
 		opts.Tracker = tracker.New(nil)
 	}
 	return &Downloader{opts: opts, log: opts.Logger.With("component", "swarm"), runs: map[digest.Digest]*collector.Run{},
-		delegated: map[digest.Digest]*delegates{}, children: map[digest.Digest]chan membership.Member{}}
+		delegated: map[digest.Digest]*delegates{}, children: map[digest.Digest]*childQueue{}}
 }
 
 // Delegate leaves pieces of d to the nodes that read them from the upstream
@@ -106,18 +153,14 @@ func (s *Downloader) Delegate(d digest.Digest, pieces []int, reader string) {
 // follows it: a node late to register is named to few later ones, and
 // without it its upload would idle while its parents' ran full; and the
 // nodes that follow a slow node, done before it, have upload to spare for
-// it. Followed beyond MaxPeers, at most MaxPeers of them; none when no
+// it. Followed beyond MaxPeers, at most maxFollowedBack of them; none when no
 // download of d runs or it has no room for more.
 func (s *Downloader) FollowBack(d digest.Digest, child membership.Member) {
 	s.mu.Lock()
-	ch := s.children[d]
+	q := s.children[d]
 	s.mu.Unlock()
-	if ch == nil {
-		return
-	}
-	select {
-	case ch <- child:
-	default: // the download has a backlog of children to follow already
+	if q != nil {
+		q.put(child)
 	}
 }
 
@@ -145,7 +188,7 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 		src = s.opts.PeerUpstream
 	}
 	run.SetUpstream(s.opts.Collector.NewUpstreamParent(src, req.Registry, req.Repo, d, req.Header), req.UpstreamOnly)
-	children := make(chan membership.Member, 16)
+	children := newChildQueue()
 	s.mu.Lock()
 	s.runs[d] = run
 	if !req.UpstreamOnly {
@@ -191,7 +234,7 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 		// them all would grow with the cluster (every announcement of
 		// every peer reaches every node). The owner comes first.
 		_, known := watching[id]
-		if known || kind == ordinary && len(watching)-followedBack > s.opts.MaxPeers || kind == child && followedBack >= s.opts.MaxPeers {
+		if known || kind == ordinary && len(watching)-followedBack > s.opts.MaxPeers || kind == child && followedBack >= maxFollowedBack(s.opts.MaxPeers) {
 			wmu.Unlock()
 			return
 		}
@@ -375,8 +418,10 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 			return err
 		case <-t.C:
 			coordinate()
-		case m := <-children:
-			addParent(m.ID, m.Addr, child)
+		case <-children.ready:
+			for _, m := range children.take() {
+				addParent(m.ID, m.Addr, child)
+			}
 		}
 	}
 }
@@ -392,8 +437,8 @@ const (
 	// parents (the owner names at most pieces.readers; maxReaders bounds a
 	// longer list).
 	reader
-	// child: it follows this node (FollowBack); at most MaxPeers besides
-	// the others.
+	// child: it follows this node (FollowBack); at most
+	// maxFollowedBack(MaxPeers) besides the others.
 	child
 )
 

@@ -164,6 +164,15 @@ func (u *countingUpstream) Blob(_ context.Context, _, _ string, _ digest.Digest,
 	return io.NopCloser(bytes.NewReader(u.data[off : off+n])), false, nil
 }
 
+// only is the update of a complete parent cut down to pieces.
+func only(whole *pb.PieceUpdate, pieces ...int) *pb.PieceUpdate {
+	up := &pb.PieceUpdate{Digest: whole.Digest, Size: whole.Size, PieceSize: whole.PieceSize}
+	for _, i := range pieces {
+		up.Pieces = append(up.Pieces, whole.Pieces[i])
+	}
+	return up
+}
+
 // complete is a node's update saying it has the whole blob.
 func complete(d digest.Digest, data []byte) *pb.PieceUpdate {
 	plan := piece.PlanFor(int64(len(data)))
@@ -412,23 +421,16 @@ func TestDownloaderFollowsReadersBeyondMaxPeers(t *testing.T) {
 		c, d, rank := newTestCluster(4, 4*piece.MinSize, 4)
 		data := c.data
 		whole := complete(d, data)
-		half := func(pieces ...int) *pb.PieceUpdate {
-			up := &pb.PieceUpdate{Digest: whole.Digest, Size: whole.Size, PieceSize: whole.PieceSize}
-			for _, i := range pieces {
-				up.Pieces = append(up.Pieces, whole.Pieces[i])
-			}
-			return up
-		}
 		peer, reader := &pb.PeerRef{Id: rank[1], Addr: addrOf(rank[1])}, &pb.PeerRef{Id: rank[2], Addr: addrOf(rank[2])}
 		// First the owner names a peer (the node's one place beside the
 		// owner), then, the reader chosen, the reader too.
 		c.nodes[addrOf(rank[0])] = &fakeNode{
 			resp:    &pb.RegisterResponse{Peers: []*pb.PeerRef{peer}},
 			then:    &pb.RegisterResponse{Peers: []*pb.PeerRef{peer}, Readers: []*pb.PeerRef{reader}},
-			updates: []*pb.PieceUpdate{half(0, 2)},
+			updates: []*pb.PieceUpdate{only(whole, 0, 2)},
 		}
-		c.nodes[addrOf(rank[1])] = &fakeNode{updates: []*pb.PieceUpdate{half(0)}}
-		c.nodes[addrOf(rank[2])] = &fakeNode{updates: []*pb.PieceUpdate{half(1, 3)}}
+		c.nodes[addrOf(rank[1])] = &fakeNode{updates: []*pb.PieceUpdate{only(whole, 0)}}
+		c.nodes[addrOf(rank[2])] = &fakeNode{updates: []*pb.PieceUpdate{only(whole, 1, 3)}}
 		up := &countingUpstream{data: data}
 		dl := NewDownloader(DownloaderOptions{
 			Self: membership.Member{ID: rank[3], Addr: addrOf(rank[3])}, Members: membersOf(rank), Transport: c,
@@ -488,6 +490,52 @@ func TestDownloaderFollowsAtMostMaxReaders(t *testing.T) {
 	})
 }
 
+// Children that begin to follow a node all at once (a cluster registers
+// within a second) are all followed back, up to maxFollowedBack: none is
+// dropped for arriving in a burst, the last of them included.
+func TestDownloaderFollowsBackABurstOfChildren(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const burst, maxPeers = 20, 40 // maxFollowedBack(40) = 20
+		c, d, rank := newTestCluster(7, 4*piece.MinSize, burst+2)
+		whole := complete(d, c.data)
+		c.nodes[addrOf(rank[0])] = &fakeNode{resp: &pb.RegisterResponse{}, updates: []*pb.PieceUpdate{only(whole, 0, 1)}}
+		children := rank[1 : burst+1]
+		for _, id := range children[:burst-1] {
+			c.nodes[addrOf(id)] = &fakeNode{}
+		}
+		last := children[burst-1] // the only holder of pieces 2 and 3
+		c.nodes[addrOf(last)] = &fakeNode{updates: []*pb.PieceUpdate{only(whole, 2, 3)}}
+		self := rank[burst+1]
+		dl := NewDownloader(DownloaderOptions{
+			Self: membership.Member{ID: self, Addr: addrOf(self)}, Members: membersOf(rank), Transport: c,
+			Collector: collector.New(collector.Options{Concurrency: 4, Logger: slog.New(slog.DiscardHandler)}),
+			Upstream:  &countingUpstream{data: c.data}, Logger: slog.New(slog.DiscardHandler), MaxPeers: maxPeers,
+		})
+		job := newMemJob(d, int64(len(c.data)))
+		errc := make(chan error, 1)
+		go func() { errc <- dl.Fill(context.Background(), job, task.Request{Digest: d}) }()
+		synctest.Wait() // pieces 0 and 1 in; 2 and 3 held by no parent yet
+		for _, id := range children {
+			dl.FollowBack(d, membership.Member{ID: id, Addr: addrOf(id)})
+		}
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+		var unwatched []string
+		for _, id := range children {
+			if c.nodes[addrOf(id)].watchers.Load() != 1 {
+				unwatched = append(unwatched, id)
+			}
+		}
+		if len(unwatched) > 0 {
+			t.Errorf("%d of %d children not followed back once: %v", len(unwatched), burst, unwatched)
+		}
+		if got := job.source[last]; got != 2 {
+			t.Errorf("%d pieces from the last child of the burst, want 2 (by parent %v)", got, job.source)
+		}
+	})
+}
+
 // A member that follows this node is followed back, beyond MaxPeers and at
 // most MaxPeers of them: here the pieces the owner's peers lack come from
 // the one child followed back, none from the upstream, and a second child
@@ -496,18 +544,11 @@ func TestDownloaderFollowsChildrenBack(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		c, d, rank := newTestCluster(6, 4*piece.MinSize, 5)
 		whole := complete(d, c.data)
-		some := func(pieces ...int) *pb.PieceUpdate {
-			up := &pb.PieceUpdate{Digest: whole.Digest, Size: whole.Size, PieceSize: whole.PieceSize}
-			for _, i := range pieces {
-				up.Pieces = append(up.Pieces, whole.Pieces[i])
-			}
-			return up
-		}
 		peer := &pb.PeerRef{Id: rank[1], Addr: addrOf(rank[1])}
-		c.nodes[addrOf(rank[0])] = &fakeNode{resp: &pb.RegisterResponse{Peers: []*pb.PeerRef{peer}}, updates: []*pb.PieceUpdate{some(0)}}
-		c.nodes[addrOf(rank[1])] = &fakeNode{updates: []*pb.PieceUpdate{some(1)}}
-		c.nodes[addrOf(rank[2])] = &fakeNode{updates: []*pb.PieceUpdate{some(2, 3)}}
-		c.nodes[addrOf(rank[3])] = &fakeNode{updates: []*pb.PieceUpdate{some(2, 3)}}
+		c.nodes[addrOf(rank[0])] = &fakeNode{resp: &pb.RegisterResponse{Peers: []*pb.PeerRef{peer}}, updates: []*pb.PieceUpdate{only(whole, 0)}}
+		c.nodes[addrOf(rank[1])] = &fakeNode{updates: []*pb.PieceUpdate{only(whole, 1)}}
+		c.nodes[addrOf(rank[2])] = &fakeNode{updates: []*pb.PieceUpdate{only(whole, 2, 3)}}
+		c.nodes[addrOf(rank[3])] = &fakeNode{updates: []*pb.PieceUpdate{only(whole, 2, 3)}}
 		up := &countingUpstream{data: c.data}
 		self := rank[4]
 		dl := NewDownloader(DownloaderOptions{

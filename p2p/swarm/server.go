@@ -168,10 +168,9 @@ func (s *Server) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Reg
 		return nil, err
 	}
 	resp := &pb.RegisterResponse{}
-	for _, p := range s.opts.Tracker.Peers(d.String(), who.ID, s.opts.MaxPeers) {
+	for _, p := range s.opts.Tracker.Register(d.String(), tracker.Peer{ID: who.ID, Addr: who.Addr, Seen: time.Now()}, s.opts.MaxPeers) {
 		resp.Peers = append(resp.Peers, &pb.PeerRef{Id: p.ID, Addr: p.Addr})
 	}
-	s.opts.Tracker.Add(d.String(), tracker.Peer{ID: who.ID, Addr: who.Addr, Seen: time.Now()})
 
 	if size, err := s.opts.Store.Stat(d); err == nil {
 		resp.Size = size

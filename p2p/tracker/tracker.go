@@ -192,6 +192,21 @@ func (t *Tracker) Add(key string, p Peer) {
 	set(t.peers, key).put(p)
 }
 
+// Register hands p up to limit of key's nodes, as Peers does (p aside), and
+// records p's registration, under one hold of the lock: registrations that
+// arrive together each see every one before them. Apart (Peers, then Add),
+// a burst of them queued at the contended lock, which then hands it over in
+// arrival order: every Peers of the burst ran before its Adds, the whole
+// burst was named only the nodes registered before it, and nobody the nodes
+// in it, whose upload then idled (docs/benchmarks.md).
+func (t *Tracker) Register(key string, p Peer, limit int) []Peer {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := t.peersLocked(key, p.ID, limit)
+	set(t.peers, key).put(p)
+	return out
+}
+
 // Peers returns up to limit of key's registered and holding nodes, except
 // one: the least handed out of twice limit drawn at random (indices drawn
 // without replacement over the registered then the holding nodes, a partial
@@ -200,6 +215,10 @@ func (t *Tracker) Add(key string, p Peer) {
 func (t *Tracker) Peers(key, except string, limit int) []Peer {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	return t.peersLocked(key, except, limit)
+}
+
+func (t *Tracker) peersLocked(key, except string, limit int) []Peer {
 	reg, hold := t.peers[key], t.holders[key]
 	nreg := reg.len()
 	total := nreg + hold.len()

@@ -3,6 +3,8 @@ package tracker
 import (
 	"fmt"
 	"math/rand/v2"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 )
@@ -240,5 +242,44 @@ func TestPeersEvenAsNodesArrive(t *testing.T) {
 	t.Logf("handed out per node, first %d registrants: min %d, max %d", 3*n/4, lo, hi)
 	if lo < 1 || hi > 2*k {
 		t.Errorf("handed out between %d and %d times each, want within [1, %d]", lo, hi, 2*k)
+	}
+}
+
+// Registrations that arrive together are served one after another: each
+// is named up to limit of the nodes registered before it, so the k-th
+// (from 0) gets min(k, limit) peers, and each of them was registered
+// before it. Named and added apart, a burst named only the nodes before
+// the burst, and many got as few peers as the first of them.
+func TestRegisterConcurrent(t *testing.T) {
+	const n, limit = 300, 8
+	tr := New(rand.New(rand.NewPCG(5, 6)))
+	got := make([][]Peer, n)
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i := range n {
+		wg.Go(func() {
+			<-start
+			got[i] = tr.Register("d", Peer{ID: fmt.Sprint("n", i)}, limit)
+		})
+	}
+	close(start)
+	wg.Wait()
+	sizes := make([]int, n)
+	for i, ps := range got {
+		sizes[i] = len(ps)
+		for _, p := range ps {
+			if p.ID == fmt.Sprint("n", i) {
+				t.Fatalf("n%d was named itself", i)
+			}
+		}
+	}
+	slices.Sort(sizes)
+	for k, size := range sizes {
+		if want := min(k, limit); size != want {
+			t.Fatalf("the %d-th registration got %d peers, want %d (sizes %v)", k, size, want, sizes[:min(len(sizes), 3*limit)])
+		}
+	}
+	if reg := tr.Peers("d", "", 2*n); len(reg) != n {
+		t.Errorf("%d registered, want %d", len(reg), n)
 	}
 }
