@@ -537,7 +537,7 @@ func TestDownloaderFollowsBackABurstOfChildren(t *testing.T) {
 }
 
 // A member that follows this node is followed back, beyond MaxPeers and at
-// most MaxPeers of them: here the pieces the owner's peers lack come from
+// most maxFollowedBack of them: here the pieces the owner's peers lack come from
 // the one child followed back, none from the upstream, and a second child
 // past the bound is not watched.
 func TestDownloaderFollowsChildrenBack(t *testing.T) {

@@ -185,20 +185,14 @@ func (t *Tracker) Holders(key string) []string {
 	return ids
 }
 
-// Add records (or refreshes) a registration for key.
-func (t *Tracker) Add(key string, p Peer) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	set(t.peers, key).put(p)
-}
-
 // Register hands p up to limit of key's nodes, as Peers does (p aside), and
-// records p's registration, under one hold of the lock: registrations that
-// arrive together each see every one before them. Apart (Peers, then Add),
-// a burst of them queued at the contended lock, which then hands it over in
-// arrival order: every Peers of the burst ran before its Adds, the whole
-// burst was named only the nodes registered before it, and nobody the nodes
-// in it, whose upload then idled (docs/benchmarks.md).
+// records (or refreshes) p's registration, under one hold of the lock:
+// registrations that arrive together each see every one before them. Under
+// two holds, a burst of them queued at the contended lock, which then hands
+// it over in arrival order: every sample of the burst was drawn before any
+// of it was recorded, the whole burst was named only the nodes registered
+// before it, and nobody the nodes in it, whose upload then idled
+// (docs/benchmarks.md). Limit 0 only records.
 func (t *Tracker) Register(key string, p Peer, limit int) []Peer {
 	t.mu.Lock()
 	defer t.mu.Unlock()

@@ -13,10 +13,10 @@ func TestPeers(t *testing.T) {
 	t0 := time.Unix(1000, 0)
 	tr := New(rand.New(rand.NewPCG(1, 2)))
 	for i := range 10 {
-		tr.Add("d", Peer{ID: fmt.Sprint("n", i), Addr: fmt.Sprint("A", i), Seen: t0})
+		tr.Register("d", Peer{ID: fmt.Sprint("n", i), Addr: fmt.Sprint("A", i), Seen: t0}, 0)
 	}
-	tr.Add("other", Peer{ID: "x", Addr: "X", Seen: t0})
-	tr.Add("d", Peer{ID: "n3", Addr: "A3-new", Seen: t0.Add(time.Second)}) // refresh
+	tr.Register("other", Peer{ID: "x", Addr: "X", Seen: t0}, 0)
+	tr.Register("d", Peer{ID: "n3", Addr: "A3-new", Seen: t0.Add(time.Second)}, 0) // refresh
 
 	for _, tc := range []struct {
 		except string
@@ -50,7 +50,7 @@ func TestPeers(t *testing.T) {
 func TestPeersSpread(t *testing.T) {
 	tr := New(rand.New(rand.NewPCG(3, 4)))
 	for i := range 100 {
-		tr.Add("d", Peer{ID: fmt.Sprint("n", i), Seen: time.Unix(int64(i), 0)})
+		tr.Register("d", Peer{ID: fmt.Sprint("n", i), Seen: time.Unix(int64(i), 0)}, 0)
 	}
 	count := map[string]int{}
 	for range 100 {
@@ -71,8 +71,8 @@ func TestPeersSpread(t *testing.T) {
 // announcement withdraws them.
 func TestHold(t *testing.T) {
 	tr := New(rand.New(rand.NewPCG(1, 2)))
-	tr.Add("d1", Peer{ID: "reg", Addr: "R"})
-	tr.Add("d1", Peer{ID: "both", Addr: "B"})
+	tr.Register("d1", Peer{ID: "reg", Addr: "R"}, 0)
+	tr.Register("d1", Peer{ID: "both", Addr: "B"}, 0)
 	tr.Hold(Peer{ID: "h1", Addr: "H1"}, []string{"d1", "d2"})
 	tr.Hold(Peer{ID: "both", Addr: "B"}, []string{"d1"})
 	for _, tc := range []struct {
@@ -113,9 +113,9 @@ func TestHold(t *testing.T) {
 // keys nobody else has.
 func TestRetain(t *testing.T) {
 	tr := New(rand.New(rand.NewPCG(1, 2)))
-	tr.Add("d1", Peer{ID: "gone", Addr: "G"})
-	tr.Add("d1", Peer{ID: "here", Addr: "H"})
-	tr.Add("d2", Peer{ID: "gone", Addr: "G"})
+	tr.Register("d1", Peer{ID: "gone", Addr: "G"}, 0)
+	tr.Register("d1", Peer{ID: "here", Addr: "H"}, 0)
+	tr.Register("d2", Peer{ID: "gone", Addr: "G"}, 0)
 	tr.Hold(Peer{ID: "gone", Addr: "G"}, []string{"d3", "d1"})
 	tr.Hold(Peer{ID: "here", Addr: "H"}, []string{"d3"})
 	tr.Retain(map[string]bool{"here": true})
@@ -140,7 +140,7 @@ func BenchmarkPeers(b *testing.B) {
 		b.Run(fmt.Sprint("registered=", n), func(b *testing.B) {
 			tr := New(rand.New(rand.NewPCG(1, 2)))
 			for i := range n {
-				tr.Add("d", Peer{ID: fmt.Sprint("node-", i), Addr: fmt.Sprint("10.0.0.", i)})
+				tr.Register("d", Peer{ID: fmt.Sprint("node-", i), Addr: fmt.Sprint("10.0.0.", i)}, 0)
 			}
 			b.ReportAllocs()
 			for b.Loop() {
@@ -163,7 +163,7 @@ func TestPeersAfterChanges(t *testing.T) {
 		switch op := rng.IntN(10); {
 		case op < 5:
 			n := id()
-			tr.Add("d", Peer{ID: n, Addr: n})
+			tr.Register("d", Peer{ID: n, Addr: n}, 0)
 			registered[n] = true
 		case op < 7:
 			n := id()
@@ -230,7 +230,7 @@ func TestPeersEvenAsNodesArrive(t *testing.T) {
 		for _, p := range tr.Peers("d", id, k) {
 			named[p.ID]++
 		}
-		tr.Add("d", Peer{ID: id})
+		tr.Register("d", Peer{ID: id}, 0)
 	}
 	// The last registrants have had few chances to be handed out: judge
 	// the first three quarters.
