@@ -56,6 +56,7 @@ type Task struct {
 	wantedAt time.Time // last reader or peer interest (Touch)
 	err      error
 	finished chan struct{}
+	ended    bool // set, with elapsed and err, before finished closes
 	elapsed  time.Duration
 	readers  map[*Reader]struct{}
 	sources  map[string]int64
@@ -161,14 +162,12 @@ func (t *Task) Stats() Stats {
 	for k, v := range t.sources {
 		st.Sources[k] = v
 	}
-	select {
-	case <-t.finished:
+	if t.ended {
 		st.Duration = t.elapsed
 		st.State = "complete"
 		if t.err != nil {
 			st.State, st.Error = "failed", t.err.Error()
 		}
-	default:
 	}
 	return st
 }
@@ -287,15 +286,17 @@ func (t *Task) finish(err error) {
 	default:
 		t.partial.Close() // pieces stay to resume
 	}
-	// Unlisted before Done closes: whoever waited on it finds it gone.
-	t.m.remove(t)
 	t.mu.Lock()
 	t.err = err
 	t.elapsed = time.Since(t.started)
-	close(t.finished)
+	t.ended = true
 	t.mu.Unlock()
+	// Recorded among the recent, then unlisted, before Done closes: whoever
+	// waited on it finds it gone and its accounting kept.
 	st := t.Stats()
 	t.m.recent.Add(t.req.Digest, st)
+	t.m.remove(t)
+	close(t.finished)
 
 	attrs := []any{"digest", t.req.Digest, "repo", t.req.Repo, "registry", t.req.Registry, "size", t.plan.Size, "duration", st.Duration.Round(time.Millisecond)}
 	for _, k := range slices.Sorted(maps.Keys(st.Sources)) {
