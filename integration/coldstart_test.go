@@ -92,7 +92,7 @@ func runColdStart(tb testing.TB, n int, size, bps int64) coldResult {
 			tb.Fatalf("node-%02d: %v", i+1, err)
 		}
 	}
-	res.Copies = float64(statsOf(tb, info)) / float64(size)
+	res.Copies = float64(statsOf(tb, info).Bytes) / float64(size)
 	rates := make([]float64, n)
 	for i := range rates {
 		rates[i] = float64(bps)

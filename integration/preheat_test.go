@@ -33,8 +33,15 @@ type preheatResult struct {
 	Output       string
 }
 
+// upstreamStats is what the test registry has sent since its counters were
+// reset: blob bytes, and when it last wrote any.
+type upstreamStats struct {
+	Bytes     int64
+	LastWrite time.Time
+}
+
 // statsOf reads a test registry's counters.
-func statsOf(tb testing.TB, info registryInfo) int64 {
+func statsOf(tb testing.TB, info registryInfo) upstreamStats {
 	tb.Helper()
 	resp, err := http.Get(info.Stats + "/_stats")
 	if err != nil {
@@ -43,11 +50,16 @@ func statsOf(tb testing.TB, info registryInfo) int64 {
 	defer resp.Body.Close()
 	var st struct {
 		BlobBytes int64 `json:"blob_bytes"`
+		LastWrite int64 `json:"last_blob_write_unix_ns"`
 	}
 	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
 		tb.Fatal(err)
 	}
-	return st.BlobBytes
+	out := upstreamStats{Bytes: st.BlobBytes}
+	if st.LastWrite != 0 {
+		out.LastWrite = time.Unix(0, st.LastWrite)
+	}
+	return out
 }
 
 // runPreheat starts n nodes in network namespaces, preheats an image of
@@ -87,7 +99,7 @@ func runPreheat(tb testing.TB, n int, layers string, bps int64) preheatResult {
 		blobs = append(blobs, l.Digest)
 	}
 	blobs = append(blobs, info.Image.Config)
-	before := statsOf(tb, info)
+	before := statsOf(tb, info).Bytes
 	start := time.Now()
 	out, err := exec.CommandContext(ctx, *proxyBin, "preheat", "--admin", admins[0], "bench.invalid/bench/image:latest").CombinedOutput()
 	res.Took = time.Since(start).Seconds()
@@ -95,14 +107,14 @@ func runPreheat(tb testing.TB, n int, layers string, bps int64) preheatResult {
 	if err != nil {
 		tb.Fatalf("registry-proxy preheat: %v\n%s", err, out)
 	}
-	res.Copies = float64(statsOf(tb, info)-before) / float64(size)
+	res.Copies = float64(statsOf(tb, info).Bytes-before) / float64(size)
 	rates := make([]float64, n)
 	for i := range rates {
 		rates[i] = float64(bps)
 	}
 	res.Bound = report.KumarRoss(float64(size), float64(bps), rates, rates)
 
-	before = statsOf(tb, info)
+	before = statsOf(tb, info).Bytes
 	var wg sync.WaitGroup
 	errs := make([]error, n)
 	for i, h := range hosts {
@@ -126,7 +138,7 @@ func runPreheat(tb testing.TB, n int, layers string, bps int64) preheatResult {
 			tb.Fatal(err)
 		}
 	}
-	res.PullUpstream = statsOf(tb, info) - before
+	res.PullUpstream = statsOf(tb, info).Bytes - before
 	return res
 }
 

@@ -2,7 +2,7 @@
 // from go-containerregistry, in memory) as its own process, for benchmarks
 // that put it in a network namespace of its own. It pushes one random blob
 // at start, prints {"digest":..., "size":...} on stdout, and serves the
-// blob bytes it has sent at /_stats.
+// blob bytes it has sent (and when it last wrote any) at /_stats.
 package main
 
 import (
@@ -70,7 +70,11 @@ func main() {
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /_stats", func(w http.ResponseWriter, _ *http.Request) {
-		json.NewEncoder(w).Encode(map[string]int64{"blob_bytes": reg.BlobBytes(), "blob_gets": reg.BlobGets()})
+		var last int64
+		if t := reg.LastBlobWrite(); !t.IsZero() {
+			last = t.UnixNano()
+		}
+		json.NewEncoder(w).Encode(map[string]int64{"blob_bytes": reg.BlobBytes(), "blob_gets": reg.BlobGets(), "last_blob_write_unix_ns": last})
 	})
 	mux.HandleFunc("POST /_reset", func(w http.ResponseWriter, _ *http.Request) { reg.ResetCounters() })
 	go http.ListenAndServe(*stats, mux)

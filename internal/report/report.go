@@ -43,6 +43,10 @@ type Run struct {
 	// CPUBusy is the machine's CPU use while the nodes pulled, 0..1 (all
 	// processes of the run share the machine's cores).
 	CPUBusy float64 `json:"cpu_busy,omitempty"`
+	// UpstreamDone is when the upstream last wrote blob bytes, seconds from
+	// the start (0: unknown). Past the bound, the origin's link idled or ran
+	// below its rate; the nodes' time after it is the peers' tail.
+	UpstreamDone float64 `json:"upstream_done,omitempty"`
 }
 
 // Finish computes the quantiles and ratios from Seconds, Bound, Egress and Size.
@@ -150,13 +154,14 @@ func Summary(runs []Run) string {
 		if first.Note != "" {
 			fmt.Fprintf(&sb, "; %s", first.Note)
 		}
-		sb.WriteString("\n\nMedians over runs.\n\n| mode | runs | p50 s | p95 s | p99 s | max s | bound s | max/bound | upstream egress / blob | peer bytes share | CPU busy |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+		sb.WriteString("\n\nMedians over runs.\n\n| mode | runs | p50 s | p95 s | p99 s | max s | bound s | max/bound | upstream done/bound | upstream egress / blob | peer bytes share | CPU busy |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 		for _, m := range modes[sc] {
 			rs := by[[2]string{sc, m}]
-			fmt.Fprintf(&sb, "| %s | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.3f | %.1f%% | %.0f%% |\n", m, len(rs),
+			fmt.Fprintf(&sb, "| %s | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.3f | %.1f%% | %.0f%% |\n", m, len(rs),
 				Median(rs, func(r Run) float64 { return r.P50 }), Median(rs, func(r Run) float64 { return r.P95 }),
 				Median(rs, func(r Run) float64 { return r.P99 }), Median(rs, func(r Run) float64 { return r.Max }),
 				Median(rs, func(r Run) float64 { return r.Bound }), Median(rs, func(r Run) float64 { return r.MaxOver }),
+				Median(rs, func(r Run) float64 { return r.UpstreamDone / r.Bound }),
 				Median(rs, func(r Run) float64 { return r.EgressX }), 100*Median(rs, peerShare),
 				100*Median(rs, func(r Run) float64 { return r.CPUBusy }))
 		}

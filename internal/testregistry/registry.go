@@ -47,6 +47,7 @@ type Registry struct {
 
 	blobBytes   atomic.Int64
 	blobGets    atomic.Int64
+	lastWrite   atomic.Int64 // unix ns of the last blob bytes written
 	redirected  atomic.Int64
 	pace        atomic.Int64 // bytes/s per blob response, 0 = unpaced
 	down        atomic.Bool
@@ -145,6 +146,16 @@ func (r *Registry) SetRedirect(v bool) { r.redirect.Store(v) }
 // BlobBytes is the number of blob bytes sent so far.
 func (r *Registry) BlobBytes() int64 { return r.blobBytes.Load() }
 
+// LastBlobWrite is when blob bytes were last written to a client (the zero
+// time if none since the counters were reset); with the kernel's socket
+// buffer, a little before the last of them left the host.
+func (r *Registry) LastBlobWrite() time.Time {
+	if ns := r.lastWrite.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
+}
+
 // BlobGets is the number of blob GET requests answered with content.
 func (r *Registry) BlobGets() int64 { return r.blobGets.Load() }
 
@@ -162,6 +173,7 @@ func (r *Registry) BytesOf(digest string) int64 {
 func (r *Registry) ResetCounters() {
 	r.blobBytes.Store(0)
 	r.blobGets.Store(0)
+	r.lastWrite.Store(0)
 	r.redirected.Store(0)
 	r.mu.Lock()
 	r.perBlob = map[string]int64{}
@@ -278,6 +290,7 @@ func (c *countingWriter) Write(b []byte) (int, error) {
 		n, err := c.ResponseWriter.Write(out)
 		written += n
 		c.r.blobBytes.Add(int64(n))
+		c.r.lastWrite.Store(time.Now().UnixNano())
 		c.r.mu.Lock()
 		c.r.perBlob[c.digest] += int64(n)
 		c.r.mu.Unlock()
