@@ -33,7 +33,10 @@ type Stats struct {
 	Sources  map[string]int64 `json:"sources"`
 	Started  time.Time        `json:"started"`
 	Duration time.Duration    `json:"duration"`
-	Error    string           `json:"error,omitempty"`
+	// Verified is when the blob matched its digest, from Started: its
+	// readers had their last byte then; Duration adds the commit to disk.
+	Verified time.Duration `json:"verified,omitempty"`
+	Error    string        `json:"error,omitempty"`
 }
 
 // Task is the download of one blob.
@@ -58,6 +61,7 @@ type Task struct {
 	finished chan struct{}
 	ended    bool // set, with elapsed and err, before finished closes
 	elapsed  time.Duration
+	verified time.Duration // from started; zero until the digest matched
 	readers  map[*Reader]struct{}
 	sources  map[string]int64
 }
@@ -162,6 +166,7 @@ func (t *Task) Stats() Stats {
 	for k, v := range t.sources {
 		st.Sources[k] = v
 	}
+	st.Verified = t.verified
 	if t.ended {
 		st.Duration = t.elapsed
 		st.State = "complete"
@@ -270,12 +275,22 @@ func (t *Task) verify(ctx context.Context, fillDone chan error) error {
 	if got != t.req.Digest {
 		return fmt.Errorf("%w: %s hashed to %s", ErrDigestMismatch, t.req.Digest, got)
 	}
+	t.mu.Lock()
+	t.verified = time.Since(t.started)
+	t.mu.Unlock()
 	// Commit seals the partial blob first: readers may finish while it
 	// syncs the bytes to disk.
 	return t.partial.Commit(got)
 }
 
 func (t *Task) finish(err error) {
+	// The error first: a reader opening as the partial blob is discarded
+	// finds the file gone and returns this error (NewReader).
+	t.mu.Lock()
+	t.err = err
+	t.elapsed = time.Since(t.started)
+	t.ended = true
+	t.mu.Unlock()
 	switch {
 	case err == nil:
 		t.partial.Close()
@@ -286,11 +301,6 @@ func (t *Task) finish(err error) {
 	default:
 		t.partial.Close() // pieces stay to resume
 	}
-	t.mu.Lock()
-	t.err = err
-	t.elapsed = time.Since(t.started)
-	t.ended = true
-	t.mu.Unlock()
 	// Recorded among the recent, then unlisted, before Done closes: whoever
 	// waited on it finds it gone and its accounting kept.
 	st := t.Stats()

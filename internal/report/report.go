@@ -47,6 +47,11 @@ type Run struct {
 	// the start (0: unknown). Past the bound, the origin's link idled or ran
 	// below its rate; the nodes' time after it is the peers' tail.
 	UpstreamDone float64 `json:"upstream_done,omitempty"`
+	// ProxiesDone is when the last node's proxy had every blob verified,
+	// seconds from the start (0: unknown, or no proxies). The clients'
+	// time after it is their own: reading the last bytes, containerd's
+	// unpacking.
+	ProxiesDone float64 `json:"proxies_done,omitempty"`
 }
 
 // Finish computes the quantiles and ratios from Seconds, Bound, Egress and Size.
@@ -154,14 +159,15 @@ func Summary(runs []Run) string {
 		if first.Note != "" {
 			fmt.Fprintf(&sb, "; %s", first.Note)
 		}
-		sb.WriteString("\n\nMedians over runs.\n\n| mode | runs | p50 s | p95 s | p99 s | max s | bound s | max/bound | upstream done/bound | upstream egress / blob | peer bytes share | CPU busy |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+		sb.WriteString("\n\nMedians over runs.\n\n| mode | runs | p50 s | p95 s | p99 s | max s | bound s | max/bound | upstream done/bound | proxies done/bound | upstream egress / blob | peer bytes share | CPU busy |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 		for _, m := range modes[sc] {
 			rs := by[[2]string{sc, m}]
-			fmt.Fprintf(&sb, "| %s | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.3f | %.1f%% | %.0f%% |\n", m, len(rs),
+			fmt.Fprintf(&sb, "| %s | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.3f | %.1f%% | %.0f%% |\n", m, len(rs),
 				Median(rs, func(r Run) float64 { return r.P50 }), Median(rs, func(r Run) float64 { return r.P95 }),
 				Median(rs, func(r Run) float64 { return r.P99 }), Median(rs, func(r Run) float64 { return r.Max }),
 				Median(rs, func(r Run) float64 { return r.Bound }), Median(rs, func(r Run) float64 { return r.MaxOver }),
 				Median(rs, func(r Run) float64 { return r.UpstreamDone / r.Bound }),
+				Median(rs, func(r Run) float64 { return r.ProxiesDone / r.Bound }),
 				Median(rs, func(r Run) float64 { return r.EgressX }), 100*Median(rs, peerShare),
 				100*Median(rs, func(r Run) float64 { return r.CPUBusy }))
 		}

@@ -8,7 +8,7 @@ import (
 
 func run(mode string, repeat int, secs ...float64) Run {
 	r := Run{Scenario: "a", Mode: mode, Repeat: repeat, Nodes: len(secs), Size: 64 << 20, NodeBps: 25e6, OriginBps: 25e6,
-		Seconds: map[string]float64{}, Bound: 2, UpstreamDone: 2.2, Egress: 64 << 20, PieceSize: 4 << 20,
+		Seconds: map[string]float64{}, Bound: 2, UpstreamDone: 2.2, ProxiesDone: 3, Egress: 64 << 20, PieceSize: 4 << 20,
 		BySource: map[string]int64{"upstream": 64 << 20, "peer": 128 << 20}, ByParent: map[string]int64{"upstream": 64 << 20, "n1": 8 << 20}}
 	for i, s := range secs {
 		r.Seconds[string(rune('a'+i))] = s
@@ -32,7 +32,7 @@ func TestSummaryAndPlots(t *testing.T) {
 	}
 	md := Summary(runs)
 	for _, want := range []string{
-		"| state | 3 | 2.00 | 4.00 | 4.00 | 4.00 | 2.00 | 2.00 | 1.10 | 1.000 | 66.7% | 0% |",
+		"| state | 3 | 2.00 | 4.00 | 4.00 | 4.00 | 2.00 | 2.00 | 1.10 | 1.50 | 1.000 | 66.7% | 0% |",
 		"- fcfs ÷ state, p99: median 2.00× (runs: 2.00, 2.00, 2.00)",
 		"- direct ÷ state, max: median 2.25× (runs: 1.80, 2.25, 3.00)",
 	} {
