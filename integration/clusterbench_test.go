@@ -386,6 +386,7 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 	} else {
 		// When each proxy had each blob verified (its readers had their last
 		// byte then). A blob without a record leaves the figure unknown.
+		var done float64
 		known := true
 		for _, m := range admins {
 			for _, b := range blobs {
@@ -395,7 +396,7 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 					continue
 				}
 				if st.Verified > 0 {
-					res.ProxiesDone = max(res.ProxiesDone, st.Started.Add(st.Verified).Sub(t0).Seconds())
+					done = max(done, st.Started.Add(st.Verified).Sub(t0).Seconds())
 				} else {
 					known = false
 				}
@@ -409,8 +410,8 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 				}
 			}
 		}
-		if !known {
-			res.ProxiesDone = 0
+		if known {
+			res.ProxiesDone = done
 		}
 	}
 	// The bound is for the nodes that start together: the first wave.
