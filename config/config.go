@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"path"
 	"os"
 	"reflect"
 	"slices"
@@ -69,8 +70,27 @@ type Admin struct {
 
 // Access is the [access] table.
 type Access struct {
-	Check bool          `toml:"check"`
-	TTL   time.Duration `toml:"ttl"`
+	Check      bool                      `toml:"check"`
+	TTL        time.Duration             `toml:"ttl"`
+	Registries map[string]RegistryAccess `toml:"registries"`
+}
+
+// RegistryAccess is one registry's entry of [access.registries]: whose
+// credentials decide what a client without any may read.
+type RegistryAccess struct {
+	// Mode is "client" (the client's own credentials decide) or "node"
+	// (a client without credentials is served what this node's can read).
+	Mode string `toml:"mode"`
+	// Repositories the mode applies to (patterns); empty: all of them.
+	Repositories []string `toml:"repositories"`
+}
+
+// CredentialProviders is the [upstream.credential_providers] table:
+// kubelet's image credential provider plugins as node credentials.
+type CredentialProviders struct {
+	Config  string        `toml:"config"`
+	BinDir  string        `toml:"bin_dir"`
+	Timeout time.Duration `toml:"timeout"`
 }
 
 // Credential is one registry's entry of [upstream.credentials].
@@ -145,6 +165,7 @@ type Upstream struct {
 	Allow                 []string              `toml:"allow"`
 	DockerConfig          string                `toml:"docker_config"`
 	Credentials           map[string]Credential `toml:"credentials"`
+	CredentialProviders   CredentialProviders   `toml:"credential_providers"`
 }
 
 // Pieces is the [pieces] table.
@@ -204,6 +225,7 @@ func Default() Config {
 			MaxManifestSize:       4 << 20,
 			Allow:                 DefaultAllow(),
 			Credentials:           map[string]Credential{},
+			CredentialProviders:   CredentialProviders{Timeout: 10 * time.Second},
 		},
 		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1, Readers: 4, MinRate: 256 << 10, RaceAfter: 5 * time.Second, MinSize: Size(piece.MinSize)},
 		Store:  Store{GCInterval: 5 * time.Minute, MaxBlobSize: 64 << 30, PartialMaxAge: 24 * time.Hour},
@@ -212,9 +234,23 @@ func Default() Config {
 		Containerd: Containerd{Address: DefaultContainerdAddress, Namespaces: []string{"k8s.io"},
 			ContentDir: "/var/lib/containerd/io.containerd.content.v1.content", ListInterval: 10 * time.Second},
 		Admin:  Admin{Listen: "127.0.0.1:5001"},
-		Access: Access{Check: true, TTL: time.Minute},
+		Access: Access{Check: true, TTL: time.Minute, Registries: map[string]RegistryAccess{}},
 		Limits: Limits{WriteStall: time.Minute, Tasks: 256, TasksPerRegistry: 128, UpstreamConnsPerHost: 64, ClientConns: 256, IdleDownload: 2 * time.Minute},
 	}
+}
+
+// ValidRepositoryPattern checks one of access.registries' repository
+// patterns: path.Match's syntax ("*" within one path segment), or a prefix
+// ending in "/**" for every repository below it.
+func ValidRepositoryPattern(p string) error {
+	base := strings.TrimSuffix(p, "/**")
+	if p == "" || base == "" || strings.HasPrefix(p, "/") {
+		return fmt.Errorf("pattern %q: want a repository name pattern such as org/base-* or org/**", p)
+	}
+	if _, err := path.Match(base, ""); err != nil {
+		return fmt.Errorf("pattern %q: %w", p, err)
+	}
+	return nil
 }
 
 // DefaultAllow is upstream.allow's default: the well-known public registries.
@@ -333,6 +369,24 @@ func (c Config) Validate() error {
 	}
 	if c.Access.Check && c.Access.TTL <= 0 {
 		errs = append(errs, errors.New("access.ttl: must be positive"))
+	}
+	for name, ra := range c.Access.Registries {
+		if ra.Mode != "" && ra.Mode != "client" && ra.Mode != "node" {
+			errs = append(errs, fmt.Errorf("access.registries.%q.mode %q: want client or node", name, ra.Mode))
+		}
+		for _, p := range ra.Repositories {
+			if err := ValidRepositoryPattern(p); err != nil {
+				errs = append(errs, fmt.Errorf("access.registries.%q.repositories: %w", name, err))
+			}
+		}
+	}
+	if cp := c.Upstream.CredentialProviders; cp.Config != "" || cp.BinDir != "" {
+		if cp.Config == "" || cp.BinDir == "" {
+			errs = append(errs, errors.New("upstream.credential_providers: set config and bin_dir together"))
+		}
+		if cp.Timeout <= 0 {
+			errs = append(errs, errors.New("upstream.credential_providers.timeout: must be positive"))
+		}
 	}
 	if c.Containerd.Address != "" && (len(c.Containerd.Namespaces) == 0 || slices.Contains(c.Containerd.Namespaces, "") || c.Containerd.ListInterval <= 0) {
 		errs = append(errs, errors.New("containerd: namespaces must name at least one namespace, list_interval be positive"))

@@ -59,6 +59,20 @@ func TestValidate(t *testing.T) {
 		{"timeout", func(c *Config) { c.Pieces.Timeout = 0 }, "pieces.timeout"},
 		{"piece size", func(c *Config) { c.Pieces.MinSize = 3 << 20 }, "pieces.min_size"},
 		{"piece size too small", func(c *Config) { c.Pieces.MinSize = 64 << 10 }, "pieces.min_size"},
+		{"access mode", func(c *Config) { c.Access.Registries["r.test"] = RegistryAccess{Mode: "everyone"} }, `access.registries."r.test".mode`},
+		{"access pattern", func(c *Config) {
+			c.Access.Registries["r.test"] = RegistryAccess{Mode: "node", Repositories: []string{"org/[base"}}
+		}, `access.registries."r.test".repositories`},
+		{"access pattern absolute", func(c *Config) {
+			c.Access.Registries["r.test"] = RegistryAccess{Mode: "node", Repositories: []string{"/org"}}
+		}, "repository name pattern"},
+		{"access pattern only **", func(c *Config) {
+			c.Access.Registries["r.test"] = RegistryAccess{Mode: "node", Repositories: []string{"/**"}}
+		}, "repository name pattern"},
+		{"credential providers half set", func(c *Config) { c.Upstream.CredentialProviders.Config = "/etc/kubernetes/cp.yaml" }, "set config and bin_dir together"},
+		{"credential providers timeout", func(c *Config) {
+			c.Upstream.CredentialProviders = CredentialProviders{Config: "a", BinDir: "b"}
+		}, "credential_providers.timeout"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -99,5 +113,30 @@ func TestChanged(t *testing.T) {
 				t.Errorf("Changed = %v, want %v", got, tc.want)
 			}
 		})
+	}
+}
+
+func TestLoadAccessAndCredentialProviders(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "c.toml")
+	body := `[access.registries."ecr.test"]
+mode = "node"
+repositories = ["platform/**", "base-*"]
+
+[upstream.credential_providers]
+config = "/etc/kubernetes/credential-provider-config.yaml"
+bin_dir = "/usr/libexec/kubernetes/kubelet-plugins/credential-provider/exec"
+`
+	if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Access.Registries["ecr.test"]; got.Mode != "node" || len(got.Repositories) != 2 || got.Repositories[0] != "platform/**" {
+		t.Errorf("access.registries: %+v", c.Access.Registries)
+	}
+	if cp := c.Upstream.CredentialProviders; cp.BinDir == "" || cp.Timeout != 10*time.Second {
+		t.Errorf("credential_providers: %+v, want the default timeout kept", cp)
 	}
 }

@@ -388,6 +388,35 @@ func TestChart(t *testing.T) {
 			},
 		},
 		{
+			name: "credential providers",
+			values: []string{"privateRegistries.credentialProviders.enabled=true",
+				"privateRegistries.credentialProviders.config=/var/lib/kubelet/credential-provider-config.yaml",
+				"privateRegistries.credentialProviders.binDir=/var/lib/kubelet/credential-provider",
+				"privateRegistries.credentialProviders.extraFiles={/etc/kubernetes/azure.json}",
+				`config.access.registries.myacr\.azurecr\.io.mode=node`},
+			check: func(t *testing.T, objs map[string]object) {
+				spec := get(objs["DaemonSet"], "spec", "template", "spec")
+				mounts := map[string]any{}
+				for _, m := range get(spec, "containers", 0, "volumeMounts").([]any) {
+					if get(m, "readOnly") != true && strings.HasPrefix(get(m, "name").(string), "credential-provider") {
+						t.Errorf("%v mounted writable", m)
+					}
+					mounts[get(m, "mountPath").(string)] = get(m, "name")
+				}
+				for _, p := range []string{"/var/lib/kubelet/credential-provider-config.yaml", "/var/lib/kubelet/credential-provider", "/etc/kubernetes/azure.json"} {
+					if mounts[p] == nil {
+						t.Errorf("%s not mounted: %v", p, mounts)
+					}
+				}
+				cfg := get(objs["ConfigMap"], "data", "config.toml").(string)
+				for _, want := range []string{`bin_dir = "/var/lib/kubelet/credential-provider"`, `[access.registries."myacr.azurecr.io"]`, `mode = "node"`} {
+					if !strings.Contains(cfg, want) {
+						t.Errorf("config.toml lacks %s:\n%s", want, cfg)
+					}
+				}
+			},
+		},
+		{
 			name:   "containerd left alone",
 			values: []string{"containerd.configure=false", "containerd.contentStore.enabled=false"},
 			check: func(t *testing.T, objs map[string]object) {
@@ -399,7 +428,7 @@ func TestChart(t *testing.T) {
 					t.Errorf("containerd's content store served: %s", args)
 				}
 				for _, v := range get(spec, "volumes").([]any) {
-					if n := get(v, "name").(string); strings.HasPrefix(n, "containerd") {
+					if n := get(v, "name").(string); strings.HasPrefix(n, "containerd") || strings.HasPrefix(n, "credential-provider") {
 						t.Errorf("volume %s mounted", n)
 					}
 				}

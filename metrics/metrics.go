@@ -38,6 +38,8 @@ type Metrics struct {
 	requests     *prometheus.CounterVec
 	upstream     *prometheus.CounterVec
 	accessChecks *prometheus.CounterVec
+	refusals     *prometheus.CounterVec
+	credRuns     *prometheus.CounterVec
 	gcRuns       prometheus.Counter
 	gcRemoved    *prometheus.CounterVec
 	gcFreed      prometheus.Counter
@@ -65,6 +67,10 @@ func New(version string) *Metrics {
 	m.upstream = f.counterVec("upstream_requests_total", "Requests to upstream registries by host, method and status code (error: no answer).", "host", "method", "code")
 	m.accessChecks = f.counterVec("access_checks_total",
 		"Access checks of a client against the upstream, by result: allowed, refused, cached_allowed, cached_refused, stale_allowed (upstream unreachable, allowed before), error.", "result")
+	m.refusals = f.counterVec("private_refusals_total",
+		"Requests for private content the mirror refused (the client then pulls from the registry itself), by access mode (client, node) and reason: no_credentials (an anonymous client, client mode), refused (the registry refused the client's or, in node mode, the node's credentials), error (the registry could not be asked).", "mode", "reason")
+	m.credRuns = f.counterVec("credential_provider_runs_total",
+		"Runs of kubelet credential provider plugins, by provider (its name in the CredentialProviderConfig) and result: ok, failed (exit status or bad answer), timeout.", "provider", "result")
 	m.gcRuns = f.counter("store_gc_runs_total", "Garbage collections of the blob store.")
 	m.gcRemoved = f.counterVec("store_gc_removed_total", "Items garbage collection removed, by kind: blob, partial, manifest.", "kind")
 	m.gcFreed = f.counter("store_gc_freed_bytes_total", "Bytes of blobs garbage collection removed.")
@@ -212,6 +218,23 @@ func (m *Metrics) AccessCheck(result string) {
 		return
 	}
 	m.accessChecks.WithLabelValues(result).Inc()
+}
+
+// PrivateRefused counts one request for private content refused.
+func (m *Metrics) PrivateRefused(mode, reason string) {
+	if m == nil {
+		return
+	}
+	m.refusals.WithLabelValues(mode, reason).Inc()
+}
+
+// CredentialProviderRun counts one run of a credential provider plugin;
+// provider is its configured name (a bounded set).
+func (m *Metrics) CredentialProviderRun(provider, result string) {
+	if m == nil {
+		return
+	}
+	m.credRuns.WithLabelValues(provider, result).Inc()
 }
 
 // GC counts one garbage collection.

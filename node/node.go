@@ -100,11 +100,13 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	for name, c := range cfg.Upstream.Credentials {
 		creds.Registries[name] = upstream.CredentialFiles{Username: c.Username, PasswordFile: c.PasswordFile, TokenFile: c.TokenFile}
 	}
-	// Fetches on peers' behalf use this node's credentials, never a client's.
+	// Fetches on peers' behalf, and for clients of repositories in access
+	// mode node, use this node's credentials, never a client's.
 	peerUp := up.WithNodeCredentials(creds)
+	policy := accessPolicy(cfg.Access)
 	var checker *access.Checker
 	if cfg.Access.Check {
-		checker = access.New(access.Options{Upstream: up, TTL: cfg.Access.TTL, Timeout: cfg.Upstream.Timeout, Metrics: m})
+		checker = access.New(access.Options{Upstream: up, NodeUpstream: peerUp, Policy: policy, TTL: cfg.Access.TTL, Timeout: cfg.Upstream.Timeout, Metrics: m})
 	}
 	taskOpts := task.Options{
 		Store:          store,
@@ -135,7 +137,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	var p2p *peers
 	var tasks *task.Manager
 	if cfg.P2P.PeerListen == "" {
-		taskOpts.Filler = task.UpstreamFiller{Collector: collector.New(collOpts), Upstream: up}
+		taskOpts.Filler = task.UpstreamFiller{Collector: collector.New(collOpts), Upstream: up, NodeUpstream: peerUp}
 		tasks = task.NewManager(taskOpts)
 	} else {
 		if p2p, tasks, err = startPeers(ctx, cfg, store, up, peerUp, collOpts, taskOpts, m, log); err != nil {
@@ -145,6 +147,8 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	draining := new(atomic.Bool)
 	srv := proxy.New(proxy.Options{
 		Upstream:        up,
+		NodeUpstream:    peerUp,
+		Policy:          policy,
 		Store:           store,
 		Tasks:           tasks,
 		DefaultRegistry: cfg.DefaultRegistry,
@@ -266,7 +270,8 @@ func (c containerdContent) Open(ctx context.Context, d digest.Digest) (blobstore
 
 // blobSizer learns a new download's size: with the client's credentials,
 // which also answers the access check for it, or with this node's own for a
-// download on peers' behalf.
+// download on peers' behalf or for a client in access mode node (which
+// answers its access check too).
 type blobSizer struct {
 	up, peerUp *upstream.Client
 	checker    *access.Checker
@@ -276,13 +281,26 @@ func (s blobSizer) BlobSize(ctx context.Context, r task.Request) (int64, error) 
 	if r.ForPeers {
 		return s.peerUp.BlobSize(ctx, r.Registry, r.Repo, r.Digest, nil)
 	}
-	size, err := s.up.BlobSize(ctx, r.Registry, r.Repo, r.Digest, r.Header)
+	up := s.up
+	if r.NodeCredentials {
+		up = s.peerUp
+	}
+	size, err := up.BlobSize(ctx, r.Registry, r.Repo, r.Digest, r.Header)
 	if err == nil && s.checker != nil {
 		// The client that opened the task just read the blob's HEAD
-		// upstream with its own credentials.
+		// upstream, with its own credentials or the node's.
 		s.checker.Allow(r.Registry, r.Repo, r.Digest, access.Blob, r.Header)
 	}
 	return size, err
+}
+
+// accessPolicy is [access.registries] as an access.Policy.
+func accessPolicy(a config.Access) *access.Policy {
+	rules := map[string]access.Rule{}
+	for name, ra := range a.Registries {
+		rules[name] = access.Rule{Mode: access.Mode(ra.Mode), Repositories: ra.Repositories}
+	}
+	return access.NewPolicy(rules)
 }
 
 // Addr is the mirror's listening address.

@@ -48,7 +48,10 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request) {
 	if _, err := s.opts.Store.Stat(d); err == nil && s.serveCached(w, r, name, d) {
 		return
 	}
-	req := task.Request{Digest: d, Registry: s.registry(r), Repo: name, Header: forwardHeaders(r)}
+	req := task.Request{Digest: d, Registry: s.registry(r), Repo: name, Header: forwardHeaders(r), NodeCredentials: s.nodeAuth(r, name)}
+	if req.NodeCredentials {
+		req.Header = nil // never sent: the node's own answer the registry
+	}
 	t, err := s.opts.Tasks.Open(r.Context(), req)
 	if errors.Is(err, task.ErrComplete) && s.serveCached(w, r, name, d) {
 		return
@@ -255,7 +258,7 @@ func (s *Server) headBlob(w http.ResponseWriter, r *http.Request, name string, d
 	if err != nil {
 		ctx, cancel := context.WithTimeout(r.Context(), s.opts.UpstreamTimeout)
 		defer cancel()
-		size, err = s.opts.Upstream.BlobSize(ctx, s.registry(r), name, d, forwardHeaders(r))
+		size, err = s.upstreamFor(r, name).BlobSize(ctx, s.registry(r), name, d, forwardHeaders(r))
 		if err != nil {
 			s.writeUpstreamError(w, r, err, codeBlobUnknown)
 			return

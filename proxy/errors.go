@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"net/http"
 
+	"github.com/gorilla/mux"
+
 	"github.com/registry-proxy/registry-proxy/blobstore"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
 	"github.com/registry-proxy/registry-proxy/task"
@@ -54,6 +56,9 @@ func (s *Server) writeUpstreamError(w http.ResponseWriter, r *http.Request, err 
 	var se *upstream.StatusError
 	switch {
 	case errors.As(err, &se):
+		if (se.Code == http.StatusUnauthorized || se.Code == http.StatusForbidden) && mux.Vars(r)["name"] != "" {
+			s.privateRefused(r, refusedRefused)
+		}
 		switch {
 		case se.Code == http.StatusUnauthorized:
 			for _, v := range se.Header.Values("WWW-Authenticate") {

@@ -48,7 +48,7 @@ func (s *Server) manifest(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), s.opts.UpstreamTimeout)
 	defer cancel()
 	registry := s.registry(r)
-	resp, err := s.opts.Upstream.Manifest(ctx, r.Method, registry, name, ref, forwardHeaders(r, "Accept"))
+	resp, err := s.upstreamFor(r, name).Manifest(ctx, r.Method, registry, name, ref, forwardHeaders(r, "Accept"))
 	if err != nil {
 		s.writeUpstreamError(w, r, err, codeManifestUnknown)
 		return
@@ -104,7 +104,8 @@ func (s *Server) manifest(w http.ResponseWriter, r *http.Request) {
 		s.log.Warn("caching manifest", "digest", got, "err", err)
 	}
 	if s.opts.Access != nil {
-		// This client read it upstream with its own credentials just now.
+		// This client read it upstream just now (with its own credentials,
+		// or with this node's in access mode node).
 		s.opts.Access.Allow(registry, name, got, access.Manifest, r.Header)
 	}
 	writeManifest(w, r, mediaType, got, content)

@@ -5,6 +5,7 @@ package proxy
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
@@ -23,6 +24,7 @@ import (
 	_ "crypto/sha512"
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/internal/ttlcache"
 	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/proxy/access"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
@@ -32,6 +34,12 @@ import (
 // Options configure a Server.
 type Options struct {
 	Upstream *upstream.Client
+	// NodeUpstream fetches with this node's own credentials, for the
+	// repositories Policy puts in access mode node; nil: Upstream.
+	NodeUpstream *upstream.Client
+	// Policy says whose credentials decide, per registry; nil: the
+	// client's own, everywhere.
+	Policy *access.Policy
 	Store    *blobstore.Store
 	Tasks    *task.Manager
 	// DefaultRegistry serves requests without ns= (dockerd's).
@@ -67,6 +75,9 @@ type Server struct {
 	opts     Options
 	log      *slog.Logger
 	copyBufs chan *[]byte // the loopback copy buffers: bigBuffers of 1 MiB
+	// refusalsLogged bounds the log lines about private content refused to
+	// one per registry, mode and reason an hour.
+	refusalsLogged *ttlcache.Cache[refusal, struct{}]
 }
 
 // New returns a server.
@@ -83,7 +94,8 @@ func New(opts Options) *Server {
 	if opts.UpstreamTimeout <= 0 {
 		opts.UpstreamTimeout = time.Minute
 	}
-	s := &Server{opts: opts, log: opts.Logger.With("component", "proxy"), copyBufs: make(chan *[]byte, bigBuffers)}
+	s := &Server{opts: opts, log: opts.Logger.With("component", "proxy"), copyBufs: make(chan *[]byte, bigBuffers),
+		refusalsLogged: ttlcache.New[refusal, struct{}](256, time.Hour)}
 	for range bigBuffers {
 		b := make([]byte, 1<<20)
 		s.copyBufs <- &b
@@ -187,11 +199,12 @@ func (s *Server) base(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), s.opts.UpstreamTimeout)
 	defer cancel()
-	// The upstream's challenge is what dockerd authenticates with.
+	// The upstream's challenge is what dockerd authenticates with; a
+	// registry in access mode node answers with this node's credentials.
 	resp, err := s.opts.Upstream.Ping(ctx, s.registry(r), forwardHeaders(r))
 	if err == nil {
 		resp.Body.Close()
-		if resp.StatusCode == http.StatusUnauthorized {
+		if resp.StatusCode == http.StatusUnauthorized && !s.opts.Policy.NodeRegistry(s.registry(r)) {
 			s.writeUpstreamError(w, r, &upstream.StatusError{Code: resp.StatusCode, Header: resp.Header}, codeUnauthorized)
 			return
 		}
@@ -227,6 +240,60 @@ func (s *Server) repo(w http.ResponseWriter, r *http.Request) (string, bool) {
 	return name, true
 }
 
+// upstreamFor is the client that asks the registry for repo on r's behalf:
+// with r's own credentials, or with this node's where the access mode is
+// node.
+func (s *Server) upstreamFor(r *http.Request, repo string) *upstream.Client {
+	if s.nodeAuth(r, repo) {
+		return s.opts.NodeUpstream
+	}
+	return s.opts.Upstream
+}
+
+// nodeAuth reports whether r reads repo with this node's credentials.
+func (s *Server) nodeAuth(r *http.Request, repo string) bool {
+	return s.opts.NodeUpstream != nil && s.opts.Policy.Node(s.registry(r), repo)
+}
+
+// Reasons private content was refused, a metric label.
+const (
+	refusedNoCredentials = "no_credentials"
+	refusedRefused       = "refused"
+	refusedError         = "error"
+)
+
+type refusal struct{ registry, mode, reason string }
+
+// privateRefused counts, and logs once an hour per registry, mode and
+// reason, a client refused content the registry keeps private: containerd
+// then pulls it from the registry itself, past the cluster, which an
+// operator should know.
+func (s *Server) privateRefused(r *http.Request, reason string) {
+	registry, repo := s.registry(r), mux.Vars(r)["name"]
+	mode := s.opts.Policy.Mode(registry, repo)
+	if reason == refusedRefused && mode == access.ClientMode && r.Header.Get("Authorization") == "" {
+		reason = refusedNoCredentials
+	}
+	s.opts.Metrics.PrivateRefused(string(mode), reason)
+	k := refusal{registry, string(mode), reason}
+	if s.refusalsLogged.Contains(k) {
+		return
+	}
+	s.refusalsLogged.Add(k, struct{}{})
+	attrs := []any{"registry", registry, "repo", repo, "access_mode", mode, "reason", reason, "remote", r.RemoteAddr}
+	switch {
+	case reason == refusedNoCredentials:
+		s.log.Warn("private content refused to a client without credentials; it pulls from the registry itself, past the cluster. "+
+			"kubelet's pulls never carry credentials to a mirror: set access.registries mode = \"node\" for this registry to serve them with this node's credentials (docs/operator-guide.md, private registries)", attrs...)
+	case reason == refusedError:
+		s.log.Warn("private content refused: the registry could not be asked whether this client may read it; it pulls from the registry itself", attrs...)
+	case mode == access.NodeMode:
+		s.log.Warn("private content refused: the registry refused this node's credentials (upstream.credentials, docker_config, credential_providers); clients pull from the registry itself, past the cluster", attrs...)
+	default:
+		s.log.Warn("private content refused: the registry refused the client's credentials; it pulls from the registry itself", attrs...)
+	}
+}
+
 // allowed checks that the client may read d of repo before content it did
 // not fetch upstream itself reaches it; a refusal is answered as the
 // upstream answered it (401 with its challenge, 403, 404).
@@ -239,6 +306,10 @@ func (s *Server) allowed(w http.ResponseWriter, r *http.Request, repo string, d 
 		return true
 	}
 	s.log.Info("access refused", "registry", s.registry(r), "repo", repo, "digest", d, "remote", r.RemoteAddr, "anonymous", r.Header.Get("Authorization") == "", "err", err)
+	if se := (*upstream.StatusError)(nil); !errors.As(err, &se) {
+		// A refusal is counted where it is answered, below.
+		s.privateRefused(r, refusedError)
+	}
 	s.writeUpstreamError(w, r, err, unknown)
 	return false
 }

@@ -45,10 +45,18 @@ type Request struct {
 	// ForPeers marks a fetch on peers' behalf (this node owns the digest):
 	// it goes upstream with this node's own credentials, never a client's.
 	ForPeers bool
+	// NodeCredentials marks a fetch for a client without credentials of a
+	// repository in access mode "node": it goes upstream with this node's
+	// own credentials, as ForPeers does.
+	NodeCredentials bool
 	// UpstreamOnly fetches from the upstream alone: set for the second try
 	// of a blob whose first try, with pieces from peers, failed its digest.
 	UpstreamOnly bool
 }
+
+// NodeAuth reports whether the request goes upstream with this node's own
+// credentials rather than with Header.
+func (r Request) NodeAuth() bool { return r.ForPeers || r.NodeCredentials }
 
 // Sizer learns a blob's size before its download starts (a HEAD upstream).
 type Sizer interface {
@@ -66,11 +74,18 @@ type Filler interface {
 type UpstreamFiller struct {
 	Collector *collector.Collector
 	Upstream  collector.BlobSource
+	// NodeUpstream fetches with this node's own credentials, for requests
+	// whose NodeAuth is set; nil: Upstream.
+	NodeUpstream collector.BlobSource
 }
 
 // Fill implements Filler.
 func (f UpstreamFiller) Fill(ctx context.Context, job collector.Job, req Request) error {
-	return f.Collector.Collect(ctx, job, f.Collector.NewUpstreamParent(f.Upstream, req.Registry, req.Repo, req.Digest, req.Header))
+	src := f.Upstream
+	if req.NodeAuth() && f.NodeUpstream != nil {
+		src = f.NodeUpstream
+	}
+	return f.Collector.Collect(ctx, job, f.Collector.NewUpstreamParent(src, req.Registry, req.Repo, req.Digest, req.Header))
 }
 
 // UpstreamSizer asks the upstream with the request's own headers.
@@ -265,7 +280,7 @@ func (m *Manager) Open(ctx context.Context, req Request) (*Task, error) {
 		m.wg.Done()
 		return nil, err
 	}
-	m.log.Debug("blob download started", "digest", req.Digest, "size", t.plan.Size, "registry", req.Registry, "repo", req.Repo, "for_peers", req.ForPeers)
+	m.log.Debug("blob download started", "digest", req.Digest, "size", t.plan.Size, "registry", req.Registry, "repo", req.Repo, "for_peers", req.ForPeers, "node_credentials", req.NodeCredentials)
 	go t.run()
 	close(t.ready)
 	return t, nil

@@ -33,7 +33,8 @@ type DownloaderOptions struct {
 	Tracker  *tracker.Tracker
 	Upstream collector.BlobSource
 	// PeerUpstream is the upstream with this node's own credentials, for
-	// fetches on peers' behalf (task.Request.ForPeers).
+	// fetches on peers' behalf and for clients in access mode "node"
+	// (task.Request.NodeAuth).
 	PeerUpstream collector.BlobSource
 	// MaxPeers bounds the parents one download follows.
 	MaxPeers int
@@ -184,7 +185,7 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 	d := req.Digest
 	run := s.opts.Collector.NewRun(job)
 	src := s.opts.Upstream
-	if req.ForPeers && s.opts.PeerUpstream != nil {
+	if req.NodeAuth() && s.opts.PeerUpstream != nil {
 		src = s.opts.PeerUpstream
 	}
 	run.SetUpstream(s.opts.Collector.NewUpstreamParent(src, req.Registry, req.Repo, d, req.Header), req.UpstreamOnly)

@@ -4,7 +4,8 @@
 // read it. The upstream is asked with a HEAD for that repository and digest,
 // with the client's own credentials (anonymously for an anonymous client),
 // and its answer is remembered briefly per credential, registry, repository
-// and digest.
+// and digest. Per registry, an access mode (Policy) may let a client without
+// credentials be judged by this node's own instead.
 package access
 
 import (
@@ -39,6 +40,11 @@ type Upstream interface {
 // Options configure a Checker.
 type Options struct {
 	Upstream Upstream
+	// NodeUpstream asks with this node's own credentials, for clients
+	// without credentials of repositories Policy puts in NodeMode.
+	NodeUpstream Upstream
+	// Policy says whose credentials decide; nil: every client's own.
+	Policy *Policy
 	// TTL is how long an answer is remembered.
 	TTL time.Duration
 	// Size bounds the remembered answers.
@@ -89,16 +95,32 @@ func New(opts Options) *Checker {
 	}
 }
 
-func keyOf(hdr http.Header, registry, repo string, d digest.Digest, kind Kind) key {
-	return key{cred: sha256.Sum256([]byte(hdr.Get("Authorization"))), registry: registry, repo: repo, digest: d, kind: kind}
+// nodeCred stands for this node's credentials in a key: no Authorization
+// header hashes to it (a header value holds no NUL).
+var nodeCred = sha256.Sum256([]byte("\x00node"))
+
+// asNode reports whether clients of repo are judged by this node's
+// credentials.
+func (c *Checker) asNode(registry, repo string) bool {
+	return c.opts.NodeUpstream != nil && c.opts.Policy.Node(registry, repo)
+}
+
+func (c *Checker) keyOf(hdr http.Header, registry, repo string, d digest.Digest, kind Kind) key {
+	k := key{cred: sha256.Sum256([]byte(hdr.Get("Authorization"))), registry: registry, repo: repo, digest: d, kind: kind}
+	if c.asNode(registry, repo) {
+		k.cred = nodeCred
+	}
+	return k
 }
 
 // Check returns nil when the client whose request headers are hdr may read
 // d in repo of registry; else the upstream's refusal (an
 // *upstream.StatusError, 401 with its challenge included) or why it could
-// not be asked. Only the upstream's own answers are remembered.
+// not be asked. Only the upstream's own answers are remembered. For a
+// repository in NodeMode the upstream is asked with this node's
+// credentials, whatever the client sent.
 func (c *Checker) Check(ctx context.Context, registry, repo string, d digest.Digest, kind Kind, hdr http.Header) error {
-	k := keyOf(hdr, registry, repo, d, kind)
+	k := c.keyOf(hdr, registry, repo, d, kind)
 	if err, ok := c.cache.Get(k); ok {
 		if err == nil {
 			c.opts.Metrics.AccessCheck("cached_allowed")
@@ -110,17 +132,20 @@ func (c *Checker) Check(ctx context.Context, registry, repo string, d digest.Dig
 	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
 	defer cancel()
 	auth := http.Header{}
-	if v := hdr.Get("Authorization"); v != "" {
+	up := c.opts.Upstream
+	if k.cred == nodeCred {
+		up = c.opts.NodeUpstream
+	} else if v := hdr.Get("Authorization"); v != "" {
 		auth.Set("Authorization", v)
 	}
 	var err error
 	switch kind {
 	case Blob:
-		_, err = c.opts.Upstream.BlobSize(ctx, registry, repo, d, auth)
+		_, err = up.BlobSize(ctx, registry, repo, d, auth)
 	case Manifest:
 		auth.Set("Accept", "*/*")
 		var resp *http.Response
-		if resp, err = c.opts.Upstream.Manifest(ctx, http.MethodHead, registry, repo, d.String(), auth); err == nil {
+		if resp, err = up.Manifest(ctx, http.MethodHead, registry, repo, d.String(), auth); err == nil {
 			resp.Body.Close()
 		}
 	}
@@ -153,5 +178,5 @@ func (c *Checker) remember(k key) {
 // Allow records that the client of hdr read d from the upstream itself just
 // now, so it need not be asked again.
 func (c *Checker) Allow(registry, repo string, d digest.Digest, kind Kind, hdr http.Header) {
-	c.remember(keyOf(hdr, registry, repo, d, kind))
+	c.remember(c.keyOf(hdr, registry, repo, d, kind))
 }

@@ -26,10 +26,54 @@ type Credential struct {
 }
 
 // Credentials are this node's own registry credentials, used only when it
-// fetches on its peers' behalf.
+// fetches on its peers' behalf, or for its own clients without credentials
+// of a registry in access mode "node".
 type Credentials interface {
-	// Lookup returns the credentials for registry, ErrNoCredentials if none.
-	Lookup(registry string) (Credential, error)
+	// Lookup returns the credentials for repo of registry,
+	// ErrNoCredentials (or an error wrapping it) if there are none.
+	Lookup(ctx context.Context, registry, repo string) (Credential, error)
+}
+
+// Forgetter is Credentials that caches what it found: Forget drops that
+// for repo of registry, after the registry refused it, so that the next
+// Lookup asks its source again (an expired credential is refreshed).
+type Forgetter interface {
+	Forget(registry, repo string)
+}
+
+// Chain is Credentials asking each in turn: the first that has credentials
+// for a repository answers.
+type Chain []Credentials
+
+// Lookup implements Credentials.
+func (c Chain) Lookup(ctx context.Context, registry, repo string) (Credential, error) {
+	var errs []error
+	for _, cr := range c {
+		cred, err := cr.Lookup(ctx, registry, repo)
+		if err == nil {
+			return cred, nil
+		}
+		if !errors.Is(err, ErrNoCredentials) {
+			return Credential{}, err
+		}
+		if err != ErrNoCredentials {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		// Why nothing was found (a plugin that failed), still ErrNoCredentials.
+		return Credential{}, errors.Join(append([]error{ErrNoCredentials}, errs...)...)
+	}
+	return Credential{}, ErrNoCredentials
+}
+
+// Forget implements Forgetter for every member that caches.
+func (c Chain) Forget(registry, repo string) {
+	for _, cr := range c {
+		if f, ok := cr.(Forgetter); ok {
+			f.Forget(registry, repo)
+		}
+	}
 }
 
 // FileCredentials reads credentials from files at each use, so a mounted
@@ -50,7 +94,7 @@ type CredentialFiles struct {
 }
 
 // Lookup implements Credentials.
-func (f FileCredentials) Lookup(registry string) (Credential, error) {
+func (f FileCredentials) Lookup(_ context.Context, registry, _ string) (Credential, error) {
 	if cf, ok := f.Registries[registry]; ok {
 		if cf.TokenFile != "" {
 			b, err := os.ReadFile(cf.TokenFile)
@@ -206,6 +250,22 @@ func (a *nodeAuth) remember(registry, repo, v string, life time.Duration) {
 	a.last[registry+"/"+repo] = token{value: v, expires: time.Now().Add(life)}
 }
 
+// forget drops what this node cached for registry and repo (the
+// Authorization, its tokens, the credential source's answer) after the
+// registry refused it; false when the source caches nothing to refresh.
+func (a *nodeAuth) forget(registry, repo string) bool {
+	f, ok := a.creds.(Forgetter)
+	if !ok {
+		return false
+	}
+	a.mu.Lock()
+	delete(a.last, registry+"/"+repo)
+	clear(a.tokens) // keyed by realm and scope, not registry: refusals are rare
+	a.mu.Unlock()
+	f.Forget(registry, repo)
+	return true
+}
+
 type token struct {
 	value   string
 	expires time.Time
@@ -217,7 +277,7 @@ const maxTokenBody = 64 << 10
 // authorize returns the Authorization for a request that got challenged, or
 // "" with an error when this node cannot answer the challenge.
 func (a *nodeAuth) authorize(ctx context.Context, registry, repo string, challenge string) (string, error) {
-	cred, err := a.creds.Lookup(registry)
+	cred, err := a.creds.Lookup(ctx, registry, repo)
 	if err != nil && !errors.Is(err, ErrNoCredentials) {
 		return "", err
 	}

@@ -521,6 +521,22 @@ func (c *Client) doRegistry(ctx context.Context, method, registry, repo, rawURL 
 		return nil, err
 	}
 	h.Set("Authorization", v)
+	resp, err = c.do(ctx, method, rawURL, h, true)
+	if err != nil || resp.StatusCode != http.StatusUnauthorized || !c.auth.forget(registry, repo) {
+		return resp, err
+	}
+	// The registry refused what this node had cached (a plugin's
+	// credential, a token) while it still seemed valid: it expired or was
+	// revoked early. Ask the source once more.
+	c.log.Info("registry refused this node's cached credentials; refreshing them", "registry", registry, "repo", repo)
+	drain.Close(resp.Body)
+	if v, err = c.auth.authorize(ctx, registry, repo, challenge); err != nil {
+		if errors.Is(err, ErrNoCredentials) {
+			return nil, first
+		}
+		return nil, err
+	}
+	h.Set("Authorization", v)
 	return c.do(ctx, method, rawURL, h, true)
 }
 

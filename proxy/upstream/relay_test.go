@@ -169,7 +169,7 @@ func TestNodeCredentialsTokenFlow(t *testing.T) {
 
 type staticCreds map[string]Credential
 
-func (s staticCreds) Lookup(registry string) (Credential, error) {
+func (s staticCreds) Lookup(_ context.Context, registry, _ string) (Credential, error) {
 	if c, ok := s[registry]; ok {
 		return c, nil
 	}
