@@ -19,6 +19,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/registry-proxy/registry-proxy/blobstore"
 	"github.com/registry-proxy/registry-proxy/config"
+	"github.com/registry-proxy/registry-proxy/credprovider"
 	"github.com/registry-proxy/registry-proxy/ctrstore"
 	"github.com/registry-proxy/registry-proxy/internal/connlimit"
 	"github.com/registry-proxy/registry-proxy/internal/pace"
@@ -96,9 +97,9 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	if err != nil {
 		return nil, err
 	}
-	creds := upstream.FileCredentials{Registries: map[string]upstream.CredentialFiles{}, DockerConfig: cfg.Upstream.DockerConfig}
-	for name, c := range cfg.Upstream.Credentials {
-		creds.Registries[name] = upstream.CredentialFiles{Username: c.Username, PasswordFile: c.PasswordFile, TokenFile: c.TokenFile}
+	creds, err := nodeCredentials(cfg.Upstream, m, log)
+	if err != nil {
+		return nil, err
 	}
 	// Fetches on peers' behalf, and for clients of repositories in access
 	// mode node, use this node's credentials, never a client's.
@@ -292,6 +293,25 @@ func (s blobSizer) BlobSize(ctx context.Context, r task.Request) (int64, error) 
 		s.checker.Allow(r.Registry, r.Repo, r.Digest, access.Blob, r.Header)
 	}
 	return size, err
+}
+
+// nodeCredentials are this node's own registry credentials: the files of
+// [upstream.credentials], then upstream.docker_config, then kubelet's
+// credential provider plugins.
+func nodeCredentials(u config.Upstream, m *metrics.Metrics, log *slog.Logger) (upstream.Credentials, error) {
+	files := upstream.FileCredentials{Registries: map[string]upstream.CredentialFiles{}, DockerConfig: u.DockerConfig}
+	for name, c := range u.Credentials {
+		files.Registries[name] = upstream.CredentialFiles{Username: c.Username, PasswordFile: c.PasswordFile, TokenFile: c.TokenFile}
+	}
+	cp := u.CredentialProviders
+	if cp.Config == "" {
+		return files, nil
+	}
+	plugins, err := credprovider.New(credprovider.Options{ConfigFile: cp.Config, BinDir: cp.BinDir, Timeout: cp.Timeout, Logger: log, Metrics: m})
+	if err != nil {
+		return nil, fmt.Errorf("upstream.credential_providers: %w", err)
+	}
+	return upstream.Chain{files, plugins}, nil
 }
 
 // accessPolicy is [access.registries] as an access.Policy.

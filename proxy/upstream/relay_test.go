@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -254,4 +255,97 @@ func mustAddr(t *testing.T, s string) netip.Addr {
 		t.Fatal(err)
 	}
 	return a
+}
+
+// rotatingCreds caches one password until told to forget it, as a
+// credential provider's answer is cached for its duration.
+type rotatingCreds struct {
+	mu        sync.Mutex
+	passwords []string // handed out in turn, one per refresh
+	lookups   int
+	forgotten []string
+}
+
+func (r *rotatingCreds) Lookup(context.Context, string, string) (Credential, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.lookups++
+	return Credential{Username: "puller", Password: r.passwords[0]}, nil
+}
+
+func (r *rotatingCreds) Forget(registry, repo string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.forgotten = append(r.forgotten, registry+"/"+repo)
+	if len(r.passwords) > 1 {
+		r.passwords = r.passwords[1:]
+	}
+}
+
+// A node credential the registry refuses while its source still has it
+// cached (a plugin's answer that expired early, a rotated password) is
+// forgotten and looked up again once: the fetch succeeds with the new one.
+// A source that still has nothing better gets the registry's 401, after
+// one more try, not a loop.
+func TestNodeCredentialsRefreshedWhenRefused(t *testing.T) {
+	for _, mode := range []string{"basic", "token"} {
+		t.Run(mode, func(t *testing.T) {
+			var current atomic.Pointer[string]
+			pw := "old"
+			current.Store(&pw)
+			var srv *httptest.Server
+			srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				u, p, ok := r.BasicAuth()
+				good := ok && u == "puller" && p == *current.Load()
+				if mode == "token" {
+					if r.URL.Path == "/token" {
+						if !good {
+							w.WriteHeader(http.StatusUnauthorized)
+							return
+						}
+						fmt.Fprintf(w, `{"token":"tok-%s","expires_in":300}`, p)
+						return
+					}
+					good = r.Header.Get("Authorization") == "Bearer tok-"+*current.Load()
+				}
+				if !good {
+					if mode == "token" {
+						w.Header().Set("WWW-Authenticate", `Bearer realm="`+srv.URL+`/token",service="reg"`)
+					} else {
+						w.Header().Set("WWW-Authenticate", `Basic realm="reg"`)
+					}
+					w.WriteHeader(http.StatusUnauthorized)
+					return
+				}
+				w.Header().Set("Content-Length", "42")
+			}))
+			defer srv.Close()
+			base, err := New(Options{Registries: map[string]string{"reg.test": srv.URL}, Attempts: 1})
+			if err != nil {
+				t.Fatal(err)
+			}
+			creds := &rotatingCreds{passwords: []string{"old", "new"}}
+			c := base.WithNodeCredentials(creds)
+			if _, err := c.BlobSize(context.Background(), "reg.test", "private/app", testDigest, nil); err != nil {
+				t.Fatalf("first fetch: %v", err)
+			}
+			next := "new"
+			current.Store(&next) // the registry rotates
+			if size, err := c.BlobSize(context.Background(), "reg.test", "private/app", testDigest, nil); err != nil || size != 42 {
+				t.Fatalf("after rotation: %d, %v; want the refreshed credential to work", size, err)
+			}
+			if len(creds.forgotten) != 1 || creds.forgotten[0] != "reg.test/private/app" {
+				t.Errorf("forgotten %v, want reg.test/private/app once", creds.forgotten)
+			}
+			gone := "neither"
+			current.Store(&gone) // nothing the source has works any more
+			var se *StatusError
+			if _, err := c.BlobSize(context.Background(), "reg.test", "private/app", testDigest, nil); !errors.As(err, &se) || se.Code != 401 {
+				t.Fatalf("with no working credential: %v, want the registry's 401", err)
+			}
+			if len(creds.forgotten) != 2 {
+				t.Errorf("forgotten %d times in all, want one more try, not a loop", len(creds.forgotten))
+			}
+		})
+	}
 }
