@@ -29,6 +29,7 @@ type Config struct {
 	ShutdownTimeout time.Duration `toml:"shutdown_timeout"`
 	Log             Log           `toml:"log"`
 	Upstream        Upstream      `toml:"upstream"`
+	Manifests       Manifests     `toml:"manifests"`
 	Pieces          Pieces        `toml:"pieces"`
 	Store           Store         `toml:"store"`
 	P2P             P2P           `toml:"p2p"`
@@ -38,6 +39,11 @@ type Config struct {
 	Admin           Admin         `toml:"admin"`
 	Access          Access        `toml:"access"`
 	Limits          Limits        `toml:"limits"`
+}
+
+// Manifests is the [manifests] table.
+type Manifests struct {
+	StaleIfError time.Duration `toml:"stale_if_error"`
 }
 
 // Limits is the [limits] table.
@@ -72,6 +78,7 @@ type Admin struct {
 type Access struct {
 	Check      bool                      `toml:"check"`
 	TTL        time.Duration             `toml:"ttl"`
+	PublicTTL  time.Duration             `toml:"public_ttl"`
 	Registries map[string]RegistryAccess `toml:"registries"`
 }
 
@@ -234,7 +241,8 @@ func Default() Config {
 		Containerd: Containerd{Address: DefaultContainerdAddress, Namespaces: []string{"k8s.io"},
 			ContentDir: "/var/lib/containerd/io.containerd.content.v1.content", ListInterval: 10 * time.Second},
 		Admin:  Admin{Listen: "127.0.0.1:5001"},
-		Access: Access{Check: true, TTL: time.Minute, Registries: map[string]RegistryAccess{}},
+		Access: Access{Check: true, TTL: time.Minute, PublicTTL: 24 * time.Hour, Registries: map[string]RegistryAccess{}},
+		Manifests: Manifests{StaleIfError: 24 * time.Hour},
 		Limits: Limits{WriteStall: time.Minute, Tasks: 256, TasksPerRegistry: 128, UpstreamConnsPerHost: 64, ClientConns: 256, IdleDownload: 2 * time.Minute},
 	}
 }
@@ -369,6 +377,9 @@ func (c Config) Validate() error {
 	}
 	if c.Access.Check && c.Access.TTL <= 0 {
 		errs = append(errs, errors.New("access.ttl: must be positive"))
+	}
+	if c.Access.PublicTTL < 0 || c.Manifests.StaleIfError < 0 {
+		errs = append(errs, errors.New("access.public_ttl, manifests.stale_if_error: must not be negative (0 turns them off)"))
 	}
 	for name, ra := range c.Access.Registries {
 		if ra.Mode != "" && ra.Mode != "client" && ra.Mode != "node" {

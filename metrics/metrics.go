@@ -40,6 +40,8 @@ type Metrics struct {
 	accessChecks *prometheus.CounterVec
 	refusals     *prometheus.CounterVec
 	credRuns     *prometheus.CounterVec
+	manifests    *prometheus.CounterVec
+	stale        *prometheus.CounterVec
 	gcRuns       prometheus.Counter
 	gcRemoved    *prometheus.CounterVec
 	gcFreed      prometheus.Counter
@@ -71,6 +73,10 @@ func New(version string) *Metrics {
 		"Requests for private content the mirror refused (the client then pulls from the registry itself), by access mode (client, node) and reason: no_credentials (an anonymous client, client mode), refused (the registry refused the client's or, in node mode, the node's credentials), error (the registry could not be asked).", "mode", "reason")
 	m.credRuns = f.counterVec("credential_provider_runs_total",
 		"Runs of kubelet credential provider plugins, by provider (its name in the CredentialProviderConfig) and result: ok, failed (exit status or bad answer), timeout.", "provider", "result")
+	m.manifests = f.counterVec("manifests_total",
+		"Manifests served to clients by digest, by where this node got them: cache (its store), peer (a member), upstream (the registry: as the digest's owner with this node's credentials, or with the client's where the owner could not).", "source")
+	m.stale = f.counterVec("stale_answers_total",
+		"Answers from what the cluster holds while the registry could not answer, by kind (tag: a tag resolved to the cluster's last resolution) and reason: unavailable (no connection, reset, timeout), server_error (5xx), throttled (429).", "kind", "reason")
 	m.gcRuns = f.counter("store_gc_runs_total", "Garbage collections of the blob store.")
 	m.gcRemoved = f.counterVec("store_gc_removed_total", "Items garbage collection removed, by kind: blob, partial, manifest.", "kind")
 	m.gcFreed = f.counter("store_gc_freed_bytes_total", "Bytes of blobs garbage collection removed.")
@@ -235,6 +241,22 @@ func (m *Metrics) CredentialProviderRun(provider, result string) {
 		return
 	}
 	m.credRuns.WithLabelValues(provider, result).Inc()
+}
+
+// ManifestServed counts one manifest served by digest from source.
+func (m *Metrics) ManifestServed(source string) {
+	if m == nil {
+		return
+	}
+	m.manifests.WithLabelValues(source).Inc()
+}
+
+// StaleAnswer counts one answer from the cluster's last resolution.
+func (m *Metrics) StaleAnswer(kind, reason string) {
+	if m == nil {
+		return
+	}
+	m.stale.WithLabelValues(kind, reason).Inc()
 }
 
 // GC counts one garbage collection.

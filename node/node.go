@@ -25,6 +25,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/internal/pace"
 	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
+	"github.com/registry-proxy/registry-proxy/p2p/manifests"
 	"github.com/registry-proxy/registry-proxy/piece"
 	"github.com/registry-proxy/registry-proxy/preheat"
 	"github.com/registry-proxy/registry-proxy/proxy"
@@ -107,7 +108,8 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	policy := accessPolicy(cfg.Access)
 	var checker *access.Checker
 	if cfg.Access.Check {
-		checker = access.New(access.Options{Upstream: up, NodeUpstream: peerUp, Policy: policy, TTL: cfg.Access.TTL, Timeout: cfg.Upstream.Timeout, Metrics: m})
+		checker = access.New(access.Options{Upstream: up, NodeUpstream: peerUp, Policy: policy, TTL: cfg.Access.TTL, Timeout: cfg.Upstream.Timeout, Metrics: m,
+			PublicTTL: cfg.Access.PublicTTL, Anonymous: up.WithNodeCredentials(upstream.Chain{})})
 	}
 	taskOpts := task.Options{
 		Store:          store,
@@ -145,8 +147,16 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 			return nil, err
 		}
 	}
+	mf := p2p.manifestCluster()
+	if mf == nil {
+		// A node alone still keeps its tag resolutions for outages.
+		mf = manifests.New(manifests.Options{Store: store, Upstream: peerUp, Registries: up, MaxSize: int64(cfg.Upstream.MaxManifestSize),
+			UpstreamTimeout: cfg.Upstream.Timeout, Logger: log})
+	}
 	draining := new(atomic.Bool)
 	srv := proxy.New(proxy.Options{
+		Manifests:       mf,
+		StaleIfError:    cfg.Manifests.StaleIfError,
 		Upstream:        up,
 		NodeUpstream:    peerUp,
 		Policy:          policy,
@@ -276,6 +286,13 @@ func (c containerdContent) Open(ctx context.Context, d digest.Digest) (blobstore
 type blobSizer struct {
 	up, peerUp *upstream.Client
 	checker    *access.Checker
+	// peers tell the size while the registry cannot; nil without peers.
+	peers peerSizer
+}
+
+// peerSizer learns a blob's size from the members holding it; *peers is one.
+type peerSizer interface {
+	SizeFromPeers(ctx context.Context, registry, repo string, d digest.Digest) (int64, error)
 }
 
 func (s blobSizer) BlobSize(ctx context.Context, r task.Request) (int64, error) {
@@ -287,6 +304,14 @@ func (s blobSizer) BlobSize(ctx context.Context, r task.Request) (int64, error) 
 		up = s.peerUp
 	}
 	size, err := up.BlobSize(ctx, r.Registry, r.Repo, r.Digest, r.Header)
+	if err != nil && upstream.Unreachable(err) && s.peers != nil {
+		// The registry cannot answer: members holding the blob can. The
+		// client's access is checked when it reads (stale or public).
+		if n, perr := s.peers.SizeFromPeers(ctx, r.Registry, r.Repo, r.Digest); perr == nil {
+			return n, nil
+		}
+		return 0, err
+	}
 	if err == nil && s.checker != nil {
 		// The client that opened the task just read the blob's HEAD
 		// upstream, with its own credentials or the node's.

@@ -20,7 +20,9 @@ import (
 	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/p2p/hoststate"
+	"github.com/registry-proxy/registry-proxy/p2p/manifests"
 	"github.com/registry-proxy/registry-proxy/p2p/membership"
+	"github.com/registry-proxy/registry-proxy/p2p/owner"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/p2p/peer"
 	"github.com/registry-proxy/registry-proxy/p2p/seeding"
@@ -42,6 +44,7 @@ type peers struct {
 	syncer    *statesync.Syncer
 	meter     *hoststate.Meter
 	server    *peer.Server
+	manifests *manifests.Cluster
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 	closeOnce sync.Once
@@ -172,6 +175,10 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	}
 	downloads := swarm.NewDownloader(dlOpts)
 	taskOpts.Filler = downloads
+	if bs, ok := taskOpts.Sizer.(blobSizer); ok {
+		bs.peers = p
+		taskOpts.Sizer = bs
+	}
 	tasks := task.NewManager(taskOpts)
 	srvOpts := swarm.ServerOptions{
 		Members:    p.members,
@@ -191,6 +198,13 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		srvOpts.Uploads = uploads{meter: meter, syncer: p.syncer}
 	}
 	sw := swarm.NewServer(srvOpts)
+	p.manifests = manifests.New(manifests.Options{Self: p.self, Members: p.members, Auth: sw, Transport: p.pool, Store: store,
+		Upstream: peerUp, Registries: up, MaxSize: int64(cfg.Upstream.MaxManifestSize), UpstreamTimeout: cfg.Upstream.Timeout, Logger: log})
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		p.manifests.Run(bg)
+	}()
 	m.GaugeFunc("tracker_holdings", "Blobs other nodes announced they hold complete, among the digests this node owns (one per node and blob).",
 		func() float64 { return float64(registrations.Held()) })
 	// Forget the registrations and holdings of nodes gone for longer than
@@ -248,7 +262,7 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	if cfg.Upload.SuperSeed {
 		ledger = seeding.New(seeding.Options{})
 	}
-	p.server = peer.NewServer(peer.Options{Source: sw, Children: sw, Meter: meter, Ledger: ledger, HostSync: hostSync, Tracker: sw, TLS: serverTLS,
+	p.server = peer.NewServer(peer.Options{Source: sw, Children: sw, Meter: meter, Ledger: ledger, HostSync: hostSync, Tracker: sw, Manifests: p.manifests, TLS: serverTLS,
 		WriteStall: cfg.Limits.WriteStall, Faults: faults, Metrics: m, Logger: log})
 	p.wg.Add(1)
 	go func() {
@@ -321,6 +335,44 @@ func (p *peers) close() error {
 		p.pool.Close()
 	})
 	return errors.Join(errs...)
+}
+
+// SizeFromPeers asks d's owner and the next in rank, who hold it when the
+// cluster pulled it before, for its size: what a download needs to start
+// while the registry cannot answer.
+func (p *peers) SizeFromPeers(ctx context.Context, registry, repo string, d digest.Digest) (int64, error) {
+	ms := p.members.Members()
+	ids := make([]string, 0, len(ms))
+	addrs := make(map[string]string, len(ms))
+	for _, m := range ms {
+		ids = append(ids, m.ID)
+		addrs[m.ID] = m.Addr
+	}
+	var errs []error
+	for i, id := range owner.Rank(d.String(), ids) {
+		if i == 3 {
+			break
+		}
+		if id == p.self.ID {
+			continue
+		}
+		rctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		resp, err := p.pool.Register(rctx, addrs[id], &pb.RegisterRequest{Digest: d.String(), HostId: p.self.ID, Addr: p.self.Addr, Registry: registry, Repository: repo})
+		cancel()
+		if err == nil && resp.GetSize() > 0 {
+			return resp.GetSize(), nil
+		}
+		errs = append(errs, fmt.Errorf("%s: size %d: %w", id, resp.GetSize(), err))
+	}
+	return 0, fmt.Errorf("no member told the size of %s: %w", d, errors.Join(errs...))
+}
+
+// manifestCluster is the cluster's manifests and tags; nil without peers.
+func (p *peers) manifestCluster() *manifests.Cluster {
+	if p == nil {
+		return nil
+	}
+	return p.manifests
 }
 
 // membersFunc lists live members for the debug endpoint; nil without peers.

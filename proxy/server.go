@@ -40,6 +40,12 @@ type Options struct {
 	// Policy says whose credentials decide, per registry; nil: the
 	// client's own, everywhere.
 	Policy *access.Policy
+	// Manifests fetches manifests through the cluster and keeps tag
+	// resolutions; nil: from the registry alone.
+	Manifests Manifests
+	// StaleIfError is how old a tag resolution may be to answer for a
+	// registry that cannot (manifests.stale_if_error); zero: never.
+	StaleIfError time.Duration
 	Store    *blobstore.Store
 	Tasks    *task.Manager
 	// DefaultRegistry serves requests without ns= (dockerd's).
@@ -78,6 +84,9 @@ type Server struct {
 	// refusalsLogged bounds the log lines about private content refused to
 	// one per registry, mode and reason an hour.
 	refusalsLogged *ttlcache.Cache[refusal, struct{}]
+	// staleLogged bounds the log lines about tags answered from the
+	// cluster to one per tag an hour.
+	staleLogged *ttlcache.Cache[string, struct{}]
 }
 
 // New returns a server.
@@ -95,7 +104,7 @@ func New(opts Options) *Server {
 		opts.UpstreamTimeout = time.Minute
 	}
 	s := &Server{opts: opts, log: opts.Logger.With("component", "proxy"), copyBufs: make(chan *[]byte, bigBuffers),
-		refusalsLogged: ttlcache.New[refusal, struct{}](256, time.Hour)}
+		refusalsLogged: ttlcache.New[refusal, struct{}](256, time.Hour), staleLogged: ttlcache.New[string, struct{}](1024, time.Hour)}
 	for range bigBuffers {
 		b := make([]byte, 1<<20)
 		s.copyBufs <- &b

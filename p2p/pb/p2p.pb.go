@@ -961,6 +961,341 @@ func (x *PreheatProgress) GetComplete() bool {
 	return false
 }
 
+type GetManifestRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Registry   string                 `protobuf:"bytes,1,opt,name=registry,proto3" json:"registry,omitempty"`
+	Repository string                 `protobuf:"bytes,2,opt,name=repository,proto3" json:"repository,omitempty"`
+	Digest     string                 `protobuf:"bytes,3,opt,name=digest,proto3" json:"digest,omitempty"`
+	// The node asking.
+	HostId        string `protobuf:"bytes,4,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetManifestRequest) Reset() {
+	*x = GetManifestRequest{}
+	mi := &file_p2p_pb_p2p_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetManifestRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetManifestRequest) ProtoMessage() {}
+
+func (x *GetManifestRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_p2p_pb_p2p_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetManifestRequest.ProtoReflect.Descriptor instead.
+func (*GetManifestRequest) Descriptor() ([]byte, []int) {
+	return file_p2p_pb_p2p_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *GetManifestRequest) GetRegistry() string {
+	if x != nil {
+		return x.Registry
+	}
+	return ""
+}
+
+func (x *GetManifestRequest) GetRepository() string {
+	if x != nil {
+		return x.Repository
+	}
+	return ""
+}
+
+func (x *GetManifestRequest) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *GetManifestRequest) GetHostId() string {
+	if x != nil {
+		return x.HostId
+	}
+	return ""
+}
+
+type Manifest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	MediaType     string                 `protobuf:"bytes,1,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	Content       []byte                 `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Manifest) Reset() {
+	*x = Manifest{}
+	mi := &file_p2p_pb_p2p_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Manifest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Manifest) ProtoMessage() {}
+
+func (x *Manifest) ProtoReflect() protoreflect.Message {
+	mi := &file_p2p_pb_p2p_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Manifest.ProtoReflect.Descriptor instead.
+func (*Manifest) Descriptor() ([]byte, []int) {
+	return file_p2p_pb_p2p_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *Manifest) GetMediaType() string {
+	if x != nil {
+		return x.MediaType
+	}
+	return ""
+}
+
+func (x *Manifest) GetContent() []byte {
+	if x != nil {
+		return x.Content
+	}
+	return nil
+}
+
+type TagRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Registry      string                 `protobuf:"bytes,1,opt,name=registry,proto3" json:"registry,omitempty"`
+	Repository    string                 `protobuf:"bytes,2,opt,name=repository,proto3" json:"repository,omitempty"`
+	Tag           string                 `protobuf:"bytes,3,opt,name=tag,proto3" json:"tag,omitempty"`
+	HostId        string                 `protobuf:"bytes,4,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TagRequest) Reset() {
+	*x = TagRequest{}
+	mi := &file_p2p_pb_p2p_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TagRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TagRequest) ProtoMessage() {}
+
+func (x *TagRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_p2p_pb_p2p_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TagRequest.ProtoReflect.Descriptor instead.
+func (*TagRequest) Descriptor() ([]byte, []int) {
+	return file_p2p_pb_p2p_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *TagRequest) GetRegistry() string {
+	if x != nil {
+		return x.Registry
+	}
+	return ""
+}
+
+func (x *TagRequest) GetRepository() string {
+	if x != nil {
+		return x.Repository
+	}
+	return ""
+}
+
+func (x *TagRequest) GetTag() string {
+	if x != nil {
+		return x.Tag
+	}
+	return ""
+}
+
+func (x *TagRequest) GetHostId() string {
+	if x != nil {
+		return x.HostId
+	}
+	return ""
+}
+
+type TagRecord struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Registry   string                 `protobuf:"bytes,1,opt,name=registry,proto3" json:"registry,omitempty"`
+	Repository string                 `protobuf:"bytes,2,opt,name=repository,proto3" json:"repository,omitempty"`
+	Tag        string                 `protobuf:"bytes,3,opt,name=tag,proto3" json:"tag,omitempty"`
+	Digest     string                 `protobuf:"bytes,4,opt,name=digest,proto3" json:"digest,omitempty"`
+	MediaType  string                 `protobuf:"bytes,5,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	Size       int64                  `protobuf:"varint,6,opt,name=size,proto3" json:"size,omitempty"`
+	// When the registry answered, Unix nanoseconds.
+	ResolvedAt int64 `protobuf:"varint,7,opt,name=resolved_at,json=resolvedAt,proto3" json:"resolved_at,omitempty"`
+	// The registry answered an anonymous client: the repository is public.
+	Public        bool   `protobuf:"varint,8,opt,name=public,proto3" json:"public,omitempty"`
+	HostId        string `protobuf:"bytes,9,opt,name=host_id,json=hostId,proto3" json:"host_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TagRecord) Reset() {
+	*x = TagRecord{}
+	mi := &file_p2p_pb_p2p_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TagRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TagRecord) ProtoMessage() {}
+
+func (x *TagRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_p2p_pb_p2p_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TagRecord.ProtoReflect.Descriptor instead.
+func (*TagRecord) Descriptor() ([]byte, []int) {
+	return file_p2p_pb_p2p_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *TagRecord) GetRegistry() string {
+	if x != nil {
+		return x.Registry
+	}
+	return ""
+}
+
+func (x *TagRecord) GetRepository() string {
+	if x != nil {
+		return x.Repository
+	}
+	return ""
+}
+
+func (x *TagRecord) GetTag() string {
+	if x != nil {
+		return x.Tag
+	}
+	return ""
+}
+
+func (x *TagRecord) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *TagRecord) GetMediaType() string {
+	if x != nil {
+		return x.MediaType
+	}
+	return ""
+}
+
+func (x *TagRecord) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *TagRecord) GetResolvedAt() int64 {
+	if x != nil {
+		return x.ResolvedAt
+	}
+	return 0
+}
+
+func (x *TagRecord) GetPublic() bool {
+	if x != nil {
+		return x.Public
+	}
+	return false
+}
+
+func (x *TagRecord) GetHostId() string {
+	if x != nil {
+		return x.HostId
+	}
+	return ""
+}
+
+type PutTagResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PutTagResponse) Reset() {
+	*x = PutTagResponse{}
+	mi := &file_p2p_pb_p2p_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutTagResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutTagResponse) ProtoMessage() {}
+
+func (x *PutTagResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_p2p_pb_p2p_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutTagResponse.ProtoReflect.Descriptor instead.
+func (*PutTagResponse) Descriptor() ([]byte, []int) {
+	return file_p2p_pb_p2p_proto_rawDescGZIP(), []int{18}
+}
+
 var File_p2p_pb_p2p_proto protoreflect.FileDescriptor
 
 const file_p2p_pb_p2p_proto_rawDesc = "" +
@@ -1036,7 +1371,41 @@ const file_p2p_pb_p2p_proto_rawDesc = "" +
 	"\x0fPreheatProgress\x12\x12\n" +
 	"\x04size\x18\x01 \x01(\x03R\x04size\x12\x12\n" +
 	"\x04done\x18\x02 \x01(\x03R\x04done\x12\x1a\n" +
-	"\bcomplete\x18\x03 \x01(\bR\bcomplete2[\n" +
+	"\bcomplete\x18\x03 \x01(\bR\bcomplete\"\x81\x01\n" +
+	"\x12GetManifestRequest\x12\x1a\n" +
+	"\bregistry\x18\x01 \x01(\tR\bregistry\x12\x1e\n" +
+	"\n" +
+	"repository\x18\x02 \x01(\tR\n" +
+	"repository\x12\x16\n" +
+	"\x06digest\x18\x03 \x01(\tR\x06digest\x12\x17\n" +
+	"\ahost_id\x18\x04 \x01(\tR\x06hostId\"C\n" +
+	"\bManifest\x12\x1d\n" +
+	"\n" +
+	"media_type\x18\x01 \x01(\tR\tmediaType\x12\x18\n" +
+	"\acontent\x18\x02 \x01(\fR\acontent\"s\n" +
+	"\n" +
+	"TagRequest\x12\x1a\n" +
+	"\bregistry\x18\x01 \x01(\tR\bregistry\x12\x1e\n" +
+	"\n" +
+	"repository\x18\x02 \x01(\tR\n" +
+	"repository\x12\x10\n" +
+	"\x03tag\x18\x03 \x01(\tR\x03tag\x12\x17\n" +
+	"\ahost_id\x18\x04 \x01(\tR\x06hostId\"\xf6\x01\n" +
+	"\tTagRecord\x12\x1a\n" +
+	"\bregistry\x18\x01 \x01(\tR\bregistry\x12\x1e\n" +
+	"\n" +
+	"repository\x18\x02 \x01(\tR\n" +
+	"repository\x12\x10\n" +
+	"\x03tag\x18\x03 \x01(\tR\x03tag\x12\x16\n" +
+	"\x06digest\x18\x04 \x01(\tR\x06digest\x12\x1d\n" +
+	"\n" +
+	"media_type\x18\x05 \x01(\tR\tmediaType\x12\x12\n" +
+	"\x04size\x18\x06 \x01(\x03R\x04size\x12\x1f\n" +
+	"\vresolved_at\x18\a \x01(\x03R\n" +
+	"resolvedAt\x12\x16\n" +
+	"\x06public\x18\b \x01(\bR\x06public\x12\x17\n" +
+	"\ahost_id\x18\t \x01(\tR\x06hostId\"\x10\n" +
+	"\x0ePutTagResponse2[\n" +
 	"\bHostSync\x12O\n" +
 	"\bSyncHost\x12%.registryproxy.p2p.v1.SyncHostRequest\x1a\x1a.registryproxy.p2p.v1.Host0\x012f\n" +
 	"\x06Pieces\x12\\\n" +
@@ -1044,7 +1413,11 @@ const file_p2p_pb_p2p_proto_rawDesc = "" +
 	"\aTracker\x12Y\n" +
 	"\bRegister\x12%.registryproxy.p2p.v1.RegisterRequest\x1a&.registryproxy.p2p.v1.RegisterResponse\x12Y\n" +
 	"\bAnnounce\x12%.registryproxy.p2p.v1.AnnounceRequest\x1a&.registryproxy.p2p.v1.AnnounceResponse\x12X\n" +
-	"\aPreheat\x12$.registryproxy.p2p.v1.PreheatRequest\x1a%.registryproxy.p2p.v1.PreheatProgress0\x01B1Z/github.com/registry-proxy/registry-proxy/p2p/pbb\x06proto3"
+	"\aPreheat\x12$.registryproxy.p2p.v1.PreheatRequest\x1a%.registryproxy.p2p.v1.PreheatProgress0\x012\x82\x02\n" +
+	"\tManifests\x12W\n" +
+	"\vGetManifest\x12(.registryproxy.p2p.v1.GetManifestRequest\x1a\x1e.registryproxy.p2p.v1.Manifest\x12O\n" +
+	"\x06PutTag\x12\x1f.registryproxy.p2p.v1.TagRecord\x1a$.registryproxy.p2p.v1.PutTagResponse\x12K\n" +
+	"\x06GetTag\x12 .registryproxy.p2p.v1.TagRequest\x1a\x1f.registryproxy.p2p.v1.TagRecordB1Z/github.com/registry-proxy/registry-proxy/p2p/pbb\x06proto3"
 
 var (
 	file_p2p_pb_p2p_proto_rawDescOnce sync.Once
@@ -1058,7 +1431,7 @@ func file_p2p_pb_p2p_proto_rawDescGZIP() []byte {
 	return file_p2p_pb_p2p_proto_rawDescData
 }
 
-var file_p2p_pb_p2p_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_p2p_pb_p2p_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_p2p_pb_p2p_proto_goTypes = []any{
 	(*SyncHostRequest)(nil),    // 0: registryproxy.p2p.v1.SyncHostRequest
 	(*Host)(nil),               // 1: registryproxy.p2p.v1.Host
@@ -1074,6 +1447,11 @@ var file_p2p_pb_p2p_proto_goTypes = []any{
 	(*AnnounceResponse)(nil),   // 11: registryproxy.p2p.v1.AnnounceResponse
 	(*PreheatRequest)(nil),     // 12: registryproxy.p2p.v1.PreheatRequest
 	(*PreheatProgress)(nil),    // 13: registryproxy.p2p.v1.PreheatProgress
+	(*GetManifestRequest)(nil), // 14: registryproxy.p2p.v1.GetManifestRequest
+	(*Manifest)(nil),           // 15: registryproxy.p2p.v1.Manifest
+	(*TagRequest)(nil),         // 16: registryproxy.p2p.v1.TagRequest
+	(*TagRecord)(nil),          // 17: registryproxy.p2p.v1.TagRecord
+	(*PutTagResponse)(nil),     // 18: registryproxy.p2p.v1.PutTagResponse
 }
 var file_p2p_pb_p2p_proto_depIdxs = []int32{
 	2,  // 0: registryproxy.p2p.v1.Host.state:type_name -> registryproxy.p2p.v1.HostState
@@ -1086,13 +1464,19 @@ var file_p2p_pb_p2p_proto_depIdxs = []int32{
 	6,  // 7: registryproxy.p2p.v1.Tracker.Register:input_type -> registryproxy.p2p.v1.RegisterRequest
 	10, // 8: registryproxy.p2p.v1.Tracker.Announce:input_type -> registryproxy.p2p.v1.AnnounceRequest
 	12, // 9: registryproxy.p2p.v1.Tracker.Preheat:input_type -> registryproxy.p2p.v1.PreheatRequest
-	1,  // 10: registryproxy.p2p.v1.HostSync.SyncHost:output_type -> registryproxy.p2p.v1.Host
-	5,  // 11: registryproxy.p2p.v1.Pieces.WatchPieces:output_type -> registryproxy.p2p.v1.PieceUpdate
-	8,  // 12: registryproxy.p2p.v1.Tracker.Register:output_type -> registryproxy.p2p.v1.RegisterResponse
-	11, // 13: registryproxy.p2p.v1.Tracker.Announce:output_type -> registryproxy.p2p.v1.AnnounceResponse
-	13, // 14: registryproxy.p2p.v1.Tracker.Preheat:output_type -> registryproxy.p2p.v1.PreheatProgress
-	10, // [10:15] is the sub-list for method output_type
-	5,  // [5:10] is the sub-list for method input_type
+	14, // 10: registryproxy.p2p.v1.Manifests.GetManifest:input_type -> registryproxy.p2p.v1.GetManifestRequest
+	17, // 11: registryproxy.p2p.v1.Manifests.PutTag:input_type -> registryproxy.p2p.v1.TagRecord
+	16, // 12: registryproxy.p2p.v1.Manifests.GetTag:input_type -> registryproxy.p2p.v1.TagRequest
+	1,  // 13: registryproxy.p2p.v1.HostSync.SyncHost:output_type -> registryproxy.p2p.v1.Host
+	5,  // 14: registryproxy.p2p.v1.Pieces.WatchPieces:output_type -> registryproxy.p2p.v1.PieceUpdate
+	8,  // 15: registryproxy.p2p.v1.Tracker.Register:output_type -> registryproxy.p2p.v1.RegisterResponse
+	11, // 16: registryproxy.p2p.v1.Tracker.Announce:output_type -> registryproxy.p2p.v1.AnnounceResponse
+	13, // 17: registryproxy.p2p.v1.Tracker.Preheat:output_type -> registryproxy.p2p.v1.PreheatProgress
+	15, // 18: registryproxy.p2p.v1.Manifests.GetManifest:output_type -> registryproxy.p2p.v1.Manifest
+	18, // 19: registryproxy.p2p.v1.Manifests.PutTag:output_type -> registryproxy.p2p.v1.PutTagResponse
+	17, // 20: registryproxy.p2p.v1.Manifests.GetTag:output_type -> registryproxy.p2p.v1.TagRecord
+	13, // [13:21] is the sub-list for method output_type
+	5,  // [5:13] is the sub-list for method input_type
 	5,  // [5:5] is the sub-list for extension type_name
 	5,  // [5:5] is the sub-list for extension extendee
 	0,  // [0:5] is the sub-list for field type_name
@@ -1109,9 +1493,9 @@ func file_p2p_pb_p2p_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_p2p_pb_p2p_proto_rawDesc), len(file_p2p_pb_p2p_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   14,
+			NumMessages:   19,
 			NumExtensions: 0,
-			NumServices:   3,
+			NumServices:   4,
 		},
 		GoTypes:           file_p2p_pb_p2p_proto_goTypes,
 		DependencyIndexes: file_p2p_pb_p2p_proto_depIdxs,

@@ -455,3 +455,207 @@ var Tracker_ServiceDesc = grpc.ServiceDesc{
 	},
 	Metadata: "p2p/pb/p2p.proto",
 }
+
+const (
+	Manifests_GetManifest_FullMethodName = "/registryproxy.p2p.v1.Manifests/GetManifest"
+	Manifests_PutTag_FullMethodName      = "/registryproxy.p2p.v1.Manifests/PutTag"
+	Manifests_GetTag_FullMethodName      = "/registryproxy.p2p.v1.Manifests/GetTag"
+)
+
+// ManifestsClient is the client API for Manifests service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// Manifests carries manifests and tag resolutions through the cluster, so the
+// registry sees one manifest GET per digest per cluster and a pull by tag of
+// what the cluster holds still resolves while the registry cannot answer.
+type ManifestsClient interface {
+	// GetManifest returns a manifest by digest: one this node holds, or, on
+	// the digest's owner, one it fetches from the registry with its own
+	// credentials. NOT_FOUND: this node neither holds nor owns it;
+	// PERMISSION_DENIED: the registry refused the owner's credentials (the
+	// asking node fetches it with its client's); UNAVAILABLE: the registry
+	// could not be asked.
+	GetManifest(ctx context.Context, in *GetManifestRequest, opts ...grpc.CallOption) (*Manifest, error)
+	// PutTag records a tag's resolution at the tag's owner.
+	PutTag(ctx context.Context, in *TagRecord, opts ...grpc.CallOption) (*PutTagResponse, error)
+	// GetTag returns the latest resolution of a tag the owner holds;
+	// NOT_FOUND when none.
+	GetTag(ctx context.Context, in *TagRequest, opts ...grpc.CallOption) (*TagRecord, error)
+}
+
+type manifestsClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewManifestsClient(cc grpc.ClientConnInterface) ManifestsClient {
+	return &manifestsClient{cc}
+}
+
+func (c *manifestsClient) GetManifest(ctx context.Context, in *GetManifestRequest, opts ...grpc.CallOption) (*Manifest, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Manifest)
+	err := c.cc.Invoke(ctx, Manifests_GetManifest_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *manifestsClient) PutTag(ctx context.Context, in *TagRecord, opts ...grpc.CallOption) (*PutTagResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PutTagResponse)
+	err := c.cc.Invoke(ctx, Manifests_PutTag_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *manifestsClient) GetTag(ctx context.Context, in *TagRequest, opts ...grpc.CallOption) (*TagRecord, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TagRecord)
+	err := c.cc.Invoke(ctx, Manifests_GetTag_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// ManifestsServer is the server API for Manifests service.
+// All implementations must embed UnimplementedManifestsServer
+// for forward compatibility.
+//
+// Manifests carries manifests and tag resolutions through the cluster, so the
+// registry sees one manifest GET per digest per cluster and a pull by tag of
+// what the cluster holds still resolves while the registry cannot answer.
+type ManifestsServer interface {
+	// GetManifest returns a manifest by digest: one this node holds, or, on
+	// the digest's owner, one it fetches from the registry with its own
+	// credentials. NOT_FOUND: this node neither holds nor owns it;
+	// PERMISSION_DENIED: the registry refused the owner's credentials (the
+	// asking node fetches it with its client's); UNAVAILABLE: the registry
+	// could not be asked.
+	GetManifest(context.Context, *GetManifestRequest) (*Manifest, error)
+	// PutTag records a tag's resolution at the tag's owner.
+	PutTag(context.Context, *TagRecord) (*PutTagResponse, error)
+	// GetTag returns the latest resolution of a tag the owner holds;
+	// NOT_FOUND when none.
+	GetTag(context.Context, *TagRequest) (*TagRecord, error)
+	mustEmbedUnimplementedManifestsServer()
+}
+
+// UnimplementedManifestsServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedManifestsServer struct{}
+
+func (UnimplementedManifestsServer) GetManifest(context.Context, *GetManifestRequest) (*Manifest, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetManifest not implemented")
+}
+func (UnimplementedManifestsServer) PutTag(context.Context, *TagRecord) (*PutTagResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method PutTag not implemented")
+}
+func (UnimplementedManifestsServer) GetTag(context.Context, *TagRequest) (*TagRecord, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetTag not implemented")
+}
+func (UnimplementedManifestsServer) mustEmbedUnimplementedManifestsServer() {}
+func (UnimplementedManifestsServer) testEmbeddedByValue()                   {}
+
+// UnsafeManifestsServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to ManifestsServer will
+// result in compilation errors.
+type UnsafeManifestsServer interface {
+	mustEmbedUnimplementedManifestsServer()
+}
+
+func RegisterManifestsServer(s grpc.ServiceRegistrar, srv ManifestsServer) {
+	// If the following call panics, it indicates UnimplementedManifestsServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&Manifests_ServiceDesc, srv)
+}
+
+func _Manifests_GetManifest_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetManifestRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ManifestsServer).GetManifest(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Manifests_GetManifest_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ManifestsServer).GetManifest(ctx, req.(*GetManifestRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Manifests_PutTag_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TagRecord)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ManifestsServer).PutTag(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Manifests_PutTag_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ManifestsServer).PutTag(ctx, req.(*TagRecord))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Manifests_GetTag_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TagRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ManifestsServer).GetTag(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Manifests_GetTag_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ManifestsServer).GetTag(ctx, req.(*TagRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+// Manifests_ServiceDesc is the grpc.ServiceDesc for Manifests service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var Manifests_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "registryproxy.p2p.v1.Manifests",
+	HandlerType: (*ManifestsServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "GetManifest",
+			Handler:    _Manifests_GetManifest_Handler,
+		},
+		{
+			MethodName: "PutTag",
+			Handler:    _Manifests_PutTag_Handler,
+		},
+		{
+			MethodName: "GetTag",
+			Handler:    _Manifests_GetTag_Handler,
+		},
+	},
+	Streams:  []grpc.StreamDesc{},
+	Metadata: "p2p/pb/p2p.proto",
+}

@@ -92,6 +92,8 @@ type Options struct {
 	Ledger   *seeding.Ledger
 	HostSync pb.HostSyncServer
 	Tracker  pb.TrackerServer
+	// Manifests serves manifests and tag resolutions; nil: not served.
+	Manifests pb.ManifestsServer
 	// TLS requires every peer to authenticate (mutual TLS); nil serves
 	// plaintext (p2p.insecure).
 	TLS *tls.Config
@@ -124,6 +126,9 @@ func NewServer(opts Options) *Server {
 	pb.RegisterHostSyncServer(s.grpc, opts.HostSync)
 	pb.RegisterPiecesServer(s.grpc, s)
 	pb.RegisterTrackerServer(s.grpc, opts.Tracker)
+	if opts.Manifests != nil {
+		pb.RegisterManifestsServer(s.grpc, opts.Manifests)
+	}
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(s.grpc, hs)
 	reflection.Register(s.grpc)

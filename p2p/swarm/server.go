@@ -160,7 +160,7 @@ func (s *Server) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Reg
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "digest: %v", err)
 	}
-	who, err := s.caller(ctx, req.GetHostId())
+	who, err := s.Caller(ctx, req.GetHostId())
 	if err != nil {
 		return nil, err
 	}
@@ -258,10 +258,10 @@ func (s *Server) checkSource(registry, repo string) error {
 	return nil
 }
 
-// caller is the member behind a request: the id it authenticated with (on
+// Caller is the member behind a request: the id it authenticated with (on
 // an insecure peer port, the id it claims) must be a live member, and the
 // request must come from that member's address.
-func (s *Server) caller(ctx context.Context, claimed string) (membership.Member, error) {
+func (s *Server) Caller(ctx context.Context, claimed string) (membership.Member, error) {
 	p, err := trust.Caller(ctx, claimed)
 	switch {
 	case errors.Is(err, trust.ErrNotSelf):
@@ -289,7 +289,7 @@ func (s *Server) Watching(ctx context.Context, d digest.Digest, child string) {
 	if s.opts.Downloads == nil {
 		return
 	}
-	m, err := s.caller(ctx, child)
+	m, err := s.Caller(ctx, child)
 	if err != nil {
 		s.log.Debug("not following back a watching peer", "peer", child, "digest", d, "err", err)
 		return
@@ -388,7 +388,7 @@ const maxAnnounced = 1 << 18
 // digests this node owns, recorded under the id it authenticated with and
 // the address gossip knows for it.
 func (s *Server) Announce(ctx context.Context, req *pb.AnnounceRequest) (*pb.AnnounceResponse, error) {
-	who, err := s.caller(ctx, req.GetHostId())
+	who, err := s.Caller(ctx, req.GetHostId())
 	if err != nil {
 		return nil, err
 	}
@@ -411,7 +411,7 @@ func (s *Server) Announce(ctx context.Context, req *pb.AnnounceRequest) (*pb.Ann
 // with its own credentials (task.Manager.Fetch) and follows its progress.
 func (s *Server) Preheat(req *pb.PreheatRequest, stream pb.Tracker_PreheatServer) error {
 	ctx := stream.Context()
-	if _, err := s.caller(ctx, req.GetHostId()); err != nil {
+	if _, err := s.Caller(ctx, req.GetHostId()); err != nil {
 		return err
 	}
 	d, err := digest.Parse(req.GetDigest())

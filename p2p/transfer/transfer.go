@@ -229,3 +229,35 @@ func (p *Pool) Preheat(ctx context.Context, addr string, req *pb.PreheatRequest,
 		}
 	}
 }
+
+// maxManifestMsg bounds a manifest answer a peer sends: the largest manifest
+// a node accepts (upstream.max_manifest_size is at most this) and framing.
+const maxManifestMsg = 64<<20 + 4096
+
+// GetManifest asks the node at addr for a manifest by digest.
+func (p *Pool) GetManifest(ctx context.Context, addr string, req *pb.GetManifestRequest) (*pb.Manifest, error) {
+	c, err := p.Conn(addr)
+	if err != nil {
+		return nil, err
+	}
+	return pb.NewManifestsClient(c).GetManifest(ctx, req, grpc.MaxCallRecvMsgSize(maxManifestMsg))
+}
+
+// PutTag records a tag's resolution at the node at addr, the tag's owner.
+func (p *Pool) PutTag(ctx context.Context, addr string, rec *pb.TagRecord) error {
+	c, err := p.Conn(addr)
+	if err != nil {
+		return err
+	}
+	_, err = pb.NewManifestsClient(c).PutTag(ctx, rec)
+	return err
+}
+
+// GetTag asks the node at addr, the tag's owner, for a tag's resolution.
+func (p *Pool) GetTag(ctx context.Context, addr string, req *pb.TagRequest) (*pb.TagRecord, error) {
+	c, err := p.Conn(addr)
+	if err != nil {
+		return nil, err
+	}
+	return pb.NewManifestsClient(c).GetTag(ctx, req)
+}

@@ -58,6 +58,16 @@ type Options struct {
 	StaleTTL time.Duration
 	// Metrics counts checks by result; may be nil.
 	Metrics *metrics.Metrics
+	// PublicTTL is how long a repository the registry served to no
+	// credentials at all counts as public while the registry cannot be
+	// asked: every client may then read what the node holds of it. Zero:
+	// never.
+	PublicTTL time.Duration
+	// Anonymous asks the registry with no credentials (anonymous tokens
+	// only), to learn whether a repository is public; nil: never asked.
+	Anonymous Upstream
+	// Now is the clock; time.Now when nil.
+	Now func() time.Time
 }
 
 // Checker answers and remembers access questions.
@@ -65,7 +75,13 @@ type Checker struct {
 	opts  Options
 	cache *ttlcache.Cache[key, error]
 	stale *ttlcache.Cache[key, struct{}]
+	// public holds when each repository was last known public; probed
+	// whether an anonymous probe found it public, so it is asked rarely.
+	public *ttlcache.Cache[repoKey, time.Time]
+	probed *ttlcache.Cache[repoKey, bool]
 }
+
+type repoKey struct{ registry, repo string }
 
 type key struct {
 	cred           [sha256.Size]byte
@@ -88,11 +104,19 @@ func New(opts Options) *Checker {
 	if opts.StaleTTL <= 0 {
 		opts.StaleTTL = 24 * time.Hour
 	}
-	return &Checker{
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	c := &Checker{
 		opts:  opts,
 		cache: ttlcache.New[key, error](opts.Size, opts.TTL),
 		stale: ttlcache.New[key, struct{}](opts.Size, opts.StaleTTL),
 	}
+	if opts.PublicTTL > 0 {
+		c.public = ttlcache.New[repoKey, time.Time](opts.Size, opts.PublicTTL)
+		c.probed = ttlcache.New[repoKey, bool](opts.Size, max(opts.PublicTTL/4, time.Minute))
+	}
+	return c
 }
 
 // nodeCred stands for this node's credentials in a key: no Authorization
@@ -153,6 +177,9 @@ func (c *Checker) Check(ctx context.Context, registry, repo string, d digest.Dig
 	switch {
 	case err == nil:
 		c.remember(k)
+		if k.cred == anonymous {
+			c.MarkPublic(registry, repo, c.opts.Now())
+		}
 		c.opts.Metrics.AccessCheck("allowed")
 		return nil
 	case errors.As(err, &se) && se.Code >= 400 && se.Code < 500 && se.Code != http.StatusTooManyRequests:
@@ -164,6 +191,10 @@ func (c *Checker) Check(ctx context.Context, registry, repo string, d digest.Dig
 		// No answer: this credential was allowed this content before.
 		c.opts.Metrics.AccessCheck("stale_allowed")
 		return nil
+	case c.isPublic(registry, repo):
+		// No answer: the repository was public lately, so anyone may.
+		c.opts.Metrics.AccessCheck("public_allowed")
+		return nil
 	default:
 		c.opts.Metrics.AccessCheck("error")
 		return fmt.Errorf("access: asking the upstream: %w", err)
@@ -173,6 +204,59 @@ func (c *Checker) Check(ctx context.Context, registry, repo string, d digest.Dig
 func (c *Checker) remember(k key) {
 	c.cache.Add(k, nil)
 	c.stale.Add(k, struct{}{})
+}
+
+// anonymous is the key of a client without credentials.
+var anonymous = sha256.Sum256(nil)
+
+// MarkPublic records that the registry served repo to no credentials at
+// time at (here, or on the member that says so).
+func (c *Checker) MarkPublic(registry, repo string, at time.Time) {
+	if c.public == nil || c.opts.Now().Sub(at) > c.opts.PublicTTL {
+		return
+	}
+	k := repoKey{registry, repo}
+	if held, ok := c.public.Get(k); ok && held.After(at) {
+		return
+	}
+	c.public.Add(k, at)
+}
+
+// isPublic reports whether repo was public within PublicTTL.
+func (c *Checker) isPublic(registry, repo string) bool {
+	if c.public == nil {
+		return false
+	}
+	at, ok := c.public.Get(repoKey{registry, repo})
+	return ok && c.opts.Now().Sub(at) <= c.opts.PublicTTL
+}
+
+// Public reports whether the registry serves repo to no credentials at
+// all: remembered, else asked once in a while with an anonymous HEAD of ref
+// (free where manifest GETs are metered). A public repository's content
+// may go to every client while the registry cannot be asked.
+func (c *Checker) Public(ctx context.Context, registry, repo, ref string) bool {
+	if c.public == nil || c.opts.Anonymous == nil {
+		return false
+	}
+	k := repoKey{registry, repo}
+	if public, ok := c.probed.Get(k); ok {
+		return public
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
+	defer cancel()
+	resp, err := c.opts.Anonymous.Manifest(ctx, http.MethodHead, registry, repo, ref, http.Header{"Accept": []string{"*/*"}})
+	var se *upstream.StatusError
+	switch {
+	case err == nil:
+		resp.Body.Close()
+		c.probed.Add(k, true)
+		c.MarkPublic(registry, repo, c.opts.Now())
+		return true
+	case errors.As(err, &se) && se.Code >= 400 && se.Code < 500 && se.Code != http.StatusTooManyRequests:
+		c.probed.Add(k, false)
+	}
+	return false
 }
 
 // Allow records that the client of hdr read d from the upstream itself just

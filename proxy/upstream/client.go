@@ -66,6 +66,25 @@ func (e *StatusError) Error() string {
 	return fmt.Sprintf("upstream: status %d %s", e.Code, http.StatusText(e.Code))
 }
 
+// Unreachable reports whether err means the registry could not answer: no
+// connection, a reset, a timeout, a 5xx, or 429 (rate limited), as opposed to
+// an answer about the content (401, 403, 404). What the cluster holds may
+// stand in for the registry's answer then.
+func Unreachable(err error) bool {
+	var se *StatusError
+	if errors.As(err, &se) {
+		return se.Code >= 500 || se.Code == http.StatusTooManyRequests
+	}
+	return errors.Is(err, ErrUnavailable) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// Throttled reports whether err is a 429, the registry's or one this node
+// answered itself while honouring an earlier one's Retry-After.
+func Throttled(err error) bool {
+	var se *StatusError
+	return errors.As(err, &se) && se.Code == http.StatusTooManyRequests
+}
+
 // Options configure a Client.
 type Options struct {
 	// Registries maps a registry name (as containerd sends it in ns=) to its
@@ -108,7 +127,12 @@ type Client struct {
 	ua         string
 	allow      []string
 	redirects  *ttlcache.Cache[string, *url.URL]
-	log        *slog.Logger
+	// throttle holds, per host, method and kind of request (manifests,
+	// blobs), when a 429's Retry-After runs out: until then such requests
+	// are answered 429 here, without asking (no retry storm). Shared by the
+	// clients WithNodeCredentials makes.
+	throttle *throttle
+	log      *slog.Logger
 	metrics    *metrics.Metrics
 	// auth answers challenges with this node's own credentials; nil passes
 	// the caller's Authorization through and a 401 back.
@@ -187,6 +211,7 @@ func New(opts Options) (*Client, error) {
 		backoff:    opts.Backoff,
 		ua:         opts.UserAgent,
 		redirects:  ttlcache.New[string, *url.URL](4096, opts.RedirectTTL),
+		throttle:   newThrottle(time.Now),
 		log:        opts.Logger.With("component", "upstream"),
 		metrics:    opts.Metrics,
 	}, nil
@@ -562,6 +587,12 @@ func (c *Client) do(ctx context.Context, method, rawURL string, hdr http.Header,
 		if err != nil {
 			return nil, fmt.Errorf("upstream: %w", err)
 		}
+		tkey := throttleKey(req)
+		if left, ok := c.throttle.until(tkey); ok {
+			// The registry said 429 and when to come back: not before.
+			return nil, &StatusError{Code: http.StatusTooManyRequests, Header: http.Header{"Retry-After": []string{strconv.Itoa(int(left.Seconds()) + 1)}},
+				Body: []byte(`{"errors":[{"code":"TOOMANYREQUESTS","message":"the registry is rate limiting this node (Retry-After honoured)"}]}`)}
+		}
 		for k, v := range hdr {
 			req.Header[k] = v
 		}
@@ -581,6 +612,13 @@ func (c *Client) do(ctx context.Context, method, rawURL string, hdr http.Header,
 			lastErr = fmt.Errorf("%w: %s %s: %w", ErrUnavailable, method, redact(rawURL), err)
 			continue
 		}
+		if resp.StatusCode == http.StatusTooManyRequests {
+			// Retrying a 429 spends what the registry just refused; its
+			// Retry-After says when to ask again.
+			wait := c.throttle.set(tkey, resp.Header.Get("Retry-After"))
+			c.log.Warn("registry is rate limiting; honouring Retry-After", "host", req.URL.Host, "method", method, "kind", tkey.kind, "retry_after", wait)
+			return resp, nil
+		}
 		if retry && retryable(resp.StatusCode) && i+1 < attempts {
 			drain.Close(resp.Body)
 			lastErr = fmt.Errorf("%w: %s %s: status %d", ErrUnavailable, method, redact(rawURL), resp.StatusCode)
@@ -593,7 +631,7 @@ func (c *Client) do(ctx context.Context, method, rawURL string, hdr http.Header,
 }
 
 func retryable(code int) bool {
-	return code == http.StatusTooManyRequests || (code >= 500 && code != http.StatusNotImplemented)
+	return code >= 500 && code != http.StatusNotImplemented
 }
 
 // redact drops the query, where object storage keeps its signatures.
