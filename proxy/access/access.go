@@ -79,7 +79,14 @@ type Checker struct {
 	// whether an anonymous probe found it public, so it is asked rarely.
 	public *ttlcache.Cache[repoKey, time.Time]
 	probed *ttlcache.Cache[repoKey, bool]
+	// down remembers registries that just could not be asked, so that
+	// during an outage every read is not held up by retries first.
+	down *ttlcache.Cache[string, error]
 }
+
+// downFor is how long a registry that could not be asked is not asked
+// again by the access check.
+const downFor = 10 * time.Second
 
 type repoKey struct{ registry, repo string }
 
@@ -111,6 +118,7 @@ func New(opts Options) *Checker {
 		opts:  opts,
 		cache: ttlcache.New[key, error](opts.Size, opts.TTL),
 		stale: ttlcache.New[key, struct{}](opts.Size, opts.StaleTTL),
+		down:  ttlcache.New[string, error](1024, downFor),
 	}
 	if opts.PublicTTL > 0 {
 		c.public = ttlcache.New[repoKey, time.Time](opts.Size, opts.PublicTTL)
@@ -153,6 +161,9 @@ func (c *Checker) Check(ctx context.Context, registry, repo string, d digest.Dig
 		}
 		return err
 	}
+	if err, ok := c.down.Get(registry); ok {
+		return c.unanswered(k, registry, repo, err)
+	}
 	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
 	defer cancel()
 	auth := http.Header{}
@@ -187,18 +198,26 @@ func (c *Checker) Check(ctx context.Context, registry, repo string, d digest.Dig
 		c.stale.Remove(k)
 		c.opts.Metrics.AccessCheck("refused")
 		return err
+	case upstream.Unreachable(err):
+		c.down.Add(registry, err)
+	}
+	return c.unanswered(k, registry, repo, err)
+}
+
+// unanswered decides when the registry could not answer (err): a
+// credential allowed this content before still is, and anyone may read a
+// repository that was public lately.
+func (c *Checker) unanswered(k key, registry, repo string, err error) error {
+	switch {
 	case c.stale.Contains(k):
-		// No answer: this credential was allowed this content before.
 		c.opts.Metrics.AccessCheck("stale_allowed")
 		return nil
 	case c.isPublic(registry, repo):
-		// No answer: the repository was public lately, so anyone may.
 		c.opts.Metrics.AccessCheck("public_allowed")
 		return nil
-	default:
-		c.opts.Metrics.AccessCheck("error")
-		return fmt.Errorf("access: asking the upstream: %w", err)
 	}
+	c.opts.Metrics.AccessCheck("error")
+	return fmt.Errorf("access: asking the upstream: %w", err)
 }
 
 func (c *Checker) remember(k key) {

@@ -92,17 +92,68 @@ func TestCheck(t *testing.T) {
 	}
 }
 
+// An upstream that could not be asked is not asked again for downFor (an
+// outage does not hold every read up with retries), and never remembered as
+// a refusal: once it is back, it is asked.
 func TestUpstreamDownIsNotRemembered(t *testing.T) {
-	up := &fakeUpstream{allowed: map[string]string{"Bearer good": "team/private"}, down: true}
-	c := New(Options{Upstream: up})
-	ctx := context.Background()
-	if err := c.Check(ctx, "reg.test", "team/private", d, Blob, auth("Bearer good")); !errors.Is(err, upstream.ErrUnavailable) {
-		t.Fatalf("Check with the upstream down = %v", err)
-	}
-	up.down = false
-	if err := c.Check(ctx, "reg.test", "team/private", d, Blob, auth("Bearer good")); err != nil {
-		t.Fatalf("Check after the upstream came back = %v", err)
-	}
+	synctest.Test(t, func(t *testing.T) {
+		up := &fakeUpstream{allowed: map[string]string{"Bearer good": "team/private"}, down: true}
+		c := New(Options{Upstream: up})
+		ctx := context.Background()
+		if err := c.Check(ctx, "reg.test", "team/private", d, Blob, auth("Bearer good")); !errors.Is(err, upstream.ErrUnavailable) {
+			t.Fatalf("Check with the upstream down = %v", err)
+		}
+		calls := up.calls
+		if err := c.Check(ctx, "reg.test", "team/other", d, Manifest, auth("Bearer good")); !errors.Is(err, upstream.ErrUnavailable) || up.calls != calls {
+			t.Fatalf("Check within downFor = %v after %d more calls; want the outage's error without asking", err, up.calls-calls)
+		}
+		up.down = false
+		time.Sleep(downFor)
+		if err := c.Check(ctx, "reg.test", "team/private", d, Blob, auth("Bearer good")); err != nil {
+			t.Fatalf("Check after the upstream came back = %v", err)
+		}
+	})
+}
+
+// A repository the upstream served to an anonymous client is public for
+// PublicTTL: while the upstream cannot be reached every client may read it,
+// and one marked by a member too; other repositories are not.
+func TestPublicWhileUpstreamDown(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		up := &fakeUpstream{allowed: map[string]string{"": "library/public", "Bearer good": "team/private"}}
+		c := New(Options{Upstream: up, TTL: time.Minute, PublicTTL: time.Hour})
+		ctx := context.Background()
+		if err := c.Check(ctx, "reg.test", "library/public", d, Manifest, auth("")); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Check(ctx, "reg.test", "team/private", d, Blob, auth("Bearer good")); err != nil {
+			t.Fatal(err)
+		}
+		c.MarkPublic("reg.test", "library/told", time.Now().Add(-30*time.Minute))
+		c.MarkPublic("reg.test", "library/old", time.Now().Add(-2*time.Hour))
+		up.down = true
+		time.Sleep(time.Minute)
+		for _, tt := range []struct {
+			repo, cred string
+			ok         bool
+		}{
+			{"library/public", "", true},
+			{"library/public", "Bearer someone", true},
+			{"library/told", "", true},
+			{"library/old", "", false},
+			{"team/private", "", false},
+			{"team/private", "Bearer other", false},
+			{"team/private", "Bearer good", true}, // allowed within the last 24 h
+		} {
+			if err := c.Check(ctx, "reg.test", tt.repo, d, Blob, auth(tt.cred)); (err == nil) != tt.ok {
+				t.Errorf("%s with %q while down: %v, want ok=%v", tt.repo, tt.cred, err, tt.ok)
+			}
+		}
+		time.Sleep(time.Hour)
+		if err := c.Check(ctx, "reg.test", "library/public", d, Blob, auth("")); err == nil {
+			t.Error("public past public_ttl")
+		}
+	})
 }
 
 // While the upstream cannot be reached, a credential allowed before is
