@@ -150,6 +150,12 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParseSecrets -fuzztime $(FUZZTIME) ./p2p/trust/
 	$(GO) test -run '^$$' -fuzz FuzzRegister -fuzztime $(FUZZTIME) ./p2p/swarm/
 	$(GO) test -run '^$$' -fuzz FuzzPieceUpdate -fuzztime $(FUZZTIME) ./p2p/swarm/
+	$(GO) test -run '^$$' -fuzz FuzzRead -fuzztime $(FUZZTIME) ./manifest/
+	$(GO) test -run '^$$' -fuzz FuzzTagRecord -fuzztime $(FUZZTIME) ./p2p/manifests/
+	$(GO) test -run '^$$' -fuzz FuzzRetryAfter -fuzztime $(FUZZTIME) ./proxy/upstream/
+	$(GO) test -run '^$$' -fuzz FuzzParseConfig -fuzztime $(FUZZTIME) ./credprovider/
+	$(GO) test -run '^$$' -fuzz FuzzParseResponse -fuzztime $(FUZZTIME) ./credprovider/
+	$(GO) test -run '^$$' -fuzz FuzzMatch -fuzztime $(FUZZTIME) ./credprovider/
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')

@@ -71,7 +71,7 @@ func Read(resp *http.Response, want digest.Digest, limit int64) (Manifest, error
 	if int64(len(content)) > limit {
 		return Manifest{}, fmt.Errorf("%w: larger than the %d byte limit", ErrInvalid, limit)
 	}
-	header, _ := digest.Parse(resp.Header.Get("Docker-Content-Digest"))
+	header := ParseDigest(resp.Header.Get("Docker-Content-Digest"))
 	alg := digest.Canonical
 	switch {
 	case want != "":
@@ -87,6 +87,17 @@ func Read(resp *http.Response, want digest.Digest, limit int64) (Manifest, error
 		return Manifest{}, fmt.Errorf("%w: content hashes to %s, the registry said %s", ErrInvalid, got, header)
 	}
 	return Manifest{Digest: got, MediaType: mt, Content: content}, nil
+}
+
+// ParseDigest is a Docker-Content-Digest header's digest, "" when it is
+// absent or not a valid digest (digest.Parse returns the bad string with
+// its error, which must not be used).
+func ParseDigest(h string) digest.Digest {
+	d, err := digest.Parse(h)
+	if err != nil {
+		return ""
+	}
+	return d
 }
 
 // Check checks a manifest a peer sent for want: its media type, size and

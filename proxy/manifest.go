@@ -208,7 +208,7 @@ func (s *Server) manifestUpstream(w http.ResponseWriter, r *http.Request, name, 
 	w.Header().Set("X-Registry-Proxy-Source", "upstream")
 	if r.Method == http.MethodHead {
 		mt := resp.Header.Get("Content-Type")
-		upDigest, _ := digest.Parse(resp.Header.Get("Docker-Content-Digest"))
+		upDigest := manifest.ParseDigest(resp.Header.Get("Docker-Content-Digest"))
 		switch {
 		case !manifest.MediaTypeOK(mt):
 			s.badManifest(w, registry, name, ref, fmt.Sprintf("media type %q is not a manifest's", mt))

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseContentRange(t *testing.T) {
@@ -122,6 +123,37 @@ func TestValidRepository(t *testing.T) {
 	} {
 		if got := ValidRepository(tc.name); got != tc.ok {
 			t.Errorf("ValidRepository(%q) = %v, want %v", tc.name, got, tc.ok)
+		}
+	}
+}
+
+// A registry's Retry-After, seconds or a date or garbage, holds requests
+// back for a second to an hour, never less or more.
+func FuzzRetryAfter(f *testing.F) {
+	f.Add("120")
+	f.Add("Wed, 21 Oct 2015 07:28:00 GMT")
+	f.Add("-1")
+	f.Add("99999999999999999999")
+	f.Fuzz(func(t *testing.T, v string) {
+		now := time.Unix(1_700_000_000, 0)
+		if w := parseRetryAfter(v, now); w < time.Second || w > maxRetryAfter {
+			t.Fatalf("Retry-After %q: %v", v, w)
+		}
+	})
+}
+
+func TestRetryAfter(t *testing.T) {
+	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
+	for v, want := range map[string]time.Duration{
+		"":                              defaultRetryAfter,
+		"0":                             time.Second,
+		"120":                           2 * time.Minute,
+		"86400":                         maxRetryAfter,
+		"Mon, 07 Dec 2026 12:05:00 GMT": 5 * time.Minute,
+		"soon":                          defaultRetryAfter,
+	} {
+		if got := parseRetryAfter(v, now); got != want {
+			t.Errorf("Retry-After %q: %v, want %v", v, got, want)
 		}
 	}
 }
