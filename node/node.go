@@ -305,8 +305,14 @@ func (s blobSizer) BlobSize(ctx context.Context, r task.Request) (int64, error) 
 	}
 	size, err := up.BlobSize(ctx, r.Registry, r.Repo, r.Digest, r.Header)
 	if err != nil && upstream.Unreachable(err) && s.peers != nil {
-		// The registry cannot answer: members holding the blob can. The
-		// client's access is checked when it reads (stale or public).
+		// The registry cannot answer: members holding the blob can, for a
+		// client this node may serve without asking it (allowed lately,
+		// or a public repository); nothing is fetched for another.
+		if s.checker != nil {
+			if cerr := s.checker.Check(ctx, r.Registry, r.Repo, r.Digest, access.Blob, r.Header); cerr != nil {
+				return 0, cerr
+			}
+		}
 		if n, perr := s.peers.SizeFromPeers(ctx, r.Registry, r.Repo, r.Digest); perr == nil {
 			return n, nil
 		}

@@ -17,6 +17,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/internal/progress"
 	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/proxy/access"
+	"github.com/registry-proxy/registry-proxy/proxy/upstream"
 	"github.com/registry-proxy/registry-proxy/task"
 )
 
@@ -260,6 +261,11 @@ func (s *Server) headBlob(w http.ResponseWriter, r *http.Request, name string, d
 		defer cancel()
 		size, err = s.upstreamFor(r, name).BlobSize(ctx, s.registry(r), name, d, forwardHeaders(r))
 		if err != nil {
+			if upstream.Unreachable(err) && !s.allowed(w, r, name, d, access.Blob, codeBlobUnknown) {
+				// While the registry cannot answer, a client nothing
+				// allows gets a refusal, not the outage.
+				return
+			}
 			s.writeUpstreamError(w, r, err, codeBlobUnknown)
 			return
 		}

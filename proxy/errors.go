@@ -11,6 +11,7 @@ import (
 	"github.com/gorilla/mux"
 
 	"github.com/registry-proxy/registry-proxy/blobstore"
+	"github.com/registry-proxy/registry-proxy/proxy/access"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
 	"github.com/registry-proxy/registry-proxy/task"
 )
@@ -80,6 +81,10 @@ func (s *Server) writeUpstreamError(w http.ResponseWriter, r *http.Request, err 
 		default:
 			writeError(w, se.Code, unknown, fmt.Sprintf("upstream registry answered %d", se.Code))
 		}
+	case errors.Is(err, access.ErrUnanswered):
+		// Nothing says this client may read it: as if not here, so the
+		// client tries its next host.
+		writeError(w, http.StatusNotFound, unknown, "the registry cannot be asked whether this client may read it, and it was not allowed before")
 	case errors.Is(err, upstream.ErrUnknownRegistry):
 		// 404: the client falls back to its next host.
 		s.log.Debug("registry not served", "ns", r.URL.Query().Get("ns"), "err", err)

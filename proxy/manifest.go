@@ -77,6 +77,9 @@ func (s *Server) manifestByTag(w http.ResponseWriter, r *http.Request, name, tag
 		return
 	}
 	resp.Body.Close()
+	if s.opts.Access != nil {
+		s.opts.Access.Reachable(registry)
+	}
 	mediaType := resp.Header.Get("Content-Type")
 	d, derr := digest.Parse(resp.Header.Get("Docker-Content-Digest"))
 	if derr != nil || !manifest.MediaTypeOK(mediaType) {

@@ -85,8 +85,14 @@ type Checker struct {
 }
 
 // downFor is how long a registry that could not be asked is not asked
-// again by the access check.
+// again by the access check, unless it answers something else first
+// (Reachable).
 const downFor = 10 * time.Second
+
+// ErrUnanswered means the registry could not be asked whether a client may
+// read something, and nothing this node knows allows it: not allowed in the
+// last day, not public lately.
+var ErrUnanswered = errors.New("access: the registry cannot be asked, and this client was not allowed before")
 
 type repoKey struct{ registry, repo string }
 
@@ -217,7 +223,13 @@ func (c *Checker) unanswered(k key, registry, repo string, err error) error {
 		return nil
 	}
 	c.opts.Metrics.AccessCheck("error")
-	return fmt.Errorf("access: asking the upstream: %w", err)
+	return fmt.Errorf("%w: %w", ErrUnanswered, err)
+}
+
+// Reachable records that registry just answered a request: the access
+// check asks it again at once.
+func (c *Checker) Reachable(registry string) {
+	c.down.Remove(registry)
 }
 
 func (c *Checker) remember(k key) {
