@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -125,5 +126,37 @@ func TestTricklingUpstreamAbandoned(t *testing.T) {
 			waitOutput(t, px.proc, "stopping a download nobody wants", 30*time.Second)
 			waitOutput(t, px.proc, `"msg":"blob download stopped"`, 30*time.Second)
 		})
+	}
+}
+
+// Every local process is 127.0.0.1: one holding limits.client_conns idle
+// keep-alive connections must not lock the node's containerd out. At the
+// cap the longest idle connection is closed for the new one; a pull goes
+// through while they are held.
+func TestIdleConnectionsDoNotLockOutContainerd(t *testing.T) {
+	reg, _ := sharedImage(t)
+	px := startProxy(t, "", "--upstream", mirroredRegistry+"="+reg.URL)
+	const held = 256 // limits.client_conns, the default
+	// Each its own connection: a request answered, then kept open, idle.
+	for i := range held {
+		conn, err := net.Dial("tcp", px.Addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		io.WriteString(conn, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+		conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatalf("idle connection %d: %v", i, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	c := startContainerd(t, containerds[len(containerds)-1], px.Addr)
+	ref := mirroredRegistry + "/" + imageRepo + ":" + imageTag
+	c.ctrCmd(t, "images", "pull", "--hosts-dir", c.hosts, "--snapshotter", "native", ref)
+	if strings.Contains(px.proc.output(), "too many from one address") {
+		t.Errorf("a connection was refused while idle ones were held:\n%s", tail(px.proc.output(), 20))
 	}
 }

@@ -198,10 +198,19 @@ func (m *Metrics) Blob(result string, took time.Duration) {
 	m.blobSeconds.WithLabelValues(result).Observe(took.Seconds())
 }
 
-// Request counts one mirror request.
+// Request counts one mirror request. The method is a client's word: any
+// but the registry API's own counts as "other", so labels stay few.
 func (m *Metrics) Request(kind, method string, code int) {
 	if m == nil {
 		return
+	}
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete, http.MethodOptions:
+	default:
+		method = "other"
+	}
+	if code < -1 || code > 999 {
+		code = 0
 	}
 	m.requests.WithLabelValues(kind, method, strconv.Itoa(code)).Inc()
 }

@@ -1,6 +1,7 @@
 package metrics
 
 import (
+	"fmt"
 	"net/http/httptest"
 	"strings"
 	"testing"
@@ -87,5 +88,24 @@ func TestRecordedAndParsed(t *testing.T) {
 	}
 	if !strings.Contains(strings.Join(names, " "), `registry_proxy_blob_bytes_total{source="peer"}`) {
 		t.Errorf("moved: %v", names)
+	}
+}
+
+// Labels come from bounded sets whatever clients send: methods of their
+// own count as "other".
+func TestRequestLabelsBounded(t *testing.T) {
+	m := New("test")
+	for i := range 30000 {
+		m.Request("blob", fmt.Sprintf("M%d", i), 405)
+	}
+	m.Request("blob", "GET", 200)
+	fams, err := m.Gatherer().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fams {
+		if f.GetName() == "registry_proxy_http_requests_total" && len(f.GetMetric()) != 2 {
+			t.Fatalf("%d series after 30,000 odd methods; want 2 (GET and other)", len(f.GetMetric()))
+		}
 	}
 }

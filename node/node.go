@@ -186,7 +186,10 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 	}
 	cl := connlimit.New(rawLn, cfg.Limits.ClientConns)
 	cl.Refused = func(a net.Addr) {
-		log.Warn("connection refused: too many from one address", "remote", a.String(), "limit", cfg.Limits.ClientConns)
+		log.Warn("connection refused: too many from one address, none of them idle", "remote", a.String(), "limit", cfg.Limits.ClientConns)
+	}
+	cl.Evicted = func(a net.Addr) {
+		log.Debug("idle connection closed to let a new one from the same address in", "remote", a.String(), "limit", cfg.Limits.ClientConns)
 	}
 	var ln net.Listener = cl
 	var admLn net.Listener
@@ -212,6 +215,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		draining: draining,
 		srv: &http.Server{
 			Handler:           srv.Handler(),
+			ConnState:         cl.ConnState,
 			ReadHeaderTimeout: 10 * time.Second,
 			IdleTimeout:       2 * time.Minute,
 			MaxHeaderBytes:    64 << 10,

@@ -46,8 +46,8 @@ type Options struct {
 	// StaleIfError is how old a tag resolution may be to answer for a
 	// registry that cannot (manifests.stale_if_error); zero: never.
 	StaleIfError time.Duration
-	Store    *blobstore.Store
-	Tasks    *task.Manager
+	Store        *blobstore.Store
+	Tasks        *task.Manager
 	// DefaultRegistry serves requests without ns= (dockerd's).
 	DefaultRegistry string
 	// MaxManifestSize refuses larger manifests from the upstream.

@@ -133,7 +133,7 @@ type Client struct {
 	// clients WithNodeCredentials makes.
 	throttle *throttle
 	log      *slog.Logger
-	metrics    *metrics.Metrics
+	metrics  *metrics.Metrics
 	// auth answers challenges with this node's own credentials; nil passes
 	// the caller's Authorization through and a 401 back.
 	auth *nodeAuth
@@ -281,6 +281,30 @@ func allowed(patterns []string, registry string) bool {
 		}
 	}
 	return false
+}
+
+// hostLabel is the metric label of a request to host: a configured
+// registry's name, an allowed name or the pattern it matched ("*.gcr.io"),
+// Docker Hub, or "other" (redirect targets, ports on allowed names): a
+// bounded set whatever clients ask for.
+func (c *Client) hostLabel(host string) string {
+	for name, u := range c.registries {
+		if u.Host == host {
+			return name
+		}
+	}
+	if host == "registry-1.docker.io" {
+		return "docker.io"
+	}
+	for _, p := range c.allow {
+		if p == host {
+			return p
+		}
+		if suffix, ok := strings.CutPrefix(p, "*."); ok && strings.HasSuffix(host, "."+suffix) && !strings.Contains(host, ":") {
+			return p
+		}
+	}
+	return "other"
 }
 
 // hostPort is u's host with its port made explicit.
@@ -601,13 +625,18 @@ func (c *Client) do(ctx context.Context, method, rawURL string, hdr http.Header,
 		}
 		resp, err := c.http.Do(req)
 		if resp != nil {
-			c.metrics.Upstream(req.URL.Host, method, resp.StatusCode)
+			c.metrics.Upstream(c.hostLabel(req.URL.Host), method, resp.StatusCode)
 		} else if ctx.Err() == nil {
-			c.metrics.Upstream(req.URL.Host, method, 0)
+			c.metrics.Upstream(c.hostLabel(req.URL.Host), method, 0)
 		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
+			}
+			if errors.Is(err, ErrForbiddenAddress) {
+				// A refusal of this node's own, the same on every try: not
+				// retried, and no outage of the registry's.
+				return nil, fmt.Errorf("upstream: %s %s: %w", method, redact(rawURL), err)
 			}
 			lastErr = fmt.Errorf("%w: %s %s: %w", ErrUnavailable, method, redact(rawURL), err)
 			continue

@@ -157,3 +157,26 @@ func TestRetryAfter(t *testing.T) {
 		}
 	}
 }
+
+// Upstream metric labels are registry names and allow patterns, never a
+// host:port a client or a redirect chose.
+func TestHostLabel(t *testing.T) {
+	c, err := New(Options{Registries: map[string]string{"internal.test": "http://10.1.2.3:5000"}, Allow: []string{"ghcr.io", "*.gcr.io", "docker.io"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for host, want := range map[string]string{
+		"10.1.2.3:5000":          "internal.test",
+		"ghcr.io":                "ghcr.io",
+		"ghcr.io:8443":           "other",
+		"eu.gcr.io":              "*.gcr.io",
+		"a.b.gcr.io":             "*.gcr.io",
+		"eu.gcr.io:1234":         "other",
+		"registry-1.docker.io":   "docker.io",
+		"bucket.s3.amazonaws.io": "other",
+	} {
+		if got := c.hostLabel(host); got != want {
+			t.Errorf("hostLabel(%q) = %q, want %q", host, got, want)
+		}
+	}
+}

@@ -15,6 +15,8 @@ import (
 	"testing"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/registry-proxy/registry-proxy/metrics"
 )
 
 const testDigest = digest.Digest("sha256:0000000000000000000000000000000000000000000000000000000000000000")
@@ -36,11 +38,13 @@ func TestGuardedDialer(t *testing.T) {
 	defer configured.Close()
 	otherURL, _ := url.Parse(other.URL)
 
+	m := metrics.New("test")
 	c, err := New(Options{
 		Registries: map[string]string{"configured.test": configured.URL},
 		// Allowed by name, but the name resolves to loopback.
 		Allow:    []string{"localhost:" + otherURL.Port()},
-		Attempts: 1,
+		Attempts: 3,
+		Metrics:  m,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -56,6 +60,14 @@ func TestGuardedDialer(t *testing.T) {
 	}
 	if n := otherHits.Load(); n != 0 {
 		t.Errorf("the unconfigured server was reached %d times", n)
+	}
+	// A refused dial is this node's own answer: tried once, not an outage.
+	_, err = c.Manifest(ctx, http.MethodGet, "localhost:"+otherURL.Port(), "a/b", "latest", nil)
+	if Unreachable(err) {
+		t.Errorf("a refused address counts as the registry being unreachable: %v", err)
+	}
+	if n := failedRequests(t, m, "localhost:"+otherURL.Port()); n != 2 {
+		t.Errorf("%v dial attempts for two requests to a refused address; want one each", n)
 	}
 	// The configured one itself is fine.
 	c2, _ := New(Options{Registries: map[string]string{"other.test": other.URL}, Attempts: 1})
@@ -166,6 +178,32 @@ func TestNodeCredentialsTokenFlow(t *testing.T) {
 	if tokenCalls.Load() != before {
 		t.Error("the pass-through client asked for a token")
 	}
+}
+
+// failedRequests is the upstream_requests_total count of requests to host
+// that got no answer.
+func failedRequests(t *testing.T, m *metrics.Metrics, host string) float64 {
+	t.Helper()
+	fams, err := m.Gatherer().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n float64
+	for _, f := range fams {
+		if f.GetName() != "registry_proxy_upstream_requests_total" {
+			continue
+		}
+		for _, mm := range f.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range mm.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if labels["host"] == host && labels["code"] == "error" {
+				n += mm.GetCounter().GetValue()
+			}
+		}
+	}
+	return n
 }
 
 type staticCreds map[string]Credential
