@@ -3,6 +3,7 @@ package blobstore
 import (
 	"errors"
 	"os"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -28,4 +29,28 @@ func freeBytes(dir string) (int64, error) {
 		return 0, err
 	}
 	return int64(st.Bavail) * int64(st.Bsize), nil
+}
+
+// punchHole gives back the blocks of [off, off+n) and keeps the file's size:
+// the range reads as zeros afterwards. A file system that cannot punch
+// holes keeps the blocks (errors.ErrUnsupported).
+func punchHole(f *os.File, off, n int64) error {
+	if n <= 0 {
+		return nil
+	}
+	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
+		return errors.ErrUnsupported
+	}
+	return err
+}
+
+// allocatedBytes is the disk space a file holds (its blocks), not its size:
+// a partial blob whose unwritten pieces were punched out holds what was
+// written.
+func allocatedBytes(fi os.FileInfo) int64 {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return st.Blocks * 512
+	}
+	return fi.Size()
 }

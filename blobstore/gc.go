@@ -34,13 +34,12 @@ type manifestFile struct {
 }
 
 // otherUsage is what the store holds besides complete blobs: the space
-// reserved by partial blobs, and the manifests, oldest first.
+// partial blobs hold on disk (a running download's whole size, reserved; a
+// stopped one's written pieces), and the manifests, oldest first.
 func (s *Store) otherUsage() (partials int64, manifests []manifestFile) {
 	if des, err := os.ReadDir(filepath.Join(s.root, "ingest")); err == nil {
 		for _, de := range des {
-			if fi, err := os.Stat(filepath.Join(s.root, "ingest", de.Name(), "data")); err == nil {
-				partials += fi.Size()
-			}
+			partials += held(filepath.Join(s.root, "ingest", de.Name()))
 		}
 	}
 	filepath.WalkDir(filepath.Join(s.root, "manifests"), func(path string, de fs.DirEntry, err error) error {
@@ -58,9 +57,11 @@ func (s *Store) otherUsage() (partials int64, manifests []manifestFile) {
 
 // GC evicts complete blobs, least recently read first, while the store is above
 // its high water mark (down to the low one), and every blob not read within
-// MaxAge. Partial blobs (the space reserved for them) and manifests count
-// toward the marks; manifests go, oldest first, when evicting blobs was not
-// enough, and after MaxAge unread. Blobs being read and partial blobs being
+// MaxAge. Partial blobs (the space they hold: a running download's
+// reservation, a stopped one's written pieces) and manifests count toward
+// the marks; manifests go, oldest first, when evicting blobs was not
+// enough, and after MaxAge unread; then partial blobs no download has open,
+// least recently written first. Blobs being read and partial blobs being
 // written are never touched; partial blobs nobody has written to within
 // PartialMaxAge are removed.
 func (s *Store) GC(ctx context.Context) (GCResult, error) {
@@ -126,9 +127,29 @@ func (s *Store) GC(ctx context.Context) (GCResult, error) {
 		total -= m.size
 		res.Manifests++
 	}
+	// Still above the mark: partial blobs no download has open, least
+	// recently written first (a stopped one holds what it wrote).
+	if overSize && total > low {
+		for _, ip := range s.idlePartials() {
+			if total <= low || ctx.Err() != nil {
+				break
+			}
+			if !s.claimRemoval(ip.dir) {
+				continue
+			}
+			err := os.RemoveAll(ip.dir)
+			s.endRemoval(ip.dir)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			total -= ip.held
+			res.Partials++
+		}
+	}
 	if s.opts.PartialMaxAge > 0 {
 		n, err := s.gcPartials(now)
-		res.Partials = n
+		res.Partials += n
 		if err != nil {
 			errs = append(errs, err)
 		}
@@ -149,22 +170,16 @@ func (s *Store) gcPartials(now time.Time) (int, error) {
 	var errs []error
 	for _, de := range dirs {
 		dir := filepath.Join(s.root, "ingest", de.Name())
-		s.mu.Lock()
-		busy := false
-		for _, p := range s.partials {
-			if p.dir == dir {
-				busy = true
-			}
-		}
-		s.mu.Unlock()
-		if busy {
-			continue
-		}
 		info, err := os.Stat(filepath.Join(dir, "pieces"))
 		if err == nil && now.Sub(info.ModTime()) <= s.opts.PartialMaxAge {
 			continue
 		}
-		if err := os.RemoveAll(dir); err != nil {
+		if !s.claimRemoval(dir) { // a download has it open
+			continue
+		}
+		err = os.RemoveAll(dir)
+		s.endRemoval(dir)
+		if err != nil {
 			errs = append(errs, err)
 			continue
 		}

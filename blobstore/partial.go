@@ -96,20 +96,40 @@ func (s *Store) Ingest(ctx context.Context, d digest.Digest, plan piece.Plan) (*
 	if err := plan.Validate(); err != nil {
 		return nil, fmt.Errorf("blobstore: ingest %s: %w", d, err)
 	}
+	dir := s.ingestDir(d)
 	s.mu.Lock()
+	for {
+		// GC removing an idle partial of this digest for space: wait.
+		gone, ok := s.removing[dir]
+		if !ok {
+			break
+		}
+		s.mu.Unlock()
+		select {
+		case <-gone:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("blobstore: ingest %s: %w", d, ctx.Err())
+		}
+		s.mu.Lock()
+	}
 	if _, ok := s.partials[d]; ok {
 		s.mu.Unlock()
 		return nil, fmt.Errorf("blobstore: ingest %s: %w", d, ErrBusy)
 	}
-	p := &Partial{s: s, digest: d, plan: plan, dir: s.ingestDir(d), changed: make(chan struct{})}
+	p := &Partial{s: s, digest: d, plan: plan, dir: dir, changed: make(chan struct{})}
 	s.partials[d] = p
 	s.mu.Unlock()
 
 	if err := p.open(ctx); err != nil {
+		p.closeFiles()
+		// Still ours: give back what was reserved beyond the pieces
+		// written (a resumed partial keeps them).
+		if _, serr := shrinkDir(p.dir); serr != nil && !errors.Is(serr, errors.ErrUnsupported) {
+			s.log.Warn("giving back the space of a partial blob that failed to open", "digest", d, "err", serr)
+		}
 		s.mu.Lock()
 		delete(s.partials, d)
 		s.mu.Unlock()
-		p.closeFiles()
 		return nil, err
 	}
 	return p, nil
@@ -141,19 +161,33 @@ func (p *Partial) open(ctx context.Context) error {
 	if p.records, err = os.OpenFile(filepath.Join(p.dir, "pieces"), os.O_RDWR|os.O_CREATE, 0o644); err != nil {
 		return fmt.Errorf("blobstore: open piece records: %w", err)
 	}
-	if !resume {
-		// Checked before anything is reserved, so that one blob cannot
-		// take the last of the disk from everything else on the node.
-		if free, err := freeBytes(p.dir); err == nil && free < p.plan.Size {
-			return p.s.noSpace(p.digest.String(), p.plan.Size, fmt.Errorf("%d bytes free", free))
+	// What is to be reserved: the blob, less what a resumed partial still
+	// holds (the pieces it wrote; the rest was given back when it stopped).
+	need := p.plan.Size
+	if fi, err := p.data.Stat(); err == nil && resume {
+		need -= min(allocatedBytes(fi), need)
+	}
+	// Checked before anything is reserved, so that one blob cannot take
+	// the last of the disk from everything else on the node. Partial blobs
+	// no download uses go first, oldest first.
+	if free, err := freeBytes(p.dir); err == nil && free < need {
+		p.s.reclaimPartials(need)
+		if free, err = freeBytes(p.dir); err == nil && free < need {
+			return p.s.noSpace(p.digest.String(), need, fmt.Errorf("%d bytes free", free))
 		}
 	}
 	if err := p.data.Truncate(p.plan.Size); err != nil {
 		return fmt.Errorf("blobstore: size partial data: %w", err)
 	}
-	if err := allocate(p.data, p.plan.Size); err != nil {
+	err = allocate(p.data, p.plan.Size)
+	if errors.Is(err, syscall.ENOSPC) {
+		if n, _ := p.s.reclaimPartials(need); n > 0 {
+			err = allocate(p.data, p.plan.Size)
+		}
+	}
+	if err != nil {
 		if errors.Is(err, syscall.ENOSPC) {
-			return p.s.noSpace(p.digest.String(), p.plan.Size, err)
+			return p.s.noSpace(p.digest.String(), need, err)
 		}
 		return fmt.Errorf("blobstore: reserve %d bytes for %s: %w", p.plan.Size, p.digest, err)
 	}
@@ -446,7 +480,7 @@ func (p *Partial) Commit(verified digest.Digest) error {
 
 // Discard closes the partial blob and deletes its files.
 func (p *Partial) Discard() error {
-	p.Close()
+	p.close(false)
 	if p.committed {
 		return nil
 	}
@@ -456,8 +490,12 @@ func (p *Partial) Discard() error {
 	return nil
 }
 
-// Close releases the partial blob; an uncommitted one stays on disk to resume.
-func (p *Partial) Close() {
+// Close releases the partial blob; an uncommitted one stays on disk to
+// resume, holding the pieces it wrote: the space reserved for the others
+// is given back.
+func (p *Partial) Close() { p.close(true) }
+
+func (p *Partial) close(keep bool) {
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
@@ -465,7 +503,19 @@ func (p *Partial) Close() {
 	}
 	p.closed = true
 	p.notifyLocked()
+	// Closed: no piece is marked done from here on.
+	done := p.done
+	release := keep && !p.committed && !p.committing && p.ndone < len(p.done)
 	p.mu.Unlock()
+	if release {
+		span, err := releaseUnwritten(p.data, p.plan, func(i int) bool { return done[i] })
+		switch {
+		case err == nil:
+			p.s.log.Debug("stopped partial blob gave back its unwritten space", "digest", p.digest, "size", p.plan.Size, "released", span)
+		case !errors.Is(err, errors.ErrUnsupported):
+			p.s.log.Warn("giving back the unwritten space of a partial blob", "digest", p.digest, "err", err)
+		}
+	}
 	p.closeFiles()
 	p.s.mu.Lock()
 	if p.s.partials[p.digest] == p {

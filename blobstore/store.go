@@ -57,7 +57,8 @@ type Options struct {
 	// MaxAge evicts blobs not read for this long. Zero disables it.
 	MaxAge time.Duration
 	// PartialMaxAge removes partial blobs nobody has written to for this
-	// long (abandoned downloads keep their reserved space). Zero: MaxAge.
+	// long (a closed partial holds the pieces it wrote; the rest of its
+	// reservation was given back). Zero: MaxAge.
 	PartialMaxAge time.Duration
 	// Now is the clock; time.Now when nil.
 	Now    func() time.Time
@@ -113,6 +114,7 @@ type Store struct {
 	total    int64                                 // bytes of complete blobs
 	inUse    map[digest.Digest]int                 // open readers per complete blob
 	partials map[digest.Digest]*Partial            // partial blobs open for writing
+	removing map[string]chan struct{}              // ingest dirs being removed, closed when gone
 	changes  signal.Changes                        // the complete blobs changed
 	// syncData is (*os.File).Sync; tests hold a commit's sync open with it.
 	syncData func(*os.File) error
@@ -142,7 +144,8 @@ func (s *Store) SetLimits(high, low int64, maxAge time.Duration) {
 
 // Open opens (creating if needed) the store at root and loads the index of
 // complete blobs. Partial blobs stay on disk until Ingest resumes them or GC
-// removes them.
+// removes them; the space they reserved beyond their written pieces (a
+// crash leaves it reserved) is given back.
 func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
@@ -172,11 +175,13 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		lru:        l,
 		inUse:      map[digest.Digest]int{},
 		partials:   map[digest.Digest]*Partial{},
+		removing:   map[string]chan struct{}{},
 		syncData:   (*os.File).Sync,
 	}
 	if err := s.load(ctx); err != nil {
 		return nil, err
 	}
+	s.shrinkPartials()
 	return s, nil
 }
 

@@ -31,7 +31,8 @@ var (
 	// ErrDraining means the node is shutting down and starts no download.
 	ErrDraining = errors.New("task: shutting down")
 	// ErrUnwanted stops a download that no reader and no peer wanted for
-	// the idle grace period; its pieces stay to resume.
+	// the idle grace period; its pieces stay to resume, the rest of the
+	// space reserved for it is given back (blobstore.Partial.Close).
 	ErrUnwanted = errors.New("task: stopped, nobody wants the blob")
 )
 

@@ -1,0 +1,133 @@
+package integration
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/registry-proxy/registry-proxy/internal/testregistry"
+)
+
+// usedBytes is what the file system under dir holds.
+func usedBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Blocks-st.Bfree) * st.Bsize
+}
+
+func freeBytesUnder(t *testing.T, dir string) int64 {
+	t.Helper()
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Bavail) * st.Bsize
+}
+
+// writtenPieces is the bytes of the pieces the partial blobs under dataDir
+// record as written (1 MiB pieces).
+func writtenPieces(t *testing.T, dataDir string) int64 {
+	t.Helper()
+	dirs, _ := filepath.Glob(filepath.Join(dataDir, "*", "ingest", "*", "pieces"))
+	more, _ := filepath.Glob(filepath.Join(dataDir, "ingest", "*", "pieces"))
+	var n int64
+	for _, p := range append(dirs, more...) {
+		b, _ := os.ReadFile(p)
+		for i := 0; i+8 <= len(b); i += 8 {
+			if b[i] == 1 {
+				n += 1 << 20
+			}
+		}
+	}
+	return n
+}
+
+// Pulls of large blobs abandoned after a second each (the upstream is
+// slow) reserve their whole blobs while they run; once limits.idle_download
+// stops them the data dir holds what they wrote, and a blob that fits only
+// once their partials are collected is served, not 507.
+func TestAbandonedPullsGiveBackDisk(t *testing.T) {
+	need(t, os.Geteuid() == 0, "root, to mount a tmpfs")
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Fatalf("mount tmpfs: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	reg := startRegistry(t)
+	const pulls, size = 3, 24 << 20
+	var ds []string
+	for i := range pulls {
+		d, err := reg.PushBlob(context.Background(), "space/blob", testregistry.RandomBytes(size, uint64(70+i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ds = append(ds, d)
+	}
+	reg.SetPace(256 << 10) // a connection: the blobs take far longer than a second
+	cfg := writeTOML(t, "[limits]\nidle_download = \"2s\"\n")
+	px := startProxy(t, dir, "--config", cfg, "--upstream", "space.invalid="+reg.URL)
+	url := func(d string) string { return "http://" + px.Addr + "/v2/space/blob/blobs/" + d + "?ns=space.invalid" }
+	base := usedBytes(t, dir)
+
+	// The pulls, each abandoned after a second.
+	var wg sync.WaitGroup
+	for _, d := range ds {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			getBlob(ctx, url(d))
+		})
+	}
+	var running int64
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if running = max(running, usedBytes(t, dir)-base); running >= pulls*size {
+			break
+		}
+	}
+	wg.Wait()
+	stopped := func() int { return strings.Count(px.proc.output(), `"msg":"blob download stopped"`) }
+	for deadline := time.Now().Add(30 * time.Second); stopped() < pulls; time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d abandoned downloads stopped within 30 s:\n%s", stopped(), pulls, tail(px.proc.output(), 3000))
+		}
+	}
+	after := usedBytes(t, dir) - base
+	written := writtenPieces(t, dir)
+	t.Logf("%d pulls of %d MiB abandoned after 1 s: %d bytes held while running, %d after they stopped, %d written in whole pieces",
+		pulls, size>>20, running, after, written)
+	if running < pulls*size*9/10 {
+		t.Errorf("running downloads held %d bytes, want their %d reserved", running, pulls*size)
+	}
+	// What they wrote, the pieces being written when they stopped gone;
+	// a little for the piece records and metadata.
+	if after > written+256<<10 {
+		t.Fatalf("stopped downloads hold %d bytes, want the %d they wrote", after, written)
+	}
+	if written == 0 {
+		t.Fatal("the abandoned downloads wrote no whole piece: nothing to collect")
+	}
+
+	// A blob that fits only once the stopped partials go.
+	free := freeBytesUnder(t, dir)
+	bigSize := free + written/2
+	reg.SetPace(0)
+	big, err := reg.PushBlob(context.Background(), "space/blob", testregistry.RandomBytes(bigSize, 80))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fetchVerified(url(big), big); err != nil {
+		t.Fatalf("a blob of %d bytes with %d free and %d held by stopped downloads: %v\n%s", bigSize, free, written, err, tail(px.proc.output(), 3000))
+	}
+	waitOutput(t, px.proc, "disk short: removed partial blobs no download was using", 5*time.Second)
+	t.Logf("a %d-byte blob with %d bytes free was served; the data dir then held %d bytes, %d in stopped partials",
+		bigSize, free, usedBytes(t, dir)-base, writtenPieces(t, dir))
+}
