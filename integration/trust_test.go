@@ -116,8 +116,16 @@ func TestPeerPortRefusesOutsiders(t *testing.T) {
 			t.Logf("Register over %s: %v", name, err)
 		}
 	}
+	// A holder of the secret that is no member gets nothing (issue 34).
+	if code, body, err := get(tlsClient(outsider(c.secret).ClientConfig()), "https"+pieceURL); err != nil || code != http.StatusForbidden {
+		t.Errorf("a non-member with the secret: status %d, %d bytes, %v", code, len(body), err)
+	}
 	// A member with the secret gets the piece.
-	code, body, err := get(tlsClient(outsider(c.secret).ClientConfig()), "https"+pieceURL)
+	member, err := trust.NewIdentity(mustSecrets(t, c.secret), c.ids[1], time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, body, err := get(tlsClient(member.ClientConfig()), "https"+pieceURL)
 	if err != nil || code != http.StatusOK || int64(len(body)) != piece.PlanFor(size).PieceSize {
 		t.Fatalf("a member's piece request: status %d, %d bytes, %v", code, len(body), err)
 	}

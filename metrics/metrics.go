@@ -45,6 +45,7 @@ type Metrics struct {
 	gcRuns       prometheus.Counter
 	gcRemoved    *prometheus.CounterVec
 	gcFreed      prometheus.Counter
+	peerRefused  *prometheus.CounterVec
 }
 
 // New returns the metrics of a node running version.
@@ -80,6 +81,8 @@ func New(version string) *Metrics {
 	m.gcRuns = f.counter("store_gc_runs_total", "Garbage collections of the blob store.")
 	m.gcRemoved = f.counterVec("store_gc_removed_total", "Items garbage collection removed, by kind: blob, partial, manifest.", "kind")
 	m.gcFreed = f.counter("store_gc_freed_bytes_total", "Bytes of blobs garbage collection removed.")
+	m.peerRefused = f.counterVec("peer_calls_refused_total",
+		"Register and Announce calls from members refused by a bound, by call (register, announce) and reason: not_owner (this node does not rank for the digest), rate (calls or new registrations per member), full (tracker entries per member or in all), upstream (owner downloads started or failed for the member).", "call", "reason")
 	return m
 }
 
@@ -278,4 +281,13 @@ func (m *Metrics) GC(blobs, partials, manifests int, freed int64) {
 	m.gcRemoved.WithLabelValues("partial").Add(float64(partials))
 	m.gcRemoved.WithLabelValues("manifest").Add(float64(manifests))
 	m.gcFreed.Add(float64(freed))
+}
+
+// PeerCallRefused counts one Register or Announce refused by a bound; call
+// and reason are from fixed sets (swarm.ServerOptions.Refused).
+func (m *Metrics) PeerCallRefused(call, reason string) {
+	if m == nil {
+		return
+	}
+	m.peerRefused.WithLabelValues(call, reason).Inc()
 }

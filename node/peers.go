@@ -77,13 +77,16 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		ln.Close()
 		return nil, nil, fmt.Errorf("p2p: %w", err)
 	}
-	poolOpts := transfer.Options{}
+	var p *peers
+	// A node dialled at a member's address must present that member's
+	// certificate; piece requests name this node (p2p.insecure).
+	poolOpts := transfer.Options{NodeID: id, MemberAt: func(addr string) string { return p.members.At(addr) }}
 	var serverTLS *tls.Config
 	if ident != nil {
 		poolOpts.TLS = ident.ClientConfig()
 		serverTLS = ident.ServerConfig()
 	}
-	p := &peers{self: membership.Member{ID: id, Addr: addr}, pool: transfer.NewPool(poolOpts)}
+	p = &peers{self: membership.Member{ID: id, Addr: addr}, pool: transfer.NewPool(poolOpts)}
 	bg, cancel := context.WithCancel(context.Background())
 	p.cancel = cancel
 
@@ -132,6 +135,28 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		p.close()
 		return nil, nil, err
 	}
+	// Probe members' peer ports as they appear: downloads rank as owners
+	// only members that answered (transfer.Pool.Answered), without waiting.
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			var addrs []string
+			for _, m := range p.members.Members() {
+				if m.ID != id {
+					addrs = append(addrs, m.Addr)
+				}
+			}
+			p.pool.Answered(addrs)
+			select {
+			case <-bg.Done():
+				return
+			case <-t.C:
+			}
+		}
+	}()
 	if p.syncer != nil {
 		// Follow every member while they fit in the syncer, so a download's
 		// first choices already see its parents' state.
@@ -190,6 +215,9 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		MaxPeers:   cfg.P2P.MaxPeers,
 		Pieces:     taskOpts.Pieces,
 		Logger:     log,
+		Self:       id,
+		Answered:   p.pool.Answered,
+		Refused:    m.PeerCallRefused,
 	}
 	if p.syncer != nil && cfg.P2P.Selector == collector.SelectorState {
 		// State-aware seeding: the owner hands pieces to fast nodes to
@@ -198,7 +226,8 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		srvOpts.Uploads = uploads{meter: meter, syncer: p.syncer}
 	}
 	sw := swarm.NewServer(srvOpts)
-	p.manifests = manifests.New(manifests.Options{Self: p.self, Members: p.members, Auth: sw, Transport: p.pool, Store: store,
+	owners := swarm.AnsweringMembers{Self: id, Live: p.members, Answerer: p.pool}
+	p.manifests = manifests.New(manifests.Options{Self: p.self, Members: owners, Auth: sw, Transport: p.pool, Store: store,
 		Upstream: peerUp, Registries: up, MaxSize: int64(cfg.Upstream.MaxManifestSize), UpstreamTimeout: cfg.Upstream.Timeout, Logger: log})
 	p.wg.Add(1)
 	go func() {
@@ -236,7 +265,7 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 			}
 		}
 	}()
-	announcer := swarm.NewAnnouncer(swarm.AnnouncerOptions{Self: id, Members: p.members, Holdings: store, Transport: p.pool, Logger: log})
+	announcer := swarm.NewAnnouncer(swarm.AnnouncerOptions{Self: id, Members: owners, Holdings: store, Transport: p.pool, Logger: log})
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
@@ -262,7 +291,7 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	if cfg.Upload.SuperSeed {
 		ledger = seeding.New(seeding.Options{})
 	}
-	p.server = peer.NewServer(peer.Options{Source: sw, Children: sw, Meter: meter, Ledger: ledger, HostSync: hostSync, Tracker: sw, Manifests: p.manifests, TLS: serverTLS,
+	p.server = peer.NewServer(peer.Options{Source: sw, Children: sw, Auth: sw, Meter: meter, Ledger: ledger, HostSync: hostSync, Tracker: sw, Manifests: p.manifests, TLS: serverTLS,
 		WriteStall: cfg.Limits.WriteStall, Faults: faults, Metrics: m, Logger: log})
 	p.wg.Add(1)
 	go func() {

@@ -58,6 +58,7 @@ type Registry struct {
 
 	blobBytes   atomic.Int64
 	blobGets    atomic.Int64
+	blobHeads   atomic.Int64 // blob HEADs answered, found or not
 	lastWrite   atomic.Int64 // unix ns of the last blob bytes written
 	redirected  atomic.Int64
 	pace        atomic.Int64 // bytes/s per blob response, 0 = unpaced
@@ -243,6 +244,7 @@ func (r *Registry) BytesOf(digest string) int64 {
 func (r *Registry) ResetCounters() {
 	r.blobBytes.Store(0)
 	r.blobGets.Store(0)
+	r.blobHeads.Store(0)
 	r.lastWrite.Store(0)
 	r.redirected.Store(0)
 	r.manifestGets.Store(0)
@@ -278,6 +280,9 @@ func (r *Registry) SetRetryAfter(d time.Duration) {
 // ManifestGets is the number of manifest GETs answered (not refused with
 // 401 or 429) since the counters were reset.
 func (r *Registry) ManifestGets() int64 { return r.manifestGets.Load() }
+
+// BlobHeads is the number of blob HEADs answered (found or not).
+func (r *Registry) BlobHeads() int64 { return r.blobHeads.Load() }
 
 // ManifestHeads is the number of manifest HEADs answered.
 func (r *Registry) ManifestHeads() int64 { return r.manifestHeads.Load() }
@@ -571,6 +576,9 @@ func (r *Registry) wrap(next http.Handler) http.Handler {
 			return
 		}
 		m := blobPath.FindStringSubmatch(path)
+		if m != nil && req.Method == http.MethodHead {
+			r.blobHeads.Add(1)
+		}
 		if m == nil || req.Method != http.MethodGet {
 			next.ServeHTTP(w, req)
 			return

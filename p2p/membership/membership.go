@@ -57,6 +57,9 @@ type Membership struct {
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 	leaveOnce sync.Once
+
+	refusedMu sync.Mutex
+	refused   map[string]struct{}
 }
 
 // GossipAddr derives the gossip address from a peer address: port + 1.
@@ -124,7 +127,7 @@ func Start(ctx context.Context, opts Options) (*Membership, error) {
 		return nil, fmt.Errorf("membership: gossip on %s: %w", gossip, err)
 	}
 	bg, cancel := context.WithCancel(context.Background())
-	m := &Membership{opts: opts, log: logger, ml: ml, cancel: cancel}
+	m := &Membership{opts: opts, log: logger, ml: ml, cancel: cancel, refused: map[string]struct{}{}}
 	m.join(ctx)
 	m.wg.Add(1)
 	go func() {
@@ -214,15 +217,68 @@ func (m *Membership) rejoin(ctx context.Context) {
 	}
 }
 
-// Members returns the live members, this node included, sorted by id.
+// Members returns the live members, this node included, sorted by id. A
+// member's peer address is bound to where it gossips from: a node whose
+// advertised peer address is not its gossip address's host and port - 1
+// (GossipAddr) is no member (logged once), so nobody can send the cluster
+// to dial an address that is not its own.
 func (m *Membership) Members() []Member {
 	var out []Member
 	for _, n := range m.ml.Members() {
-		out = append(out, Member{ID: n.Name, Addr: string(n.Meta)})
+		peerAddr := string(n.Meta)
+		if err := Bound(peerAddr, n.Addr, n.Port); err != nil {
+			m.refuse(n.Name, peerAddr, err)
+			continue
+		}
+		out = append(out, Member{ID: n.Name, Addr: peerAddr})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out
 }
+
+// ErrUnbound means a member advertises a peer address that is not its own.
+var ErrUnbound = errors.New("membership: peer address is not where the member gossips from")
+
+// Bound checks a peer address a member advertises against the address and
+// port it gossips from: the same IP, and the gossip port its GossipAddr.
+func Bound(peerAddr string, gossipIP net.IP, gossipPort uint16) error {
+	host, _, err := net.SplitHostPort(peerAddr)
+	if err != nil {
+		return fmt.Errorf("%w: %q: %v", ErrUnbound, peerAddr, err)
+	}
+	ip := net.ParseIP(host)
+	if ip == nil || !ip.Equal(gossipIP) {
+		return fmt.Errorf("%w: peer address %q, gossips from %s", ErrUnbound, peerAddr, gossipIP)
+	}
+	g, err := GossipAddr(peerAddr)
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrUnbound, err)
+	}
+	if _, port, _ := net.SplitHostPort(g); port != strconv.Itoa(int(gossipPort)) {
+		return fmt.Errorf("%w: peer address %q, gossips from port %d", ErrUnbound, peerAddr, gossipPort)
+	}
+	return nil
+}
+
+// refuse logs a member left out once per id and address.
+func (m *Membership) refuse(id, addr string, err error) {
+	key := id + "\x00" + addr
+	m.refusedMu.Lock()
+	_, seen := m.refused[key]
+	if !seen {
+		if len(m.refused) >= maxRefused {
+			clear(m.refused)
+		}
+		m.refused[key] = struct{}{}
+	}
+	m.refusedMu.Unlock()
+	if !seen {
+		m.log.Warn("ignoring a member whose peer address is not its own", "node", id, "err", err)
+	}
+}
+
+// maxRefused bounds the refusals remembered for logging once.
+const maxRefused = 1024
 
 // Self is this node's id.
 func (m *Membership) Self() string { return m.opts.NodeID }
@@ -260,3 +316,18 @@ func (w *logWriter) Write(b []byte) (int, error) {
 }
 
 var _ io.Writer = (*logWriter)(nil)
+
+// At is the id of the live member whose peer address is addr, "" when none
+// (or m is nil). Members' peer addresses are distinct: each is bound to the
+// address its member gossips from.
+func (m *Membership) At(addr string) string {
+	if m == nil {
+		return ""
+	}
+	for _, mb := range m.Members() {
+		if mb.Addr == addr {
+			return mb.ID
+		}
+	}
+	return ""
+}

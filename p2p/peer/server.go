@@ -2,8 +2,9 @@
 // over plain HTTP (GET /pieces/<digest>/<index>, sendfile from the blob or the
 // partial file), and the gRPC services (SyncHost, WatchPieces, Register) on
 // the same port over HTTP/2. With the cluster's TLS every request comes from
-// an authenticated member; without it (p2p.insecure) from anyone who reaches
-// the port. It serves content by digest only.
+// a holder of the cluster's certificates; Options.Auth then admits only live
+// members calling from their gossiped address (without TLS, p2p.insecure,
+// under the id they claim). It serves content by digest only.
 package peer
 
 import (
@@ -81,9 +82,20 @@ type Children interface {
 	Watching(ctx context.Context, d digest.Digest, child string)
 }
 
+// Authenticator holds the rule for who the peer port answers: a live
+// member, under the id its certificate names (on an insecure port, the id
+// it claims), calling from the address it gossips from. *swarm.Server is
+// one; the same rule guards Register, Announce and Preheat there.
+type Authenticator interface {
+	Member(p trust.Peer) error
+}
+
 // Options configure a Server.
 type Options struct {
 	Source Source
+	// Auth admits the callers of pieces, WatchPieces and SyncHost; nil
+	// admits whoever the TLS admits (tests).
+	Auth Authenticator
 	// Children hears of each peer that watches a blob's pieces; may be nil.
 	Children Children
 	Meter    *hoststate.Meter
@@ -123,7 +135,7 @@ func NewServer(opts Options) *Server {
 	}
 	s := &Server{opts: opts, log: opts.Logger.With("component", "peer-server")}
 	s.grpc = grpc.NewServer(grpc.MaxRecvMsgSize(1 << 20))
-	pb.RegisterHostSyncServer(s.grpc, opts.HostSync)
+	pb.RegisterHostSyncServer(s.grpc, hostSync{opts.HostSync, opts.Auth})
 	pb.RegisterPiecesServer(s.grpc, s)
 	pb.RegisterTrackerServer(s.grpc, opts.Tracker)
 	if opts.Manifests != nil {
@@ -186,7 +198,64 @@ func (s *Server) Close() error {
 	return s.http.Close()
 }
 
+// hostSync admits SyncHost subscribers as the other calls: live members
+// only, so invented names cannot fill its subscribers.
+type hostSync struct {
+	pb.HostSyncServer
+	auth Authenticator
+}
+
+func (h hostSync) SyncHost(req *pb.SyncHostRequest, stream pb.HostSync_SyncHostServer) error {
+	if err := grpcMember(stream.Context(), h.auth, req.GetHostId()); err != nil {
+		return err
+	}
+	return h.HostSyncServer.SyncHost(req, stream)
+}
+
+// grpcMember applies auth to the caller of a gRPC request naming claimed.
+func grpcMember(ctx context.Context, auth Authenticator, claimed string) error {
+	p, err := trust.Caller(ctx, claimed)
+	switch {
+	case errors.Is(err, trust.ErrNotSelf):
+		return status.Error(codes.PermissionDenied, err.Error())
+	case auth == nil:
+		return nil
+	case err != nil:
+		return status.Error(codes.Unauthenticated, err.Error())
+	}
+	if err := auth.Member(p); err != nil {
+		return status.Error(codes.PermissionDenied, err.Error())
+	}
+	return nil
+}
+
+// httpMember applies auth to the caller of a piece request; false when it
+// answered the refusal.
+func (s *Server) httpMember(w http.ResponseWriter, r *http.Request) bool {
+	p, err := trust.HTTPCaller(r)
+	switch {
+	case errors.Is(err, trust.ErrNotSelf):
+		http.Error(w, err.Error(), http.StatusForbidden)
+		return false
+	case err != nil:
+		http.Error(w, err.Error(), http.StatusUnauthorized)
+		return false
+	}
+	if s.opts.Auth == nil {
+		return true
+	}
+	if err := s.opts.Auth.Member(p); err != nil {
+		s.log.Debug("piece request refused", "peer", p.ID, "from", p.IP, "err", err)
+		http.Error(w, err.Error(), http.StatusForbidden)
+		return false
+	}
+	return true
+}
+
 func (s *Server) servePiece(w http.ResponseWriter, r *http.Request) {
+	if !s.httpMember(w, r) {
+		return
+	}
 	d, err := digest.Parse(r.PathValue("digest"))
 	if err != nil {
 		http.Error(w, "bad digest", http.StatusBadRequest)
@@ -293,8 +362,8 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 	if err != nil {
 		return status.Errorf(codes.InvalidArgument, "digest: %v", err)
 	}
-	if _, err := trust.Caller(stream.Context(), req.GetHostId()); errors.Is(err, trust.ErrNotSelf) {
-		return status.Error(codes.PermissionDenied, err.Error())
+	if err := grpcMember(stream.Context(), s.opts.Auth, req.GetHostId()); err != nil {
+		return err
 	}
 	snap, changed, ok := s.opts.Source.Snapshot(stream.Context(), d)
 	if !ok {

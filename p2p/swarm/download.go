@@ -177,6 +177,66 @@ func (s *Downloader) Progress(d digest.Digest) (fetching []int, seeding, ok bool
 	return run.InFlight(), run.UpstreamAllowed(), true
 }
 
+// hedgeAfter is how long a download waits for a member's answer to its
+// registration before asking the next in rank as well.
+const hedgeAfter = 400 * time.Millisecond
+
+// answerer is a Transport that knows which peer addresses ever answered
+// (*transfer.Pool): the others are ranked as no owner.
+type answerer interface {
+	Answered(addrs []string) []bool
+}
+
+// answering are the members but those whose peer port never answered this
+// node (Transport's answerer), this node kept.
+func (o DownloaderOptions) answering(members []membership.Member) []membership.Member {
+	a, ok := o.Transport.(answerer)
+	if !ok {
+		return members
+	}
+	return answering(o.Self.ID, a.Answered, members)
+}
+
+// AnsweringMembers are the live members whose peer port has answered this
+// node, and this node: the members that rank as owners, for the announcer
+// and the manifests as for downloads (a fake member's address never
+// answers, so it is never asked first).
+type AnsweringMembers struct {
+	Self     string
+	Live     Members
+	Answerer interface{ Answered(addrs []string) []bool }
+}
+
+// Members implements Members.
+func (a AnsweringMembers) Members() []membership.Member {
+	return answering(a.Self, a.Answerer.Answered, a.Live.Members())
+}
+
+// answering are the members whose peer address answered says answered,
+// and self: the one rule for ranking owners (Downloader and Server).
+func answering(self string, answered func(addrs []string) []bool, members []membership.Member) []membership.Member {
+	addrs := make([]string, 0, len(members))
+	for _, m := range members {
+		if m.ID != self {
+			addrs = append(addrs, m.Addr)
+		}
+	}
+	ok := answered(addrs)
+	out := members[:0:0]
+	k := 0
+	for _, m := range members {
+		if m.ID == self {
+			out = append(out, m)
+			continue
+		}
+		if ok[k] {
+			out = append(out, m)
+		}
+		k++
+	}
+	return out
+}
+
 // maxReaders bounds the readers a download follows beyond MaxPeers.
 const maxReaders = 16
 
@@ -318,7 +378,7 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 	// the nodes).
 	var rankedIDs, rank []string
 	coordinate := func() {
-		members := s.opts.Members.Members()
+		members := s.opts.answering(s.opts.Members.Members())
 		addrs := make(map[string]string, len(members))
 		ids := make([]string, 0, len(members))
 		for _, m := range members {
@@ -328,40 +388,80 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 		if !slices.Equal(ids, rankedIDs) {
 			rankedIDs, rank = ids, owner.Rank(d.String(), ids)
 		}
-		for _, id := range rank {
-			if id == s.opts.Self.ID {
-				// This node owns the digest now: it goes upstream, unless a
-				// live member announced it holds the blob, and takes pieces
-				// from whoever registered or holds it.
-				run.SetAuthority("")
-				run.AllowUpstream(!slices.ContainsFunc(s.opts.Tracker.Holders(d.String()), func(h string) bool { _, live := addrs[h]; return live }))
-				var readers []string
-				s.mu.Lock()
-				if dg := s.delegated[d]; dg != nil {
-					readers = slices.Clone(dg.readers)
+		// The members are asked in rank order; one that has not answered
+		// within hedgeAfter is not waited for before asking the next, and
+		// the first answer wins: an owner that does not answer costs
+		// hedgeAfter, not the 3 s a registration may take.
+		type answer struct {
+			id   string
+			resp *pb.RegisterResponse
+			err  error
+		}
+		rctx, rcancel := context.WithTimeout(ctx, 3*time.Second)
+		defer rcancel()
+		answers := make(chan answer, len(rank))
+		next, pending := 0, 0
+		hedge := time.NewTimer(0)
+		defer hedge.Stop()
+		var got *answer
+	asking:
+		for {
+			select {
+			case <-hedge.C:
+				if next == len(rank) {
+					if pending == 0 {
+						break asking
+					}
+					continue
 				}
-				s.mu.Unlock()
-				for _, r := range readers {
-					addParent(r, addrs[r], reader)
+				id := rank[next]
+				next++
+				if id == s.opts.Self.ID {
+					// This node owns the digest now: it goes upstream, unless a
+					// live member announced it holds the blob, and takes pieces
+					// from whoever registered or holds it.
+					run.SetAuthority("")
+					run.AllowUpstream(!slices.ContainsFunc(s.opts.Tracker.Holders(d.String()), func(h string) bool { _, live := addrs[h]; return live }))
+					var readers []string
+					s.mu.Lock()
+					if dg := s.delegated[d]; dg != nil {
+						readers = slices.Clone(dg.readers)
+					}
+					s.mu.Unlock()
+					for _, r := range readers {
+						addParent(r, addrs[r], reader)
+					}
+					for _, p := range s.opts.Tracker.Peers(d.String(), "", s.opts.MaxPeers) {
+						addParent(p.ID, p.Addr, ordinary)
+					}
+					return
 				}
-				for _, p := range s.opts.Tracker.Peers(d.String(), "", s.opts.MaxPeers) {
-					addParent(p.ID, p.Addr, ordinary)
+				pending++
+				go func() {
+					resp, err := s.opts.Transport.Register(rctx, addrs[id], &pb.RegisterRequest{
+						Digest: d.String(), HostId: s.opts.Self.ID, Addr: s.opts.Self.Addr,
+						Registry: req.Registry, Repository: req.Repo,
+					})
+					answers <- answer{id, resp, err}
+				}()
+				hedge.Reset(hedgeAfter)
+			case a := <-answers:
+				pending--
+				if a.err == nil {
+					got = &a
+					break asking
 				}
-				return
-			}
-			rctx, rcancel := context.WithTimeout(ctx, 3*time.Second)
-			resp, err := s.opts.Transport.Register(rctx, addrs[id], &pb.RegisterRequest{
-				Digest: d.String(), HostId: s.opts.Self.ID, Addr: s.opts.Self.Addr,
-				Registry: req.Registry, Repository: req.Repo,
-			})
-			rcancel()
-			if err != nil {
 				if ctx.Err() != nil {
 					return
 				}
-				s.log.Warn("owner did not answer; trying the next in rank", "owner", id, "digest", d, "err", err)
-				continue
+				s.log.Warn("owner did not answer; trying the next in rank", "owner", a.id, "digest", d, "err", a.err)
+				hedge.Reset(0)
+			case <-ctx.Done():
+				return
 			}
+		}
+		if got != nil {
+			id, resp := got.id, got.resp
 			// The owner cannot fetch a private blob: the first node to ask
 			// fetches it with its client's credentials and seeds it.
 			run.AllowUpstream(resp.GetFetchYourself() && len(resp.GetPeers()) == 0)

@@ -12,6 +12,8 @@
 package tracker
 
 import (
+	"errors"
+	"fmt"
 	"math/rand/v2"
 	"slices"
 	"sync"
@@ -33,7 +35,39 @@ type Tracker struct {
 	// indexes it by key.
 	held    map[string]holding
 	holders map[string]*peerSet // key -> holding nodes
+
+	// limits bound what the nodes can make this one remember (SetLimits);
+	// regs counts each node's registrations, nreg and nheld all of them.
+	limits    Limits
+	regs      map[string]int
+	nreg      int
+	nheld     int
+	lastSweep time.Time
 }
+
+// Limits bound a tracker: any member can register for digests and
+// announce blobs, so without them one member fills the node's memory.
+// Zero fields: no limit.
+type Limits struct {
+	// PerPeer and Total cap registrations (key, node): one node's, and
+	// all of them.
+	PerPeer, Total int
+	// HeldPerPeer and HeldTotal cap announced holdings likewise.
+	HeldPerPeer, HeldTotal int
+	// RegisterTTL and HoldTTL: a registration or holding not refreshed
+	// for this long is forgotten.
+	RegisterTTL, HoldTTL time.Duration
+	// Now is the clock the TTLs are measured on; nil: time.Now.
+	Now func() time.Time
+}
+
+// ErrFull is a registration or announcement refused as over a Limits cap:
+// nothing of it is recorded.
+var ErrFull = errors.New("tracker: full")
+
+// sweepEvery is how often, at most, writes look for expired entries (a
+// walk over every entry).
+const sweepEvery = time.Minute
 
 type holding struct {
 	peer Peer
@@ -50,14 +84,16 @@ type peerSet struct {
 	pos   map[string]int // id -> index in list
 }
 
-func (ps *peerSet) put(p Peer) {
+// put adds or refreshes p; it reports whether p is new to the set.
+func (ps *peerSet) put(p Peer) bool {
 	if i, ok := ps.pos[p.ID]; ok {
 		ps.list[i] = p
-		return
+		return false
 	}
 	ps.pos[p.ID] = len(ps.list)
 	ps.list = append(ps.list, p)
 	ps.named = append(ps.named, 0)
+	return true
 }
 
 func (ps *peerSet) has(id string) bool { _, ok := ps.pos[id]; return ok }
@@ -117,47 +153,169 @@ func New(rng *rand.Rand) *Tracker {
 	if rng == nil {
 		rng = rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
 	}
-	return &Tracker{rng: rng, peers: map[string]*peerSet{}, held: map[string]holding{}, holders: map[string]*peerSet{}}
+	return &Tracker{rng: rng, peers: map[string]*peerSet{}, held: map[string]holding{}, holders: map[string]*peerSet{}, regs: map[string]int{}}
+}
+
+// SetLimits bounds the tracker from now on (entries already over a cap
+// stay until they expire or their node leaves).
+func (t *Tracker) SetLimits(l Limits) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.limits = l
+}
+
+func (t *Tracker) nowLocked() time.Time {
+	if t.limits.Now != nil {
+		return t.limits.Now()
+	}
+	return time.Now()
 }
 
 // Hold replaces the keys node p announced it holds complete: Peers hands
-// it out for them, and Holders counts it.
-func (t *Tracker) Hold(p Peer, keys []string) {
+// it out for them, and Holders counts it. Over a cap (Limits) it changes
+// nothing.
+func (t *Tracker) Hold(p Peer, keys []string) { _ = t.TryHold(p, keys) }
+
+// TryHold is Hold, refusing with ErrFull (and recording nothing) keys over
+// the HeldPerPeer or HeldTotal cap. p.Seen dates the holding (HoldTTL).
+func (t *Tracker) TryHold(p Peer, keys []string) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	for _, k := range t.held[p.ID].keys {
-		removeFrom(t.holders, k, p.ID)
+	t.maybeSweepLocked()
+	old := len(t.held[p.ID].keys)
+	if l := t.limits; len(keys) > old {
+		if l.HeldPerPeer > 0 && len(keys) > l.HeldPerPeer {
+			return fmt.Errorf("%w: %d blobs announced by %s, at most %d", ErrFull, len(keys), p.ID, l.HeldPerPeer)
+		}
+		if l.HeldTotal > 0 && t.nheld-old+len(keys) > l.HeldTotal {
+			t.sweepFullLocked()
+			if t.nheld-old+len(keys) > l.HeldTotal {
+				return fmt.Errorf("%w: %d blobs announced in all, at most %d", ErrFull, t.nheld-old+len(keys), l.HeldTotal)
+			}
+		}
 	}
+	t.dropHoldingLocked(p.ID)
 	if len(keys) == 0 {
-		delete(t.held, p.ID)
-		return
+		return nil
 	}
 	t.held[p.ID] = holding{peer: p, keys: keys}
+	t.nheld += len(keys)
 	for _, k := range keys {
 		set(t.holders, k).put(p)
 	}
+	return nil
+}
+
+// dropHoldingLocked forgets what id announced.
+func (t *Tracker) dropHoldingLocked(id string) {
+	h, ok := t.held[id]
+	if !ok {
+		return
+	}
+	for _, k := range h.keys {
+		removeFrom(t.holders, k, id)
+	}
+	t.nheld -= len(h.keys)
+	delete(t.held, id)
+}
+
+// unregisterLocked forgets id's registration for key.
+func (t *Tracker) unregisterLocked(key, id string) {
+	ps := t.peers[key]
+	if ps == nil || !ps.has(id) {
+		return
+	}
+	removeFrom(t.peers, key, id)
+	t.nreg--
+	if t.regs[id]--; t.regs[id] <= 0 {
+		delete(t.regs, id)
+	}
+}
+
+// maybeSweepLocked sweeps when TTLs are set and the last sweep is
+// sweepEvery old.
+func (t *Tracker) maybeSweepLocked() {
+	if t.limits.RegisterTTL <= 0 && t.limits.HoldTTL <= 0 {
+		return
+	}
+	if now := t.nowLocked(); now.Sub(t.lastSweep) >= sweepEvery || now.Before(t.lastSweep) {
+		t.sweepLocked(now)
+	}
+}
+
+// sweepFullLocked sweeps, at a cap, unless the last sweep is under
+// sweepFull old: a flood at a cap is not a sweep per call.
+func (t *Tracker) sweepFullLocked() {
+	if t.limits.RegisterTTL <= 0 && t.limits.HoldTTL <= 0 {
+		return
+	}
+	if now := t.nowLocked(); now.Sub(t.lastSweep) >= sweepFull || now.Before(t.lastSweep) {
+		t.sweepLocked(now)
+	}
+}
+
+// sweepFull: see sweepFullLocked.
+const sweepFull = time.Second
+
+// sweepLocked forgets registrations and holdings past their TTL.
+func (t *Tracker) sweepLocked(now time.Time) {
+	t.lastSweep = now
+	if ttl := t.limits.RegisterTTL; ttl > 0 {
+		for key, ps := range t.peers {
+			var stale []string
+			for _, p := range ps.list {
+				if now.Sub(p.Seen) > ttl {
+					stale = append(stale, p.ID)
+				}
+			}
+			for _, id := range stale {
+				t.unregisterLocked(key, id)
+			}
+		}
+	}
+	if ttl := t.limits.HoldTTL; ttl > 0 {
+		for id, h := range t.held {
+			if now.Sub(h.peer.Seen) > ttl {
+				t.dropHoldingLocked(id)
+			}
+		}
+	}
+}
+
+// Expire forgets, now, the registrations and holdings past their TTL.
+func (t *Tracker) Expire() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.sweepLocked(t.nowLocked())
+}
+
+// Registered is the number of registrations (key, node) recorded.
+func (t *Tracker) Registered() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.nreg
 }
 
 // Retain forgets the registrations and holdings of every node live does
 // not name (nodes that left the cluster), and the keys left with nobody.
+// Entries past their TTL (Limits) go too.
 func (t *Tracker) Retain(live map[string]bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for key, ps := range t.peers {
 		for _, id := range ps.ids() {
 			if !live[id] {
-				removeFrom(t.peers, key, id)
+				t.unregisterLocked(key, id)
 			}
 		}
 	}
-	for id, h := range t.held {
-		if live[id] {
-			continue
+	for id := range t.held {
+		if !live[id] {
+			t.dropHoldingLocked(id)
 		}
-		for _, k := range h.keys {
-			removeFrom(t.holders, k, id)
-		}
-		delete(t.held, id)
+	}
+	if t.limits.RegisterTTL > 0 || t.limits.HoldTTL > 0 {
+		t.sweepLocked(t.nowLocked())
 	}
 }
 
@@ -165,11 +323,7 @@ func (t *Tracker) Retain(live map[string]bool) {
 func (t *Tracker) Held() int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	n := 0
-	for _, h := range t.held {
-		n += len(h.keys)
-	}
-	return n
+	return t.nheld
 }
 
 // Holders returns the nodes that announced holding key complete.
@@ -192,13 +346,44 @@ func (t *Tracker) Holders(key string) []string {
 // it over in arrival order: every sample of the burst was drawn before any
 // of it was recorded, the whole burst was named only the nodes registered
 // before it, and nobody the nodes in it, whose upload then idled
-// (docs/benchmarks.md). Limit 0 only records.
+// (docs/benchmarks.md). Limit 0 only records. Over a cap (Limits) it
+// records nothing and returns nil.
 func (t *Tracker) Register(key string, p Peer, limit int) []Peer {
+	out, _ := t.TryRegister(key, p, limit, nil)
+	return out
+}
+
+// TryRegister is Register, refusing with ErrFull a new registration over
+// the PerPeer or Total cap. admit, when not nil, is asked about each new
+// registration (not a refresh) that fits the caps, under the tracker's
+// lock; its error refuses it. Refused, nothing is recorded. p.Seen dates
+// the registration (RegisterTTL).
+func (t *Tracker) TryRegister(key string, p Peer, limit int, admit func() error) ([]Peer, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.maybeSweepLocked()
+	if ps := t.peers[key]; ps == nil || !ps.has(p.ID) {
+		l := t.limits
+		if l.PerPeer > 0 && t.regs[p.ID] >= l.PerPeer || l.Total > 0 && t.nreg >= l.Total {
+			t.sweepFullLocked()
+		}
+		if l.PerPeer > 0 && t.regs[p.ID] >= l.PerPeer {
+			return nil, fmt.Errorf("%w: %s holds %d registrations, at most %d", ErrFull, p.ID, t.regs[p.ID], l.PerPeer)
+		}
+		if l.Total > 0 && t.nreg >= l.Total {
+			return nil, fmt.Errorf("%w: %d registrations, at most %d", ErrFull, t.nreg, l.Total)
+		}
+		if admit != nil {
+			if err := admit(); err != nil {
+				return nil, err
+			}
+		}
+		t.regs[p.ID]++
+		t.nreg++
+	}
 	out := t.peersLocked(key, p.ID, limit)
 	set(t.peers, key).put(p)
-	return out
+	return out, nil
 }
 
 // Peers returns up to limit of key's registered and holding nodes, except

@@ -19,11 +19,13 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/registry-proxy/registry-proxy/internal/drain"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/p2p/peer"
+	"github.com/registry-proxy/registry-proxy/p2p/trust"
 )
 
 // Options configure a Pool.
@@ -33,6 +35,14 @@ type Options struct {
 	// TLS authenticates this node to its peers and them to it (the
 	// cluster's mutual TLS); nil speaks plaintext (p2p.insecure).
 	TLS *tls.Config
+	// NodeID is this node's id, sent with piece requests (trust.NodeHeader):
+	// on an insecure peer port the only id there is.
+	NodeID string
+	// MemberAt names the member whose peer address addr is: with TLS, a
+	// node dialled there must present a certificate naming it, checked at
+	// every handshake. Nil checks only the chain (tools that dial one node
+	// by address).
+	MemberAt func(addr string) string
 }
 
 // Pool holds connections to peers.
@@ -41,9 +51,14 @@ type Pool struct {
 	http   *http.Client
 	tls    *tls.Config
 	scheme string
+	nodeID string
+	// memberAt is Options.MemberAt.
+	memberAt func(addr string) string
 
 	mu    sync.Mutex
 	conns map[string]*grpc.ClientConn
+	// probes are the peer addresses asked whether they answer (Answered).
+	probes map[string]*probe
 }
 
 // NewPool returns a pool; Close releases it.
@@ -61,9 +76,12 @@ func NewPool(opts Options) *Pool {
 		httpTLS.NextProtos = []string{"http/1.1"}
 	}
 	return &Pool{
-		dial:   dial,
-		tls:    opts.TLS,
-		scheme: scheme,
+		dial:     dial,
+		tls:      opts.TLS,
+		scheme:   scheme,
+		nodeID:   opts.NodeID,
+		memberAt: opts.MemberAt,
+		probes:   map[string]*probe{},
 		http: &http.Client{Transport: &http.Transport{
 			DialContext:           dial,
 			TLSClientConfig:       httpTLS,
@@ -97,7 +115,11 @@ func (p *Pool) Conn(addr string) (*grpc.ClientConn, error) {
 	}
 	creds := insecure.NewCredentials()
 	if p.tls != nil {
-		creds = credentials.NewTLS(p.tls.Clone())
+		cfg := p.tls.Clone()
+		if p.memberAt != nil {
+			cfg.VerifyConnection = trust.VerifyName(func() string { return p.memberAt(addr) })
+		}
+		creds = credentials.NewTLS(cfg)
 	}
 	c, err := grpc.NewClient("passthrough:///"+addr,
 		grpc.WithTransportCredentials(creds),
@@ -169,9 +191,20 @@ func (pp *peerParent) Fetch(ctx context.Context, i int, _, n int64) (io.ReadClos
 	if err != nil {
 		return nil, err
 	}
+	if pp.pool.nodeID != "" {
+		req.Header.Set(trust.NodeHeader, pp.pool.nodeID)
+	}
 	resp, err := pp.pool.http.Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("transfer: piece %d from %s: %w", i, pp.id, err)
+	}
+	if pp.pool.tls != nil {
+		// The node at addr must be the member dialled, whatever member
+		// named the address.
+		if err := trust.VerifyName(func() string { return pp.id })(tlsState(resp)); err != nil {
+			resp.Body.Close()
+			return nil, fmt.Errorf("transfer: piece %d from %s: %w", i, pp.id, err)
+		}
 	}
 	switch resp.StatusCode {
 	case http.StatusOK:
@@ -261,3 +294,111 @@ func (p *Pool) GetTag(ctx context.Context, addr string, req *pb.TagRequest) (*pb
 	}
 	return pb.NewManifestsClient(c).GetTag(ctx, req)
 }
+
+func tlsState(resp *http.Response) tls.ConnectionState {
+	if resp.TLS == nil {
+		return tls.ConnectionState{}
+	}
+	return *resp.TLS
+}
+
+// probe is one peer address asked whether it answers.
+type probe struct {
+	done     chan struct{} // closed when the first try ends
+	answered bool          // under Pool.mu
+	running  bool
+	// slow: a wait for the first try timed out; nobody waits for it again.
+	slow bool
+	last time.Time
+}
+
+// Probe timings: a first probe is waited for at most firstProbeWait, a try
+// lasts at most probeTimeout, one that failed is tried again after
+// reprobeAfter.
+const (
+	firstProbeWait = 300 * time.Millisecond
+	probeTimeout   = 2 * time.Second
+	reprobeAfter   = 5 * time.Second
+)
+
+// Answered says, for each peer address, whether the node there has answered
+// this one (a gRPC health check over the peer port, TLS and its name
+// checked): a member whose port never answered is ranked as no owner.
+// Addresses not known yet are probed in the background, and waited for
+// together at most firstProbeWait; one that failed is probed again now and
+// then.
+func (p *Pool) Answered(addrs []string) []bool {
+	var wait []*probe
+	p.mu.Lock()
+	now := time.Now()
+	for _, a := range addrs {
+		pr := p.probes[a]
+		if pr == nil {
+			pr = &probe{done: make(chan struct{})}
+			p.probes[a] = pr
+		}
+		if pr.last.IsZero() && !pr.slow {
+			wait = append(wait, pr)
+		}
+		if pr.answered || pr.running || (!pr.last.IsZero() && now.Sub(pr.last) < reprobeAfter) {
+			continue
+		}
+		pr.running = true
+		go p.probe(a, pr)
+	}
+	p.mu.Unlock()
+	if len(wait) > 0 {
+		t := time.NewTimer(firstProbeWait)
+	waiting:
+		for _, pr := range wait {
+			select {
+			case <-pr.done:
+			case <-t.C:
+				break waiting
+			}
+		}
+		t.Stop()
+		p.mu.Lock()
+		for _, pr := range wait {
+			if pr.last.IsZero() {
+				pr.slow = true
+			}
+		}
+		p.mu.Unlock()
+	}
+	out := make([]bool, len(addrs))
+	p.mu.Lock()
+	for i, a := range addrs {
+		out[i] = p.probes[a] != nil && p.probes[a].answered
+	}
+	p.mu.Unlock()
+	return out
+}
+
+func (p *Pool) probe(addr string, pr *probe) {
+	ok := false
+	if c, err := p.Conn(addr); err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), probeTimeout)
+		_, err = healthpb.NewHealthClient(c).Check(ctx, &healthpb.HealthCheckRequest{})
+		cancel()
+		ok = err == nil
+	}
+	p.mu.Lock()
+	first := pr.last.IsZero()
+	pr.running, pr.answered, pr.last = false, ok, time.Now()
+	// Forget addresses no longer asked about, so the map follows the members.
+	if len(p.probes) > maxProbes {
+		for a, o := range p.probes {
+			if !o.running && a != addr {
+				delete(p.probes, a)
+			}
+		}
+	}
+	p.mu.Unlock()
+	if first {
+		close(pr.done)
+	}
+}
+
+// maxProbes bounds the addresses remembered by Answered.
+const maxProbes = 4096

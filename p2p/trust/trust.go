@@ -27,6 +27,7 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"net/http"
 	"os"
 	"strings"
 	"sync"
@@ -318,6 +319,27 @@ func (id *Identity) ClientConfig() *tls.Config {
 	}
 }
 
+// VerifyName returns a tls.Config VerifyConnection that requires the
+// peer's certificate to name node id want() (its common name, else its
+// first DNS name): a node dialled as member X must be X. want is asked at
+// each handshake; "" refuses.
+func VerifyName(want func() string) func(tls.ConnectionState) error {
+	return func(cs tls.ConnectionState) error {
+		w := want()
+		if w == "" {
+			return fmt.Errorf("%w: no member is expected at this address", ErrUnauthenticated)
+		}
+		got, err := PeerID(&cs)
+		if err != nil {
+			return err
+		}
+		if got != w {
+			return fmt.Errorf("%w: dialled member %q, its certificate names %q", ErrNotSelf, w, got)
+		}
+		return nil
+	}
+}
+
 // PeerID is the node id a TLS connection state authenticated.
 func PeerID(st *tls.ConnectionState) (string, error) {
 	if st == nil || len(st.PeerCertificates) == 0 {
@@ -361,6 +383,56 @@ func Caller(ctx context.Context, claimed string) (Peer, error) {
 	if err != nil {
 		return p, err
 	}
+	return claim(p, claimed)
+}
+
+// NodeHeader carries, on a piece request (HTTP), the node id its sender
+// claims: on an insecure peer port the only id there is; with TLS it must
+// match the certificate's when present.
+const NodeHeader = "Peer-Node"
+
+// maxNodeID bounds a node id a peer sends (a DNS name's length).
+const maxNodeID = 253
+
+// ParseNodeID checks a node id a peer sends in NodeHeader: empty (no
+// claim), or 1 to 253 printable ASCII characters without spaces.
+func ParseNodeID(s string) (string, error) {
+	if len(s) > maxNodeID {
+		return "", fmt.Errorf("%w: node id of %d bytes, at most %d", ErrUnauthenticated, len(s), maxNodeID)
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c <= ' ' || c >= 0x7f {
+			return "", fmt.Errorf("%w: node id with byte %#x", ErrUnauthenticated, c)
+		}
+	}
+	return s, nil
+}
+
+// HTTPCaller is who sent a request to the peer port over HTTP (piece bytes):
+// the id its verified TLS certificate names, else (p2p.insecure) the id
+// NodeHeader claims, and the address it came from. A claim must match the
+// certificate (ErrNotSelf).
+func HTTPCaller(r *http.Request) (Peer, error) {
+	var out Peer
+	if host, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+		out.IP = net.ParseIP(host)
+	}
+	claimed, err := ParseNodeID(r.Header.Get(NodeHeader))
+	if err != nil {
+		return out, err
+	}
+	if r.TLS != nil {
+		id, err := PeerID(r.TLS)
+		if err != nil {
+			return out, err
+		}
+		out.ID = id
+	}
+	return claim(out, claimed)
+}
+
+// claim checks the id a request claims against the one p authenticated.
+func claim(p Peer, claimed string) (Peer, error) {
 	switch {
 	case p.ID == "":
 		p.ID = claimed
