@@ -6,8 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"path"
 	"os"
+	"path"
 	"reflect"
 	"slices"
 	"sort"
@@ -109,16 +109,18 @@ type Credential struct {
 
 // P2P is the [p2p] table.
 type P2P struct {
-	PeerListen string        `toml:"peer_listen"`
-	Advertise  string        `toml:"advertise"`
-	Join       []string      `toml:"join"`
-	NodeID     string        `toml:"node_id"`
-	Selector   string        `toml:"selector"`
-	MaxPeers   int           `toml:"max_peers"`
-	SecretFile string        `toml:"secret_file"`
-	Insecure   bool          `toml:"insecure"`
-	AloneAfter time.Duration `toml:"alone_after"`
-	TLS        PeerTLS       `toml:"tls"`
+	PeerListen string   `toml:"peer_listen"`
+	Advertise  string   `toml:"advertise"`
+	Join       []string `toml:"join"`
+	NodeID     string   `toml:"node_id"`
+	Selector   string   `toml:"selector"`
+	MaxPeers   int      `toml:"max_peers"`
+	SecretFile string   `toml:"secret_file"`
+	Insecure   bool     `toml:"insecure"`
+	// SharePrivate shares private content with members (the default).
+	SharePrivate bool          `toml:"share_private"`
+	AloneAfter   time.Duration `toml:"alone_after"`
+	TLS          PeerTLS       `toml:"tls"`
 }
 
 // PeerTLS is the [p2p.tls] table: certificates from the operator's CA.
@@ -236,14 +238,14 @@ func Default() Config {
 		},
 		Pieces: Pieces{Concurrency: 8, Timeout: time.Minute, Attempts: 3, PerParent: 1, Readers: 4, MinRate: 256 << 10, RaceAfter: 5 * time.Second, MinSize: Size(piece.MinSize)},
 		Store:  Store{GCInterval: 5 * time.Minute, MaxBlobSize: 64 << 30, PartialMaxAge: 24 * time.Hour},
-		P2P:    P2P{Join: []string{}, Selector: "state", MaxPeers: 32, AloneAfter: 10 * time.Second},
+		P2P:    P2P{Join: []string{}, Selector: "state", MaxPeers: 32, AloneAfter: 10 * time.Second, SharePrivate: true},
 		Upload: Upload{Limit: 16, SuperSeed: true, Syncer: Syncer{Enable: true, Interval: 3 * time.Second, Capacity: 50}},
 		Containerd: Containerd{Address: DefaultContainerdAddress, Namespaces: []string{"k8s.io"},
 			ContentDir: "/var/lib/containerd/io.containerd.content.v1.content", ListInterval: 10 * time.Second},
-		Admin:  Admin{Listen: "127.0.0.1:5001"},
-		Access: Access{Check: true, TTL: time.Minute, PublicTTL: 24 * time.Hour, Registries: map[string]RegistryAccess{}},
+		Admin:     Admin{Listen: "127.0.0.1:5001"},
+		Access:    Access{Check: true, TTL: time.Minute, PublicTTL: 24 * time.Hour, Registries: map[string]RegistryAccess{}},
 		Manifests: Manifests{StaleIfError: 24 * time.Hour},
-		Limits: Limits{WriteStall: time.Minute, Tasks: 256, TasksPerRegistry: 128, UpstreamConnsPerHost: 64, ClientConns: 256, IdleDownload: 2 * time.Minute},
+		Limits:    Limits{WriteStall: time.Minute, Tasks: 256, TasksPerRegistry: 128, UpstreamConnsPerHost: 64, ClientConns: 256, IdleDownload: 2 * time.Minute},
 	}
 }
 
@@ -377,6 +379,9 @@ func (c Config) Validate() error {
 	}
 	if c.Access.Check && c.Access.TTL <= 0 {
 		errs = append(errs, errors.New("access.ttl: must be positive"))
+	}
+	if !c.P2P.SharePrivate && !c.Access.Check {
+		errs = append(errs, errors.New("p2p.share_private = false needs access.check = true: what is private is learnt by asking the registry"))
 	}
 	if c.Access.PublicTTL < 0 || c.Manifests.StaleIfError < 0 {
 		errs = append(errs, errors.New("access.public_ttl, manifests.stale_if_error: must not be negative (0 turns them off)"))

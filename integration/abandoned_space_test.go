@@ -131,3 +131,65 @@ func TestAbandonedPullsGiveBackDisk(t *testing.T) {
 	t.Logf("a %d-byte blob with %d bytes free was served; the data dir then held %d bytes, %d in stopped partials",
 		bigSize, free, usedBytes(t, dir)-base, writtenPieces(t, dir))
 }
+
+// As many abandoned pulls as the node runs at once (limits.tasks, 256):
+// while they run they reserve their blobs; once stopped the data dir holds
+// what they wrote, and a new pull is served, not 507.
+func TestManyAbandonedPullsGiveBackDisk(t *testing.T) {
+	need(t, os.Geteuid() == 0, "root, to mount a tmpfs")
+	const pulls, size = 256, 2 << 20
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=560m", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Fatalf("mount tmpfs: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	reg := startRegistry(t)
+	var ds []string
+	for i := range pulls {
+		d, err := reg.PushBlob(context.Background(), "space/blob", testregistry.RandomBytes(size, uint64(1000+i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ds = append(ds, d)
+	}
+	reg.SetPace(64 << 10) // a connection: no blob arrives within its second
+	cfg := writeTOML(t, "[limits]\nidle_download = \"2s\"\ntasks_per_registry = 256\n")
+	px := startProxy(t, dir, "--config", cfg, "--upstream", "space.invalid="+reg.URL)
+	url := func(d string) string { return "http://" + px.Addr + "/v2/space/blob/blobs/" + d + "?ns=space.invalid" }
+	base := usedBytes(t, dir)
+	var wg sync.WaitGroup
+	for _, d := range ds {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			getBlob(ctx, url(d))
+		})
+	}
+	var running int64
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if running = max(running, usedBytes(t, dir)-base); running >= pulls*size*9/10 {
+			break
+		}
+	}
+	wg.Wait()
+	stopped := func() int { return strings.Count(px.proc.output(), `"msg":"blob download stopped"`) }
+	for deadline := time.Now().Add(60 * time.Second); stopped() < pulls; time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d abandoned downloads stopped within 60 s", stopped(), pulls)
+		}
+	}
+	after := usedBytes(t, dir) - base
+	written := writtenPieces(t, dir)
+	t.Logf("%d pulls of %d MiB abandoned after 1 s: %d bytes held while running, %d after they stopped, %d written in whole pieces",
+		pulls, size>>20, running, after, written)
+	if running < pulls*size/2 {
+		t.Errorf("running downloads held %d bytes; want most of the %d they reserve", running, pulls*size)
+	}
+	if after > written+pulls*16<<10 {
+		t.Fatalf("stopped downloads hold %d bytes, want about the %d they wrote", after, written)
+	}
+	reg.SetPace(0)
+	if _, err := fetchVerified(url(ds[0]), ds[0]); err != nil {
+		t.Fatalf("a pull after the abandoned ones: %v", err)
+	}
+}

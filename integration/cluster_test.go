@@ -16,9 +16,11 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
+	"google.golang.org/grpc/status"
 
 	"github.com/registry-proxy/registry-proxy/internal/ports"
 	"github.com/registry-proxy/registry-proxy/internal/probe"
@@ -485,14 +487,19 @@ func TestPeerGRPCHealthAndReflection(t *testing.T) {
 			t.Errorf("service %s not listed: %v", want, names)
 		}
 	}
-	// SyncHost answers with this host's state.
-	hs, err := pb.NewHostSyncClient(cc).SyncHost(ctx, &pb.SyncHostRequest{HostId: "test-child"})
-	if err != nil {
-		t.Fatal(err)
+	for _, want := range []string{"registryproxy.p2p.v1.Manifests"} {
+		if !slices.Contains(names, want) {
+			t.Errorf("service %s not listed: %v", want, names)
+		}
 	}
-	host, err := hs.Recv()
-	if err != nil || host.GetId() != c.ids[0] || host.GetAddr() != c.peers[0] || host.GetState().GetUploadLimit() == 0 {
-		t.Fatalf("SyncHost: %v %v", host, err)
+	// SyncHost answers only members: test-child holds the secret but is
+	// none (TestPeerPortMembersOnly has a member get the host state).
+	hs, err := pb.NewHostSyncClient(cc).SyncHost(ctx, &pb.SyncHostRequest{HostId: "test-child"})
+	if err == nil {
+		_, err = hs.Recv()
+	}
+	if status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("SyncHost to a non-member: %v, want PermissionDenied", err)
 	}
 }
 

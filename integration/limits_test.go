@@ -160,3 +160,41 @@ func TestIdleConnectionsDoNotLockOutContainerd(t *testing.T) {
 		t.Errorf("a connection was refused while idle ones were held:\n%s", tail(px.proc.output(), 20))
 	}
 }
+
+// Metric labels come from bounded sets: 30,000 requests with methods of
+// their own make one series, "other", not 30,000.
+func TestMetricLabelsBounded(t *testing.T) {
+	px := startProxy(t, "")
+	admin := px.Admin
+	series := func() int {
+		resp, err := http.Get("http://" + admin + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return strings.Count(string(b), "\nregistry_proxy_http_requests_total{")
+	}
+	before := series()
+	tr := &http.Transport{MaxIdleConnsPerHost: 8}
+	defer tr.CloseIdleConnections()
+	c := &http.Client{Transport: tr}
+	deadline := time.Now().Add(2 * time.Minute)
+	for i := range 30000 {
+		req, _ := http.NewRequest(fmt.Sprintf("M%d", i), "http://"+px.Addr+"/v2/", nil)
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d requests in 2 minutes", i)
+		}
+	}
+	after := series()
+	t.Logf("http_requests_total series: %d before, %d after 30,000 requests with distinct methods", before, after)
+	if after-before > 1 {
+		t.Fatalf("%d new series from client methods; want at most one (other)", after-before)
+	}
+}

@@ -137,3 +137,71 @@ func TestPrivateContent(t *testing.T) {
 		})
 	}
 }
+
+// With p2p.share_private = false a private blob is neither sent to a peer
+// nor fetched for one: the second node's authorized client is served from
+// the registry, not from its peer, and the peer port has no piece of it;
+// a public blob is still shared.
+func TestSharePrivateOff(t *testing.T) {
+	reg := startRegistry(t)
+	ctx := context.Background()
+	priv, err := reg.PushImage(ctx, "team/private", "v1", []int64{6 << 20}, 31)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := reg.PushImage(ctx, "library/public", "v1", []int64{6 << 20}, 32)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg.SetRepoCredentials("team/private", "alice", "wonderland")
+	good := "Basic YWxpY2U6d29uZGVybGFuZA==" // alice:wonderland
+	privLayer := priv.Layers[len(priv.Layers)-1]
+	pubLayer := pub.Layers[len(pub.Layers)-1]
+
+	ids := []string{"node-a", "node-b"}
+	c := newCluster(t, reg, ids)
+	cfg := writeTOML(t, "[p2p]\nshare_private = false\n")
+	for i := range ids {
+		c.nodes = append(c.nodes, c.startNode(t, i, "--config", cfg))
+	}
+	c.waitMembers(t, 2)
+	get := func(i int, repo, d, authz string) {
+		t.Helper()
+		if code, _, got := pull(t, "GET", c.url(i, repo, d), authz); code != 200 || got != d {
+			t.Fatalf("node %d, %s: %d %s", i, repo, code, got)
+		}
+	}
+	for i := range ids {
+		get(i, "team/private", privLayer.Digest, good)
+		get(i, "library/public", pubLayer.Digest, "")
+	}
+	for i := range ids {
+		st := stats(t, c.nodes[i], privLayer.Digest)
+		if p := peerBytes(st); p != 0 || st.Sources["upstream"] != privLayer.Size {
+			t.Errorf("node %d's private blob: sources %v; want all from the registry, nothing from a peer", i, st.Sources)
+		}
+	}
+	if n := reg.BytesOf(privLayer.Digest); n != 2*privLayer.Size {
+		t.Errorf("the registry sent the private blob %d bytes; want it once per node, %d", n, 2*privLayer.Size)
+	}
+	peerPub := peerBytes(stats(t, c.nodes[0], pubLayer.Digest)) + peerBytes(stats(t, c.nodes[1], pubLayer.Digest))
+	if peerPub == 0 {
+		t.Errorf("the public blob went from no peer to the other")
+	}
+	// A member asking node-a's peer port for a piece of the private blob
+	// gets nothing.
+	ident := mintIdentity(t, c.secret, "node-b")
+	client := &http.Client{Transport: &http.Transport{DialContext: fromIP("127.0.0.1"), TLSClientConfig: ident.ClientConfig()}}
+	defer client.CloseIdleConnections()
+	resp, err := client.Get("https://" + c.peers[0] + "/pieces/" + privLayer.Digest + "/0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	code := resp.StatusCode
+	if code == 200 {
+		t.Errorf("node-a's peer port sent a piece of a private blob with share_private = false")
+	}
+	t.Logf("private blob from the registry to each node (%d bytes in all); public blob %d bytes between peers; a private piece asked of a peer: %d",
+		reg.BytesOf(privLayer.Digest), peerPub, code)
+}

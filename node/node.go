@@ -26,6 +26,7 @@ import (
 	"github.com/registry-proxy/registry-proxy/metrics"
 	"github.com/registry-proxy/registry-proxy/p2p/collector"
 	"github.com/registry-proxy/registry-proxy/p2p/manifests"
+	"github.com/registry-proxy/registry-proxy/p2p/sharing"
 	"github.com/registry-proxy/registry-proxy/piece"
 	"github.com/registry-proxy/registry-proxy/preheat"
 	"github.com/registry-proxy/registry-proxy/proxy"
@@ -143,7 +144,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		taskOpts.Filler = task.UpstreamFiller{Collector: collector.New(collOpts), Upstream: up, NodeUpstream: peerUp}
 		tasks = task.NewManager(taskOpts)
 	} else {
-		if p2p, tasks, err = startPeers(ctx, cfg, store, up, peerUp, collOpts, taskOpts, m, log); err != nil {
+		if p2p, tasks, err = startPeers(ctx, cfg, store, up, peerUp, checker, collOpts, taskOpts, m, log); err != nil {
 			return nil, err
 		}
 	}
@@ -292,6 +293,9 @@ type blobSizer struct {
 	checker    *access.Checker
 	// peers tell the size while the registry cannot; nil without peers.
 	peers peerSizer
+	// share learns whether a blob a client opened may go to peers
+	// (p2p.share_private = false); nil: everything may.
+	share *sharing.Policy
 }
 
 // peerSizer learns a blob's size from the members holding it; *peers is one.
@@ -326,6 +330,9 @@ func (s blobSizer) BlobSize(ctx context.Context, r task.Request) (int64, error) 
 		// The client that opened the task just read the blob's HEAD
 		// upstream, with its own credentials or the node's.
 		s.checker.Allow(r.Registry, r.Repo, r.Digest, access.Blob, r.Header)
+	}
+	if err == nil && s.share != nil {
+		s.share.LearnBlob(ctx, r.Registry, r.Repo, r.Digest)
 	}
 	return size, err
 }

@@ -26,12 +26,14 @@ import (
 	"github.com/registry-proxy/registry-proxy/p2p/pb"
 	"github.com/registry-proxy/registry-proxy/p2p/peer"
 	"github.com/registry-proxy/registry-proxy/p2p/seeding"
+	"github.com/registry-proxy/registry-proxy/p2p/sharing"
 	"github.com/registry-proxy/registry-proxy/p2p/statesync"
 	"github.com/registry-proxy/registry-proxy/p2p/swarm"
 	"github.com/registry-proxy/registry-proxy/p2p/tracker"
 	"github.com/registry-proxy/registry-proxy/p2p/transfer"
 	"github.com/registry-proxy/registry-proxy/p2p/trust"
 	"github.com/registry-proxy/registry-proxy/preheat"
+	"github.com/registry-proxy/registry-proxy/proxy/access"
 	"github.com/registry-proxy/registry-proxy/proxy/upstream"
 	"github.com/registry-proxy/registry-proxy/task"
 )
@@ -50,7 +52,7 @@ type peers struct {
 	closeOnce sync.Once
 }
 
-func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, up, peerUp *upstream.Client,
+func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, up, peerUp *upstream.Client, checker *access.Checker,
 	collOpts collector.Options, taskOpts task.Options, m *metrics.Metrics, log *slog.Logger) (*peers, *task.Manager, error) {
 	id := cfg.P2P.NodeID
 	if id == "" {
@@ -183,6 +185,14 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	}
 	// One tracker: the server records who registers for the digests this
 	// node owns, and its downloads of them take pieces from those nodes.
+	// p2p.share_private = false: private content stays off the peer port.
+	var share *sharing.Policy
+	var source peer.Source
+	var holdings sharing.Holdings = store
+	if !cfg.P2P.SharePrivate && checker != nil {
+		share = sharing.New(false, checker)
+		holdings = sharing.Announced{Holdings: store, Policy: share}
+	}
 	registrations := tracker.New(nil)
 	dlOpts := swarm.DownloaderOptions{
 		Self:         p.self,
@@ -202,6 +212,7 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	taskOpts.Filler = downloads
 	if bs, ok := taskOpts.Sizer.(blobSizer); ok {
 		bs.peers = p
+		bs.share = share
 		taskOpts.Sizer = bs
 	}
 	tasks := task.NewManager(taskOpts)
@@ -225,9 +236,20 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 		srvOpts.Delegations = &swarm.Delegations{Readers: cfg.Pieces.Readers}
 		srvOpts.Uploads = uploads{meter: meter, syncer: p.syncer}
 	}
+	if share != nil {
+		srvOpts.Sharing = share
+	}
 	sw := swarm.NewServer(srvOpts)
+	source = sw
+	if share != nil {
+		source = sharing.Source{Source: sw, Policy: share}
+	}
 	owners := swarm.AnsweringMembers{Self: id, Live: p.members, Answerer: p.pool}
-	p.manifests = manifests.New(manifests.Options{Self: p.self, Members: owners, Auth: sw, Transport: p.pool, Store: store,
+	var manifestSharing manifests.Sharing
+	if share != nil {
+		manifestSharing = share
+	}
+	p.manifests = manifests.New(manifests.Options{Self: p.self, Members: owners, Sharing: manifestSharing, Auth: sw, Transport: p.pool, Store: store,
 		Upstream: peerUp, Registries: up, MaxSize: int64(cfg.Upstream.MaxManifestSize), UpstreamTimeout: cfg.Upstream.Timeout, Logger: log})
 	p.wg.Add(1)
 	go func() {
@@ -265,7 +287,7 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 			}
 		}
 	}()
-	announcer := swarm.NewAnnouncer(swarm.AnnouncerOptions{Self: id, Members: owners, Holdings: store, Transport: p.pool, Logger: log})
+	announcer := swarm.NewAnnouncer(swarm.AnnouncerOptions{Self: id, Members: owners, Holdings: holdings, Transport: p.pool, Logger: log})
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
@@ -291,7 +313,7 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	if cfg.Upload.SuperSeed {
 		ledger = seeding.New(seeding.Options{})
 	}
-	p.server = peer.NewServer(peer.Options{Source: sw, Children: sw, Auth: sw, Meter: meter, Ledger: ledger, HostSync: hostSync, Tracker: sw, Manifests: p.manifests, TLS: serverTLS,
+	p.server = peer.NewServer(peer.Options{Source: source, Children: sw, Auth: sw, Meter: meter, Ledger: ledger, HostSync: hostSync, Tracker: sw, Manifests: p.manifests, TLS: serverTLS,
 		WriteStall: cfg.Limits.WriteStall, Faults: faults, Metrics: m, Logger: log})
 	p.wg.Add(1)
 	go func() {

@@ -73,6 +73,12 @@ type Transport interface {
 	GetTag(ctx context.Context, addr string, req *pb.TagRequest) (*pb.TagRecord, error)
 }
 
+// Sharing tells whether a manifest may go to peers, asking the registry
+// with no credentials when it does not know; *sharing.Policy is one.
+type Sharing interface {
+	LearnManifest(ctx context.Context, registry, repo string, d digest.Digest) bool
+}
+
 // Tag is one resolution of a tag by the registry.
 type Tag struct {
 	Registry, Repo, Tag string
@@ -96,7 +102,10 @@ type Options struct {
 	Transport Transport
 	Store     Store
 	// Upstream fetches with this node's own credentials, as the owner.
-	Upstream   Upstream
+	Upstream Upstream
+	// Sharing keeps private manifests from peers (p2p.share_private =
+	// false); nil shares everything.
+	Sharing    Sharing
 	Registries RegistryChecker
 	// MaxSize bounds a manifest (upstream.max_manifest_size).
 	MaxSize int64
@@ -405,13 +414,16 @@ func (c *Cluster) GetManifest(ctx context.Context, req *pb.GetManifestRequest) (
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "digest: %v", err)
 	}
-	if mt, content, err := c.opts.Store.GetManifest(d); err == nil {
-		return &pb.Manifest{MediaType: mt, Content: content}, nil
-	}
 	if c.opts.Registries != nil {
 		if err := c.opts.Registries.CheckRepository(req.GetRegistry(), req.GetRepository()); err != nil {
 			return nil, status.Errorf(codes.InvalidArgument, "%v", err)
 		}
+	}
+	if c.opts.Sharing != nil && !c.opts.Sharing.LearnManifest(ctx, req.GetRegistry(), req.GetRepository(), d) {
+		return nil, status.Error(codes.PermissionDenied, "private content is not shared with peers (p2p.share_private = false)")
+	}
+	if mt, content, err := c.opts.Store.GetManifest(d); err == nil {
+		return &pb.Manifest{MediaType: mt, Content: content}, nil
 	}
 	if r := c.rank(d.String()); len(r) == 0 || r[0].ID != c.opts.Self.ID {
 		return nil, status.Error(codes.NotFound, "not held here, and another member owns it")

@@ -44,6 +44,12 @@ type Blobs interface {
 	Get(ctx context.Context, d digest.Digest) (*blobstore.Blob, error)
 }
 
+// Sharing tells whether a blob may go to peers, asking the registry with
+// no credentials when it does not know; *sharing.Policy is one.
+type Sharing interface {
+	LearnBlob(ctx context.Context, registry, repo string, d digest.Digest) bool
+}
+
 // Owned is the owner's download of a digest, as a registration sees it;
 // *task.Task is one.
 type Owned interface {
@@ -86,6 +92,9 @@ type Uploads interface {
 // ServerOptions configure a Server.
 type ServerOptions struct {
 	Members Members
+	// Sharing keeps private content from peers (p2p.share_private =
+	// false); nil shares everything.
+	Sharing Sharing
 	// Tracker records the nodes that register for the digests this node
 	// owns (shared with the Downloader).
 	Tracker *tracker.Tracker
@@ -391,13 +400,32 @@ func (s *Server) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Reg
 	if !s.ranks(d.String(), s.memberIDs()) {
 		return nil, s.refuse("register", "not_owner", codes.FailedPrecondition, "%s does not own %s", s.opts.Self, d)
 	}
+	if s.opts.Sharing != nil && !s.opts.Sharing.LearnBlob(ctx, req.GetRegistry(), req.GetRepository(), d) {
+		// p2p.share_private = false: private content is neither fetched
+		// for nor sent to peers, and nobody is handed out as a peer for it.
+		return &pb.RegisterResponse{FetchYourself: true}, nil
+	}
 	size, statErr := s.opts.Store.Stat(d)
 	// Would this registration start an upstream request? Not for a stored
 	// blob, a running download (task.Manager.Open shares it), or one that
 	// just failed (private, failed).
 	start := statErr != nil && s.opts.Owner != nil && !s.private.Contains(d) && !s.failed.Contains(d) && !s.running(d)
-	if start && (mb.starts.TokensAt(now) < 1 || mb.fails.TokensAt(now) < 1) {
-		return nil, s.refuse("register", "upstream", codes.ResourceExhausted, "too many downloads started for %s; fetch %s yourself", who.ID, d)
+	// The failure budget is taken before the fetch and given back when it
+	// does not fail, so calls at once cannot all pass a check of it.
+	var failTok *rate.Reservation
+	fetchFailed := false
+	defer func() {
+		if failTok != nil && !fetchFailed {
+			failTok.CancelAt(now)
+		}
+	}()
+	if start {
+		if failTok = mb.fails.ReserveN(now, 1); !failTok.OK() || failTok.DelayFrom(now) > 0 {
+			return nil, s.refuse("register", "upstream", codes.ResourceExhausted, "too many downloads for %s failed; fetch %s yourself", who.ID, d)
+		}
+		if !mb.starts.AllowN(now, 1) {
+			return nil, s.refuse("register", "upstream", codes.ResourceExhausted, "too many downloads started for %s; fetch %s yourself", who.ID, d)
+		}
 	}
 	var newRate bool
 	peers, err := s.opts.Tracker.TryRegister(d.String(), tracker.Peer{ID: who.ID, Addr: who.Addr, Seen: now}, s.opts.MaxPeers, func() error {
@@ -432,13 +460,9 @@ func (s *Server) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Reg
 	if s.failed.Contains(d) {
 		return nil, status.Errorf(codes.Unavailable, "owner could not fetch %s just now", d)
 	}
-	if start {
-		mb.starts.AllowN(now, 1)
-	}
 	t, err := s.opts.Owner.OpenForPeers(ctx, task.Request{Digest: d, Registry: req.GetRegistry(), Repo: req.GetRepository(), ForPeers: true})
-	if err != nil && start && !errors.Is(err, task.ErrComplete) && ctx.Err() == nil {
-		mb.fails.AllowN(now, 1)
-	}
+	// Only a failed fetch keeps the failure budget it took.
+	fetchFailed = start && err != nil && !errors.Is(err, task.ErrComplete) && ctx.Err() == nil
 	var se *upstream.StatusError
 	switch {
 	case errors.Is(err, task.ErrComplete):

@@ -126,9 +126,10 @@ func New(opts Options) *Checker {
 		stale: ttlcache.New[key, struct{}](opts.Size, opts.StaleTTL),
 		down:  ttlcache.New[string, error](1024, downFor),
 	}
+	c.probed = ttlcache.New[repoKey, bool](opts.Size, 6*time.Hour)
 	if opts.PublicTTL > 0 {
 		c.public = ttlcache.New[repoKey, time.Time](opts.Size, opts.PublicTTL)
-		c.probed = ttlcache.New[repoKey, bool](opts.Size, max(opts.PublicTTL/4, time.Minute))
+		c.probed = ttlcache.New[repoKey, bool](opts.Size, min(max(opts.PublicTTL/4, time.Minute), 6*time.Hour))
 	}
 	return c
 }
@@ -267,7 +268,26 @@ func (c *Checker) isPublic(registry, repo string) bool {
 // (free where manifest GETs are metered). A public repository's content
 // may go to every client while the registry cannot be asked.
 func (c *Checker) Public(ctx context.Context, registry, repo, ref string) bool {
-	if c.public == nil || c.opts.Anonymous == nil {
+	return c.probe(ctx, registry, repo, func(ctx context.Context) error {
+		resp, err := c.opts.Anonymous.Manifest(ctx, http.MethodHead, registry, repo, ref, http.Header{"Accept": []string{"*/*"}})
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err
+	})
+}
+
+// PublicBlob is Public, asked with an anonymous HEAD of blob d.
+func (c *Checker) PublicBlob(ctx context.Context, registry, repo string, d digest.Digest) bool {
+	return c.probe(ctx, registry, repo, func(ctx context.Context) error {
+		_, err := c.opts.Anonymous.BlobSize(ctx, registry, repo, d, nil)
+		return err
+	})
+}
+
+// probe answers whether repo is public: remembered, else by ask.
+func (c *Checker) probe(ctx context.Context, registry, repo string, ask func(context.Context) error) bool {
+	if c.opts.Anonymous == nil {
 		return false
 	}
 	k := repoKey{registry, repo}
@@ -276,11 +296,10 @@ func (c *Checker) Public(ctx context.Context, registry, repo, ref string) bool {
 	}
 	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
 	defer cancel()
-	resp, err := c.opts.Anonymous.Manifest(ctx, http.MethodHead, registry, repo, ref, http.Header{"Accept": []string{"*/*"}})
+	err := ask(ctx)
 	var se *upstream.StatusError
 	switch {
 	case err == nil:
-		resp.Body.Close()
 		c.probed.Add(k, true)
 		c.MarkPublic(registry, repo, c.opts.Now())
 		return true
