@@ -134,13 +134,11 @@ func (s *Store) GC(ctx context.Context) (GCResult, error) {
 			if total <= low || ctx.Err() != nil {
 				break
 			}
-			if !s.claimRemoval(ip.dir) {
-				continue
-			}
-			err := os.RemoveAll(ip.dir)
-			s.endRemoval(ip.dir)
+			removed, err := s.removeIdle(ip.dir)
 			if err != nil {
 				errs = append(errs, err)
+			}
+			if !removed {
 				continue
 			}
 			total -= ip.held
@@ -174,16 +172,13 @@ func (s *Store) gcPartials(now time.Time) (int, error) {
 		if err == nil && now.Sub(info.ModTime()) <= s.opts.PartialMaxAge {
 			continue
 		}
-		if !s.claimRemoval(dir) { // a download has it open
-			continue
-		}
-		err = os.RemoveAll(dir)
-		s.endRemoval(dir)
+		removed, err := s.removeIdle(dir) // not one a download has open
 		if err != nil {
 			errs = append(errs, err)
-			continue
 		}
-		n++
+		if removed {
+			n++
+		}
 	}
 	return n, errors.Join(errs...)
 }

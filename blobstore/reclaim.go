@@ -139,6 +139,17 @@ func (s *Store) claimRemoval(dir string) bool {
 	return true
 }
 
+// removeIdle removes a partial blob's directory unless a download has it
+// open or it is being removed already; removed says whether it was taken.
+func (s *Store) removeIdle(dir string) (removed bool, err error) {
+	if !s.claimRemoval(dir) {
+		return false, nil
+	}
+	err = os.RemoveAll(dir)
+	s.endRemoval(dir)
+	return err == nil, err
+}
+
 func (s *Store) endRemoval(dir string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -201,13 +212,11 @@ func (s *Store) reclaimPartials(need int64) (removed int, freed int64) {
 		if free, err := freeBytes(s.root); err != nil || free >= need {
 			break
 		}
-		if !s.claimRemoval(ip.dir) {
-			continue
-		}
-		err := os.RemoveAll(ip.dir)
-		s.endRemoval(ip.dir)
+		ok, err := s.removeIdle(ip.dir)
 		if err != nil {
 			s.log.Warn("removing an idle partial blob for space", "dir", ip.dir, "err", err)
+		}
+		if !ok {
 			continue
 		}
 		removed++
