@@ -175,7 +175,9 @@ func abandon(t *testing.T, px *proxy, dir string, base int64, ds []string, size 
 	// Every download that started stops (one the node refused at
 	// limits.tasks, 503, never started).
 	count := func(msg string) int { return strings.Count(px.proc.output(), `"msg":"`+msg+`"`) }
-	ended := func() int { return count("blob download stopped") + count("blob download failed") + count("blob complete") }
+	ended := func() int {
+		return count("blob download stopped") + count("blob download failed") + count("blob complete")
+	}
 	for deadline := time.Now().Add(60 * time.Second); ended() < count("blob download started"); time.Sleep(100 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("%d of %d abandoned downloads ended within 60 s:\n%s", ended(), count("blob download started"), tail(px.proc.output(), 3000))
