@@ -47,6 +47,9 @@ type peers struct {
 	meter     *hoststate.Meter
 	server    *peer.Server
 	manifests *manifests.Cluster
+	// owners are the members that rank as owners: live, and whose peer
+	// port answered this node.
+	owners    swarm.AnsweringMembers
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 	closeOnce sync.Once
@@ -244,7 +247,8 @@ func startPeers(ctx context.Context, cfg config.Config, store *blobstore.Store, 
 	if share != nil {
 		source = sharing.Source{Source: sw, Policy: share}
 	}
-	owners := swarm.AnsweringMembers{Self: id, Live: p.members, Answerer: p.pool}
+	p.owners = swarm.AnsweringMembers{Self: id, Live: p.members, Answerer: p.pool}
+	owners := p.owners
 	var manifestSharing manifests.Sharing
 	if share != nil {
 		manifestSharing = share
@@ -388,11 +392,12 @@ func (p *peers) close() error {
 	return errors.Join(errs...)
 }
 
-// SizeFromPeers asks d's owner and the next in rank, who hold it when the
+// SizeFromPeers asks d's owner and the next in rank (among the members
+// that rank as owners, as downloads do), who hold it when the
 // cluster pulled it before, for its size: what a download needs to start
 // while the registry cannot answer.
 func (p *peers) SizeFromPeers(ctx context.Context, registry, repo string, d digest.Digest) (int64, error) {
-	ms := p.members.Members()
+	ms := p.owners.Members()
 	ids := make([]string, 0, len(ms))
 	addrs := make(map[string]string, len(ms))
 	for _, m := range ms {
