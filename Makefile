@@ -11,23 +11,25 @@ PKGS    := ./...
 BENCH_SIZE  ?= 1GiB
 BENCH_COUNT ?= 1
 
-.PHONY: all build image deps tools demo test unit integration lint vet staticcheck bench bench-cluster bench-lab bench-coldstart bench-containerd bench-preheat bench-sim fuzz fmt clean proto
+.PHONY: all build image deps tools demo test unit integration lint vet staticcheck bench bench-cluster bench-lab bench-coldstart bench-containerd bench-failure-modes bench-resources bench-preheat bench-sim bench-plots dashboard-shot fuzz fmt clean proto
 
 all: build
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/registry-proxy ./cmd/registry-proxy
 
-# The container image: a static binary on no base image, as an OCI layout
-# (bin/image/oci) and a tarball for `ctr images import` / `docker load`
-# (bin/image/registry-proxy.tar). No daemon needed.
-IMAGE_REF  ?= registry-proxy:$(VERSION)
-IMAGE_ARCH ?= $(shell $(GO) env GOARCH)
+# The container image: a static binary on no base image for each of
+# IMAGE_PLATFORMS, under one OCI image index (one reference for nodes of any
+# of them), as an OCI layout (bin/image/oci) and a tarball of it for
+# `ctr images import` (bin/image/registry-proxy.tar); for `docker load`, a
+# tarball per platform (bin/image/registry-proxy-linux-ARCH.tar). No daemon
+# needed.
+IMAGE_REF       ?= registry-proxy:$(VERSION)
+IMAGE_PLATFORMS ?= linux/amd64,linux/arm64,linux/arm/v7
 image:
-	CGO_ENABLED=0 GOOS=linux GOARCH=$(IMAGE_ARCH) $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o bin/image/registry-proxy-linux-$(IMAGE_ARCH) ./cmd/registry-proxy
 	rm -rf bin/image/oci
-	$(GO) run ./cmd/image -binary bin/image/registry-proxy-linux-$(IMAGE_ARCH) -version $(VERSION) -arch $(IMAGE_ARCH) \
-		-layout bin/image/oci -tar bin/image/registry-proxy.tar -ref $(IMAGE_REF)
+	$(GO) run ./cmd/image -go $(GO) -platforms $(IMAGE_PLATFORMS) -ldflags "-s -w $(LDFLAGS)" -version $(VERSION) \
+		-bin-dir bin/image -layout bin/image/oci -tar bin/image/registry-proxy.tar -docker-tar-dir bin/image -ref $(IMAGE_REF)
 
 deps:
 	$(GO) mod download
@@ -47,7 +49,7 @@ unit:
 
 # Real daemons (containerd 1.x and 2.x, crictl, dockerd) and the binary.
 integration: tools
-	$(GO) test -race -count=1 -timeout 20m -v ./integration/ -tools-dir $(TOOLS)
+	$(GO) test -race -count=1 -timeout 30m -v ./integration/ -tools-dir $(TOOLS)
 
 lint: vet staticcheck
 
@@ -57,11 +59,12 @@ vet:
 staticcheck: tools
 	$(TOOLS)/staticcheck $(PKGS)
 
-# Mirror figures, side by side with direct pulls from the same upstream, and
+# Mirror figures, side by side with direct pulls from the same upstream and
+# distribution's pull-through cache (CPU-seconds per GiB of each path), and
 # a node serving peers (from its store and from containerd's). The cluster,
 # cold start and preheat benchmarks have their own targets below.
 bench: tools
-	$(GO) test -run '^$$' -bench 'Mirror|WarmAccessCheck|Load|PeerTransfer|ServePeers|ContainerdServe' -benchtime 1x -count $(BENCH_COUNT) -timeout 60m ./integration/ -bench-size $(BENCH_SIZE)
+	$(GO) test -run '^$$' -bench 'Mirror|WarmAccessCheck|Load|PeerTransfer|ServePeers|ContainerdServe|CPUPerByte' -benchtime 1x -count $(BENCH_COUNT) -timeout 60m ./integration/ -bench-size $(BENCH_SIZE)
 	$(GO) test -run '^$$' -bench WritePiece -benchtime 3x ./blobstore/
 
 # Cluster scenarios (a: all at once, b: slow parents, c: every node pulls an
@@ -110,6 +113,25 @@ CTD_SIZE ?= 1GiB
 bench-containerd: tools
 	$(GO) test -run '^$$' -bench ContainerdServe -benchtime 1x -timeout 30m -v ./integration/ -ctd-size $(CTD_SIZE)
 
+# docs/rollout.md's figures (root; loopback only). Failure modes: a
+# containerd (FM_CONTAINERD, 1.x or 2.x) pulls through a mirror that is gone,
+# hung, slow, killed or restarted mid-layer, or whose registry is down, against
+# a healthy mirror and a direct pull, FM_RUNS times, each pull cut at FM_CAP.
+# Resources: a node's RSS, CPU, fds and disk idle and while RES_CLIENTS
+# containerds pull through it at once.
+FM_CASES      ?= all
+FM_RUNS       ?= 3
+FM_CAP        ?= 150s
+FM_CONTAINERD ?= 2.x
+RES_CLIENTS   ?= 4
+RES_RUNS      ?= 3
+bench-failure-modes: tools build
+	$(GO) test -run '^$$' -bench FailureModes -benchtime 1x -timeout 180m -v ./integration/ -tools-dir $(TOOLS) \
+		-proxy-bin $(CURDIR)/bin/registry-proxy -fm-cases $(FM_CASES) -fm-runs $(FM_RUNS) -fm-cap $(FM_CAP) -fm-containerd $(FM_CONTAINERD)
+bench-resources: tools build
+	$(GO) test -run '^$$' -bench NodeResources -benchtime 1x -timeout 60m -v ./integration/ -tools-dir $(TOOLS) \
+		-proxy-bin $(CURDIR)/bin/registry-proxy -res-clients $(RES_CLIENTS) -res-runs $(RES_RUNS)
+
 # Preheat: PREHEAT_NODES proxies in network namespaces; `registry-proxy
 # preheat` of an image of PREHEAT_LAYERS, against the Kumar–Ross bound (root).
 PREHEAT_NODES  ?= 8
@@ -131,6 +153,11 @@ bench-sim:
 	$(GO) test -run TestSimulate -timeout 6h -v ./p2p/sim/ -sim -sim-nodes $(SIM_NODES) -sim-size $(SIM_SIZE) \
 		-sim-bw $(SIM_BW) -sim-origin $(SIM_BW) -sim-scenarios $(SIM_SCENARIOS) -sim-modes $(SIM_MODES) -sim-validate "$(SIM_VALIDATE)"
 
+# The plots of docs/benchmarks.md (docs/benchmarks/*.png), drawn from the
+# headline figures in docs/benchmarks/headline.tsv; run it after editing them.
+bench-plots:
+	$(GO) run ./cmd/benchplots -data docs/benchmarks/headline.tsv -out docs/benchmarks
+
 # Regenerates p2p/pb from p2p/pb/p2p.proto (the generated code is committed).
 proto:
 	command -v protoc >/dev/null || (apt-get update -qq && apt-get install -y -qq protobuf-compiler)
@@ -138,6 +165,13 @@ proto:
 	GOBIN=$(TOOLS) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.0
 	PATH=$(TOOLS):$$PATH protoc --go_out=. --go_opt=paths=source_relative \
 		--go-grpc_out=. --go-grpc_opt=paths=source_relative p2p/pb/p2p.proto
+
+# docs/img/dashboard.png: the chart's Grafana dashboard drawn from real data
+# (three nodes on loopback, Prometheus, pulls for a few minutes, headless
+# Chromium; scripts/dashboard-shot.sh says how). Root, for the packages.
+dashboard-shot:
+	./scripts/install-deps.sh dashboard
+	./scripts/dashboard-shot.sh
 
 # A while on each fuzz target (their seeds run with the unit tests).
 FUZZTIME ?= 30s
@@ -154,6 +188,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzTagRecord -fuzztime $(FUZZTIME) ./p2p/manifests/
 	$(GO) test -run '^$$' -fuzz FuzzRetryAfter -fuzztime $(FUZZTIME) ./proxy/upstream/
 	$(GO) test -run '^$$' -fuzz FuzzParseConfig -fuzztime $(FUZZTIME) ./credprovider/
+	$(GO) test -run '^$$' -fuzz FuzzCheckContainerd -fuzztime $(FUZZTIME) ./clientconfig/
 	$(GO) test -run '^$$' -fuzz FuzzParseResponse -fuzztime $(FUZZTIME) ./credprovider/
 	$(GO) test -run '^$$' -fuzz FuzzMatch -fuzztime $(FUZZTIME) ./credprovider/
 

@@ -323,7 +323,12 @@ func (p *Partial) WritePiece(i int, r io.Reader) (uint32, error) {
 	h := piece.NewChecksum()
 	var written int64
 	for {
-		m, err := r.Read(buf)
+		// A full buffer a write: a TLS stream reads a record (16 KiB) at a
+		// time, and a write and checksum per record cost more than the copy.
+		m, err := io.ReadFull(r, buf)
+		if err == io.ErrUnexpectedEOF {
+			err = io.EOF
+		}
 		if m > 0 {
 			if written+int64(m) > n {
 				return 0, fmt.Errorf("blobstore: piece %d: %w: more than %d bytes", i, ErrPieceLength, n)
@@ -428,7 +433,7 @@ func (p *Partial) Commit(verified digest.Digest) error {
 	// Every piece is written: the data syncs without the lock, so peers
 	// keep opening pieces (OpenData) and watching them meanwhile. On a busy
 	// disk the sync takes seconds, and held through it the lock left every
-	// peer asking this node for a piece waiting (docs/benchmarks.md).
+	// peer asking this node for a piece waiting (docs/benchmarks/notebook.md).
 	p.committing = true
 	p.sealed = true
 	p.notifyLocked()

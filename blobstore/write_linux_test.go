@@ -38,7 +38,7 @@ const reportedFile = "/sys/module/page_reporting/parameters/reported_kib"
 //
 // The difference is the machine's price of first-touched memory, which a
 // proxy pays for every cold blob it stores and a client discarding the bytes
-// does not (docs/benchmarks.md).
+// does not (docs/benchmarks/notebook.md).
 func BenchmarkWritePiece(b *testing.B) {
 	const size, pieceSize = 256 << 20, 4 << 20
 	for _, mode := range []string{"reused", "returned"} {

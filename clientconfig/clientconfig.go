@@ -14,8 +14,6 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/BurntSushi/toml"
-
 	"github.com/registry-proxy/registry-proxy/internal/atomicfile"
 )
 
@@ -28,7 +26,7 @@ const DefaultHost = "_default"
 // registry.
 func HostsTOML(registry, mirror string) string {
 	var b strings.Builder
-	b.WriteString("# Written by registry-proxy containerd-config.\n")
+	b.WriteString(header)
 	if registry != DefaultHost {
 		server := "https://" + registry
 		if registry == "docker.io" {
@@ -38,70 +36,6 @@ func HostsTOML(registry, mirror string) string {
 	}
 	fmt.Fprintf(&b, "\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n", mirror)
 	return b.String()
-}
-
-// WriteHosts writes hosts.toml for each registry under configPath, and
-// returns the files written.
-func WriteHosts(configPath, mirror string, registries []string) ([]string, error) {
-	var out []string
-	for _, r := range registries {
-		if r == "" || strings.ContainsAny(r, "/\\") || r == "." || r == ".." {
-			return out, fmt.Errorf("clientconfig: registry %q: want a host[:port] or %s", r, DefaultHost)
-		}
-		dir := filepath.Join(configPath, r)
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			return out, fmt.Errorf("clientconfig: %w", err)
-		}
-		p := filepath.Join(dir, "hosts.toml")
-		if err := atomicfile.Write(p, []byte(HostsTOML(r, mirror)), 0o644); err != nil {
-			return out, fmt.Errorf("clientconfig: %w", err)
-		}
-		out = append(out, p)
-	}
-	return out, nil
-}
-
-// ConfigPath reads containerd's config.toml and returns the registry
-// config_path it sets (1.x: plugins."io.containerd.grpc.v1.cri".registry,
-// 2.x: plugins."io.containerd.cri.v1.images".registry), "" when none.
-func ConfigPath(containerdConfig []byte) (string, error) {
-	var c struct {
-		Plugins map[string]struct {
-			Registry struct {
-				ConfigPath string `toml:"config_path"`
-			} `toml:"registry"`
-		} `toml:"plugins"`
-	}
-	if _, err := toml.Decode(string(containerdConfig), &c); err != nil {
-		return "", fmt.Errorf("clientconfig: containerd config: %w", err)
-	}
-	for _, k := range []string{"io.containerd.cri.v1.images", "io.containerd.grpc.v1.cri"} {
-		if p := c.Plugins[k].Registry.ConfigPath; p != "" {
-			return p, nil
-		}
-	}
-	return "", nil
-}
-
-// ConfigPathAdvice says how to set config_path in a containerd config of the
-// given version (2: containerd 1.x, 3: 2.x).
-func ConfigPathAdvice(version int, configPath string) string {
-	section := `[plugins."io.containerd.grpc.v1.cri".registry]`
-	if version >= 3 {
-		section = `[plugins."io.containerd.cri.v1.images".registry]`
-	}
-	return fmt.Sprintf("%s\n  config_path = %q", section, configPath)
-}
-
-// ConfigVersion is a containerd config's version key (1 when absent).
-func ConfigVersion(containerdConfig []byte) int {
-	var c struct {
-		Version int `toml:"version"`
-	}
-	if _, err := toml.Decode(string(containerdConfig), &c); err != nil || c.Version == 0 {
-		return 1
-	}
-	return c.Version
 }
 
 // MergeDaemonJSON adds mirror to dockerd's registry-mirrors, first, keeping

@@ -43,42 +43,12 @@ func TestWriteHostsRefusesPaths(t *testing.T) {
 			t.Errorf("registry %q accepted", bad)
 		}
 	}
-	files, err := WriteHosts(dir, "http://m", []string{"docker.io", DefaultHost})
-	if err != nil || len(files) != 2 {
-		t.Fatalf("WriteHosts = %v, %v", files, err)
+	steps, err := WriteHosts(dir, "http://m", []string{"docker.io", DefaultHost})
+	if err != nil || len(steps) != 2 {
+		t.Fatalf("WriteHosts = %v, %v", steps, err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "docker.io", "hosts.toml")); err != nil {
 		t.Fatal(err)
-	}
-}
-
-func TestConfigPath(t *testing.T) {
-	tests := []struct {
-		name, config, want string
-		version            int
-	}{
-		{"1.x", "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n", "/etc/containerd/certs.d", 2},
-		{"2.x", "version = 3\n[plugins.\"io.containerd.cri.v1.images\".registry]\n  config_path = \"/c\"\n", "/c", 3},
-		{"unset", "version = 3\n[plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"native\"\n", "", 3},
-		{"empty", "", "", 1},
-	}
-	for _, tt := range tests {
-		got, err := ConfigPath([]byte(tt.config))
-		if err != nil || got != tt.want {
-			t.Errorf("%s: ConfigPath = %q, %v; want %q", tt.name, got, err, tt.want)
-		}
-		if v := ConfigVersion([]byte(tt.config)); v != tt.version {
-			t.Errorf("%s: version %d, want %d", tt.name, v, tt.version)
-		}
-	}
-	if _, err := ConfigPath([]byte("[[[")); err == nil {
-		t.Error("a broken config parsed")
-	}
-	if a := ConfigPathAdvice(3, "/x"); !strings.Contains(a, "io.containerd.cri.v1.images") {
-		t.Errorf("2.x advice %q", a)
-	}
-	if a := ConfigPathAdvice(2, "/x"); !strings.Contains(a, "io.containerd.grpc.v1.cri") {
-		t.Errorf("1.x advice %q", a)
 	}
 }
 

@@ -298,6 +298,15 @@ func (c Config) Validate() error {
 	if c.Listen == "" {
 		errs = append(errs, errors.New("listen: empty"))
 	}
+	// Addresses are HOST:PORT; an IPv6 host in brackets ("[fd00::5]:5002").
+	for _, a := range [][2]string{{"listen", c.Listen}, {"admin.listen", c.Admin.Listen}, {"p2p.advertise", c.P2P.Advertise}} {
+		if a[1] == "" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(a[1]); err != nil {
+			errs = append(errs, fmt.Errorf("%s %q: want HOST:PORT, an IPv6 host in brackets: %w", a[0], a[1], err))
+		}
+	}
 	if c.DataDir == "" {
 		errs = append(errs, errors.New("data_dir: empty"))
 	}
@@ -347,8 +356,13 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("p2p.selector %q: want state or fcfs", c.P2P.Selector))
 	}
 	if c.P2P.PeerListen != "" {
-		if _, _, err := net.SplitHostPort(c.P2P.PeerListen); err != nil {
-			errs = append(errs, fmt.Errorf("p2p.peer_listen: %w", err))
+		host, _, err := net.SplitHostPort(c.P2P.PeerListen)
+		switch {
+		case err != nil:
+			errs = append(errs, fmt.Errorf("p2p.peer_listen %q: want HOST:PORT, an IPv6 host in brackets: %w", c.P2P.PeerListen, err))
+		case c.P2P.Advertise == "" && (host == "" || net.ParseIP(host).IsUnspecified()):
+			// Members would be told to dial 0.0.0.0 or ::.
+			errs = append(errs, fmt.Errorf("p2p.peer_listen %q is a wildcard: set p2p.advertise to the address peers reach", c.P2P.PeerListen))
 		}
 	}
 	for _, j := range c.P2P.Join {

@@ -73,6 +73,16 @@ func TestValidate(t *testing.T) {
 		{"credential providers timeout", func(c *Config) {
 			c.Upstream.CredentialProviders = CredentialProviders{Config: "a", BinDir: "b"}
 		}, "credential_providers.timeout"},
+		{"peer_listen IPv6 without brackets", func(c *Config) { c.P2P.PeerListen, c.P2P.Insecure = "fd00::5:5002", true }, `p2p.peer_listen "fd00::5:5002": want HOST:PORT`},
+		{"peer_listen without port", func(c *Config) { c.P2P.PeerListen, c.P2P.Insecure = "10.0.0.5", true }, "p2p.peer_listen"},
+		{"peer_listen wildcard", func(c *Config) { c.P2P.PeerListen, c.P2P.Insecure = ":5002", true }, `p2p.peer_listen ":5002" is a wildcard: set p2p.advertise`},
+		{"peer_listen IPv4 wildcard", func(c *Config) { c.P2P.PeerListen, c.P2P.Insecure = "0.0.0.0:5002", true }, "is a wildcard"},
+		{"peer_listen IPv6 wildcard", func(c *Config) { c.P2P.PeerListen, c.P2P.Insecure = "[::]:5002", true }, "is a wildcard"},
+		{"admin.listen IPv6 without brackets", func(c *Config) { c.Admin.Listen = "fd00::5:5001" }, `admin.listen "fd00::5:5001": want HOST:PORT`},
+		{"listen without port", func(c *Config) { c.Listen = "127.0.0.1" }, "listen"},
+		{"advertise IPv6 without brackets", func(c *Config) {
+			c.P2P.PeerListen, c.P2P.Advertise, c.P2P.Insecure = ":5002", "fd00::5:5002", true
+		}, "p2p.advertise"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -82,6 +92,22 @@ func TestValidate(t *testing.T) {
 				t.Fatalf("Validate = %v, want %q", err, tt.want)
 			}
 		})
+	}
+	// Addresses that work: IPv4 and IPv6 hosts, bracketed (as the chart
+	// writes $(HOST_IP) for either family), a wildcard with advertise.
+	for _, ok := range []struct{ listen, admin, peer, advertise string }{
+		{"127.0.0.1:5000", "127.0.0.1:5001", "198.18.0.5:5002", ""},
+		{"127.0.0.1:5000", "[198.18.0.5]:5001", "[198.18.0.5]:5002", ""},
+		{"[::1]:5000", "[fd00::5]:5001", "[fd00::5]:5002", ""},
+		{"localhost:5000", "", "node-1.example:5002", ""},
+		{"127.0.0.1:5000", "127.0.0.1:5001", ":5002", "[fd00::5]:5002"},
+		{"127.0.0.1:5000", "127.0.0.1:5001", "[::]:5002", "198.18.0.5:5002"},
+	} {
+		c := Default()
+		c.Listen, c.Admin.Listen, c.P2P.PeerListen, c.P2P.Advertise, c.P2P.Insecure = ok.listen, ok.admin, ok.peer, ok.advertise, true
+		if err := c.Validate(); err != nil {
+			t.Errorf("%+v: %v", ok, err)
+		}
 	}
 	c := Default()
 	if err := c.SetUpstream("a.example=http://127.0.0.1:1"); err != nil || c.Upstream.Registries["a.example"] != "http://127.0.0.1:1" {

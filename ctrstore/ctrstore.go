@@ -262,12 +262,14 @@ func (s *Store) Run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
+		if time.Since(began) > time.Minute {
+			backoff = time.Second
+		}
 		if msg := err.Error(); down == "" {
 			s.log.Warn("containerd not reachable; its content is not served until it is (everything else works as without it)", "err", msg)
 			down = msg
-		}
-		if time.Since(began) > time.Minute {
-			backoff = time.Second
+		} else {
+			s.log.Debug("containerd still not reachable", "err", msg, "retry_in", backoff)
 		}
 		select {
 		case <-ctx.Done():
@@ -293,6 +295,9 @@ func (s *Store) clear() {
 
 // session serves one connection to containerd until it fails.
 func (s *Store) session(ctx context.Context, up func()) error {
+	if err := checkSocket(s.opts.Address); err != nil {
+		return err
+	}
 	c, err := containerd.New(s.opts.Address, containerd.WithTimeout(5*time.Second))
 	if err != nil {
 		return fmt.Errorf("ctrstore: connect: %w", err)
@@ -330,8 +335,12 @@ func (s *Store) session(ctx context.Context, up func()) error {
 	if files {
 		mode = "files in " + s.opts.ContentDir
 	}
-	s.log.Info("serving containerd's content store", "version", v.Version, "namespaces", s.opts.Namespaces, "blobs", s.Len(),
-		"reads", mode, "content_events", creates, "list_every", every)
+	attrs := []any{"version", v.Version, "namespaces", s.opts.Namespaces, "blobs", s.Len(), "reads", mode, "content_events", creates, "list_every", every}
+	if !files && s.opts.ContentDir != "" {
+		// Why the files are not read, for the operator who mounts them.
+		attrs = append(attrs, "content_dir_err", contentDirErr(s.opts.ContentDir))
+	}
+	s.log.Info("serving containerd's content store", attrs...)
 	up()
 	t := time.NewTicker(every)
 	defer t.Stop()
@@ -368,6 +377,47 @@ func (s *Store) session(ctx context.Context, up func()) error {
 			}
 		}
 	}
+}
+
+// checkSocket says why address (a path, or unix://path) is no socket to
+// dial, in words an operator acts on; nil when it is one, or not a path.
+func checkSocket(address string) error {
+	path, ok := strings.CutPrefix(address, "unix://")
+	if !ok && strings.Contains(address, "://") {
+		return nil
+	}
+	fi, err := os.Stat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("ctrstore: no socket at %s: containerd is not running, or keeps its socket elsewhere (containerd.address)", path)
+	case err != nil:
+		return fmt.Errorf("ctrstore: containerd's socket: %w", err)
+	case fi.Mode().Type() != fs.ModeSocket:
+		return fmt.Errorf("ctrstore: %s is not a socket but a %s (containerd.address)", path, typeName(fi.Mode()))
+	}
+	return nil
+}
+
+func typeName(m fs.FileMode) string {
+	switch {
+	case m.IsDir():
+		return "directory"
+	case m.IsRegular():
+		return "regular file"
+	}
+	return m.Type().String()
+}
+
+// contentDirErr says why containerd's blob files under dir are not read.
+func contentDirErr(dir string) string {
+	fi, err := os.Stat(filepath.Join(dir, "blobs"))
+	switch {
+	case err != nil:
+		return err.Error()
+	case !fi.IsDir():
+		return dir + "/blobs is not a directory"
+	}
+	return ""
 }
 
 func (s *Store) watched(ns string) bool { return slices.Contains(s.opts.Namespaces, ns) }

@@ -4,6 +4,10 @@ import (
 	"bytes"
 	"io"
 	"math/rand/v2"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/opencontainers/go-digest"
@@ -108,5 +112,37 @@ func TestIndexFollowsNamespaces(t *testing.T) {
 	}
 	if _, _, err := s.Open(t.Context(), d); err == nil {
 		t.Error("opened a blob containerd does not hold")
+	}
+}
+
+// A socket path that is missing, or is something else (a directory a
+// container runtime created for a missing hostPath), is named as such
+// before any dial; a socket, or an address that is no path, passes.
+func TestCheckSocket(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "c.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	file := filepath.Join(dir, "file")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	missing := filepath.Join(dir, "missing.sock")
+	for _, tc := range []struct{ address, want string }{
+		{sock, ""},
+		{"unix://" + sock, ""},
+		{"tcp://127.0.0.1:1", ""},
+		{missing, "no socket at " + missing + ": containerd is not running, or keeps its socket elsewhere"},
+		{"unix://" + missing, "no socket at " + missing + ":"},
+		{dir, dir + " is not a socket but a directory"},
+		{file, file + " is not a socket but a regular file"},
+	} {
+		err := checkSocket(tc.address)
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("checkSocket(%s) = %v, want %q", tc.address, err, tc.want)
+		}
 	}
 }

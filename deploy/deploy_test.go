@@ -11,6 +11,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -72,9 +73,13 @@ func render(t *testing.T, release, namespace string, values ...string) (string, 
 
 type object = map[string]any
 
+// parse maps the rendered objects by kind, or by kind/name for a kind the
+// chart renders more than once (the ConfigMaps of the configuration and of
+// the dashboard).
 func parse(t *testing.T, rendered string) map[string]object {
 	t.Helper()
-	byKind := map[string]object{}
+	var objs []object
+	count := map[string]int{}
 	dec := yaml.NewDecoder(strings.NewReader(rendered))
 	for {
 		var o object
@@ -88,13 +93,35 @@ func parse(t *testing.T, rendered string) map[string]object {
 		if o == nil {
 			continue
 		}
-		kind, _ := o["kind"].(string)
-		if _, dup := byKind[kind]; dup {
-			t.Fatalf("two %s objects", kind)
-		}
-		byKind[kind] = o
+		objs = append(objs, o)
+		count[keyOf(o)]++
 	}
-	return byKind
+	byKey := map[string]object{}
+	for _, o := range objs {
+		key := keyOf(o)
+		if count[key] > 1 {
+			key += "/" + fmt.Sprint(get(o, "metadata", "name"))
+		}
+		if _, dup := byKey[key]; dup {
+			t.Fatalf("two %s objects", key)
+		}
+		byKey[key] = o
+	}
+	return byKey
+}
+
+func kindOf(o object) string {
+	kind, _ := o["kind"].(string)
+	return kind
+}
+
+// keyOf is an object's kind, hook/kind for a Helm hook's (the uninstall
+// hook's DaemonSet, Service and Job).
+func keyOf(o object) string {
+	if get(o, "metadata", "annotations", "helm.sh/hook") != nil {
+		return "hook/" + kindOf(o)
+	}
+	return kindOf(o)
 }
 
 // get walks o by keys (string for maps, int for lists).
@@ -238,9 +265,14 @@ func validate(t *testing.T, rendered string, skip ...string) {
 func kubeconform(t *testing.T, rendered string, skip ...string) (string, error) {
 	t.Helper()
 	var kinds []string
-	for kind := range parse(t, rendered) {
-		if !slices.Contains(skip, kind) {
-			kinds = append(kinds, kind)
+	objs := parse(t, rendered)
+	validated := 0
+	for _, o := range objs {
+		if kind := kindOf(o); !slices.Contains(skip, kind) {
+			validated++
+			if !slices.Contains(kinds, kind) {
+				kinds = append(kinds, kind)
+			}
 		}
 	}
 	dir := schemas(t, kinds)
@@ -254,7 +286,7 @@ func kubeconform(t *testing.T, rendered string, skip ...string) (string, error) 
 	if err != nil {
 		return "", fmt.Errorf("kubeconform: %w\n%s", err, out)
 	}
-	want := fmt.Sprintf("Valid: %d, Invalid: 0, Errors: 0, Skipped: %d", len(kinds), len(parse(t, rendered))-len(kinds))
+	want := fmt.Sprintf("Valid: %d, Invalid: 0, Errors: 0, Skipped: %d", validated, len(objs)-validated)
 	if !strings.Contains(string(out), want) {
 		return "", fmt.Errorf("kubeconform: want %q:\n%s", want, out)
 	}
@@ -286,7 +318,15 @@ func TestSchemasCatchMistakes(t *testing.T) {
 // checkConfig loads the ConfigMap's config.toml as registry-proxy does.
 func checkConfig(t *testing.T, objs map[string]object) error {
 	t.Helper()
-	toml, _ := get(objs["ConfigMap"], "data", "config.toml").(string)
+	var toml string
+	for key, o := range objs {
+		if kindOf(o) == "ConfigMap" && get(o, "data", "config.toml") != nil {
+			if toml != "" {
+				t.Fatalf("two ConfigMaps with config.toml (%s)", key)
+			}
+			toml, _ = get(o, "data", "config.toml").(string)
+		}
+	}
 	p := filepath.Join(t.TempDir(), "config.toml")
 	os.WriteFile(p, []byte(toml), 0o644)
 	_, err := config.Load(p)
@@ -310,7 +350,7 @@ func TestChart(t *testing.T) {
 				}
 				c := get(spec, "containers", 0)
 				args := strings.Join(strs(get(c, "command")), " ")
-				for _, want := range []string{"--listen=127.0.0.1:5000", "--admin-listen=127.0.0.1:5001", "--peer-listen=$(HOST_IP):5002",
+				for _, want := range []string{"--listen=127.0.0.1:5000", "--admin-listen=127.0.0.1:5001", "--peer-listen=[$(HOST_IP)]:5002",
 					"--join=dns:rp-registry-proxy-peers.kube-system.svc:5002", "--cluster-secret=/etc/registry-proxy/secret/cluster-secret", "--node-id=$(NODE_NAME)"} {
 					if !strings.Contains(args, want) {
 						t.Errorf("serve lacks %s: %s", want, args)
@@ -336,6 +376,9 @@ func TestChart(t *testing.T) {
 				if _, ok := objs["PodMonitor"]; ok {
 					t.Error("a PodMonitor by default")
 				}
+				if _, ok := objs["ConfigMap/rp-registry-proxy-dashboard"]; ok || objs["ConfigMap"] == nil {
+					t.Error("a dashboard ConfigMap by default")
+				}
 				for _, want := range []string{"--containerd-address=/run/containerd/containerd.sock",
 					"--containerd-content-dir=/var/lib/containerd/io.containerd.content.v1.content", "--containerd-namespace=k8s.io"} {
 					if !strings.Contains(args, want) {
@@ -345,9 +388,28 @@ func TestChart(t *testing.T) {
 				mounts := map[string]any{}
 				for _, m := range get(c, "volumeMounts").([]any) {
 					mounts[get(m, "name").(string)] = get(m, "readOnly")
+					if get(m, "name") == "containerd-socket" && (get(m, "mountPath") != "/run/containerd" || get(m, "mountPropagation") != "HostToContainer") {
+						t.Errorf("containerd's socket: %v; want its directory, the runtime's mounts below it followed", m)
+					}
 				}
-				if _, ok := mounts["containerd-socket"]; !ok || mounts["containerd-content"] != true {
-					t.Errorf("containerd's socket and (read-only) content directory not mounted: %v", mounts)
+				if mounts["containerd-socket"] != true || mounts["containerd-content"] != true {
+					t.Errorf("containerd's socket and content directory not mounted read-only: %v", mounts)
+				}
+				// A node whose containerd keeps them elsewhere (k3s, RKE2)
+				// still starts the pod: no type that checks the path exists.
+				// The socket itself is never a hostPath: a missing one would
+				// be created as a directory.
+				for _, v := range get(spec, "volumes").([]any) {
+					switch get(v, "name") {
+					case "containerd-socket":
+						if get(v, "hostPath", "path") != "/run/containerd" || get(v, "hostPath", "type") != "DirectoryOrCreate" {
+							t.Errorf("containerd's socket volume: %v", v)
+						}
+					case "containerd-content":
+						if get(v, "hostPath", "type") != "DirectoryOrCreate" {
+							t.Errorf("containerd's content volume: %v", v)
+						}
+					}
 				}
 			},
 		},
@@ -376,7 +438,7 @@ func TestChart(t *testing.T) {
 				}
 				c := get(spec, "containers", 0)
 				args := strings.Join(strs(get(c, "command")), " ")
-				if !strings.Contains(args, "--admin-listen=$(HOST_IP):5001") || !strings.Contains(args, "--log-level=debug") || !strings.Contains(args, "--shutdown-timeout=55s") {
+				if !strings.Contains(args, "--admin-listen=[$(HOST_IP)]:5001") || !strings.Contains(args, "--log-level=debug") || !strings.Contains(args, "--shutdown-timeout=55s") {
 					t.Errorf("serve: %s", args)
 				}
 				if get(c, "readinessProbe", "httpGet", "host") != nil || get(c, "image") != "registry-proxy:v1.2.3" {
@@ -434,6 +496,80 @@ func TestChart(t *testing.T) {
 				}
 			},
 		},
+		{
+			name:   "uninstall hook",
+			values: []string{"containerd.configPath=/etc/containerd/hosts.d", "containerd.registries={docker.io}", "nodeSelector.pool=gpu"},
+			check: func(t *testing.T, objs map[string]object) {
+				checkUninstallHook(t, objs, "/etc/containerd/hosts.d", "rp-registry-proxy-uninstall.kube-system.svc:8080")
+			},
+		},
+		{
+			name:   "no uninstall hook",
+			values: []string{"containerd.cleanupOnUninstall=false"},
+			check:  checkNoHooks,
+		},
+		{
+			name:   "no uninstall hook without containerd.configure",
+			values: []string{"containerd.configure=false"},
+			check:  checkNoHooks,
+		},
+		{
+			// The values docs/operator-guide.md gives for k3s.
+			name: "k3s",
+			values: []string{"containerd.configPath=/var/lib/rancher/k3s/agent/etc/containerd/certs.d",
+				"containerd.configFile=/var/lib/rancher/k3s/agent/etc/containerd/config.toml",
+				"containerd.contentStore.socket=/run/k3s/containerd/containerd.sock",
+				"containerd.contentStore.contentDir=/var/lib/rancher/k3s/agent/containerd/io.containerd.content.v1.content"},
+			check: func(t *testing.T, objs map[string]object) {
+				spec := get(objs["DaemonSet"], "spec", "template", "spec")
+				init := strings.Join(strs(get(spec, "initContainers", 0, "command")), " ")
+				for _, want := range []string{"--config-path=/var/lib/rancher/k3s/agent/etc/containerd/certs.d", "--containerd-config=/host/containerd/config.toml"} {
+					if !strings.Contains(init, want) {
+						t.Errorf("init container lacks %s: %s", want, init)
+					}
+				}
+				args := strings.Join(strs(get(spec, "containers", 0, "command")), " ")
+				for _, want := range []string{"--containerd-address=/run/k3s/containerd/containerd.sock",
+					"--containerd-content-dir=/var/lib/rancher/k3s/agent/containerd/io.containerd.content.v1.content"} {
+					if !strings.Contains(args, want) {
+						t.Errorf("serve lacks %s: %s", want, args)
+					}
+				}
+				paths := map[string]any{}
+				for _, v := range get(spec, "volumes").([]any) {
+					paths[get(v, "name").(string)] = get(v, "hostPath", "path")
+				}
+				for name, want := range map[string]string{"containerd-certs": "/var/lib/rancher/k3s/agent/etc/containerd/certs.d",
+					"containerd-etc": "/var/lib/rancher/k3s/agent/etc/containerd"} {
+					if paths[name] != want {
+						t.Errorf("volume %s: host path %v, want %s", name, paths[name], want)
+					}
+				}
+			},
+		},
+		{
+			name:   "dashboard",
+			values: []string{"dashboard.enabled=true"},
+			check: func(t *testing.T, objs map[string]object) {
+				cm := dashboardConfigMap(t, objs)
+				if get(cm, "metadata", "namespace") != "kube-system" || get(cm, "metadata", "labels", "grafana_dashboard") != "1" ||
+					get(cm, "metadata", "annotations") != nil {
+					t.Errorf("dashboard ConfigMap's metadata: %v", get(cm, "metadata"))
+				}
+			},
+		},
+		{
+			name: "dashboard elsewhere",
+			values: []string{"dashboard.enabled=true", "dashboard.namespace=monitoring", "dashboard.label=grafana_dashboards",
+				"dashboard.labelValue=yes", "dashboard.annotations.grafana_folder=Registry"},
+			check: func(t *testing.T, objs map[string]object) {
+				cm := dashboardConfigMap(t, objs)
+				if get(cm, "metadata", "namespace") != "monitoring" || get(cm, "metadata", "labels", "grafana_dashboards") != "yes" ||
+					get(cm, "metadata", "labels", "grafana_dashboard") != nil || get(cm, "metadata", "annotations", "grafana_folder") != "Registry" {
+					t.Errorf("dashboard ConfigMap's metadata: %v", get(cm, "metadata"))
+				}
+			},
+		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out, err := render(t, "rp", "kube-system", tc.values...)
@@ -448,6 +584,28 @@ func TestChart(t *testing.T) {
 			tc.check(t, objs)
 		})
 	}
+}
+
+// dashboardConfigMap returns the dashboard's ConfigMap, having checked that it
+// holds the chart's dashboard file, unchanged and valid JSON.
+func dashboardConfigMap(t *testing.T, objs map[string]object) object {
+	t.Helper()
+	cm := objs["ConfigMap/rp-registry-proxy-dashboard"]
+	if cm == nil {
+		t.Fatalf("no dashboard ConfigMap among %v", slices.Sorted(maps.Keys(objs)))
+	}
+	want, err := os.ReadFile(filepath.Join(chart, "dashboards", "registry-proxy.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := get(cm, "data", "registry-proxy.json").(string)
+	if !json.Valid([]byte(got)) {
+		t.Errorf("the ConfigMap's registry-proxy.json is not JSON:\n%.200s", got)
+	}
+	if got != string(want) {
+		t.Errorf("the ConfigMap's registry-proxy.json (%d bytes) differs from the chart's dashboards/registry-proxy.json (%d bytes)", len(got), len(want))
+	}
+	return cm
 }
 
 // Values that cannot work are refused, at rendering or by the config check.
@@ -469,7 +627,9 @@ func TestChartRefuses(t *testing.T) {
 // kube-system with a Secret the operator creates.
 func TestPlainManifests(t *testing.T) {
 	const path = "kubernetes/registry-proxy.yaml"
-	out, err := render(t, "registry-proxy", "kube-system", "clusterSecret.existingSecret=registry-proxy-secret")
+	// Without the uninstall hook: kubectl would apply it with the rest and
+	// undo the install at once.
+	out, err := render(t, "registry-proxy", "kube-system", "clusterSecret.existingSecret=registry-proxy-secret", "containerd.cleanupOnUninstall=false")
 	if err != nil {
 		t.Fatalf("helm template: %v\n%s", err, out)
 	}
@@ -487,5 +647,194 @@ func TestPlainManifests(t *testing.T) {
 	}
 	if string(got) != want {
 		t.Errorf("%s differs from the chart's rendering: go test ./deploy -update", path)
+	}
+}
+
+var proxyBin = flag.String("proxy-bin", "", "registry-proxy binary for TestChartArgsLoad (built from ../cmd/registry-proxy when empty)")
+
+// binary returns the registry-proxy binary: -proxy-bin, else one built now.
+func binary(t *testing.T) string {
+	t.Helper()
+	if *proxyBin != "" {
+		abs, err := filepath.Abs(*proxyBin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return abs
+	}
+	bin := filepath.Join(t.TempDir(), "registry-proxy")
+	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/registry-proxy").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// nodeArgs returns the DaemonSet's serve command as the kubelet runs it on
+// a node with hostIP: $(VAR) expanded from the container's env (each must
+// be defined there), the ConfigMap's config.toml and a cluster secret as
+// files of the test's, and bin for the image's binary.
+func nodeArgs(t *testing.T, objs map[string]object, bin, hostIP string) []string {
+	t.Helper()
+	c := get(objs["DaemonSet"], "spec", "template", "spec", "containers", 0)
+	env := map[string]string{}
+	for _, e := range get(c, "env").([]any) {
+		switch get(e, "valueFrom", "fieldRef", "fieldPath") {
+		case "status.hostIP":
+			env[get(e, "name").(string)] = hostIP
+		case "spec.nodeName":
+			env[get(e, "name").(string)] = "node-1"
+		}
+	}
+	dir := t.TempDir()
+	cfg, secret := filepath.Join(dir, "config.toml"), filepath.Join(dir, "cluster-secret")
+	if err := os.WriteFile(cfg, []byte(get(objs["ConfigMap"], "data", "config.toml").(string)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(secret, []byte(trust.NewSecret()+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := strs(get(c, "command"))
+	out := []string{bin}
+	for _, a := range cmd[1:] {
+		for strings.Contains(a, "$(") {
+			i := strings.Index(a, "$(")
+			j := strings.Index(a[i:], ")")
+			if j < 0 {
+				t.Fatalf("%s: $( without )", a)
+			}
+			v, ok := env[a[i+2:i+j]]
+			if !ok {
+				t.Fatalf("%s: $(...) not defined in the container's env %v", a, env)
+			}
+			a = a[:i] + v + a[i+j+1:]
+		}
+		switch {
+		case strings.HasPrefix(a, "--config="):
+			a = "--config=" + cfg
+		case strings.HasPrefix(a, "--cluster-secret="):
+			a = "--cluster-secret=" + secret
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
+// The serve command the chart renders, on an IPv4 and on an IPv6 node, is
+// accepted by the binary's own configuration check (serve --check-config:
+// flags, config.toml, secret); the unbracketed IPv6 form it used to render
+// is refused there with status 2.
+func TestChartArgsLoad(t *testing.T) {
+	bin := binary(t)
+	for _, values := range [][]string{nil, {"admin.onNodeIP=true"}} {
+		out, err := render(t, "rp", "kube-system", values...)
+		if err != nil {
+			t.Fatalf("helm template: %v\n%s", err, out)
+		}
+		objs := parse(t, out)
+		for _, ip := range []string{"198.18.0.5", "fd00::5"} {
+			t.Run(fmt.Sprintf("%v %s", values, ip), func(t *testing.T) {
+				args := nodeArgs(t, objs, bin, ip)
+				joined := strings.Join(args, " ")
+				for _, want := range []string{"--peer-listen=[" + ip + "]:5002", "--node-id=node-1"} {
+					if !strings.Contains(joined, want) {
+						t.Errorf("args lack %s: %s", want, joined)
+					}
+				}
+				out, err := exec.Command(args[0], append(args[1:], "--check-config")...).CombinedOutput()
+				if err != nil || !strings.Contains(string(out), "configuration valid") {
+					t.Errorf("%s --check-config: %v\n%s", joined, err, out)
+				}
+				// The check can fail: the unbracketed address is refused.
+				for i, a := range args {
+					if strings.HasPrefix(a, "--peer-listen=") {
+						args[i] = "--peer-listen=" + ip + ":5002"
+					}
+				}
+				cmd := exec.Command(args[0], append(args[1:], "--check-config")...)
+				out, err = cmd.CombinedOutput()
+				wantErr := ip == "fd00::5"
+				if got := cmd.ProcessState.ExitCode(); wantErr && (got != 2 || !strings.Contains(string(out), "p2p.peer_listen")) {
+					t.Errorf("unbracketed IPv6 peer_listen: exit status %d, %s", got, out)
+				} else if !wantErr && err != nil {
+					t.Errorf("unbracketed IPv4 peer_listen: %v %s", err, out)
+				}
+			})
+		}
+	}
+}
+
+// checkUninstallHook: the post-delete hook runs containerd-config
+// --uninstall on the nodes the release ran on, in pods that are not the
+// release's, and a Job that waits for them comes after them; Helm deletes
+// all three when it succeeds.
+func checkUninstallHook(t *testing.T, objs map[string]object, configPath, endpoint string) {
+	t.Helper()
+	ds, svc, job := objs["hook/DaemonSet"], objs["hook/Service"], objs["hook/Job"]
+	if ds == nil || svc == nil || job == nil {
+		t.Fatalf("hook objects: DaemonSet %v, Service %v, Job %v", ds != nil, svc != nil, job != nil)
+	}
+	for _, o := range []object{ds, svc, job} {
+		a := get(o, "metadata", "annotations")
+		if get(a, "helm.sh/hook") != "post-delete" || !strings.Contains(fmt.Sprint(get(a, "helm.sh/hook-delete-policy")), "hook-succeeded") ||
+			!strings.Contains(fmt.Sprint(get(a, "helm.sh/hook-delete-policy")), "before-hook-creation") {
+			t.Errorf("%s %v: annotations %v", kindOf(o), get(o, "metadata", "name"), a)
+		}
+	}
+	if w := get(job, "metadata", "annotations", "helm.sh/hook-weight"); w != "1" || get(ds, "metadata", "annotations", "helm.sh/hook-weight") != "0" ||
+		get(svc, "metadata", "annotations", "helm.sh/hook-weight") != "0" {
+		t.Errorf("the Job (weight %v) does not come after the DaemonSet and Service", w)
+	}
+	spec := get(ds, "spec", "template", "spec")
+	init := strings.Join(strs(get(spec, "initContainers", 0, "command")), " ")
+	if init != "/usr/local/bin/registry-proxy containerd-config --uninstall --config-path="+configPath {
+		t.Errorf("cleanup init container: %s", init)
+	}
+	if c := strings.Join(strs(get(spec, "containers", 0, "command")), " "); !strings.Contains(c, "uninstall-wait --serve=:8080") {
+		t.Errorf("cleanup container: %s", c)
+	}
+	if get(spec, "volumes", 0, "hostPath", "path") != configPath || get(spec, "initContainers", 0, "volumeMounts", 0, "mountPath") != configPath {
+		t.Errorf("config path not mounted: %v", get(spec, "volumes"))
+	}
+	if get(spec, "containers", 0, "volumeMounts") != nil {
+		t.Error("the answering container mounts the host")
+	}
+	main := get(objs["DaemonSet"], "spec", "template", "spec")
+	for _, k := range []string{"nodeSelector", "tolerations", "priorityClassName"} {
+		if fmt.Sprint(get(spec, k)) != fmt.Sprint(get(main, k)) {
+			t.Errorf("cleanup pods' %s %v, the release's %v", k, get(spec, k), get(main, k))
+		}
+	}
+	// The release's selectors (the peers' Service) must not take the
+	// cleanup pods, and the hook Service must take them.
+	labels := get(ds, "spec", "template", "metadata", "labels").(map[string]any)
+	matches := func(sel any) bool {
+		for k, v := range sel.(map[string]any) {
+			if labels[k] != v {
+				return false
+			}
+		}
+		return true
+	}
+	if matches(get(objs["DaemonSet"], "spec", "selector", "matchLabels")) || matches(get(objs["Service"], "spec", "selector")) {
+		t.Errorf("cleanup pods' labels %v match the release's selectors", labels)
+	}
+	if !matches(get(svc, "spec", "selector")) || !matches(get(ds, "spec", "selector", "matchLabels")) || get(svc, "spec", "publishNotReadyAddresses") != true {
+		t.Errorf("hook Service %v does not select every cleanup pod %v", get(svc, "spec"), labels)
+	}
+	jspec := get(job, "spec", "template", "spec")
+	if c := strings.Join(strs(get(jspec, "containers", 0, "command")), " "); !strings.Contains(c, "uninstall-wait --endpoint="+endpoint) {
+		t.Errorf("wait Job: %s", c)
+	}
+	if get(job, "spec", "backoffLimit") != 0 || get(jspec, "restartPolicy") != "Never" {
+		t.Errorf("wait Job retries: %v", get(job, "spec"))
+	}
+}
+
+func checkNoHooks(t *testing.T, objs map[string]object) {
+	t.Helper()
+	for k := range objs {
+		if strings.HasPrefix(k, "hook/") {
+			t.Errorf("%s rendered", k)
+		}
 	}
 }

@@ -130,6 +130,13 @@ type containerdEnv struct {
 
 func startContainerd(t testing.TB, v containerdVersion, mirror string) *containerdEnv {
 	t.Helper()
+	return startContainerdWith(t, v, mirror, nil)
+}
+
+// startContainerdWith is startContainerd with edit applied to the daemon's
+// config.toml first (nil: as is).
+func startContainerdWith(t testing.TB, v containerdVersion, mirror string, edit func(config string) string) *containerdEnv {
+	t.Helper()
 	needRoot(t)
 	daemon, ctr := v.daemon(t), v.ctr(t)
 	d := shortTemp(t, "rp-ctd-")
@@ -137,7 +144,11 @@ func startContainerd(t testing.TB, v containerdVersion, mirror string) *containe
 	cfg := filepath.Join(d, "config.toml")
 	// native: checkUnpacked reads the layers' files from its snapshot
 	// directories.
-	if err := os.WriteFile(cfg, []byte(v.config(d, "native")), 0o644); err != nil {
+	config := v.config(d, "native")
+	if edit != nil {
+		config = edit(config)
+	}
+	if err := os.WriteFile(cfg, []byte(config), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	// The hosts files as an operator writes them: registry-proxy

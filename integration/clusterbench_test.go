@@ -269,6 +269,8 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 
 	mirrors := make([]string, len(hosts))
 	admins := make([]string, len(hosts))
+	// The proxies' and containerds' processes: their CPU time is reported.
+	var proxyCmds, ctdCmds []*exec.Cmd
 	if sp.Mode != "direct" {
 		secret := writeSecret(tb)
 		// Host state from the namespace's own interface, maxima as tc shapes it.
@@ -282,10 +284,10 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 			if i > 0 {
 				join = hosts[0].IP + ":7000"
 			}
-			startIn(tb, ctx, u, h, nil, *proxyBin, "serve", "--config", cfg, "--listen", h.IP+":5000", "--peer-listen", h.IP+":7000", "--join", join,
+			proxyCmds = append(proxyCmds, startIn(tb, ctx, u, h, nil, *proxyBin, "serve", "--config", cfg, "--listen", h.IP+":5000", "--peer-listen", h.IP+":7000", "--join", join,
 				"--admin-listen", h.IP+":5001", "--cluster-secret", secret,
 				"--node-id", ids[i], "--selector", sp.Mode, "--upstream", "bench.invalid="+regURL,
-				"--data-dir", filepath.Join(runDir, ids[i]), "--log-level", *cbLogLevel)
+				"--data-dir", filepath.Join(runDir, ids[i]), "--log-level", *cbLogLevel))
 			mirrors[i] = "http://" + h.IP + ":5000"
 			admins[i] = "http://" + h.IP + ":5001"
 		}
@@ -313,7 +315,7 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 		}
 		cfg := filepath.Join(dir, "config.toml")
 		os.WriteFile(cfg, []byte(ctd.config(dir, sp.Snapshotter)), 0o644)
-		startIn(tb, ctx, u, hosts[i], nil, ctd.daemon(tb), "--config", cfg, "--log-level", "warn")
+		ctdCmds = append(ctdCmds, startIn(tb, ctx, u, hosts[i], nil, ctd.daemon(tb), "--config", cfg, "--log-level", "warn"))
 		ctrSock[i] = dir
 		deadline := time.Now().Add(30 * time.Second)
 		for exec.Command(ctd.ctr(tb), "--address", dir+"/c.sock", "version").Run() != nil {
@@ -333,6 +335,7 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	busy0, total0 := cpuTimes()
+	proxyCPU0, ctdCPU0 := sumCPU(tb, proxyCmds), sumCPU(tb, ctdCmds)
 	t0 := time.Now()
 	for i, h := range hosts {
 		wg.Go(func() {
@@ -375,6 +378,8 @@ func runCluster(tb testing.TB, sp clusterSpec) report.Run {
 	if busy1, total1 := cpuTimes(); total1 > total0 {
 		res.CPUBusy = float64(busy1-busy0) / float64(total1-total0)
 	}
+	res.ProxyCPU = sumCPU(tb, proxyCmds).sub(proxyCPU0).seconds()
+	res.ContainerdCPU = sumCPU(tb, ctdCmds).sub(ctdCPU0).seconds()
 
 	up := statsOf(tb, info)
 	res.Egress = up.Bytes
@@ -589,8 +594,9 @@ func BenchmarkCluster(b *testing.B) {
 					if err := report.WriteJSON(dir, r); err != nil {
 						b.Error(err)
 					}
-					b.Logf("scenario %s, %-6s run %d: p50 %.2fs p95 %.2fs max %.2fs | bound %.2fs, max/bound %.2f | upstream done %.2fs (%.2f x bound), proxies done %.2fs (%.2f x bound), egress %.3f x | bytes %v | CPU busy %.0f%%",
-						sc, mode, rep+1, r.P50, r.P95, r.Max, r.Bound, r.MaxOver, r.UpstreamDone, r.UpstreamDone/r.Bound, r.ProxiesDone, r.ProxiesDone/r.Bound, r.EgressX, r.BySource, 100*r.CPUBusy)
+					b.Logf("scenario %s, %-6s run %d: p50 %.2fs p95 %.2fs max %.2fs | bound %.2fs, max/bound %.2f | upstream done %.2fs (%.2f x bound), proxies done %.2fs (%.2f x bound), egress %.3f x | bytes %v | CPU busy %.0f%%: proxies %.1f CPU-s (%.2f a GiB received), containerd %.1f CPU-s",
+						sc, mode, rep+1, r.P50, r.P95, r.Max, r.Bound, r.MaxOver, r.UpstreamDone, r.UpstreamDone/r.Bound, r.ProxiesDone, r.ProxiesDone/r.Bound, r.EgressX, r.BySource, 100*r.CPUBusy,
+						r.ProxyCPU, r.ProxyCPU/(float64(r.Size)*float64(r.Nodes)/(1<<30)), r.ContainerdCPU)
 				}
 			}
 		}

@@ -51,7 +51,7 @@ func TestCLI(t *testing.T) {
 		{[]string{"containerd-config", "--dry-run", "--config-path", dryDir, "--containerd-config", "/nonexistent.toml"}, 0, `[host."http://127.0.0.1:5000"]`},
 		{[]string{"docker-config", "--dry-run", "--daemon-json", "/nonexistent/daemon.json", "--mirror", "http://m:5000"}, 0, `"http://m:5000"`},
 		{[]string{"docker-config", "--daemon-json", brokenJSON}, 1, "daemon.json"},
-		{[]string{"containerd-config", "--registry", "../etc", "--config-path", dryDir}, 1, "want a host"},
+		{[]string{"containerd-config", "--registry", "../etc", "--config-path", dryDir}, 2, "want a host"},
 		{[]string{"serve", "--peer-listen", "127.0.0.1:1", "--config", halfTLS}, 2, "p2p.tls: set ca, cert and key together"},
 	}
 	for _, tt := range tests {

@@ -5,8 +5,11 @@
 package metrics
 
 import (
+	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -23,6 +26,10 @@ const (
 	SourcePeer       = "peer"
 	SourceUpstream   = "upstream"
 )
+
+// A HELP text ends with the values of each label that takes a fixed set of
+// them, as "[label: v1, v2]"; docs/metrics.md lists the same (a test holds
+// the two together).
 
 // Metrics is one node's metrics.
 type Metrics struct {
@@ -56,33 +63,33 @@ func New(version string) *Metrics {
 	build := f.gaugeVec("build_info", "Always 1; the version label is the running build.", "version")
 	build.WithLabelValues(version).Set(1)
 	m.blobBytes = f.counterVec("blob_bytes_total",
-		"Bytes of blobs by where they came from: cache (served to clients from the store), peer and upstream (pieces downloaded into the node).", "source")
+		"Bytes of blobs by where they came from: cache and containerd (served to clients from the store and from containerd's content store), peer and upstream (pieces downloaded into the node). [source: cache, containerd, peer, upstream]", "source")
 	m.uploadBytes = f.counter("peer_upload_bytes_total", "Bytes of pieces sent to peers.")
-	m.uploads = f.counterVec("peer_uploads_total", "Piece requests from peers, by result: ok, busy (upload slots full), absent, conflict (already sent elsewhere), error.", "result")
+	m.uploads = f.counterVec("peer_uploads_total", "Piece requests from peers, by result: busy (upload slots full), absent (a piece this node does not have), conflict (already sent elsewhere). [result: ok, busy, absent, conflict, error]", "result")
 	m.pieces = f.counterVec("pieces_total",
-		"Piece fetches by parent kind (peer, upstream) and result: ok, busy, slow, raced, elsewhere, failed.", "parent", "result")
-	m.pieceSeconds = f.histogramVec("piece_duration_seconds", "Time to fetch one piece that arrived, by parent kind.",
+		"Piece fetches by parent kind and result: busy (the peer's upload slots were full), slow (below pieces.min_rate), raced (a client waited pieces.race_after: taken from the upstream), elsewhere (the peer sent it to another node first). [parent: peer, upstream] [result: ok, busy, slow, raced, elsewhere, cancelled, failed]", "parent", "result")
+	m.pieceSeconds = f.histogramVec("piece_duration_seconds", "Time to fetch one piece that arrived, by parent kind. [parent: peer, upstream]",
 		prometheus.ExponentialBuckets(0.01, 2, 14), "parent")
-	m.blobs = f.counterVec("blob_downloads_total", "Blob downloads (tasks) ended, by result: complete, stopped, failed.", "result")
-	m.blobSeconds = f.histogramVec("blob_download_duration_seconds", "Duration of blob downloads, by result.",
+	m.blobs = f.counterVec("blob_downloads_total", "Blob downloads (tasks) ended, by result. [result: complete, stopped, failed]", "result")
+	m.blobSeconds = f.histogramVec("blob_download_duration_seconds", "Duration of blob downloads, by result. [result: complete, stopped, failed]",
 		prometheus.ExponentialBuckets(0.05, 2, 14), "result")
-	m.requests = f.counterVec("http_requests_total", "Mirror requests by kind (manifest, blob, base, other), method and status code.", "kind", "method", "code")
-	m.upstream = f.counterVec("upstream_requests_total", "Requests to upstream registries by host, method and status code (error: no answer).", "host", "method", "code")
+	m.requests = f.counterVec("http_requests_total", "Mirror requests by kind, method (one outside the registry API's counts as other) and status code. [kind: base, manifest, blob, other] [method: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, other]", "kind", "method", "code")
+	m.upstream = f.counterVec("upstream_requests_total", "Requests to upstream registries by host (a configured or allowed name, or other), method and status code (error: no answer).", "host", "method", "code")
 	m.accessChecks = f.counterVec("access_checks_total",
-		"Access checks of a client against the upstream, by result: allowed, refused, cached_allowed, cached_refused, stale_allowed (upstream unreachable, allowed before), error.", "result")
+		"Access checks of a client against the upstream, by result: cached_* (answered within access.ttl), stale_allowed (upstream unreachable, allowed before), public_allowed (upstream unreachable, the repository public within access.public_ttl), error (could not be asked). [result: allowed, refused, cached_allowed, cached_refused, stale_allowed, public_allowed, error]", "result")
 	m.refusals = f.counterVec("private_refusals_total",
-		"Requests for private content the mirror refused (the client then pulls from the registry itself), by access mode (client, node) and reason: no_credentials (an anonymous client, client mode), refused (the registry refused the client's or, in node mode, the node's credentials), error (the registry could not be asked).", "mode", "reason")
+		"Requests for private content the mirror refused (the client then pulls from the registry itself), by access mode and reason: no_credentials (an anonymous client, client mode), refused (the registry refused the client's or, in node mode, the node's credentials), error (the registry could not be asked). [mode: client, node] [reason: no_credentials, refused, error]", "mode", "reason")
 	m.credRuns = f.counterVec("credential_provider_runs_total",
-		"Runs of kubelet credential provider plugins, by provider (its name in the CredentialProviderConfig) and result: ok, failed (exit status or bad answer), timeout.", "provider", "result")
+		"Runs of kubelet credential provider plugins, by provider (its name in the CredentialProviderConfig) and result: failed (exit status or bad answer). [result: ok, failed, timeout]", "provider", "result")
 	m.manifests = f.counterVec("manifests_total",
-		"Manifests served to clients by digest, by where this node got them: cache (its store), peer (a member), upstream (the registry: as the digest's owner with this node's credentials, or with the client's where the owner could not).", "source")
+		"Manifests served to clients by digest, by where this node got them: cache (its store), peer (a member), upstream (the registry: as the digest's owner with this node's credentials, or with the client's where the owner could not). [source: cache, peer, upstream]", "source")
 	m.stale = f.counterVec("stale_answers_total",
-		"Answers from what the cluster holds while the registry could not answer, by kind (tag: a tag resolved to the cluster's last resolution) and reason: unavailable (no connection, reset, timeout), server_error (5xx), throttled (429).", "kind", "reason")
+		"Answers from what the cluster holds while the registry could not answer, by kind (tag: a tag resolved to the cluster's last resolution) and reason: unavailable (no connection, reset, timeout), server_error (5xx), throttled (429). [kind: tag] [reason: unavailable, server_error, throttled]", "kind", "reason")
 	m.gcRuns = f.counter("store_gc_runs_total", "Garbage collections of the blob store.")
-	m.gcRemoved = f.counterVec("store_gc_removed_total", "Items garbage collection removed, by kind: blob, partial, manifest.", "kind")
+	m.gcRemoved = f.counterVec("store_gc_removed_total", "Items garbage collection removed, by kind. [kind: blob, partial, manifest]", "kind")
 	m.gcFreed = f.counter("store_gc_freed_bytes_total", "Bytes of blobs garbage collection removed.")
 	m.peerRefused = f.counterVec("peer_calls_refused_total",
-		"Register and Announce calls from members refused by a bound, by call (register, announce) and reason: not_owner (this node does not rank for the digest), rate (calls or new registrations per member), full (tracker entries per member or in all), upstream (owner downloads started or failed for the member).", "call", "reason")
+		"Register and Announce calls from members refused by a bound, by call and reason: not_owner (this node does not rank for the digest), rate (calls or new registrations per member), full (tracker entries per member or in all), upstream (owner downloads started or failed for the member). [call: register, announce] [reason: not_owner, rate, full, upstream]", "call", "reason")
 	return m
 }
 
@@ -126,6 +133,39 @@ func (m *Metrics) Gatherer() prometheus.Gatherer {
 		return nil
 	}
 	return m.reg
+}
+
+// Families lists the name of every metric family registered, sorted, those
+// with no series yet included: a vector nothing has been counted in is not
+// in a scrape, but a dashboard or an alert may rightly use it. Tests hold the
+// dashboard and docs/metrics.md to this list.
+func (m *Metrics) Families() ([]string, error) {
+	if m == nil {
+		return nil, nil
+	}
+	ch := make(chan *prometheus.Desc)
+	go func() {
+		m.reg.Describe(ch)
+		close(ch)
+	}()
+	var names []string
+	var err error
+	for d := range ch {
+		// A Desc shows its name only in its String(),
+		// `Desc{fqName: "name", help: ...}`.
+		s, ok := strings.CutPrefix(d.String(), "Desc{fqName: ")
+		q, qerr := strconv.QuotedPrefix(s)
+		if !ok || qerr != nil {
+			err = fmt.Errorf("metrics: no name in %s", d)
+			continue
+		}
+		name, _ := strconv.Unquote(q)
+		if !slices.Contains(names, name) {
+			names = append(names, name)
+		}
+	}
+	slices.Sort(names)
+	return names, err
 }
 
 // GaugeFunc registers a gauge read from f at each scrape: values that a

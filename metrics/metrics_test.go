@@ -3,6 +3,7 @@ package metrics
 import (
 	"fmt"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -107,5 +108,35 @@ func TestRequestLabelsBounded(t *testing.T) {
 		if f.GetName() == "registry_proxy_http_requests_total" && len(f.GetMetric()) != 2 {
 			t.Fatalf("%d series after 30,000 odd methods; want 2 (GET and other)", len(f.GetMetric()))
 		}
+	}
+}
+
+// Families lists what is registered, vectors without series included, and
+// nothing else.
+func TestFamilies(t *testing.T) {
+	m := New("test")
+	m.GaugeFunc("tasks_in_flight", "t", func() float64 { return 0 })
+	m.ParentWeights(func() map[string]float64 { return nil })
+	got, err := m.Families()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"registry_proxy_private_refusals_total", "registry_proxy_peer_calls_refused_total",
+		"registry_proxy_blob_download_duration_seconds", "registry_proxy_tasks_in_flight", "registry_proxy_parent_weight",
+		"registry_proxy_build_info", "go_goroutines", "process_start_time_seconds"} {
+		if !slices.Contains(got, want) {
+			t.Errorf("%s not among %v", want, got)
+		}
+	}
+	for _, not := range []string{"registry_proxy_made_up_total", "registry_proxy_blob_download_duration_seconds_bucket", "registry_proxy_store_bytes"} {
+		if slices.Contains(got, not) {
+			t.Errorf("%s listed", not)
+		}
+	}
+	if !slices.IsSorted(got) {
+		t.Errorf("not sorted: %v", got)
+	}
+	if f, err := (*Metrics)(nil).Families(); f != nil || err != nil {
+		t.Errorf("nil metrics: %v, %v", f, err)
 	}
 }

@@ -50,6 +50,7 @@ type Node struct {
 	up    *upstream.Client
 	tasks *task.Manager
 	p2p   *peers
+	m     *metrics.Metrics
 	// download paces piece downloads (download.rate).
 	download *pace.Limiter
 	// draining is set once Shutdown starts: /readyz says so.
@@ -210,6 +211,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (*Node, err
 		up:       up,
 		tasks:    tasks,
 		p2p:      p2p,
+		m:        m,
 		download: download,
 		errc:     make(chan error, 2),
 		admLn:    admLn,
@@ -375,6 +377,9 @@ func (n *Node) AdminAddr() string {
 	}
 	return n.admLn.Addr().String()
 }
+
+// Metrics returns the node's metrics, the registry its /metrics serves.
+func (n *Node) Metrics() *metrics.Metrics { return n.m }
 
 // Store returns the node's blob store.
 func (n *Node) Store() *blobstore.Store { return n.store }

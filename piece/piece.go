@@ -25,7 +25,7 @@ const (
 	// blob; with smaller ones each request costs more against its transfer
 	// time. 256 pieces of at most 4 MiB beat 64 of 4 MiB (256 MiB on 25 MB/s
 	// links, the namespace harness; 256 MB on 300 MB/s, the simulator) and
-	// 954 of 1 MiB (1 GB on 300 MB/s); docs/benchmarks.md.
+	// 954 of 1 MiB (1 GB on 300 MB/s); docs/benchmarks/notebook.md.
 	AimCount       = 256
 	AimSize  int64 = 4 << 20
 	// MaxCount is the number of pieces beyond which pieces grow whatever

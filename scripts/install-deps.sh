@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the tests and benchmarks need on a fresh Debian machine:
-# Debian packages (containerd, runc, docker.io, iproute2, openssl), and into .tools/bin
-# crictl, staticcheck, helm, kubeconform and a containerd 2.x daemon with its
+# Debian packages (containerd, runc, docker.io, iproute2, openssl, qemu-user-static
+# to run the image's arm64 binary, docker-registry: distribution's proxy, the
+# benchmarks' anchor), and into .tools/bin
+# crictl, staticcheck, helm, kubeconform, grpcurl and a containerd 2.x daemon with its
 # ctr and runc shim. Idempotent:
 # what is present already is kept.
 set -euo pipefail
@@ -12,9 +14,16 @@ TOOLS="$PWD/.tools/bin"
 mkdir -p "$TOOLS"
 
 need_pkgs=()
-for p in containerd runc docker.io iproute2 procps openssl; do
+for p in containerd runc docker.io iproute2 procps openssl qemu-user-static docker-registry; do
 	dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
+# `install-deps.sh dashboard` (make dashboard-shot) also installs Prometheus,
+# headless Chromium, curl and jq: the dashboard's picture is taken with them.
+if [ "${1:-}" = dashboard ]; then
+	for p in prometheus chromium curl jq; do
+		dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
+	done
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
 	if [ "$(id -u)" -ne 0 ]; then
 		echo "install-deps: missing ${need_pkgs[*]}; run as root to install them" >&2
@@ -27,7 +36,7 @@ fi
 # The packaged daemons are started by the tests with their own roots, not by
 # the system.
 if [ "$(id -u)" -eq 0 ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-	systemctl disable --now docker.socket docker containerd >/dev/null 2>&1 || true
+	systemctl disable --now docker.socket docker containerd docker-registry >/dev/null 2>&1 || true
 fi
 
 go_install() { # name module@version [tags]
@@ -41,6 +50,9 @@ go_install staticcheck honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # API schemas (built by the test from k8s.io/kubernetes' OpenAPI document).
 go_install helm helm.sh/helm/v3/cmd/helm@v3.22.0
 go_install kubeconform github.com/yannh/kubeconform/cmd/kubeconform@v0.8.0
+# A gRPC client for the peer port, with `registry-proxy cert`
+# (docs/troubleshooting.md; integration TestCertCommand).
+go_install grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3
 # containerd 2.x goes under its own name so it never shadows Debian's 1.x.
 if [ ! -x "$TOOLS/containerd2" ] || [ ! -x "$TOOLS/ctr2" ]; then
 	tmp=$(mktemp -d)

@@ -36,12 +36,14 @@ const usage = `usage: registry-proxy <command> [flags]
 
 commands:
   serve              run the mirror (registry-proxy serve --help for flags)
-  containerd-config  write hosts.toml files pointing containerd at the mirror
+  containerd-config  write hosts.toml files pointing containerd at the mirror (--uninstall: undo that)
   docker-config      add the mirror to dockerd's registry-mirrors in daemon.json
   peers              the cluster's members, their host state and weights, refreshed like top
   status             this node's downloads in flight: progress and bytes by source
   preheat IMAGE...   have the cluster fetch images' blobs before a rollout, with progress and a table of nodes × blobs
   secret             print a new cluster secret (registry-proxy secret > FILE)
+  uninstall-wait     the chart's post-delete hook: wait until containerd-config --uninstall ran on every node
+  cert               print a short-lived read-only client certificate for the peer port (grpcurl), from the cluster secret
   version            print the version
 `
 
@@ -77,6 +79,10 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return inspectCmd(args[0], args[1:], stdout)
 	case "preheat":
 		return preheatCmd(args[1:], stdout)
+	case "cert":
+		return certCmd(args[1:], stdout)
+	case "uninstall-wait":
+		return uninstallWaitCmd(args[1:], stdout, stderr)
 	case "secret":
 		if len(args) > 1 {
 			return fmt.Errorf("secret takes no arguments: %w", errUsage)
@@ -93,12 +99,14 @@ func run(args []string, stdout, stderr io.Writer) error {
 	return fmt.Errorf("unknown command %q: %w", args[0], errUsage)
 }
 
-// loadConfig reads --config (or the defaults) and applies the flags over it.
-func loadConfig(args []string, stderr io.Writer) (config.Config, error) {
+// loadConfig reads --config (or the defaults) and applies the flags over it;
+// check is --check-config: check them and exit.
+func loadConfig(args []string, stderr io.Writer) (cfg config.Config, check bool, err error) {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are reported in one line by main
 	fs.Usage = func() {}
 	path := fs.String("config", "", "configuration file (TOML); defaults as in config.toml when unset")
+	checkOnly := fs.Bool("check-config", false, "check the configuration and flags as serve would, then exit: 0 when valid, else 2 with the error")
 	listen := fs.String("listen", "", "mirror HTTP address (listen)")
 	dataDir := fs.String("data-dir", "", "blob store directory (data_dir)")
 	defReg := fs.String("default-registry", "", "registry for requests without ns=, as dockerd sends them (default_registry)")
@@ -128,18 +136,18 @@ func loadConfig(args []string, stderr io.Writer) (config.Config, error) {
 			fmt.Fprintln(stderr, "usage: registry-proxy serve [flags]")
 			fs.SetOutput(stderr)
 			fs.PrintDefaults()
-			return config.Config{}, err
+			return config.Config{}, false, err
 		}
-		return config.Config{}, fmt.Errorf("%w: %w", err, errUsage)
+		return config.Config{}, false, fmt.Errorf("%w: %w", err, errUsage)
 	}
 	if fs.NArg() > 0 {
-		return config.Config{}, fmt.Errorf("unexpected argument %q: %w", fs.Arg(0), errUsage)
+		return config.Config{}, false, fmt.Errorf("unexpected argument %q: %w", fs.Arg(0), errUsage)
 	}
-	cfg := config.Default()
+	check = *checkOnly
+	cfg = config.Default()
 	if *path != "" {
-		var err error
 		if cfg, err = config.Load(*path); err != nil {
-			return cfg, fmt.Errorf("%w: %w", err, errUsage)
+			return cfg, check, fmt.Errorf("%w: %w", err, errUsage)
 		}
 	}
 	for dst, v := range map[*string]string{&cfg.Listen: *listen, &cfg.DataDir: *dataDir, &cfg.DefaultRegistry: *defReg, &cfg.Log.Level: *level, &cfg.Log.Format: *format,
@@ -167,18 +175,18 @@ func loadConfig(args []string, stderr io.Writer) (config.Config, error) {
 	}
 	for _, u := range upstreams {
 		if err := cfg.SetUpstream(u); err != nil {
-			return cfg, fmt.Errorf("%w: %w", err, errUsage)
+			return cfg, check, fmt.Errorf("%w: %w", err, errUsage)
 		}
 	}
 	if err := cfg.Validate(); err != nil {
-		return cfg, fmt.Errorf("config: %s: %w", strings.ReplaceAll(err.Error(), "\n", "; "), errUsage)
+		return cfg, check, fmt.Errorf("config: %s: %w", strings.ReplaceAll(err.Error(), "\n", "; "), errUsage)
 	}
 	if cfg.P2P.SecretFile != "" {
 		if _, err := trust.ReadSecretFile(cfg.P2P.SecretFile); err != nil {
-			return cfg, fmt.Errorf("%w: %w", err, errUsage)
+			return cfg, check, fmt.Errorf("%w: %w", err, errUsage)
 		}
 	}
-	return cfg, nil
+	return cfg, check, nil
 }
 
 func newLogger(c config.Log, lvl *slog.LevelVar, w io.Writer) *slog.Logger {
@@ -191,12 +199,16 @@ func newLogger(c config.Log, lvl *slog.LevelVar, w io.Writer) *slog.Logger {
 }
 
 func serve(args []string, stderr io.Writer) error {
-	cfg, err := loadConfig(args, stderr)
+	cfg, check, err := loadConfig(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return nil
 	}
 	if err != nil {
 		return err
+	}
+	if check {
+		fmt.Fprintln(stderr, "registry-proxy: configuration valid")
+		return nil
 	}
 	level := new(slog.LevelVar)
 	log := newLogger(cfg.Log, level, stderr)
@@ -231,7 +243,7 @@ wait:
 // reload reads the configuration again, with the same flags, and applies
 // what may change while running; it says what needs a restart.
 func reload(n *node.Node, args []string, level *slog.LevelVar, log *slog.Logger) {
-	cfg, err := loadConfig(args, io.Discard)
+	cfg, _, err := loadConfig(args, io.Discard)
 	if err != nil {
 		log.Error("SIGHUP: configuration not reloaded", "err", err)
 		return
@@ -281,17 +293,34 @@ func containerdConfig(args []string, stdout io.Writer) error {
 	configPath := fs.String("config-path", "/etc/containerd/certs.d", "containerd's registry config_path")
 	mirror := fs.String("mirror", "http://127.0.0.1:5000", "the mirror's URL, as containerd reaches it")
 	ctdConfig := fs.String("containerd-config", "/etc/containerd/config.toml", "containerd's config file, to check its config_path")
-	dryRun := fs.Bool("dry-run", false, "print the files instead of writing them")
+	distribution := fs.String("distribution", "auto", "who writes containerd's config: containerd, k3s or rke2, whose paths are then the defaults of --config-path and --containerd-config; auto: the first whose config file exists (k3s, rke2, containerd), and the config file's content says")
+	dryRun := fs.Bool("dry-run", false, "print the files instead of writing them (with --uninstall: what it would do)")
+	uninstall := fs.Bool("uninstall", false, "undo what containerd-config wrote under --config-path (for each --registry; default every registry it recorded): remove its hosts.toml files, put back those they replaced")
 	var registries []string
 	fs.Func("registry", "a registry to mirror (repeatable; default _default, every registry)", func(v string) error {
 		registries = append(registries, v)
-		return nil
+		return clientconfig.CheckRegistry(v)
 	})
 	if err := parseSub(fs, args, stdout); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
 		}
 		return err
+	}
+	forced, err := containerdLayout(fs, *distribution, configPath, ctdConfig)
+	if err != nil {
+		return err
+	}
+	if *uninstall {
+		fs.Visit(func(f *flag.Flag) {
+			if f.Name == "mirror" || f.Name == "containerd-config" {
+				err = fmt.Errorf("--%s has no meaning with --uninstall: %w", f.Name, errUsage)
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return containerdUninstall(*configPath, registries, *dryRun, stdout)
 	}
 	if len(registries) == 0 {
 		registries = []string{clientconfig.DefaultHost}
@@ -301,32 +330,66 @@ func containerdConfig(args []string, stdout io.Writer) error {
 			fmt.Fprintf(stdout, "--- %s\n%s", filepath.Join(*configPath, r, "hosts.toml"), clientconfig.HostsTOML(r, *mirror))
 		}
 	} else {
-		written, err := clientconfig.WriteHosts(*configPath, *mirror, registries)
-		for _, p := range written {
-			fmt.Fprintln(stdout, "wrote", p)
+		steps, err := clientconfig.WriteHosts(*configPath, *mirror, registries)
+		for _, s := range steps {
+			fmt.Fprintln(stdout, s)
 		}
 		if err != nil {
 			return err
 		}
 	}
+	// Whether containerd reads what was written, decided from its config
+	// file; the decision and its reasons are the output's last lines.
 	b, err := os.ReadFile(*ctdConfig)
-	if err != nil {
-		fmt.Fprintf(stdout, "cannot read containerd's config (%v): make sure it sets\n%s\nand restart containerd\n", err, clientconfig.ConfigPathAdvice(3, *configPath))
-		return nil
+	found := err == nil
+	if err != nil && !os.IsNotExist(err) {
+		fmt.Fprintf(stdout, "%v\n", err)
 	}
-	set, err := clientconfig.ConfigPath(b)
+	r, err := clientconfig.CheckContainerd(b, found, *ctdConfig, *configPath, forced)
 	if err != nil {
 		return err
 	}
-	switch {
-	case set == "":
-		fmt.Fprintf(stdout, "%s does not set config_path: add\n%s\nand restart containerd\n", *ctdConfig, clientconfig.ConfigPathAdvice(clientconfig.ConfigVersion(b), *configPath))
-	case filepath.Clean(set) != filepath.Clean(*configPath):
-		fmt.Fprintf(stdout, "%s sets config_path = %q, not %q: containerd will not read these files; use --config-path %s\n", *ctdConfig, set, *configPath, set)
-	default:
-		fmt.Fprintf(stdout, "%s sets config_path = %q: containerd reads these files for its next pull\n", *ctdConfig, set)
+	for _, l := range r.Explain(*ctdConfig, *configPath) {
+		fmt.Fprintln(stdout, l)
 	}
 	return nil
+}
+
+// containerdLayout applies --distribution: a named one's paths become the
+// defaults of --config-path and --containerd-config; auto picks the first
+// layout whose config file exists, when neither flag is given. It returns
+// the distribution named, "" for auto (then the config file says).
+func containerdLayout(fs *flag.FlagSet, name string, configPath, ctdConfig *string) (clientconfig.Distribution, error) {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var l clientconfig.Layout
+	switch name {
+	case "auto":
+		if set["config-path"] || set["containerd-config"] {
+			return "", nil
+		}
+		// The last layout, containerd's, when no config file exists.
+		for _, l = range clientconfig.Layouts() {
+			if _, err := os.Stat(l.ConfigFile); err == nil {
+				break
+			}
+		}
+	default:
+		var ok bool
+		if l, ok = clientconfig.LayoutOf(clientconfig.Distribution(name)); !ok {
+			return "", fmt.Errorf("--distribution %q: want auto, containerd, k3s or rke2: %w", name, errUsage)
+		}
+	}
+	if !set["config-path"] {
+		*configPath = l.HostsDir
+	}
+	if !set["containerd-config"] {
+		*ctdConfig = l.ConfigFile
+	}
+	if name == "auto" {
+		return "", nil
+	}
+	return l.Distribution, nil
 }
 
 func dockerConfig(args []string, stdout io.Writer) error {

@@ -32,7 +32,7 @@ func main() {
 	image := flag.String("image", "", "also push image bench/image:latest with one uncompressed layer per size, e.g. 128MiB,64MiB")
 	basic := flag.String("basic-auth", "", "USER:PASS: once pushed, every request needs these as basic auth (with --token: the token realm does)")
 	token := flag.String("token", "", "once pushed, every request needs \"Authorization: Bearer TOKEN\", handed out by the realm at /token")
-	control := flag.String("control", "", "address for the control API (testregistry.ControlHandler: GET /stats, POST /outage, /limit, /push, /tag, /private, /down, /reset); listening before the JSON line is printed")
+	control := flag.String("control", "", "address for the control API (testregistry.ControlHandler: GET /stats, POST /outage, /limit, /pace, /push, /tag, /private, /down, /reset); listening before the JSON line is printed")
 	flag.Parse()
 	user, pass, hasBasic := strings.Cut(*basic, ":")
 	if *basic != "" && (!hasBasic || user == "") {

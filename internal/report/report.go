@@ -43,6 +43,11 @@ type Run struct {
 	// CPUBusy is the machine's CPU use while the nodes pulled, 0..1 (all
 	// processes of the run share the machine's cores).
 	CPUBusy float64 `json:"cpu_busy,omitempty"`
+	// ProxyCPU and ContainerdCPU are the CPU-seconds (user and system)
+	// the proxies and the containerd daemons used while the nodes pulled,
+	// summed over nodes, from each process's own accounting.
+	ProxyCPU      float64 `json:"proxy_cpu_seconds,omitempty"`
+	ContainerdCPU float64 `json:"containerd_cpu_seconds,omitempty"`
 	// UpstreamDone is when the upstream last wrote blob bytes, seconds from
 	// the start (0: unknown). Past the bound, the origin's link idled or ran
 	// below its rate; the nodes' time after it is the peers' tail.

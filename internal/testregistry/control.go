@@ -21,6 +21,7 @@ import (
 //	POST /outage?mode=refuse|close|hang| SetOutage (empty mode: up)
 //	POST /down?on=true|false             SetDown (503 to everything)
 //	POST /limit?n=N[&retry_after=30s]    SetManifestGetLimit, SetRetryAfter
+//	POST /pace?bps=N                     SetPace (bytes a second a connection; 0: unpaced)
 //	POST /private?repo=R&user=U&pass=P   SetRepoCredentials (no user: public)
 //	POST /push?repo=R&tag=T[&layers=1MiB,512KiB][&seed=N]
 //	           [&platforms=linux/amd64,linux/arm64][&format=oci|docker|image|docker-image]
@@ -51,6 +52,15 @@ func (r *Registry) ControlHandler() http.Handler {
 			return
 		}
 		r.SetDown(on)
+		writeJSON(w, r.Stats())
+	})
+	mux.HandleFunc("POST /pace", func(w http.ResponseWriter, req *http.Request) {
+		n, err := strconv.ParseInt(req.URL.Query().Get("bps"), 10, 64)
+		if err != nil || n < 0 {
+			http.Error(w, "bps: want bytes a second a connection, 0 for unpaced", http.StatusBadRequest)
+			return
+		}
+		r.SetPace(n)
 		writeJSON(w, r.Stats())
 	})
 	mux.HandleFunc("POST /limit", func(w http.ResponseWriter, req *http.Request) {

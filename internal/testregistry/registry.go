@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/registry"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"golang.org/x/time/rate"
 )
 
@@ -585,6 +586,18 @@ func (r *Registry) wrap(next http.Handler) http.Handler {
 		}
 		if r.ignoreRange.Load() {
 			req.Header.Del("Range")
+		} else if rg := req.Header.Get("Range"); strings.HasPrefix(rg, "bytes=") && strings.HasSuffix(rg, "-") {
+			// containerd resumes a blob with an open-ended range
+			// ("bytes=N-"), as registries serve it; go-containerregistry's
+			// answers those 416: end it at the blob's last byte.
+			if st, ok := r.blobs.(registry.BlobStatHandler); ok {
+				if h, err := v1.NewHash(m[2]); err == nil {
+					if size, err := st.Stat(req.Context(), m[1], h); err == nil && size > 0 {
+						req = req.Clone(req.Context())
+						req.Header.Set("Range", fmt.Sprintf("%s%d", rg, size-1))
+					}
+				}
+			}
 		}
 		cw := &countingWriter{ResponseWriter: w, r: r, digest: m[2], corrupt: r.corrupt.Load()}
 		if p := r.pace.Load(); p > 0 {

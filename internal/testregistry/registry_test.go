@@ -435,3 +435,43 @@ func TestControlHandler(t *testing.T) {
 		t.Errorf("bad mode: %v %v", err, resp)
 	}
 }
+
+// Blob ranges as clients send them: closed, and open-ended as containerd
+// sends one to resume a blob.
+func TestBlobRange(t *testing.T) {
+	r := start(t)
+	blob := RandomBytes(1000, 5)
+	d, err := r.PushBlob(context.Background(), "range/blob", blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		rng        string
+		want       []byte
+		wantStatus int
+	}{
+		{"", blob, http.StatusOK},
+		{"bytes=10-19", blob[10:20], http.StatusPartialContent},
+		{"bytes=600-", blob[600:], http.StatusPartialContent},
+		{"bytes=0-", blob, http.StatusPartialContent},
+	} {
+		t.Run(tc.rng, func(t *testing.T) {
+			req, _ := http.NewRequest(http.MethodGet, r.URL+"/v2/range/blob/blobs/"+d, nil)
+			if tc.rng != "" {
+				req.Header.Set("Range", tc.rng)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			got, err := io.ReadAll(resp.Body)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if resp.StatusCode != tc.wantStatus || string(got) != string(tc.want) {
+				t.Fatalf("Range %q: %s, %d bytes; want %d, %d bytes", tc.rng, resp.Status, len(got), tc.wantStatus, len(tc.want))
+			}
+		})
+	}
+}

@@ -123,7 +123,7 @@ func (statePolicy) pick(r *Run, now time.Time) (int, *parentQueue, []int) {
 	// piece it takes seconds over would otherwise be the one the whole
 	// download waits for at its end, where a fast parent frees up in a
 	// piece's time (scenario e: the throttled nodes' pieces were the last
-	// ones their children got, docs/benchmarks.md).
+	// ones their children got, docs/benchmarks/notebook.md).
 	slowBelow := int64(0)
 	if r.peerFetchingLocked() {
 		slowBelow = r.fastestLocked(now) / slowLink

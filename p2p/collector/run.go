@@ -466,7 +466,7 @@ func (r *Run) finish(ctx context.Context, i int, pq *parentQueue, took time.Dura
 // on, twice a peer piece's typical time here, at most ElsewhereFor (and at
 // least a twentieth of it). A fixed time meant six piece times on a 25 MB/s
 // link and seventy on 300 MB/s ones, where children sat out refusals while
-// parents holding what they lacked idled (docs/benchmarks.md).
+// parents holding what they lacked idled (docs/benchmarks/notebook.md).
 func (r *Run) elsewhereForLocked() time.Duration {
 	most := r.c.opts.ElsewhereFor
 	if r.pieceTime == 0 {

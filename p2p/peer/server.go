@@ -401,7 +401,7 @@ func (s *Server) WatchPieces(req *pb.WatchPiecesRequest, stream pb.Pieces_WatchP
 		// The fetching list goes out with the pieces, not polled on its
 		// own: a poll sent every child an update each time a parent's list
 		// moved, which at 1,000 simulated nodes left none done at twice
-		// the bound (docs/benchmarks.md). It only breaks ties in the
+		// the bound (docs/benchmarks/notebook.md). It only breaks ties in the
 		// child's choice, so a list one piece stale costs little.
 		select {
 		case <-stream.Context().Done():

@@ -20,7 +20,7 @@
 // round, and a relay's upload idled beside children lacking what it held
 // (simulator, equal links, p99 × the bound: 300 nodes 1.39–1.43 with two,
 // 1.30–1.32 with four; 1,000 nodes 1.48–1.65 and 1.40–1.41;
-// docs/benchmarks.md).
+// docs/benchmarks/notebook.md).
 package seeding
 
 import (

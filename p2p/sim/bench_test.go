@@ -31,7 +31,7 @@ var (
 	simBW        = flag.String("sim-bw", "300MB", "TestSimulate: each node's upload and download, bytes/s")
 	simOrigin    = flag.String("sim-origin", "300MB", "TestSimulate: the upstream's upload, bytes/s")
 	simLatency   = flag.Duration("sim-latency", time.Millisecond, "TestSimulate: one-way latency between hosts")
-	simStep      = flag.Duration("sim-step", 0, "TestSimulate: transfers end on multiples of this (0: exactly; see Config.Step and docs/benchmarks.md before using it)")
+	simStep      = flag.Duration("sim-step", 0, "TestSimulate: transfers end on multiples of this (0: exactly; see Config.Step and docs/benchmarks/notebook.md before using it)")
 	simModes     = flag.String("sim-modes", "state,fcfs", "TestSimulate: modes (state, fcfs, direct)")
 	simScenarios = flag.String("sim-scenarios", "equal,hetero,loaded", "TestSimulate: equal links; hetero (uploads spread ±50%, 10% of nodes at 1/10); loaded (10% of nodes with 4 background uploads)")
 	simSeeds     = flag.Int("sim-seeds", 1, "TestSimulate: runs per case (different seeds)")

@@ -78,25 +78,32 @@ func (s *Server) SyncHost(req *pb.SyncHostRequest, stream pb.HostSync_SyncHostSe
 		return status.Error(codes.InvalidArgument, "host_id is required")
 	}
 	// A member subscribes as itself only: it cannot push others out of the LRU.
-	if _, err := trust.Caller(stream.Context(), req.GetHostId()); errors.Is(err, trust.ErrNotSelf) {
+	caller, err := trust.Caller(stream.Context(), req.GetHostId())
+	if errors.Is(err, trust.ErrNotSelf) {
 		return status.Error(codes.PermissionDenied, err.Error())
 	}
 	self := s.opts.Self()
 	if req.GetPeerId() != "" && req.GetPeerId() != self.GetId() {
 		return status.Errorf(codes.FailedPrecondition, "this is host %q, not %q", self.GetId(), req.GetPeerId())
 	}
+	// A debugging client (a read-only certificate for a member's name)
+	// holds a subscription of its own: it does not replace the member's.
+	key := req.HostId
+	if caller.ReadOnly {
+		key += " (read-only)"
+	}
 	sub := &subscriber{stop: make(chan error, 1)}
 	s.mu.Lock()
-	if old, ok := s.subs.Peek(req.HostId); ok {
+	if old, ok := s.subs.Peek(key); ok {
 		old.close(status.Error(codes.Aborted, "replaced by a newer subscription of the same host"))
-		s.subs.Remove(req.HostId)
+		s.subs.Remove(key)
 	}
-	s.subs.Add(req.HostId, sub)
+	s.subs.Add(key, sub)
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
-		if cur, ok := s.subs.Peek(req.HostId); ok && cur == sub {
-			s.subs.Remove(req.HostId)
+		if cur, ok := s.subs.Peek(key); ok && cur == sub {
+			s.subs.Remove(key)
 		}
 		s.mu.Unlock()
 	}()

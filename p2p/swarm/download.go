@@ -67,7 +67,7 @@ const maxQueuedChildren = 1024
 // of 16 let through before the queue. Each parent followed is a stream of
 // piece updates for the collector: with maxPeers followed back, 1,000
 // simulated nodes took a fifth to a third more time for the same times to
-// pull (docs/benchmarks.md).
+// pull (docs/benchmarks/notebook.md).
 func maxFollowedBack(maxPeers int) int { return max(1, maxPeers/2) }
 
 // childQueue holds the members that began to follow a download, for its
@@ -75,7 +75,7 @@ func maxFollowedBack(maxPeers int) int { return max(1, maxPeers/2) }
 // first children arrive together (a cluster registers within a second),
 // and a bounded channel dropped all but the first 16 of them, so that the
 // nodes that registered last, named to few, were followed back by none of
-// their parents and their upload idled (docs/benchmarks.md).
+// their parents and their upload idled (docs/benchmarks/notebook.md).
 type childQueue struct {
 	mu    sync.Mutex
 	list  []membership.Member

@@ -550,6 +550,10 @@ func (s *Server) Caller(ctx context.Context, claimed string) (membership.Member,
 		return membership.Member{}, status.Error(codes.PermissionDenied, err.Error())
 	case err != nil:
 		return membership.Member{}, status.Error(codes.Unauthenticated, err.Error())
+	case p.ReadOnly:
+		// A debugging certificate (registry-proxy cert) reads what its
+		// member reads (Member); it does not act as the member.
+		return membership.Member{}, status.Errorf(codes.PermissionDenied, "%q authenticated with a read-only certificate: this call acts as a member", p.ID)
 	}
 	m, err := s.member(p)
 	if err != nil {

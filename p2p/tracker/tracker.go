@@ -8,7 +8,7 @@
 // plain random sample names the first registrants to nearly every later
 // node and the last ones to almost none, whose upload then idles (in 1,000
 // simulated nodes a tenth were followed by 3 nodes or fewer, and a tenth by
-// 70 or more; docs/benchmarks.md).
+// 70 or more; docs/benchmarks/notebook.md).
 package tracker
 
 import (
@@ -346,7 +346,7 @@ func (t *Tracker) Holders(key string) []string {
 // it over in arrival order: every sample of the burst was drawn before any
 // of it was recorded, the whole burst was named only the nodes registered
 // before it, and nobody the nodes in it, whose upload then idled
-// (docs/benchmarks.md). Limit 0 only records. Over a cap (Limits) it
+// (docs/benchmarks/notebook.md). Limit 0 only records. Over a cap (Limits) it
 // records nothing and returns nil.
 func (t *Tracker) Register(key string, p Peer, limit int) []Peer {
 	out, _ := t.TryRegister(key, p, limit, nil)

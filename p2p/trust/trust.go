@@ -176,6 +176,10 @@ func NewIdentity(secrets [][]byte, nodeID string, now time.Time) (*Identity, err
 		NotAfter:     now.AddDate(10, 0, 0),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		// Peers check the chain and the common name, not a host name; the
+		// DNS name lets a standard TLS client (grpcurl -authority NODE with
+		// the CAs of `registry-proxy cert`) verify which node it reached.
+		DNSNames: hostNames(nodeID),
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, pub, signerKey)
 	if err != nil {
@@ -312,10 +316,20 @@ func (id *Identity) ServerConfig() *tls.Config {
 // address, so the chain to the cluster CA is what is checked, not a host name.
 func (id *Identity) ClientConfig() *tls.Config {
 	return &tls.Config{
-		MinVersion:            tls.VersionTLS13,
-		GetClientCertificate:  func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return id.cert() },
-		InsecureSkipVerify:    true, // replaced by VerifyPeerCertificate below
-		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error { return id.verify(raw) },
+		MinVersion:           tls.VersionTLS13,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return id.cert() },
+		InsecureSkipVerify:   true, // replaced by VerifyPeerCertificate below
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			if err := id.verify(raw); err != nil {
+				return err
+			}
+			// A debugging certificate (NewClientCert) is no node: leaked,
+			// it must not pass for one at that node's address.
+			if leaf, err := x509.ParseCertificate(raw[0]); err != nil || isReadOnly(leaf) {
+				return fmt.Errorf("%w: a read-only client certificate is not a node's", ErrUnauthenticated)
+			}
+			return nil
+		},
 	}
 }
 
@@ -353,6 +367,9 @@ func PeerID(st *tls.ConnectionState) (string, error) {
 type Peer struct {
 	ID string
 	IP net.IP
+	// ReadOnly: the certificate is one NewClientCert made for a debugging
+	// client (ReadOnlyUnit), which may read but not act as its member.
+	ReadOnly bool
 }
 
 // FromContext returns the gRPC caller. Without TLS (p2p.insecure) the id is empty.
@@ -370,7 +387,7 @@ func FromContext(ctx context.Context) (Peer, error) {
 		if err != nil {
 			return out, err
 		}
-		out.ID = id
+		out.ID, out.ReadOnly = id, readOnly(&ti.State)
 	}
 	return out, nil
 }
@@ -426,7 +443,7 @@ func HTTPCaller(r *http.Request) (Peer, error) {
 		if err != nil {
 			return out, err
 		}
-		out.ID = id
+		out.ID, out.ReadOnly = id, readOnly(r.TLS)
 	}
 	return claim(out, claimed)
 }
