@@ -401,50 +401,21 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 		defer rcancel()
 		answers := make(chan answer, len(rank))
 		next, pending := 0, 0
-		hedge := time.NewTimer(0)
+		// askNext asks the next member at once; the hedge timer, after
+		// hedgeAfter. (No zero-length timer: a fake one that has fired
+		// before it is waited on crashes Go 1.26's runtime in a synctest
+		// bubble, the simulator's.)
+		askNext := make(chan struct{}, 1)
+		askNext <- struct{}{}
+		hedge := time.NewTimer(hedgeAfter)
+		hedge.Stop()
 		defer hedge.Stop()
 		var got *answer
 	asking:
 		for {
 			select {
+			case <-askNext:
 			case <-hedge.C:
-				if next == len(rank) {
-					if pending == 0 {
-						break asking
-					}
-					continue
-				}
-				id := rank[next]
-				next++
-				if id == s.opts.Self.ID {
-					// This node owns the digest now: it goes upstream, unless a
-					// live member announced it holds the blob, and takes pieces
-					// from whoever registered or holds it.
-					run.SetAuthority("")
-					run.AllowUpstream(!slices.ContainsFunc(s.opts.Tracker.Holders(d.String()), func(h string) bool { _, live := addrs[h]; return live }))
-					var readers []string
-					s.mu.Lock()
-					if dg := s.delegated[d]; dg != nil {
-						readers = slices.Clone(dg.readers)
-					}
-					s.mu.Unlock()
-					for _, r := range readers {
-						addParent(r, addrs[r], reader)
-					}
-					for _, p := range s.opts.Tracker.Peers(d.String(), "", s.opts.MaxPeers) {
-						addParent(p.ID, p.Addr, ordinary)
-					}
-					return
-				}
-				pending++
-				go func() {
-					resp, err := s.opts.Transport.Register(rctx, addrs[id], &pb.RegisterRequest{
-						Digest: d.String(), HostId: s.opts.Self.ID, Addr: s.opts.Self.Addr,
-						Registry: req.Registry, Repository: req.Repo,
-					})
-					answers <- answer{id, resp, err}
-				}()
-				hedge.Reset(hedgeAfter)
 			case a := <-answers:
 				pending--
 				if a.err == nil {
@@ -455,10 +426,52 @@ func (s *Downloader) Fill(ctx context.Context, job collector.Job, req task.Reque
 					return
 				}
 				s.log.Warn("owner did not answer; trying the next in rank", "owner", a.id, "digest", d, "err", a.err)
-				hedge.Reset(0)
+				hedge.Stop()
+				select {
+				case askNext <- struct{}{}:
+				default:
+				}
+				continue
 			case <-ctx.Done():
 				return
 			}
+			if next == len(rank) {
+				if pending == 0 {
+					break asking
+				}
+				continue
+			}
+			id := rank[next]
+			next++
+			if id == s.opts.Self.ID {
+				// This node owns the digest now: it goes upstream, unless a
+				// live member announced it holds the blob, and takes pieces
+				// from whoever registered or holds it.
+				run.SetAuthority("")
+				run.AllowUpstream(!slices.ContainsFunc(s.opts.Tracker.Holders(d.String()), func(h string) bool { _, live := addrs[h]; return live }))
+				var readers []string
+				s.mu.Lock()
+				if dg := s.delegated[d]; dg != nil {
+					readers = slices.Clone(dg.readers)
+				}
+				s.mu.Unlock()
+				for _, r := range readers {
+					addParent(r, addrs[r], reader)
+				}
+				for _, p := range s.opts.Tracker.Peers(d.String(), "", s.opts.MaxPeers) {
+					addParent(p.ID, p.Addr, ordinary)
+				}
+				return
+			}
+			pending++
+			go func() {
+				resp, err := s.opts.Transport.Register(rctx, addrs[id], &pb.RegisterRequest{
+					Digest: d.String(), HostId: s.opts.Self.ID, Addr: s.opts.Self.Addr,
+					Registry: req.Registry, Repository: req.Repo,
+				})
+				answers <- answer{id, resp, err}
+			}()
+			hedge.Reset(hedgeAfter)
 		}
 		if got != nil {
 			id, resp := got.id, got.resp

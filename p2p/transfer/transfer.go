@@ -87,7 +87,7 @@ func NewPool(opts Options) *Pool {
 			DialContext:           dial,
 			DialTLSContext:        tlsDialer(dial, httpTLS),
 			TLSClientConfig:       httpTLS,
-			TLSHandshakeTimeout:   5 * time.Second,
+			TLSHandshakeTimeout:   tlsHandshakeTimeout,
 			MaxIdleConnsPerHost:   16,
 			IdleConnTimeout:       90 * time.Second,
 			ResponseHeaderTimeout: 10 * time.Second,
@@ -102,6 +102,8 @@ func NewPool(opts Options) *Pool {
 // without a buffer beneath it, a piece costs a read system call per record,
 // which on a busy node is a good part of what TLS costs over plaintext.
 const tlsReadBuffer = 256 << 10
+
+const tlsHandshakeTimeout = 5 * time.Second
 
 // tlsDialer dials piece connections with TLS over a buffered reader; nil
 // without TLS.
@@ -121,7 +123,11 @@ func tlsDialer(dial func(ctx context.Context, network, addr string) (net.Conn, e
 			}
 		}
 		tc := tls.Client(&bufferedConn{Conn: raw, r: bufio.NewReaderSize(raw, tlsReadBuffer)}, c)
-		if err := tc.HandshakeContext(ctx); err != nil {
+		// As the transport's TLSHandshakeTimeout, which a DialTLSContext
+		// replaces.
+		hctx, cancel := context.WithTimeout(ctx, tlsHandshakeTimeout)
+		defer cancel()
+		if err := tc.HandshakeContext(hctx); err != nil {
 			raw.Close()
 			return nil, err
 		}

@@ -1,15 +1,12 @@
 package trust
 
 import (
-	"crypto/ed25519"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
 	"slices"
 	"strings"
 	"time"
@@ -57,38 +54,20 @@ func NewClientCert(secrets [][]byte, name string, now time.Time, valid time.Dura
 	if valid <= 0 || valid > MaxClientCertValidity {
 		return nil, fmt.Errorf("trust: client certificate: validity %v, want more than 0 and at most %v", valid, MaxClientCertValidity)
 	}
-	var caPEM []byte
-	var signer *x509.Certificate
-	var signerKey ed25519.PrivateKey
-	for i, s := range secrets {
-		c, k, err := ca(s)
-		if err != nil {
-			return nil, err
-		}
-		caPEM = append(caPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
-		if i == 0 {
-			signer, signerKey = c, k
-		}
-	}
-	pub, key, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		return nil, fmt.Errorf("trust: client key: %w", err)
-	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-	if err != nil {
-		return nil, fmt.Errorf("trust: serial: %w", err)
-	}
 	tmpl := &x509.Certificate{
-		SerialNumber: serial,
-		Subject:      pkix.Name{CommonName: name, OrganizationalUnit: []string{ReadOnlyUnit}},
-		NotBefore:    now.Add(-clientCertSkew),
-		NotAfter:     now.Add(valid),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		Subject:     pkix.Name{CommonName: name, OrganizationalUnit: []string{ReadOnlyUnit}},
+		NotBefore:   now.Add(-clientCertSkew),
+		NotAfter:    now.Add(valid),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, pub, signerKey)
+	der, key, cas, err := issue(secrets, tmpl)
 	if err != nil {
 		return nil, fmt.Errorf("trust: client certificate: %w", err)
+	}
+	var caPEM []byte
+	for _, c := range cas {
+		caPEM = append(caPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
 	}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {

@@ -148,42 +148,24 @@ func NewIdentity(secrets [][]byte, nodeID string, now time.Time) (*Identity, err
 	if nodeID == "" {
 		return nil, errors.New("trust: node id required")
 	}
-	roots := x509.NewCertPool()
-	var signer *x509.Certificate
-	var signerKey ed25519.PrivateKey
-	for i, s := range secrets {
-		c, k, err := ca(s)
-		if err != nil {
-			return nil, err
-		}
-		roots.AddCert(c)
-		if i == 0 {
-			signer, signerKey = c, k
-		}
-	}
-	pub, key, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		return nil, fmt.Errorf("trust: node key: %w", err)
-	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-	if err != nil {
-		return nil, fmt.Errorf("trust: serial: %w", err)
-	}
 	tmpl := &x509.Certificate{
-		SerialNumber: serial,
-		Subject:      pkix.Name{CommonName: nodeID},
-		NotBefore:    now.Add(-time.Hour), // peers' clocks differ a little
-		NotAfter:     now.AddDate(10, 0, 0),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		Subject:     pkix.Name{CommonName: nodeID},
+		NotBefore:   now.Add(-time.Hour), // peers' clocks differ a little
+		NotAfter:    now.AddDate(10, 0, 0),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		// Peers check the chain and the common name, not a host name; the
 		// DNS name lets a standard TLS client (grpcurl -authority NODE with
 		// the CAs of `registry-proxy cert`) verify which node it reached.
 		DNSNames: hostNames(nodeID),
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, pub, signerKey)
+	der, key, cas, err := issue(secrets, tmpl)
 	if err != nil {
 		return nil, fmt.Errorf("trust: node certificate: %w", err)
+	}
+	roots := x509.NewCertPool()
+	for _, c := range cas {
+		roots.AddCert(c)
 	}
 	leaf, err := x509.ParseCertificate(der)
 	if err != nil {
@@ -195,6 +177,34 @@ func NewIdentity(secrets [][]byte, nodeID string, now time.Time) (*Identity, err
 		cert:   func() (*tls.Certificate, error) { return cert, nil },
 		roots:  roots,
 	}, nil
+}
+
+// issue signs tmpl, given a fresh serial number, for a fresh ed25519 key
+// with the CA of the primary secret; cas are every secret's CA, the signer
+// first.
+func issue(secrets [][]byte, tmpl *x509.Certificate) (der []byte, key ed25519.PrivateKey, cas []*x509.Certificate, err error) {
+	var signerKey ed25519.PrivateKey
+	for i, s := range secrets {
+		c, k, err := ca(s)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		cas = append(cas, c)
+		if i == 0 {
+			signerKey = k
+		}
+	}
+	pub, key, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("key: %w", err)
+	}
+	if tmpl.SerialNumber, err = rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127)); err != nil {
+		return nil, nil, nil, fmt.Errorf("serial: %w", err)
+	}
+	if der, err = x509.CreateCertificate(rand.Reader, tmpl, cas[0], pub, signerKey); err != nil {
+		return nil, nil, nil, err
+	}
+	return der, key, cas, nil
 }
 
 // FromFiles is the identity of a node whose certificate comes from the
