@@ -244,12 +244,15 @@ func fmCaseList() []fmCase {
 }
 
 // writeFMHosts points c at the registry (server) and, unless mirror is
-// empty, at the mirror first.
+// empty, at the mirror first. With no mirror the registry is a host entry
+// as well: containerd 1.6 ignores a hosts.toml that has a server alone.
 func writeFMHosts(b *testing.B, c *containerdEnv, server, mirror string) {
 	hosts := fmt.Sprintf("server = %q\n", server)
-	if mirror != "" {
-		hosts += fmt.Sprintf("\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", mirror)
+	first := "http://" + mirror
+	if mirror == "" {
+		first = server
 	}
+	hosts += fmt.Sprintf("\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n", first)
 	d := filepath.Join(c.hosts, mirroredRegistry)
 	if err := os.MkdirAll(d, 0o755); err != nil {
 		b.Fatal(err)
@@ -296,10 +299,17 @@ func (e *fmEnv) pull(b *testing.B, fc fmCase, mirror string, retry bool, during 
 			during(pullCtx)
 		}()
 	}
+	var ctrLog []string
 	attempt := func() (hung bool, err error) {
 		ctx, cancel := context.WithTimeout(context.Background(), *fmCap)
 		defer cancel()
-		cmd := exec.CommandContext(ctx, c.ctr, "--address", c.sock, "--namespace", "rptest",
+		debug := "--debug=false"
+		if *fmDebug {
+			// containerd 1.x's ctr resolves and fetches itself: its
+			// own log says which host it tried.
+			debug = "--debug"
+		}
+		cmd := exec.CommandContext(ctx, c.ctr, debug, "--address", c.sock, "--namespace", "rptest",
 			"images", "pull", "--hosts-dir", c.hosts, "--snapshotter", "native", e.ref)
 		if fc.cri != "" {
 			// The hosts directory is containerd's config_path.
@@ -308,6 +318,13 @@ func (e *fmEnv) pull(b *testing.B, fc fmCase, mirror string, retry bool, during 
 		}
 		cmd.WaitDelay = 5 * time.Second
 		out, err := cmd.CombinedOutput()
+		if *fmDebug {
+			for _, l := range strings.Split(string(out), "\n") {
+				if strings.Contains(l, "next host") || strings.Contains(l, "failed to do request") || strings.Contains(l, "level=error") {
+					ctrLog = append(ctrLog, "ctr: "+tail(l, 400))
+				}
+			}
+		}
 		if ctx.Err() != nil {
 			return true, fmt.Errorf("still running after %v", *fmCap)
 		}
@@ -336,7 +353,7 @@ func (e *fmEnv) pull(b *testing.B, fc fmCase, mirror string, retry bool, during 
 				lines = append(lines, l)
 			}
 		}
-		p.ctdLog = strings.Join(lines, "\n")
+		p.ctdLog = strings.Join(append(lines, ctrLog...), "\n")
 	}
 	return p
 }

@@ -264,11 +264,11 @@ func BenchmarkNodeResources(b *testing.B) {
 			nodes[i].idleAfter, nodes[i].idleAfterCPUMilli = idleEnd[i], idleMilli[i]
 		}
 		for i, n := range nodes {
-			b.Logf("run %d %s: idle RSS %.1f MiB, %.1f millicores, %d fds, %d threads, disk %s | %d pulls of %s through node-0 in %.1fs: CPU %.2f s, peak RSS %.1f MiB (VmHWM %.1f), peak fds %d, peak threads %d, disk peak %s, after %s | idle after: RSS %.1f MiB, %.1f millicores, %d fds",
+			b.Logf("run %d %s: idle RSS %.1f MiB, %.1f millicores, %d fds, %d threads, disk %s | %d pulls of %s through node-0 in %.1fs: CPU %.2f s, peak RSS %.1f MiB (VmHWM %.1f), peak fds %d, peak threads %d, disk peak %s, after %s | idle after: RSS %.1f MiB (VmHWM over the run %.1f), %.1f millicores, %d fds",
 				rep+1, ids[i], kibToMiB(n.idle.rssKiB), n.idleCPUMilli, n.idle.fds, n.idle.threads, units.BytesSize(float64(n.idle.diskBytes)),
 				*resClients, units.BytesSize(float64(img.LayerBytes())), took, n.pullCPUSecs, kibToMiB(n.peak.rssKiB), kibToMiB(n.peak.hwmKiB), n.peak.fds, n.peak.threads,
 				units.BytesSize(float64(n.peak.diskBytes)), units.BytesSize(float64(n.diskAfter)),
-				kibToMiB(n.idleAfter.rssKiB), n.idleAfterCPUMilli, n.idleAfter.fds)
+				kibToMiB(n.idleAfter.rssKiB), kibToMiB(n.idleAfter.hwmKiB), n.idleAfterCPUMilli, n.idleAfter.fds)
 		}
 		for _, p := range c.nodes {
 			p.stopProxy()
@@ -309,6 +309,9 @@ func BenchmarkNodeResources(b *testing.B) {
 		{"pull-peak-disk-MiB", func(n resNode) float64 { return float64(n.peak.diskBytes) / (1 << 20) }},
 		{"disk-after-MiB", func(n resNode) float64 { return float64(n.diskAfter) / (1 << 20) }},
 		{"after-rss-MiB", func(n resNode) float64 { return kibToMiB(n.idleAfter.rssKiB) }},
+		// The kernel's high-water mark of the resident set over the whole
+		// run: start, idle, the pulls and the idle after them.
+		{"run-peak-rss-MiB", func(n resNode) float64 { return kibToMiB(n.idleAfter.hwmKiB) }},
 		{"after-millicores", func(n resNode) float64 { return n.idleAfterCPUMilli }},
 	}
 	var rows []string
