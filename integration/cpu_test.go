@@ -47,25 +47,35 @@ func sumCPU(tb testing.TB, cmds []*exec.Cmd) cpuTime {
 }
 
 // procCPU reads a process's CPU time (every thread) from /proc/PID/stat.
-// Linux counts it in USER_HZ ticks, 100 a second on every architecture
-// the project builds for.
 func procCPU(tb testing.TB, pid int) cpuTime {
 	tb.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	c, err := readProcCPU(pid)
 	if err != nil {
 		tb.Fatal(err)
 	}
+	return c
+}
+
+// readProcCPU is procCPU returning its error. Linux counts CPU time in
+// USER_HZ ticks, 100 a second on every architecture the project builds for.
+func readProcCPU(pid int) (cpuTime, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return cpuTime{}, err
+	}
 	// The command name may hold spaces: fields count from after its ")".
-	i := strings.LastIndexByte(string(b), ')')
-	f := strings.Fields(string(b[i+1:]))
 	// f[0] is field 3 (state): utime is field 14, stime 15.
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+	if len(f) < 13 {
+		return cpuTime{}, fmt.Errorf("/proc/%d/stat: %q", pid, b)
+	}
 	u, err1 := strconv.ParseInt(f[11], 10, 64)
 	s, err2 := strconv.ParseInt(f[12], 10, 64)
 	if err1 != nil || err2 != nil {
-		tb.Fatalf("/proc/%d/stat: %q", pid, b)
+		return cpuTime{}, fmt.Errorf("/proc/%d/stat: %q", pid, b)
 	}
-	const tick = 10 * time.Millisecond
-	return cpuTime{time.Duration(u) * tick, time.Duration(s) * tick}
+	const tick = time.Second / userHZ
+	return cpuTime{time.Duration(u) * tick, time.Duration(s) * tick}, nil
 }
 
 // selfCPU is this process's CPU time: the client's, in the benchmark below.

@@ -63,20 +63,11 @@ func readUsage(pid int, dataDir string) (procUsage, error) {
 			u.threads = int(n)
 		}
 	}
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	c, err := readProcCPU(pid)
 	if err != nil {
 		return u, err
 	}
-	// After the command name in parentheses: state is field 3, utime
-	// and stime fields 14 and 15.
-	_, rest, ok := strings.Cut(string(stat), ") ")
-	f := strings.Fields(rest)
-	if !ok || len(f) < 13 {
-		return u, fmt.Errorf("/proc/%d/stat: %q", pid, stat)
-	}
-	utime, _ := strconv.ParseInt(f[11], 10, 64)
-	stime, _ := strconv.ParseInt(f[12], 10, 64)
-	u.cpuSecs = float64(utime+stime) / userHZ
+	u.cpuSecs = c.seconds()
 	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 	if err != nil {
 		return u, err
